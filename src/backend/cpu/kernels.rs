@@ -1,0 +1,240 @@
+//! The CPU's inner loops: dot products with a fixed summation order.
+//!
+//! Batch invariance rests here: every output value is one `dot` whose order of
+//! additions depends only on the vector length, never on how many tokens share the
+//! weight load (`dot_tile` runs the same per-token sequence of fused multiply-adds).
+
+use crate::model::quant::{QuantFormat, BLOCK};
+
+/// Dots of one weight row `w` with up to `T` activation rows at once (the weight is read once).
+pub fn dot_tile<const T: usize>(w: &[f32], xs: [&[f32]; T]) -> [f32; T] {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above); slices are bounds-checked inside.
+        return unsafe { avx::dot_tile::<T>(w, xs) };
+    }
+    std::array::from_fn(|t| scalar_dot(w, xs[t]))
+}
+
+/// Dots of one quantized weight row with up to `T` activation rows: each block is
+/// dequantized once into registers and used for every token.
+pub fn dot_tile_quant<const T: usize>(format: QuantFormat, row: &[u8], xs: [&[f32]; T]) -> [f32; T] {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2 and FMA are present (checked above); lengths are asserted inside.
+        return unsafe { avx::dot_tile_quant::<T>(format, row, xs) };
+    }
+    let mut acc = [0f32; T];
+    for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+        let w = format.dequantize_block(block);
+        for t in 0..T {
+            acc[t] = scalar_dot(&w, &xs[t][b * BLOCK..(b + 1) * BLOCK]) + acc[t];
+        }
+    }
+    acc
+}
+
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    dot_tile::<1>(a, [b])[0]
+}
+
+#[cfg(target_arch = "x86_64")]
+fn simd_available() -> bool {
+    use std::sync::OnceLock;
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// Same association as the SIMD path: four 8-lane accumulators over blocks of 32,
+/// one accumulator for the remaining blocks of 8, then the scalar tail.
+fn scalar_dot(w: &[f32], x: &[f32]) -> f32 {
+    assert_eq!(w.len(), x.len());
+    let mut acc = [[0f32; 8]; 4];
+    let mut i = 0;
+    while i + 32 <= w.len() {
+        for (j, lanes) in acc.iter_mut().enumerate() {
+            for (l, a) in lanes.iter_mut().enumerate() {
+                *a = w[i + 8 * j + l].mul_add(x[i + 8 * j + l], *a);
+            }
+        }
+        i += 32;
+    }
+    while i + 8 <= w.len() {
+        for (l, a) in acc[0].iter_mut().enumerate() {
+            *a = w[i + l].mul_add(x[i + l], *a);
+        }
+        i += 8;
+    }
+    let lanes: [f32; 8] = std::array::from_fn(|l| (acc[0][l] + acc[1][l]) + (acc[2][l] + acc[3][l]));
+    let mut sum = horizontal(lanes);
+    while i < w.len() {
+        sum = w[i].mul_add(x[i], sum);
+        i += 1;
+    }
+    sum
+}
+
+/// Sums 8 lanes pairwise, in the order the AVX reduction uses.
+fn horizontal(l: [f32; 8]) -> f32 {
+    let h: [f32; 4] = std::array::from_fn(|i| l[i] + l[i + 4]);
+    let q = [h[0] + h[2], h[1] + h[3]];
+    q[0] + q[1]
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx {
+    use std::arch::x86_64::*;
+
+    use crate::model::quant::{QuantFormat, BLOCK};
+
+    /// The 32 values of a quantized block as four vectors of 8.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn dequantize(format: QuantFormat, b: *const u8) -> [__m256; 4] {
+        let d = _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*b, *b.add(1)])).to_f32());
+        let ints: [__m256i; 4] = match format {
+            QuantFormat::Q8_0 => std::array::from_fn(|j| _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * j) as *const __m128i))),
+            QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
+                let q = b.add(if format == QuantFormat::Q4_0 { 2 } else { 4 });
+                let bytes = _mm_loadu_si128(q as *const __m128i);
+                let mask = _mm_set1_epi8(0x0F);
+                let lo = _mm_and_si128(bytes, mask);
+                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+                [
+                    _mm256_cvtepu8_epi32(lo),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+                    _mm256_cvtepu8_epi32(hi),
+                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+                ]
+            }
+        };
+        let offset = match format {
+            QuantFormat::Q8_0 => _mm256_setzero_ps(),
+            QuantFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            QuantFormat::Q4_1 => _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*b.add(2), *b.add(3)])).to_f32()),
+        };
+        ints.map(|i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, offset))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_tile_quant<const T: usize>(format: QuantFormat, row: &[u8], xs: [&[f32]; T]) -> [f32; T] {
+        let bb = format.block_bytes();
+        let blocks = row.len() / bb;
+        for x in &xs {
+            assert_eq!(x.len(), blocks * BLOCK);
+        }
+        let mut acc = [[_mm256_setzero_ps(); 4]; T];
+        for b in 0..blocks {
+            let w = dequantize(format, row.as_ptr().add(b * bb));
+            for t in 0..T {
+                let xp = xs[t].as_ptr().add(b * BLOCK);
+                for j in 0..4 {
+                    acc[t][j] = _mm256_fmadd_ps(w[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j]);
+                }
+            }
+        }
+        std::array::from_fn(|t| reduce(&acc[t]))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn reduce(a: &[__m256; 4]) -> f32 {
+        let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+        let h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+        let q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        _mm_cvtss_f32(_mm_add_ss(q, _mm_shuffle_ps(q, q, 1)))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_tile<const T: usize>(w: &[f32], xs: [&[f32]; T]) -> [f32; T] {
+        let n = w.len();
+        for x in &xs {
+            assert_eq!(x.len(), n);
+        }
+        let wp = w.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 4]; T];
+        let mut i = 0;
+        while i + 32 <= n {
+            let wv = [
+                _mm256_loadu_ps(wp.add(i)),
+                _mm256_loadu_ps(wp.add(i + 8)),
+                _mm256_loadu_ps(wp.add(i + 16)),
+                _mm256_loadu_ps(wp.add(i + 24)),
+            ];
+            for t in 0..T {
+                let xp = xs[t].as_ptr().add(i);
+                for j in 0..4 {
+                    acc[t][j] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j]);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let wv = _mm256_loadu_ps(wp.add(i));
+            for t in 0..T {
+                acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].as_ptr().add(i)), acc[t][0]);
+            }
+            i += 8;
+        }
+        let mut out = [0f32; T];
+        for t in 0..T {
+            let mut sum = reduce(&acc[t]);
+            for k in i..n {
+                sum = w[k].mul_add(xs[t][k], sum);
+            }
+            out[t] = sum;
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+    }
+
+    #[test]
+    fn simd_and_scalar_agree_bit_for_bit() {
+        for n in [1, 7, 8, 31, 32, 33, 64, 100, 576, 1537] {
+            let (w, x) = (data(n, 1), data(n, 2));
+            assert_eq!(dot(&w, &x).to_bits(), scalar_dot(&w, &x).to_bits(), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn tiles_give_the_same_bits_as_single_dots() {
+        let n = 200;
+        let w = data(n, 3);
+        let xs: Vec<Vec<f32>> = (0..4).map(|s| data(n, 10 + s)).collect();
+        let tile = dot_tile::<4>(&w, [&xs[0], &xs[1], &xs[2], &xs[3]]);
+        for t in 0..4 {
+            assert_eq!(tile[t].to_bits(), dot(&w, &xs[t]).to_bits());
+        }
+    }
+
+    #[test]
+    fn quantized_dots_match_dequantized_weights() {
+        for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
+            let blocks = 5;
+            let row: Vec<u8> = (0..blocks * format.block_bytes())
+                .map(|i| if i % format.block_bytes() < 4 { [0x00, 0x2c, 0x00, 0xb8][i % format.block_bytes()] } else { (i * 37 % 256) as u8 })
+                .collect();
+            let w = format.dequantize(&row);
+            let xs: Vec<Vec<f32>> = (0..3).map(|s| data(blocks * BLOCK, 20 + s)).collect();
+            let got = dot_tile_quant::<3>(format, &row, [&xs[0], &xs[1], &xs[2]]);
+            for t in 0..3 {
+                let exact: f64 = w.iter().zip(&xs[t]).map(|(a, b)| *a as f64 * *b as f64).sum();
+                assert!((got[t] as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()), "{format:?}: {} vs {exact}", got[t]);
+                assert_eq!(got[t].to_bits(), dot_tile_quant::<1>(format, &row, [&xs[t]])[0].to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn dot_matches_f64() {
+        let (w, x) = (data(1000, 4), data(1000, 5));
+        let exact: f64 = w.iter().zip(&x).map(|(a, b)| *a as f64 * *b as f64).sum();
+        assert!((dot(&w, &x) as f64 - exact).abs() < 1e-3);
+    }
+}

@@ -1,0 +1,294 @@
+//! The f32 reference backend. Batch-invariant: every token's result is computed by the
+//! same sequence of operations whatever else is in the batch, so a row's logits never
+//! depend on its neighbours (greedy speculative output then equals plain output exactly).
+
+mod kernels;
+
+use rayon::prelude::*;
+
+use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
+use crate::model::quant::{QuantFormat, QuantWeight};
+use crate::model::HostTensor;
+use kernels::{dot, dot_tile, dot_tile_quant};
+
+/// Activations and most weights are dense f32; matrices from GGUF files may stay in their
+/// quantized blocks, which only `matmul` and `embed` read.
+pub enum CpuTensor {
+    Dense(HostTensor),
+    Quant(QuantWeight),
+}
+
+impl CpuTensor {
+    fn dense(&self) -> &HostTensor {
+        match self {
+            CpuTensor::Dense(t) => t,
+            CpuTensor::Quant(_) => panic!("a quantized weight reached an op other than matmul or embed"),
+        }
+    }
+
+    fn dense_mut(&mut self) -> &mut HostTensor {
+        match self {
+            CpuTensor::Dense(t) => t,
+            CpuTensor::Quant(_) => panic!("a quantized weight reached an op other than matmul or embed"),
+        }
+    }
+
+    /// `[rows, cols]` of the tensor seen as a matrix.
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            CpuTensor::Dense(t) => rows(t),
+            CpuTensor::Quant(q) => (q.shape[0], q.shape[1]),
+        }
+    }
+}
+
+fn dense(shape: Vec<usize>, data: Vec<f32>) -> CpuTensor {
+    CpuTensor::Dense(HostTensor::new(shape, data))
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend;
+
+/// Output rows handed to one worker; large enough to amortise scheduling.
+const ROWS_PER_TASK: usize = 32;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+fn rows(t: &HostTensor) -> (usize, usize) {
+    let cols = *t.shape.last().unwrap_or(&1);
+    (t.numel() / cols.max(1), cols)
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Batch = BatchMeta;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads)", rayon::current_num_threads())
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<CpuTensor> {
+        Ok(CpuTensor::Dense(t.clone()))
+    }
+
+    fn upload_quantized(&self, w: &QuantWeight) -> Result<Option<CpuTensor>> {
+        Ok(Some(CpuTensor::Quant(w.clone())))
+    }
+
+    fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<CpuTensor> {
+        Ok(dense(shape.to_vec(), crate::model::dummy::normal_values(shape.iter().product(), std, seed)))
+    }
+
+    fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<CpuTensor> {
+        Ok(dense(vec![slots, kv_dim], vec![0.0; slots * kv_dim]))
+    }
+
+    fn prepare(&self, meta: &BatchMeta) -> Result<BatchMeta> {
+        Ok(meta.clone())
+    }
+
+    fn embed(&self, table: &CpuTensor, batch: &BatchMeta) -> Result<CpuTensor> {
+        let (vocab, hidden) = table.dims();
+        let mut data = Vec::with_capacity(batch.tokens.len() * hidden);
+        for &t in &batch.tokens {
+            let t = t as usize;
+            if t >= vocab {
+                return Err(BackendError::Invalid(format!("token id {t} out of vocabulary ({vocab})")));
+            }
+            match table {
+                CpuTensor::Dense(d) => data.extend_from_slice(&d.data[t * hidden..(t + 1) * hidden]),
+                CpuTensor::Quant(q) => data.extend(q.format.dequantize(q.row(t))),
+            }
+        }
+        Ok(dense(vec![batch.tokens.len(), hidden], data))
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        let mut out = x.dense().clone();
+        let d = rows(&out).1;
+        out.data.chunks_mut(d).for_each(|row| normalize(row, &weight.dense().data, eps));
+        Ok(CpuTensor::Dense(out))
+    }
+
+    fn add_rms_norm(&self, residual: &mut CpuTensor, delta: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+        residual.dense_mut().data.iter_mut().zip(&delta.dense().data).for_each(|(r, d)| *r += d);
+        self.rms_norm(residual, weight, eps)
+    }
+
+    fn matmul(&self, x: &CpuTensor, w: &CpuTensor) -> Result<CpuTensor> {
+        let x = x.dense();
+        let (n, k) = rows(x);
+        let (m, wk) = w.dims();
+        if k != wk {
+            return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk}")));
+        }
+        let mut out = vec![0f32; n * m];
+        // Each task owns a band of output columns (weight rows) for every token; the
+        // band is written back after, so tasks never share memory.
+        let bands: Vec<Vec<f32>> = (0..m.div_ceil(ROWS_PER_TASK))
+            .into_par_iter()
+            .map(|band| {
+                let lo = band * ROWS_PER_TASK;
+                let hi = (lo + ROWS_PER_TASK).min(m);
+                let mut vals = vec![0f32; (hi - lo) * n];
+                for r in lo..hi {
+                    let dst = &mut vals[(r - lo) * n..(r - lo + 1) * n];
+                    let row = match w {
+                        CpuTensor::Dense(w) => WeightRow::Dense(&w.data[r * k..(r + 1) * k]),
+                        CpuTensor::Quant(q) => WeightRow::Quant(q.format, q.row(r)),
+                    };
+                    matvec_row(row, &x.data, k, dst);
+                }
+                vals
+            })
+            .collect();
+        for (band, vals) in bands.iter().enumerate() {
+            let lo = band * ROWS_PER_TASK;
+            for (i, chunk) in vals.chunks(n).enumerate() {
+                for (t, v) in chunk.iter().enumerate() {
+                    out[t * m + lo + i] = *v;
+                }
+            }
+        }
+        Ok(dense(vec![n, m], out))
+    }
+
+    fn rope(&self, x: &mut CpuTensor, batch: &BatchMeta, inv_freq: &CpuTensor, head_dim: usize) -> Result<()> {
+        let (x, inv_freq) = (x.dense_mut(), inv_freq.dense());
+        let width = rows(x).1;
+        let half = head_dim / 2;
+        for (row, &pos) in x.data.chunks_mut(width).zip(&batch.positions) {
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv_freq
+                .data
+                .iter()
+                .map(|&f| {
+                    let a = pos as f64 * f as f64;
+                    (a.cos() as f32, a.sin() as f32)
+                })
+                .unzip();
+            for head in row.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = (head[i], head[i + half]);
+                    head[i] = a * cos[i] - b * sin[i];
+                    head[i + half] = b * cos[i] + a * sin[i];
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        k_cache: &mut CpuTensor,
+        v_cache: &mut CpuTensor,
+        batch: &BatchMeta,
+        shape: AttnShape,
+    ) -> Result<CpuTensor> {
+        let (q, k, v) = (q.dense(), k.dense(), v.dense());
+        let (k_cache, v_cache) = (k_cache.dense_mut(), v_cache.dense_mut());
+        let kv_dim = shape.num_kv_heads * shape.head_dim;
+        for (i, &slot) in batch.slots.iter().enumerate() {
+            let (dst, src) = (slot as usize * kv_dim, i * kv_dim);
+            k_cache.data[dst..dst + kv_dim].copy_from_slice(&k.data[src..src + kv_dim]);
+            v_cache.data[dst..dst + kv_dim].copy_from_slice(&v.data[src..src + kv_dim]);
+        }
+        let q_dim = shape.num_heads * shape.head_dim;
+        let mut out = vec![0f32; batch.num_tokens() * q_dim];
+        let caches = (&k_cache.data[..], &v_cache.data[..]);
+        out.par_chunks_mut(q_dim).enumerate().for_each(|(t, dst)| {
+            let row = batch.rows.iter().find(|r| (r.start..r.start + r.len).contains(&(t as u32))).expect("token in a row");
+            let slots: Vec<usize> = (0..=batch.positions[t])
+                .map(|p| (row.block_table[(p / batch.block_size) as usize] * batch.block_size + p % batch.block_size) as usize)
+                .collect();
+            attend_token(&q.data[t * q_dim..(t + 1) * q_dim], caches, &slots, shape, dst);
+        });
+        Ok(dense(vec![batch.num_tokens(), q_dim], out))
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        let (gate, up) = (gate.dense(), up.dense());
+        let data = gate.data.iter().zip(&up.data).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
+        Ok(dense(gate.shape.clone(), data))
+    }
+
+    fn gather_logit_rows(&self, x: &CpuTensor, batch: &BatchMeta) -> Result<CpuTensor> {
+        let x = x.dense();
+        let d = rows(x).1;
+        let data = batch.logits_for.iter().flat_map(|&t| x.data[t as usize * d..(t as usize + 1) * d].iter().copied()).collect();
+        Ok(dense(vec![batch.logits_for.len(), d], data))
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.dense().data.clone())
+    }
+}
+
+/// One row of a weight matrix, dense or quantized.
+#[derive(Clone, Copy)]
+enum WeightRow<'a> {
+    Dense(&'a [f32]),
+    Quant(QuantFormat, &'a [u8]),
+}
+
+impl WeightRow<'_> {
+    fn dots<const T: usize>(self, xs: [&[f32]; T]) -> [f32; T] {
+        match self {
+            WeightRow::Dense(w) => dot_tile(w, xs),
+            WeightRow::Quant(format, row) => dot_tile_quant(format, row, xs),
+        }
+    }
+}
+
+/// `dst[t] = w · x[t]` for every token, four tokens per pass over the weight row.
+fn matvec_row(w: WeightRow, x: &[f32], k: usize, dst: &mut [f32]) {
+    let tok = |t: usize| &x[t * k..(t + 1) * k];
+    let mut t = 0;
+    while t + 4 <= dst.len() {
+        dst[t..t + 4].copy_from_slice(&w.dots::<4>([tok(t), tok(t + 1), tok(t + 2), tok(t + 3)]));
+        t += 4;
+    }
+    for t in t..dst.len() {
+        dst[t] = w.dots::<1>([tok(t)])[0];
+    }
+}
+
+fn normalize(row: &mut [f32], weight: &[f32], eps: f32) {
+    let mean_sq = dot(row, row) / row.len() as f32;
+    let scale = 1.0 / (mean_sq + eps).sqrt();
+    row.iter_mut().zip(weight).for_each(|(x, w)| *x = *x * scale * w);
+}
+
+/// One query token, all heads: softmax(q·kᵀ/√d)·v over the given cache slots.
+fn attend_token(q: &[f32], (kc, vc): (&[f32], &[f32]), slots: &[usize], s: AttnShape, out: &mut [f32]) {
+    let (hd, kv_dim) = (s.head_dim, s.num_kv_heads * s.head_dim);
+    let group = s.num_heads / s.num_kv_heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut scores = vec![0f32; slots.len()];
+    for h in 0..s.num_heads {
+        let off = (h / group) * hd;
+        let qh = &q[h * hd..(h + 1) * hd];
+        for (sc, &slot) in scores.iter_mut().zip(slots) {
+            *sc = dot(qh, &kc[slot * kv_dim + off..slot * kv_dim + off + hd]) * scale;
+        }
+        let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        let mut sum = 0f32;
+        for sc in scores.iter_mut() {
+            *sc = (*sc - max).exp();
+            sum += *sc;
+        }
+        let oh = &mut out[h * hd..(h + 1) * hd];
+        oh.fill(0.0);
+        for (sc, &slot) in scores.iter().zip(slots) {
+            let p = sc / sum;
+            let vh = &vc[slot * kv_dim + off..slot * kv_dim + off + hd];
+            oh.iter_mut().zip(vh).for_each(|(o, v)| *o = p.mul_add(*v, *o));
+        }
+    }
+}

@@ -1,0 +1,146 @@
+//! The small set of ops the Llama forward is written over. Each backend implements
+//! them once: `cpu` (f32 reference, batch-invariant) and `cuda` (behind the `cuda` feature).
+
+pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
+use crate::model::quant::QuantWeight;
+use crate::model::HostTensor;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("out of device memory allocating {bytes} bytes")]
+    OutOfMemory { bytes: usize },
+    #[error("device error: {0}")]
+    Device(String),
+    #[error("kernel compilation failed for {kernel}: {log}")]
+    Compile { kernel: String, log: String },
+    #[error("invalid op input: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// One query token's row (a sequence) in a forward step.
+///
+/// The row's tokens are `tokens[start..start + len]` of the batch; they sit at positions
+/// `context_len - len .. context_len` of the sequence, whose KV lives in the blocks of
+/// `block_table` (position p in slot `block_table[p / block_size] * block_size + p % block_size`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowMeta {
+    pub start: u32,
+    pub len: u32,
+    pub context_len: u32,
+    pub block_table: Vec<u32>,
+}
+
+/// Everything a forward step needs besides weights and the KV cache, built on the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchMeta {
+    /// All query tokens, row after row.
+    pub tokens: Vec<u32>,
+    /// Position of each token in its sequence.
+    pub positions: Vec<u32>,
+    /// KV cache slot each token's key and value are written to.
+    pub slots: Vec<u32>,
+    pub rows: Vec<RowMeta>,
+    /// Indices into `tokens` whose logits the step returns, in order.
+    pub logits_for: Vec<u32>,
+    pub block_size: u32,
+}
+
+impl BatchMeta {
+    /// Adds a row of `tokens` that continue a sequence already holding `cached` tokens.
+    /// `want_logits` is how many of the row's last tokens need logits (1 to decode,
+    /// k + 1 to verify k drafts, 0 for a prefill chunk that is not the last).
+    pub fn push_row(&mut self, tokens: &[u32], cached: u32, block_table: &[u32], want_logits: usize) {
+        let start = self.tokens.len() as u32;
+        let bs = self.block_size;
+        for (i, &t) in tokens.iter().enumerate() {
+            let pos = cached + i as u32;
+            self.tokens.push(t);
+            self.positions.push(pos);
+            self.slots.push(block_table[(pos / bs) as usize] * bs + pos % bs);
+        }
+        let len = tokens.len() as u32;
+        let first_logit = start + len - want_logits.min(tokens.len()) as u32;
+        self.logits_for.extend(first_logit..start + len);
+        self.rows.push(RowMeta { start, len, context_len: cached + len, block_table: block_table.to_vec() });
+    }
+
+    pub fn new(block_size: u32) -> Self {
+        BatchMeta { block_size, ..Default::default() }
+    }
+
+    pub fn num_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+}
+
+/// Attention geometry of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The ops of one Llama forward. Activations are 2-D `[tokens, features]` row-major.
+pub trait Backend: Send + Sync + 'static {
+    /// A tensor on the device: weights (stored as the backend likes), activations, KV cache.
+    type Tensor: Send + Sync;
+    /// A `BatchMeta` moved to the device once per step.
+    type Batch;
+
+    fn name(&self) -> String;
+
+    /// Stores a weight (the CPU keeps f32; CUDA converts to bf16).
+    fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
+    /// Stores a quantized matrix as is, if this backend's matmul computes on it; `None`
+    /// makes the loader dequantize and call `upload` instead.
+    fn upload_quantized(&self, _w: &QuantWeight) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
+    /// Random normal weights with standard deviation `std` (the dummy load format), made
+    /// where they will live so that large shapes need no host memory.
+    fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<Self::Tensor>;
+    /// A zeroed KV cache tensor for one layer: `[slots, kv_dim]`.
+    fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<Self::Tensor>;
+    fn prepare(&self, meta: &BatchMeta) -> Result<Self::Batch>;
+
+    /// Rows of `table` for the batch's tokens: `[tokens, hidden]`.
+    fn embed(&self, table: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// `residual += delta`, then returns `rms_norm(residual)`: the seam between sub-layers.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    /// `x · wᵀ`: x is `[n, k]`, w is `[m, k]` (the checkpoint's layout), result `[n, m]`.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rotates each head of `x` (`[tokens, heads * head_dim]`) by its token's position,
+    /// pairing dimension i with i + head_dim/2 (the Hugging Face layout).
+    fn rope(&self, x: &mut Self::Tensor, batch: &Self::Batch, inv_freq: &Self::Tensor, head_dim: usize) -> Result<()>;
+    /// Writes `k`, `v` into the cache at the batch's slots, then attends each query token
+    /// causally to its row's cached positions `0..=position`. Returns `[tokens, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        k_cache: &mut Self::Tensor,
+        v_cache: &mut Self::Tensor,
+        batch: &Self::Batch,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The rows of `x` named by the batch's `logits_for`.
+    fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+}

@@ -1,0 +1,2 @@
+pub mod detokenizer;
+pub mod sampling;

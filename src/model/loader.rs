@@ -1,0 +1,89 @@
+//! Resolves what the user named (`default`, a path, `dummy:<preset>`) into a loaded model.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::gguf::GgufFile;
+use super::llama::Weights;
+use super::safetensors::SafetensorsWeights;
+use super::{default_model, Llama, LoadError, ModelConfig, Preset, Tokenizer};
+use crate::backend::Backend;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// The embedded default model (fetched on first use).
+    Default,
+    /// A `.gguf` file or a Hugging Face folder (config.json, safetensors, tokenizer.json).
+    Path(PathBuf),
+    /// Random weights at a named real shape; no tokenizer.
+    Dummy(Preset),
+}
+
+impl FromStr for ModelSource {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "default" {
+            return Ok(ModelSource::Default);
+        }
+        if let Some(name) = s.strip_prefix("dummy:") {
+            return Preset::parse(name).map(ModelSource::Dummy).ok_or_else(|| {
+                format!("unknown dummy shape `{name}`; choose smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b or llama-3.3-70b")
+            });
+        }
+        Ok(ModelSource::Path(PathBuf::from(s)))
+    }
+}
+
+pub struct LoadedModel<B: Backend> {
+    pub model: Llama<B>,
+    /// None for dummy weights, which have no vocabulary.
+    pub tokenizer: Option<Tokenizer>,
+    pub name: String,
+}
+
+pub fn load_model<B: Backend>(source: &ModelSource, backend: &B) -> Result<LoadedModel<B>, LoadError> {
+    match source {
+        ModelSource::Default => load_path(&default_model::ensure_default_model()?, backend),
+        ModelSource::Path(p) => load_path(p, backend),
+        ModelSource::Dummy(preset) => {
+            let config = preset.config();
+            let model = with_progress("dummy weights", |bar| Llama::load(config, Weights::Dummy { seed: 0 }, backend, bar))?;
+            Ok(LoadedModel { model, tokenizer: None, name: format!("dummy:{preset:?}") })
+        }
+    }
+}
+
+fn load_path<B: Backend>(path: &Path, backend: &B) -> Result<LoadedModel<B>, LoadError> {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    if path.is_dir() {
+        let config = ModelConfig::from_hf_json(&path.join("config.json"))?;
+        let weights = SafetensorsWeights::open_dir(path)?;
+        let tokenizer = Tokenizer::from_hf_dir(path)?;
+        let model = with_progress(&name, |bar| Llama::load(config, Weights::Source(&weights), backend, bar))?;
+        return Ok(LoadedModel { model, tokenizer: Some(tokenizer), name });
+    }
+    if !path.exists() {
+        return Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
+    }
+    if path.extension().is_some_and(|e| e == "safetensors") {
+        return load_path(path.parent().unwrap_or(Path::new(".")), backend);
+    }
+    let gguf = GgufFile::open(path)?;
+    let config = gguf.config()?;
+    let tokenizer = gguf.tokenizer()?;
+    let model = with_progress(&name, |bar| Llama::load(config, Weights::Source(&gguf), backend, bar))?;
+    Ok(LoadedModel { model, tokenizer: Some(tokenizer), name })
+}
+
+/// Runs `load` with a progress bar on stderr (hidden when stderr is not a terminal).
+fn with_progress<T>(what: &str, load: impl FnOnce(&ProgressBar) -> T) -> T {
+    let bar = ProgressBar::new(0).with_message(format!("loading {what}"));
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").expect("valid template").progress_chars("=> "),
+    );
+    let out = load(&bar);
+    bar.finish_and_clear();
+    out
+}

@@ -1,0 +1,98 @@
+//! Everything about a model that is not computation: its configuration, weights in
+//! several file formats, tokenizer and chat template, and the one Llama forward.
+
+pub mod chat;
+pub mod config;
+pub mod default_model;
+pub mod dummy;
+pub mod gguf;
+pub mod llama;
+pub mod loader;
+pub mod quant;
+pub mod safetensors;
+pub mod tokenizer;
+
+pub use config::{ModelConfig, Preset, RopeScaling};
+pub use llama::{KvCache, Llama, Weights};
+
+pub use loader::{load_model, LoadedModel, ModelSource};
+pub use tokenizer::Tokenizer;
+
+use std::path::{Path, PathBuf};
+
+/// A weight on the host, dequantized to f32, row-major. Names follow the Hugging Face
+/// checkpoint keys (`model.layers.0.self_attn.q_proj.weight`) whatever the file format.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HostTensor {
+    pub shape: Vec<usize>,
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
+        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?} vs {} values", data.len());
+        Self { shape, data }
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Any source of named weights: a safetensors folder, a GGUF file, random dummy weights.
+pub trait WeightSource {
+    /// The tensor named `name` (Hugging Face key), checked against `shape`.
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError>;
+    /// Whether the source holds `name` (used for optional tensors such as `lm_head.weight`).
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor's quantized blocks, if the file stores it quantized (GGUF Q8_0/Q4_0/Q4_1),
+    /// for backends that compute on them. Row order as in `tensor`.
+    fn quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<quant::QuantWeight>, LoadError> {
+        Ok(None)
+    }
+}
+
+/// Why a model could not be loaded. Every variant names the file, and the tensor where one applies.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {msg}")]
+    Format { path: PathBuf, msg: String },
+    #[error("{path}: tensor `{tensor}` not found")]
+    MissingTensor { path: PathBuf, tensor: String },
+    #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
+    Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
+    #[error("{path}: tensor `{tensor}` has unsupported type {dtype}")]
+    Dtype { path: PathBuf, tensor: String, dtype: String },
+    #[error("{path}: unsupported architecture `{arch}`; Specula runs Llama-family models")]
+    Architecture { path: PathBuf, arch: String },
+    #[error("{path}: no tokenizer found (expected tokenizer.json beside the weights, or tokenizer metadata in the GGUF)")]
+    MissingTokenizer { path: PathBuf },
+    #[error("{path}: invalid tokenizer: {msg}")]
+    Tokenizer { path: PathBuf, msg: String },
+    #[error("could not fetch the default model: {0}")]
+    Fetch(String),
+    #[error("{0}")]
+    Backend(#[from] crate::backend::BackendError),
+}
+
+impl LoadError {
+    pub fn io(path: &Path, source: std::io::Error) -> Self {
+        LoadError::Io { path: path.to_path_buf(), source }
+    }
+    pub fn format(path: &Path, msg: impl Into<String>) -> Self {
+        LoadError::Format { path: path.to_path_buf(), msg: msg.into() }
+    }
+    pub fn missing(path: &Path, tensor: &str) -> Self {
+        LoadError::MissingTensor { path: path.to_path_buf(), tensor: tensor.to_string() }
+    }
+    pub fn shape(path: &Path, tensor: &str, expected: &[usize], found: &[usize]) -> Self {
+        LoadError::Shape {
+            path: path.to_path_buf(),
+            tensor: tensor.to_string(),
+            expected: expected.to_vec(),
+            found: found.to_vec(),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! What a caller asks for and what it gets back, independent of how it was asked
+//! (CLI, in-process API, WebSocket, HTTP).
+
+use serde::{Deserialize, Serialize};
+
+use crate::core::sampling::SamplingParams;
+use crate::model::chat::ChatMessage;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// Raw text, tokenized as is (with BOS when the model wants one).
+    Text(String),
+    /// A conversation rendered with the model's chat template, assistant turn opened.
+    Chat(Vec<ChatMessage>),
+    /// Token ids, for models without a tokenizer (dummy weights) and benchmarks.
+    Tokens(Vec<u32>),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerateRequest {
+    pub prompt: Prompt,
+    pub sampling: SamplingParams,
+    pub max_tokens: usize,
+    /// Generation ends before the first occurrence of any of these.
+    pub stop: Vec<String>,
+    /// Keep generating past the end-of-sequence token (benchmarks).
+    pub ignore_eos: bool,
+}
+
+impl GenerateRequest {
+    pub fn new(prompt: Prompt) -> Self {
+        GenerateRequest { prompt, sampling: SamplingParams::default(), max_tokens: 128, stop: vec![], ignore_eos: false }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The end-of-sequence token or a stop string.
+    Stop,
+    /// `max_tokens` reached, or the model's context is full.
+    Length,
+    Cancelled,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+/// Why a request was refused or failed. Nothing else is affected by it.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RequestError {
+    #[error("the prompt is empty")]
+    EmptyPrompt,
+    #[error("the prompt has {tokens} tokens, more than the model's context of {context}")]
+    PromptTooLong { tokens: usize, context: usize },
+    #[error("invalid sampling parameters: {0}")]
+    InvalidSampling(String),
+    #[error("max_tokens must be at least 1")]
+    ZeroMaxTokens,
+    #[error("this model has no tokenizer (dummy weights): send token ids")]
+    NoTokenizer,
+    #[error("token id {0} is outside the vocabulary")]
+    BadTokenId(u32),
+    #[error("chat template: {0}")]
+    ChatTemplate(String),
+    #[error("the server is overloaded: {0} requests are already waiting")]
+    Overloaded(usize),
+    #[error("the runtime is shutting down")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
