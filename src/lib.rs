@@ -1,5 +1,6 @@
 //! Specula: an LLM inference runtime for Llama-family models with speculative decoding.
 
+pub mod actors;
 pub mod backend;
 pub mod core;
 pub mod engine;
