@@ -1,9 +1,8 @@
-//! The `specula` command line: generate text, (later) serve and benchmark.
+//! `specula generate`: one prompt in, its completion out (streamed, or as JSON).
 
 use std::io::Write;
-use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::Args;
 use serde_json::json;
 
 use specula::backend::cpu::CpuBackend;
@@ -13,21 +12,8 @@ use specula::model::chat::ChatMessage;
 use specula::model::{load_model, ModelSource};
 use specula::request::{GenerateRequest, Prompt};
 
-#[derive(Parser)]
-#[command(name = "specula", version, about = "LLM inference for Llama-family models, with speculative decoding")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Generate a completion for a prompt.
-    Generate(GenerateArgs),
-}
-
 #[derive(Args)]
-struct GenerateArgs {
+pub struct GenerateArgs {
     /// `default` (SmolLM2-135M-Instruct, fetched on first use), a .gguf file, a Hugging Face
     /// folder, or `dummy:<shape>` (random weights: llama-3.2-1b, llama-3.1-8b, ...).
     #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
@@ -65,21 +51,7 @@ struct GenerateArgs {
     json: bool,
 }
 
-fn main() -> ExitCode {
-    let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Generate(args) => generate(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-fn generate(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = CpuBackend::new();
     let loaded = load_model(&args.model, &backend)?;
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
