@@ -1,2 +1,6 @@
+//! Pure logic, unit-tested without threads, channels or devices.
+
 pub mod detokenizer;
+pub mod ngram;
 pub mod sampling;
+pub mod spec;

@@ -67,7 +67,9 @@ pub enum LoadError {
     Dtype { path: PathBuf, tensor: String, dtype: String },
     #[error("{path}: unsupported architecture `{arch}`; Specula runs Llama-family models")]
     Architecture { path: PathBuf, arch: String },
-    #[error("{path}: no tokenizer found (expected tokenizer.json beside the weights, or tokenizer metadata in the GGUF)")]
+    #[error(
+        "{path}: no tokenizer found (expected tokenizer.json beside the weights, or tokenizer metadata in the GGUF)"
+    )]
     MissingTokenizer { path: PathBuf },
     #[error("{path}: invalid tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },

@@ -92,7 +92,9 @@ mod avx {
     unsafe fn dequantize(format: QuantFormat, b: *const u8) -> [__m256; 4] {
         let d = _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*b, *b.add(1)])).to_f32());
         let ints: [__m256i; 4] = match format {
-            QuantFormat::Q8_0 => std::array::from_fn(|j| _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * j) as *const __m128i))),
+            QuantFormat::Q8_0 => {
+                std::array::from_fn(|j| _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * j) as *const __m128i)))
+            }
             QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
                 let q = b.add(if format == QuantFormat::Q4_0 { 2 } else { 4 });
                 let bytes = _mm_loadu_si128(q as *const __m128i);
@@ -110,7 +112,9 @@ mod avx {
         let offset = match format {
             QuantFormat::Q8_0 => _mm256_setzero_ps(),
             QuantFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
-            QuantFormat::Q4_1 => _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*b.add(2), *b.add(3)])).to_f32()),
+            QuantFormat::Q4_1 => {
+                _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*b.add(2), *b.add(3)])).to_f32())
+            }
         };
         ints.map(|i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, offset))
     }
@@ -218,14 +222,24 @@ mod tests {
         for format in [QuantFormat::Q8_0, QuantFormat::Q4_0, QuantFormat::Q4_1] {
             let blocks = 5;
             let row: Vec<u8> = (0..blocks * format.block_bytes())
-                .map(|i| if i % format.block_bytes() < 4 { [0x00, 0x2c, 0x00, 0xb8][i % format.block_bytes()] } else { (i * 37 % 256) as u8 })
+                .map(|i| {
+                    if i % format.block_bytes() < 4 {
+                        [0x00, 0x2c, 0x00, 0xb8][i % format.block_bytes()]
+                    } else {
+                        (i * 37 % 256) as u8
+                    }
+                })
                 .collect();
             let w = format.dequantize(&row);
             let xs: Vec<Vec<f32>> = (0..3).map(|s| data(blocks * BLOCK, 20 + s)).collect();
             let got = dot_tile_quant::<3>(format, &row, [&xs[0], &xs[1], &xs[2]]);
             for t in 0..3 {
                 let exact: f64 = w.iter().zip(&xs[t]).map(|(a, b)| *a as f64 * *b as f64).sum();
-                assert!((got[t] as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()), "{format:?}: {} vs {exact}", got[t]);
+                assert!(
+                    (got[t] as f64 - exact).abs() < 1e-4 * (1.0 + exact.abs()),
+                    "{format:?}: {} vs {exact}",
+                    got[t]
+                );
                 assert_eq!(got[t].to_bits(), dot_tile_quant::<1>(format, &row, [&xs[t]])[0].to_bits());
             }
         }

@@ -114,7 +114,13 @@ impl Backend for CpuBackend {
         Ok(CpuTensor::Dense(out))
     }
 
-    fn add_rms_norm(&self, residual: &mut CpuTensor, delta: &CpuTensor, weight: &CpuTensor, eps: f32) -> Result<CpuTensor> {
+    fn add_rms_norm(
+        &self,
+        residual: &mut CpuTensor,
+        delta: &CpuTensor,
+        weight: &CpuTensor,
+        eps: f32,
+    ) -> Result<CpuTensor> {
         residual.dense_mut().data.iter_mut().zip(&delta.dense().data).for_each(|(r, d)| *r += d);
         self.rms_norm(residual, weight, eps)
     }
@@ -203,9 +209,13 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; batch.num_tokens() * q_dim];
         let caches = (&k_cache.data[..], &v_cache.data[..]);
         out.par_chunks_mut(q_dim).enumerate().for_each(|(t, dst)| {
-            let row = batch.rows.iter().find(|r| (r.start..r.start + r.len).contains(&(t as u32))).expect("token in a row");
+            let row =
+                batch.rows.iter().find(|r| (r.start..r.start + r.len).contains(&(t as u32))).expect("token in a row");
             let slots: Vec<usize> = (0..=batch.positions[t])
-                .map(|p| (row.block_table[(p / batch.block_size) as usize] * batch.block_size + p % batch.block_size) as usize)
+                .map(|p| {
+                    (row.block_table[(p / batch.block_size) as usize] * batch.block_size + p % batch.block_size)
+                        as usize
+                })
                 .collect();
             attend_token(&q.data[t * q_dim..(t + 1) * q_dim], caches, &slots, shape, dst);
         });
@@ -221,7 +231,11 @@ impl Backend for CpuBackend {
     fn gather_logit_rows(&self, x: &CpuTensor, batch: &BatchMeta) -> Result<CpuTensor> {
         let x = x.dense();
         let d = rows(x).1;
-        let data = batch.logits_for.iter().flat_map(|&t| x.data[t as usize * d..(t as usize + 1) * d].iter().copied()).collect();
+        let data = batch
+            .logits_for
+            .iter()
+            .flat_map(|&t| x.data[t as usize * d..(t as usize + 1) * d].iter().copied())
+            .collect();
         Ok(dense(vec![batch.logits_for.len(), d], data))
     }
 

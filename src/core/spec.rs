@@ -1,0 +1,117 @@
+//! Speculative decoding's acceptance rules, as pure functions over probabilities and an
+//! explicit RNG: the output follows the target model exactly (greedy) or in distribution
+//! (sampling), whatever the draft proposed.
+
+use rand::Rng;
+
+use super::sampling::{argmax, sample_from};
+
+/// Greedy verification. `target` holds the target's argmax after each of the k+1 verified
+/// positions (the last accepted token, then each draft). Drafts are accepted while they
+/// equal the target's choice; the target's own token follows (a correction, or a bonus
+/// token after k acceptances). Returns the tokens to append: accepted drafts + one.
+pub fn accept_greedy(drafts: &[u32], target: &[u32]) -> Vec<u32> {
+    assert_eq!(target.len(), drafts.len() + 1, "k drafts need k + 1 target predictions");
+    let accepted = drafts.iter().zip(target).take_while(|(d, t)| d == t).count();
+    target[..=accepted].to_vec()
+}
+
+/// Lossless rejection sampling (Leviathan et al. 2023; Chen et al. 2023).
+///
+/// `q[i]` is the draft's distribution that `drafts[i]` was sampled from, `p[i]` the
+/// target's distribution at the same position (k + 1 of them). Draft i is accepted with
+/// probability min(1, p(x)/q(x)); at the first rejection a token is drawn from
+/// norm(max(0, p − q)); after k acceptances a bonus token is drawn from p[k].
+pub fn accept_sampled(drafts: &[u32], q: &[Vec<f32>], p: &[Vec<f32>], rng: &mut impl Rng) -> Vec<u32> {
+    assert_eq!(q.len(), drafts.len());
+    assert_eq!(p.len(), drafts.len() + 1, "k drafts need k + 1 target distributions");
+    let mut out = Vec::with_capacity(drafts.len() + 1);
+    for (i, &x) in drafts.iter().enumerate() {
+        let (px, qx) = (p[i][x as usize], q[i][x as usize]);
+        if qx > 0.0 && rng.random::<f32>() * qx < px {
+            out.push(x);
+            continue;
+        }
+        out.push(sample_residual(&p[i], &q[i], rng));
+        return out;
+    }
+    out.push(sample_from(&p[drafts.len()], rng));
+    out
+}
+
+/// Draws from norm(max(0, p − q)); falls back to p where the residual is all zero
+/// (p == q, when rejection cannot happen anyway except through rounding).
+fn sample_residual(p: &[f32], q: &[f32], rng: &mut impl Rng) -> u32 {
+    let residual: Vec<f32> = p.iter().zip(q).map(|(&a, &b)| (a - b).max(0.0)).collect();
+    let sum: f64 = residual.iter().map(|&r| r as f64).sum();
+    if sum <= 0.0 {
+        return sample_from(p, rng);
+    }
+    let normalized: Vec<f32> = residual.iter().map(|&r| (r as f64 / sum) as f32).collect();
+    sample_from(&normalized, rng)
+}
+
+/// The token a greedy draft proposes from its logits.
+pub fn greedy_draft(logits: &[f32]) -> u32 {
+    argmax(logits)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::SeedableRng;
+
+    #[test]
+    fn greedy_accepts_the_matching_prefix_then_corrects() {
+        assert_eq!(accept_greedy(&[5, 6, 7], &[5, 6, 9, 1]), vec![5, 6, 9]);
+        assert_eq!(accept_greedy(&[5, 6, 7], &[5, 6, 7, 1]), vec![5, 6, 7, 1]);
+        assert_eq!(accept_greedy(&[5, 6, 7], &[4, 6, 7, 1]), vec![4]);
+        assert_eq!(accept_greedy(&[], &[3]), vec![3]);
+    }
+
+    /// Pearson's chi-square statistic of observed counts against expected probabilities.
+    fn chi_square(counts: &[usize], probs: &[f32]) -> f64 {
+        let n: usize = counts.iter().sum();
+        counts
+            .iter()
+            .zip(probs)
+            .filter(|(_, &p)| p > 0.0)
+            .map(|(&c, &p)| {
+                let e = n as f64 * p as f64;
+                (c as f64 - e).powi(2) / e
+            })
+            .sum()
+    }
+
+    #[test]
+    fn sampled_output_follows_the_target_distribution() {
+        // Draft and target disagree strongly; the first emitted token must follow p[0]
+        // and, given the first draft was accepted, the second must follow p[1].
+        let q = vec![vec![0.1, 0.6, 0.2, 0.1], vec![0.25, 0.25, 0.25, 0.25]];
+        let p = vec![vec![0.4, 0.2, 0.3, 0.1], vec![0.1, 0.1, 0.1, 0.7], vec![0.5, 0.2, 0.2, 0.1]];
+        let mut rng = StdRng::seed_from_u64(7);
+        let (mut first, mut second) = (vec![0usize; 4], vec![0usize; 4]);
+        for _ in 0..40_000 {
+            let drafts = [sample_from(&q[0], &mut rng), sample_from(&q[1], &mut rng)];
+            let out = accept_sampled(&drafts, &q, &p, &mut rng);
+            first[out[0] as usize] += 1;
+            if out.len() >= 2 {
+                second[out[1] as usize] += 1;
+            }
+        }
+        // 3 degrees of freedom: chi-square above 11.34 has probability 0.01.
+        assert!(chi_square(&first, &p[0]) < 11.34, "first {first:?}");
+        assert!(chi_square(&second, &p[1]) < 11.34, "second {second:?}");
+    }
+
+    #[test]
+    fn identical_draft_and_target_accept_everything() {
+        let d = vec![0.3, 0.7];
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..100 {
+            let out = accept_sampled(&[1, 0], &[d.clone(), d.clone()], &[d.clone(), d.clone(), d.clone()], &mut rng);
+            assert_eq!(out.len(), 3);
+        }
+    }
+}
