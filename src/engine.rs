@@ -41,13 +41,21 @@ pub struct Completion {
 }
 
 /// Tokenizes and checks a prompt against the model; shared by every entry point.
-pub fn tokenize_prompt(tokenizer: Option<&Tokenizer>, prompt: &Prompt, vocab: usize, context: usize) -> Result<Vec<u32>, RequestError> {
+pub fn tokenize_prompt(
+    tokenizer: Option<&Tokenizer>,
+    prompt: &Prompt,
+    vocab: usize,
+    context: usize,
+) -> Result<Vec<u32>, RequestError> {
     let ids = match prompt {
         Prompt::Tokens(ids) => ids.clone(),
         Prompt::Text(text) => tokenizer.ok_or(RequestError::NoTokenizer)?.encode(text, true),
         Prompt::Chat(messages) => {
             let tok = tokenizer.ok_or(RequestError::NoTokenizer)?;
-            let template = tok.chat_template.as_ref().ok_or_else(|| RequestError::ChatTemplate("the model has no chat template".into()))?;
+            let template = tok
+                .chat_template
+                .as_ref()
+                .ok_or_else(|| RequestError::ChatTemplate("the model has no chat template".into()))?;
             let text = template.render(messages, true).map_err(RequestError::ChatTemplate)?;
             tok.encode(&text, false)
         }
@@ -80,7 +88,11 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Generates a completion, calling `on_delta(new_ids, new_text)` as tokens arrive.
-    pub fn generate(&self, req: &GenerateRequest, mut on_delta: impl FnMut(&[u32], &str)) -> Result<Completion, EngineError> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        mut on_delta: impl FnMut(&[u32], &str),
+    ) -> Result<Completion, EngineError> {
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
         if req.max_tokens == 0 {
             return Err(RequestError::ZeroMaxTokens.into());

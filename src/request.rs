@@ -29,7 +29,13 @@ pub struct GenerateRequest {
 
 impl GenerateRequest {
     pub fn new(prompt: Prompt) -> Self {
-        GenerateRequest { prompt, sampling: SamplingParams::default(), max_tokens: 128, stop: vec![], ignore_eos: false }
+        GenerateRequest {
+            prompt,
+            sampling: SamplingParams::default(),
+            max_tokens: 128,
+            stop: vec![],
+            ignore_eos: false,
+        }
     }
 }
 

@@ -143,4 +143,12 @@ pub trait Backend: Send + Sync + 'static {
     /// The rows of `x` named by the batch's `logits_for`.
     fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// Greedy ids of each `vocab`-wide row of `logits`: the first maximum, as
+    /// `core::sampling::argmax`. GPU backends compute it on the device so that only the
+    /// ids cross to the host.
+    fn argmax_rows(&self, logits: &Self::Tensor, vocab: usize) -> Result<Vec<u32>> {
+        let host = self.to_host(logits)?;
+        Ok(host.chunks(vocab.max(1)).map(crate::core::sampling::argmax).collect())
+    }
 }

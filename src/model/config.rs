@@ -67,7 +67,10 @@ impl ModelConfig {
     pub fn validate(&self) -> Result<(), String> {
         let checks = [
             (self.num_heads == 0 || self.num_kv_heads == 0, "head counts must be positive"),
-            (self.num_heads % self.num_kv_heads.max(1) != 0, "num_attention_heads must be a multiple of num_key_value_heads"),
+            (
+                self.num_heads % self.num_kv_heads.max(1) != 0,
+                "num_attention_heads must be a multiple of num_key_value_heads",
+            ),
             (self.head_dim == 0 || self.head_dim % 2 != 0, "head_dim must be even and positive"),
             (self.hidden_size == 0 || self.intermediate_size == 0, "sizes must be positive"),
             (self.vocab_size == 0 || self.num_layers == 0, "vocab_size and num_hidden_layers must be positive"),
@@ -81,8 +84,8 @@ impl ModelConfig {
     /// Reads a Hugging Face `config.json` (architecture `LlamaForCausalLM`).
     pub fn from_hf_json(path: &Path) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
-        let raw: HfConfig = serde_json::from_str(&text)
-            .map_err(|e| LoadError::format(path, format!("invalid config.json: {e}")))?;
+        let raw: HfConfig =
+            serde_json::from_str(&text).map_err(|e| LoadError::format(path, format!("invalid config.json: {e}")))?;
         raw.into_config().map_err(|msg| LoadError::format(path, msg))
     }
 }
@@ -97,8 +100,8 @@ fn llama3_scale(freq: f64, s: RopeScaling) -> f64 {
     } else if wavelen > low_wavelen {
         freq / s.factor as f64
     } else {
-        let smooth = (old_ctx / wavelen - s.low_freq_factor as f64)
-            / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
+        let smooth =
+            (old_ctx / wavelen - s.low_freq_factor as f64) / (s.high_freq_factor as f64 - s.low_freq_factor as f64);
         (1.0 - smooth) * freq / s.factor as f64 + smooth * freq
     }
 }

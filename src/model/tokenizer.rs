@@ -43,9 +43,8 @@ impl Tokenizer {
             let bos = special_token_text(&cfg["bos_token"]).unwrap_or_default();
             let eos = special_token_text(&cfg["eos_token"]).unwrap_or_default();
             if let Some(src) = cfg["chat_template"].as_str() {
-                tok.chat_template = Some(
-                    ChatTemplate::new(src, &bos, &eos).map_err(|msg| LoadError::format(&config_path, msg))?,
-                );
+                tok.chat_template =
+                    Some(ChatTemplate::new(src, &bos, &eos).map_err(|msg| LoadError::format(&config_path, msg))?);
             }
         }
         Ok(tok)

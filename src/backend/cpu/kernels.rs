@@ -21,7 +21,7 @@ pub fn dot_tile<const T: usize>(w: &[f32], xs: [&[f32]; T]) -> [f32; T] {
 pub fn dot_tile_quant<const T: usize>(format: QuantFormat, row: &[u8], xs: [&[f32]; T]) -> [f32; T] {
     #[cfg(target_arch = "x86_64")]
     if simd_available() {
-        // SAFETY: AVX2 and FMA are present (checked above); lengths are asserted inside.
+        // SAFETY: AVX2, FMA and F16C are present (checked above); lengths are asserted inside.
         return unsafe { avx::dot_tile_quant::<T>(format, row, xs) };
     }
     let mut acc = [0f32; T];
@@ -42,7 +42,9 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn simd_available() -> bool {
     use std::sync::OnceLock;
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    *AVAILABLE.get_or_init(|| {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    })
 }
 
 /// Same association as the SIMD path: four 8-lane accumulators over blocks of 32,
@@ -87,39 +89,55 @@ mod avx {
 
     use crate::model::quant::{QuantFormat, BLOCK};
 
-    /// The 32 values of a quantized block as four vectors of 8.
-    #[target_feature(enable = "avx2,fma")]
+    /// The 32 values of a quantized block as four vectors of 8. (No closures here: they
+    /// would not inherit the target features, and every intrinsic would become a call.)
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
     unsafe fn dequantize(format: QuantFormat, b: *const u8) -> [__m256; 4] {
-        let d = _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*b, *b.add(1)])).to_f32());
-        let ints: [__m256i; 4] = match format {
+        let scales = _mm_cvtph_ps(_mm_cvtsi32_si128((b as *const i32).read_unaligned()));
+        let d = _mm256_set1_ps(_mm_cvtss_f32(scales));
+        let (ints, offset) = match format {
             QuantFormat::Q8_0 => {
-                std::array::from_fn(|j| _mm256_cvtepi8_epi32(_mm_loadl_epi64(b.add(2 + 8 * j) as *const __m128i)))
+                let q = b.add(2);
+                let ints = [
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(q as *const __m128i)),
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(8) as *const __m128i)),
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(16) as *const __m128i)),
+                    _mm256_cvtepi8_epi32(_mm_loadl_epi64(q.add(24) as *const __m128i)),
+                ];
+                (ints, _mm256_setzero_ps())
             }
-            QuantFormat::Q4_0 | QuantFormat::Q4_1 => {
-                let q = b.add(if format == QuantFormat::Q4_0 { 2 } else { 4 });
-                let bytes = _mm_loadu_si128(q as *const __m128i);
-                let mask = _mm_set1_epi8(0x0F);
-                let lo = _mm_and_si128(bytes, mask);
-                let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-                [
-                    _mm256_cvtepu8_epi32(lo),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
-                    _mm256_cvtepu8_epi32(hi),
-                    _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
-                ]
-            }
-        };
-        let offset = match format {
-            QuantFormat::Q8_0 => _mm256_setzero_ps(),
-            QuantFormat::Q4_0 => _mm256_mul_ps(d, _mm256_set1_ps(-8.0)),
+            QuantFormat::Q4_0 => (nibbles(b.add(2)), _mm256_mul_ps(d, _mm256_set1_ps(-8.0))),
             QuantFormat::Q4_1 => {
-                _mm256_set1_ps(half::f16::from_bits(u16::from_le_bytes([*b.add(2), *b.add(3)])).to_f32())
+                let m = _mm256_set1_ps(_mm_cvtss_f32(_mm_shuffle_ps(scales, scales, 1)));
+                (nibbles(b.add(4)), m)
             }
         };
-        ints.map(|i| _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), d, offset))
+        [
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints[0]), d, offset),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints[1]), d, offset),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints[2]), d, offset),
+            _mm256_fmadd_ps(_mm256_cvtepi32_ps(ints[3]), d, offset),
+        ]
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    /// 16 bytes of nibbles as 32 integers: low halves are elements 0..16, high halves 16..32.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn nibbles(q: *const u8) -> [__m256i; 4] {
+        let bytes = _mm_loadu_si128(q as *const __m128i);
+        let mask = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(bytes, mask);
+        let hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+        [
+            _mm256_cvtepu8_epi32(lo),
+            _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)),
+            _mm256_cvtepu8_epi32(hi),
+            _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)),
+        ]
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dot_tile_quant<const T: usize>(format: QuantFormat, row: &[u8], xs: [&[f32]; T]) -> [f32; T] {
         let bb = format.block_bytes();
         let blocks = row.len() / bb;
@@ -136,7 +154,11 @@ mod avx {
                 }
             }
         }
-        std::array::from_fn(|t| reduce(&acc[t]))
+        let mut out = [0f32; T];
+        for t in 0..T {
+            out[t] = reduce(&acc[t]);
+        }
+        out
     }
 
     #[target_feature(enable = "avx2,fma")]

@@ -1,14 +1,9 @@
-//! ggml tensor types: their storage sizes, and dequantization to f32 for the ones we load.
-//!
-//! Quantized blocks hold 32 values each (ggml's `block_q8_0`, `block_q4_0`, `block_q4_1`):
-//! ```text
-//! Q8_0: d: f16 | qs: 32 × i8                 value j = qs[j] · d
-//! Q4_0: d: f16 | qs: 16 bytes                value j = (nibble_j − 8) · d
-//! Q4_1: d: f16 | m: f16 | qs: 16 bytes       value j = nibble_j · d + m
-//! ```
-//! where nibble j < 16 is the low nibble of `qs[j]` and nibble j ≥ 16 the high nibble of `qs[j − 16]`.
+//! ggml tensor types: their storage sizes, and dequantization to f32 for the ones we load
+//! (the block formats are described in `model::quant`).
 
 use half::{bf16, f16};
+
+use crate::model::quant::QuantFormat;
 use rayon::prelude::*;
 
 /// The ggml types a GGUF file may declare, with the ids the format assigns them.
@@ -119,6 +114,16 @@ impl GgmlType {
             .ok_or_else(|| format!("dimensions {dims:?} overflow"))
     }
 
+    /// The block format the CPU backend can compute on directly, if this is one.
+    pub fn quant_format(&self) -> Option<QuantFormat> {
+        match self {
+            GgmlType::Q8_0 => Some(QuantFormat::Q8_0),
+            GgmlType::Q4_0 => Some(QuantFormat::Q4_0),
+            GgmlType::Q4_1 => Some(QuantFormat::Q4_1),
+            _ => None,
+        }
+    }
+
     /// Dequantizes `bytes` (exactly `data_size` of them) to f32, as ggml's `dequantize_row_*`
     /// does. Returns `None` for the types we do not load.
     pub fn dequantize(&self, bytes: &[u8]) -> Option<Vec<f32>> {
@@ -136,9 +141,9 @@ impl GgmlType {
             GgmlType::Bf16 => |b, o| {
                 o.iter_mut().zip(b.chunks_exact(2)).for_each(|(o, b)| *o = bf16::from_le_bytes([b[0], b[1]]).to_f32())
             },
-            GgmlType::Q8_0 => |b, o| o.chunks_exact_mut(32).zip(b.chunks_exact(34)).for_each(|(o, b)| q8_0(b, o)),
-            GgmlType::Q4_0 => |b, o| o.chunks_exact_mut(32).zip(b.chunks_exact(18)).for_each(|(o, b)| q4_0(b, o)),
-            GgmlType::Q4_1 => |b, o| o.chunks_exact_mut(32).zip(b.chunks_exact(20)).for_each(|(o, b)| q4_1(b, o)),
+            GgmlType::Q8_0 => |b, o| dequantize_blocks(QuantFormat::Q8_0, b, o),
+            GgmlType::Q4_0 => |b, o| dequantize_blocks(QuantFormat::Q4_0, b, o),
+            GgmlType::Q4_1 => |b, o| dequantize_blocks(QuantFormat::Q4_1, b, o),
             GgmlType::Other { .. } => return None,
         };
         out.par_chunks_mut(blocks_per_task * block as usize)
@@ -148,29 +153,8 @@ impl GgmlType {
     }
 }
 
-fn half_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
-}
-
-fn q8_0(b: &[u8], out: &mut [f32]) {
-    let d = half_at(b, 0);
-    for (o, &q) in out.iter_mut().zip(&b[2..34]) {
-        *o = (q as i8) as f32 * d;
-    }
-}
-
-fn q4_0(b: &[u8], out: &mut [f32]) {
-    let d = half_at(b, 0);
-    for (j, &q) in b[2..18].iter().enumerate() {
-        out[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
-        out[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
-    }
-}
-
-fn q4_1(b: &[u8], out: &mut [f32]) {
-    let (d, m) = (half_at(b, 0), half_at(b, 2));
-    for (j, &q) in b[4..20].iter().enumerate() {
-        out[j] = (q & 0x0f) as f32 * d + m;
-        out[j + 16] = (q >> 4) as f32 * d + m;
+fn dequantize_blocks(format: QuantFormat, bytes: &[u8], out: &mut [f32]) {
+    for (o, b) in out.chunks_exact_mut(32).zip(bytes.chunks_exact(format.block_bytes())) {
+        o.copy_from_slice(&format.dequantize_block(b));
     }
 }

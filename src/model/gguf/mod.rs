@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
+use super::quant::QuantWeight;
 use super::{HostTensor, LoadError, ModelConfig, RopeScaling, WeightSource};
 pub use dtype::GgmlType;
 pub use parse::{GgufValue, TensorInfo};
@@ -205,9 +206,9 @@ impl GgufFile {
         Ok(Some(scaling))
     }
 
-    /// A tensor by GGUF name, dequantized, in row-major order with the checkpoint's shape
-    /// (GGUF dims reversed), checked against `shape`.
-    fn raw_tensor(&self, gguf_name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
+    /// A tensor's type and bytes by GGUF name, checked against the checkpoint's `shape`
+    /// (GGUF lists dims innermost first, so they are reversed).
+    fn tensor_bytes(&self, gguf_name: &str, shape: &[usize]) -> Result<(GgmlType, &[u8]), LoadError> {
         let info = self.tensors.get(gguf_name).ok_or_else(|| LoadError::missing(&self.path, gguf_name))?;
         let unsupported = |dtype: String| LoadError::Dtype { path: self.path.clone(), tensor: gguf_name.into(), dtype };
         let ty = match GgmlType::from_id(info.type_id) {
@@ -222,8 +223,47 @@ impl GgufFile {
         // The size was checked against the file at open.
         let size = ty.data_size(&info.dims).map_err(|msg| LoadError::format(&self.path, msg))? as usize;
         let start = self.data_start + info.offset as usize;
-        let data = ty.dequantize(&self.mmap[start..start + size]).ok_or_else(|| unsupported(ty.name().to_string()))?;
-        Ok(HostTensor::new(found, data))
+        Ok((ty, &self.mmap[start..start + size]))
+    }
+
+    /// A tensor by GGUF name, dequantized, row-major with the checkpoint's shape.
+    fn raw_tensor(&self, gguf_name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
+        let (ty, bytes) = self.tensor_bytes(gguf_name, shape)?;
+        let data = ty.dequantize(bytes).ok_or_else(|| LoadError::Dtype {
+            path: self.path.clone(),
+            tensor: gguf_name.into(),
+            dtype: ty.name().to_string(),
+        })?;
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
+
+    /// How many heads a tensor's rows are permuted within (0: not permuted).
+    fn permuted_heads(&self, rows: Rows) -> Result<usize, LoadError> {
+        Ok(match rows {
+            Rows::AsIs => 0,
+            Rows::QueryHeads => self.required_usize("llama.attention.head_count")?,
+            Rows::KeyHeads => match self.usize_key("llama.attention.head_count_kv")? {
+                Some(h) => h,
+                None => self.required_usize("llama.attention.head_count")?,
+            },
+        })
+    }
+
+    /// Resolves a Hugging Face name to its GGUF name and permuted head count, checking that
+    /// permuted rows split into heads.
+    fn resolve(&self, name: &str, shape: &[usize]) -> Result<(String, usize), LoadError> {
+        let (gguf, rows) = gguf_name(name).ok_or_else(|| LoadError::missing(&self.path, name))?;
+        if !self.tensors.contains_key(&gguf) {
+            return Err(LoadError::missing(&self.path, &format!("{gguf}` / `{name}")));
+        }
+        let heads = self.permuted_heads(rows)?;
+        if heads > 0 && (shape.len() != 2 || !shape[0].is_multiple_of(2 * heads)) {
+            return Err(LoadError::format(
+                &self.path,
+                format!("tensor `{gguf}`: {:?} rows do not split into {heads} heads of even size", shape.first()),
+            ));
+        }
+        Ok((gguf, heads))
     }
 
     fn missing_key(&self, key: &str) -> LoadError {
@@ -311,22 +351,24 @@ fn gguf_name(hf: &str) -> Option<(String, Rows)> {
     Some((format!("blk.{layer}.{name}.weight"), rows))
 }
 
-/// Undoes llama.cpp's Q/K row permutation. Within each head of `head_dim` rows, GGUF row
-/// `2j + s` holds Hugging Face row `s · head_dim/2 + j` (s ∈ {0, 1}, j < head_dim/2).
-fn unpermute_rows(t: &HostTensor, heads: usize) -> HostTensor {
-    let (rows, cols) = (t.shape[0], t.shape[1]);
+/// Undoes llama.cpp's Q/K row permutation: for each Hugging Face row, the GGUF row that
+/// holds it. Within each head of `head_dim` rows, GGUF row `2j + s` holds Hugging Face row
+/// `s · head_dim/2 + j` (s ∈ {0, 1}, j < head_dim/2).
+fn unpermuted_order(rows: usize, heads: usize) -> Vec<usize> {
     let head_dim = rows / heads;
     let half = head_dim / 2;
-    let mut data = vec![0f32; t.data.len()];
-    for h in 0..heads {
-        for j in 0..half {
-            for s in 0..2 {
-                let src = h * head_dim + 2 * j + s;
-                let dst = h * head_dim + s * half + j;
-                data[dst * cols..(dst + 1) * cols].copy_from_slice(&t.data[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
+    (0..rows)
+        .map(|dst| {
+            let (h, r) = (dst / head_dim, dst % head_dim);
+            let (s, j) = (r / half, r % half);
+            h * head_dim + 2 * j + s
+        })
+        .collect()
+}
+
+fn permute_rows(t: &HostTensor, from: &[usize]) -> HostTensor {
+    let cols = t.shape[1];
+    let data = from.iter().flat_map(|&r| t.data[r * cols..(r + 1) * cols].iter().copied()).collect();
     HostTensor::new(t.shape.clone(), data)
 }
 
@@ -336,25 +378,16 @@ impl WeightSource for GgufFile {
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
-        let (gguf, rows) = gguf_name(name).ok_or_else(|| LoadError::missing(&self.path, name))?;
-        if !self.tensors.contains_key(&gguf) {
-            return Err(LoadError::missing(&self.path, &format!("{gguf}` / `{name}")));
-        }
+        let (gguf, heads) = self.resolve(name, shape)?;
         let t = self.raw_tensor(&gguf, shape)?;
-        let heads = match rows {
-            Rows::AsIs => return Ok(t),
-            Rows::QueryHeads => self.required_usize("llama.attention.head_count")?,
-            Rows::KeyHeads => match self.usize_key("llama.attention.head_count_kv")? {
-                Some(h) => h,
-                None => self.required_usize("llama.attention.head_count")?,
-            },
-        };
-        if heads == 0 || shape.len() != 2 || !shape[0].is_multiple_of(2 * heads) {
-            return Err(LoadError::format(
-                &self.path,
-                format!("tensor `{gguf}`: {:?} rows do not split into {heads} heads of even size", shape.first()),
-            ));
-        }
-        Ok(unpermute_rows(&t, heads))
+        Ok(if heads == 0 { t } else { permute_rows(&t, &unpermuted_order(shape[0], heads)) })
+    }
+
+    fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QuantWeight>, LoadError> {
+        let (gguf, heads) = self.resolve(name, shape)?;
+        let (ty, bytes) = self.tensor_bytes(&gguf, shape)?;
+        let Some(format) = ty.quant_format() else { return Ok(None) };
+        let w = QuantWeight { format, shape: [shape[0], shape[1]], blocks: bytes.to_vec() };
+        Ok(Some(if heads == 0 { w } else { w.permute_rows(&unpermuted_order(shape[0], heads)) }))
     }
 }
