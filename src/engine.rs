@@ -1,13 +1,16 @@
 //! The simplest way to run a model: one request at a time, prefill then decode, on any
 //! backend. The runtime (actors, batching, speculation) builds on the same pieces.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
 
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
-use crate::core::sampling::Sampler;
+use crate::core::sampling::{distribution, Sampler};
+use crate::core::spec::{accept_greedy, accept_sampled};
+use crate::spec::{Draft, Proposer, SeqId, SpecStats};
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, Usage};
 
@@ -38,6 +41,9 @@ pub struct Completion {
     pub finish_reason: FinishReason,
     pub usage: Usage,
     pub timings: Timings,
+    /// Present when the completion was generated speculatively.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<SpecStats>,
 }
 
 /// Tokenizes and checks a prompt against the model; shared by every entry point.
@@ -74,13 +80,14 @@ pub fn tokenize_prompt(
 
 pub struct Engine<B: Backend> {
     pub backend: B,
-    pub model: Llama<B>,
+    /// Shared with an early-exit proposer, which drafts with the first layers.
+    pub model: Arc<Llama<B>>,
     pub tokenizer: Option<Tokenizer>,
 }
 
 impl<B: Backend> Engine<B> {
     pub fn new(backend: B, model: Llama<B>, tokenizer: Option<Tokenizer>) -> Self {
-        Engine { backend, model, tokenizer }
+        Engine { backend, model: Arc::new(model), tokenizer }
     }
 
     pub fn context_len(&self) -> usize {
@@ -88,9 +95,16 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Generates a completion, calling `on_delta(new_ids, new_text)` as tokens arrive.
-    pub fn generate(
+    pub fn generate(&self, req: &GenerateRequest, on_delta: impl FnMut(&[u32], &str)) -> Result<Completion, EngineError> {
+        self.generate_speculative(req, None, on_delta)
+    }
+
+    /// Generates with a proposer drafting up to `spec.max_draft` tokens per step, verified
+    /// by the target in one forward; with `spec` None, plain decoding.
+    pub fn generate_speculative(
         &self,
         req: &GenerateRequest,
+        mut spec: Option<SpecOptions>,
         mut on_delta: impl FnMut(&[u32], &str),
     ) -> Result<Completion, EngineError> {
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
@@ -105,62 +119,58 @@ impl<B: Backend> Engine<B> {
         let table: Vec<u32> = (0..num_blocks as u32).collect();
 
         let mut sampler = Sampler::new(req.sampling.clone());
+        let mut out = Output::new(req, self.tokenizer.as_ref());
         let mut history = prompt.clone();
-        let mut out: Vec<u32> = vec![];
-        let (mut detok, mut stops) = (Detokenizer::new(), StopMatcher::new(req.stop.clone()));
-        let mut text = String::new();
+        let mut stats = SpecStats::default();
+        stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
 
         let start = Instant::now();
-        let mut logits = self.prefill(&mut kv, &prompt, &table)?;
+        let logits = self.prefill(&mut kv, &prompt, &table)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let decode_start = Instant::now();
+        let mut new_tokens = vec![sampler.sample(&logits, &history)];
         let finish = loop {
-            let next = sampler.sample(&logits, &history);
-            history.push(next);
-            let is_eos = !req.ignore_eos && self.tokenizer.as_ref().is_some_and(|t| t.is_eos(next));
-            if is_eos {
-                break FinishReason::Stop;
+            if let Some(finish) = out.push(&new_tokens, &mut history, &mut on_delta) {
+                break finish;
             }
-            out.push(next);
-            let delta = match &self.tokenizer {
-                Some(tok) => detok.push(&[next], |ids| tok.decode(ids)),
-                None => String::new(),
-            };
-            match stops.push(&delta) {
-                StopCheck::Stop(last) => {
-                    text.push_str(&last);
-                    on_delta(&[next], &last);
-                    break FinishReason::Stop;
-                }
-                StopCheck::Continue(emit) => {
-                    text.push_str(&emit);
-                    on_delta(&[next], &emit);
-                }
-            }
-            if out.len() >= req.max_tokens || history.len() >= budget {
+            if history.len() >= budget {
                 break FinishReason::Length;
             }
+            // The last token is not in the target's cache yet: it leads this step's row.
+            let room = budget - history.len();
+            let draft = match spec.as_mut() {
+                Some(s) => s.proposer.propose(SEQ, &history, s.max_draft.min(room), &req.sampling)?,
+                None => Draft::default(),
+            };
+            let mut row = vec![*history.last().expect("history holds the prompt")];
+            row.extend(&draft.tokens);
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
-            meta.push_row(&[next], (history.len() - 1) as u32, &table, 1);
-            logits = self.backend.to_host(&self.model.forward(&self.backend, &mut kv, &meta)?)?;
+            meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
+            let logits = self.backend.to_host(&self.model.forward(&self.backend, &mut kv, &meta)?)?;
+            new_tokens = verify(&draft, &logits, config.vocab_size, &history, &mut sampler, spec.as_ref());
+            if let Some(s) = spec.as_mut() {
+                let accepted = new_tokens.len() - 1;
+                stats.record(draft.tokens.len(), accepted);
+                s.proposer.rollback(SEQ, history.len() + accepted);
+            }
         };
-        if finish != FinishReason::Stop {
-            let rest = stops.flush();
-            text.push_str(&rest);
-            on_delta(&[], &rest);
+        if let Some(s) = spec.as_mut() {
+            s.proposer.release(SEQ);
         }
+        let text = out.finish(finish, &mut on_delta);
         let decode_ms = decode_start.elapsed().as_secs_f64() * 1e3;
-        let decoded = out.len().saturating_sub(1);
+        let decoded = out.ids.len().saturating_sub(1);
         Ok(Completion {
             text,
-            usage: Usage { prompt_tokens: prompt.len(), completion_tokens: out.len() },
-            token_ids: out,
+            usage: Usage { prompt_tokens: prompt.len(), completion_tokens: out.ids.len() },
+            token_ids: out.ids,
             finish_reason: finish,
             timings: Timings {
                 prefill_ms,
                 decode_ms,
                 decode_tok_per_s: if decode_ms > 0.0 { decoded as f64 / (decode_ms / 1e3) } else { 0.0 },
             },
+            speculative: spec.is_some().then_some(stats),
         })
     }
 
@@ -173,5 +183,101 @@ impl<B: Backend> Engine<B> {
             logits = self.backend.to_host(&self.model.forward(&self.backend, kv, &meta)?)?;
         }
         Ok(logits)
+    }
+}
+
+/// The one sequence the engine runs at a time, as proposers know it.
+const SEQ: SeqId = 0;
+
+/// Speculation settings for `Engine::generate_speculative`.
+pub struct SpecOptions<'a> {
+    pub proposer: &'a mut dyn Proposer,
+    pub max_draft: usize,
+    /// Benchmarks only: accept each draft token with this probability whatever its value.
+    /// The output is then not the model's; it is labelled `synthetic` in the statistics.
+    pub synthetic_acceptance: Option<f64>,
+}
+
+/// The target's verdict on a draft: the tokens to append (accepted drafts, then the
+/// target's own token). `logits` holds k + 1 rows: after the last token, and after each draft.
+fn verify(draft: &Draft, logits: &[f32], vocab: usize, history: &[u32], sampler: &mut Sampler, spec: Option<&SpecOptions>) -> Vec<u32> {
+    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+    let context = |i: usize| -> Vec<u32> { history.iter().chain(&draft.tokens[..i]).copied().collect() };
+    if let Some(rate) = spec.and_then(|s| s.synthetic_acceptance) {
+        let accepted = draft.tokens.iter().take_while(|_| rand::Rng::random::<f64>(sampler.rng()) < rate).count();
+        let mut out = draft.tokens[..accepted].to_vec();
+        out.push(sampler.sample(rows[accepted], &context(accepted)));
+        return out;
+    }
+    if sampler.params.is_greedy() {
+        let target: Vec<u32> = (0..rows.len()).map(|i| sampler.sample(rows[i], &context(i))).collect();
+        return accept_greedy(&draft.tokens, &target);
+    }
+    let p: Vec<Vec<f32>> = (0..rows.len()).map(|i| distribution(rows[i], &context(i), &sampler.params)).collect();
+    let q: Vec<Vec<f32>> = (0..draft.tokens.len()).map(|i| draft.q(i, vocab)).collect();
+    accept_sampled(&draft.tokens, &q, &p, sampler.rng())
+}
+
+/// The completion being built: applies end-of-sequence, stop strings and max tokens to
+/// each new token and streams the text.
+struct Output<'a> {
+    tokenizer: Option<&'a Tokenizer>,
+    ids: Vec<u32>,
+    text: String,
+    detok: Detokenizer,
+    stops: StopMatcher,
+    max_tokens: usize,
+    ignore_eos: bool,
+}
+
+impl<'a> Output<'a> {
+    fn new(req: &GenerateRequest, tokenizer: Option<&'a Tokenizer>) -> Self {
+        Output {
+            tokenizer,
+            ids: vec![],
+            text: String::new(),
+            detok: Detokenizer::new(),
+            stops: StopMatcher::new(req.stop.clone()),
+            max_tokens: req.max_tokens,
+            ignore_eos: req.ignore_eos,
+        }
+    }
+
+    /// Appends tokens one by one (to `history` too); returns why generation ends, if it does.
+    fn push(&mut self, tokens: &[u32], history: &mut Vec<u32>, on_delta: &mut impl FnMut(&[u32], &str)) -> Option<FinishReason> {
+        for &t in tokens {
+            history.push(t);
+            if !self.ignore_eos && self.tokenizer.is_some_and(|tok| tok.is_eos(t)) {
+                return Some(FinishReason::Stop);
+            }
+            self.ids.push(t);
+            let delta = match self.tokenizer {
+                Some(tok) => self.detok.push(&[t], |ids| tok.decode(ids)),
+                None => String::new(),
+            };
+            let (emit, stop) = match self.stops.push(&delta) {
+                StopCheck::Stop(text) => (text, true),
+                StopCheck::Continue(text) => (text, false),
+            };
+            self.text.push_str(&emit);
+            on_delta(&[t], &emit);
+            if stop {
+                return Some(FinishReason::Stop);
+            }
+            if self.ids.len() >= self.max_tokens {
+                return Some(FinishReason::Length);
+            }
+        }
+        None
+    }
+
+    /// Releases text held back for a possible stop string, unless a stop ended the output.
+    fn finish(&mut self, finish: FinishReason, on_delta: &mut impl FnMut(&[u32], &str)) -> String {
+        if finish != FinishReason::Stop {
+            let rest = self.stops.flush();
+            self.text.push_str(&rest);
+            on_delta(&[], &rest);
+        }
+        std::mem::take(&mut self.text)
     }
 }

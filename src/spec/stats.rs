@@ -1,0 +1,68 @@
+//! Speculation statistics, per request and summed server-wide.
+
+use serde::Serialize;
+
+/// Up to this many draft positions are tracked individually.
+pub const MAX_DRAFT_POSITIONS: usize = 16;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SpecStats {
+    /// Verification steps that carried at least one draft token.
+    pub steps: u64,
+    pub drafted: u64,
+    pub accepted: u64,
+    /// Tokens produced per verification step (accepted drafts + the target's own token).
+    pub mean_accepted_length: f64,
+    /// Fraction of drafts accepted at each draft position (1st, 2nd, ...).
+    pub acceptance_per_position: Vec<f64>,
+    #[serde(skip)]
+    per_position: Vec<(u64, u64)>,
+    /// Set when acceptance was forced (benchmark mode): the output is not the model's.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub synthetic: bool,
+}
+
+impl SpecStats {
+    /// Records one verification of `drafted` tokens of which the first `accepted` held.
+    pub fn record(&mut self, drafted: usize, accepted: usize) {
+        if drafted == 0 {
+            return;
+        }
+        self.steps += 1;
+        self.drafted += drafted as u64;
+        self.accepted += accepted as u64;
+        if self.per_position.len() < drafted.min(MAX_DRAFT_POSITIONS) {
+            self.per_position.resize(drafted.min(MAX_DRAFT_POSITIONS), (0, 0));
+        }
+        for (i, slot) in self.per_position.iter_mut().enumerate().take(drafted) {
+            slot.0 += 1;
+            slot.1 += (i < accepted) as u64;
+        }
+        self.mean_accepted_length = (self.accepted + self.steps) as f64 / self.steps as f64;
+        self.acceptance_per_position = self.per_position.iter().map(|&(d, a)| a as f64 / d as f64).collect();
+    }
+
+    pub fn acceptance_rate(&self) -> f64 {
+        if self.drafted == 0 {
+            0.0
+        } else {
+            self.accepted as f64 / self.drafted as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_per_position_and_mean_length() {
+        let mut s = SpecStats::default();
+        s.record(4, 2);
+        s.record(4, 4);
+        s.record(0, 0);
+        assert_eq!((s.steps, s.drafted, s.accepted), (2, 8, 6));
+        assert_eq!(s.mean_accepted_length, 4.0);
+        assert_eq!(s.acceptance_per_position, vec![1.0, 1.0, 0.5, 0.5]);
+    }
+}

@@ -1,0 +1,204 @@
+//! Speculative decoding is lossless: greedy output equals the target's plain greedy output
+//! token for token with every proposer, and sampled output follows the target's distribution.
+
+use std::sync::Arc;
+
+use indicatif::ProgressBar;
+use specula::backend::cpu::CpuBackend;
+use specula::backend::{Backend, BatchMeta};
+use specula::core::sampling::{distribution, SamplingParams};
+use specula::engine::{Engine, SpecOptions};
+use specula::model::dummy::normal_values;
+use specula::model::{load_model, HostTensor, KvCache, Llama, LoadError, ModelConfig, ModelSource, Preset, Weights, WeightSource};
+use specula::request::{GenerateRequest, Prompt};
+use specula::spec::{ModelProposer, NgramProposer, Proposer};
+
+/// Random weights of a chosen scale, large enough that the tiny model's distributions are
+/// far from uniform (the dummy format's 0.02 would make them nearly flat).
+struct RandomWeights {
+    seed: u64,
+    std: f32,
+}
+
+impl WeightSource for RandomWeights {
+    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
+        let n = shape.iter().product();
+        let data = if shape.len() == 1 {
+            vec![1.0; n]
+        } else {
+            normal_values(n, self.std, specula::model::dummy::seed_for(name, self.seed))
+        };
+        Ok(HostTensor::new(shape.to_vec(), data))
+    }
+    fn contains(&self, _: &str) -> bool {
+        false
+    }
+}
+
+fn tiny_config(vocab: usize) -> ModelConfig {
+    ModelConfig {
+        hidden_size: 64,
+        intermediate_size: 96,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 16,
+        vocab_size: vocab,
+        tie_word_embeddings: true,
+        max_position_embeddings: 256,
+        ..Preset::SmolLm2_135m.config()
+    }
+}
+
+fn tiny(vocab: usize, seed: u64, std: f32) -> Llama<CpuBackend> {
+    let src = RandomWeights { seed, std };
+    Llama::load(tiny_config(vocab), Weights::Source(&src), &CpuBackend::new(), &ProgressBar::hidden()).unwrap()
+}
+
+fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
+    GenerateRequest { max_tokens, ignore_eos: true, sampling, ..GenerateRequest::new(Prompt::Tokens(prompt)) }
+}
+
+fn spec_ids(engine: &Engine<CpuBackend>, req: &GenerateRequest, proposer: &mut dyn Proposer, k: usize) -> Vec<u32> {
+    let spec = SpecOptions { proposer, max_draft: k, synthetic_acceptance: None };
+    let out = engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
+    assert!(out.speculative.is_some(), "speculative stats");
+    out.token_ids
+}
+
+#[test]
+fn greedy_speculation_on_tiny_models_equals_plain_greedy() {
+    let engine = Engine::new(CpuBackend::new(), tiny(300, 1, 0.5), None);
+    // A draft model with other weights: most drafts are rejected.
+    let draft = Arc::new(tiny(300, 2, 0.5));
+    let prompts: [Vec<u32>; 3] = [vec![5, 6, 7], vec![1, 2, 3, 1, 2, 3, 1, 2], (0..40).map(|i| (i * 7) % 300).collect()];
+    for prompt in prompts {
+        for max_tokens in [1, 5, 23] {
+            let req = request(prompt.clone(), max_tokens, SamplingParams::greedy());
+            let plain = engine.generate(&req, |_, _| {}).unwrap().token_ids;
+            let mut proposers: Vec<(&str, Box<dyn Proposer>)> = vec![
+                ("ngram", Box::new(NgramProposer::default())),
+                ("draft", Box::new(ModelProposer::new(CpuBackend::new(), draft.clone(), 2, 64, 4).unwrap())),
+                ("early-exit", Box::new(ModelProposer::new(CpuBackend::new(), engine.model.clone(), 1, 64, 4).unwrap())),
+                ("self", Box::new(ModelProposer::new(CpuBackend::new(), engine.model.clone(), 2, 64, 4).unwrap())),
+            ];
+            for (name, proposer) in proposers.iter_mut() {
+                for k in [1, 3, 8] {
+                    assert_eq!(spec_ids(&engine, &req, proposer.as_mut(), k), plain, "{name}, k = {k}, max_tokens {max_tokens}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn greedy_speculation_on_the_default_model_equals_plain_greedy() {
+    let backend = CpuBackend::new();
+    let loaded = load_model(&ModelSource::Default, &backend).unwrap();
+    let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
+    let texts = [
+        "Rewrite this sentence: the quick brown fox jumps over the lazy dog. The quick brown fox",
+        "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
+    ];
+    for text in texts {
+        let req = GenerateRequest { max_tokens: 24, ..GenerateRequest::new(Prompt::Text(text.into())) };
+        let plain = engine.generate(&req, |_, _| {}).unwrap();
+        let mut ngram = NgramProposer::default();
+        let mut early = ModelProposer::new(CpuBackend::new(), engine.model.clone(), 6, 64, 16).unwrap();
+        for (name, proposer) in [("ngram", &mut ngram as &mut dyn Proposer), ("early-exit", &mut early)] {
+            let spec = SpecOptions { proposer, max_draft: 6, synthetic_acceptance: None };
+            let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
+            assert_eq!(out.token_ids, plain.token_ids, "{name}");
+            assert_eq!(out.text, plain.text, "{name}");
+        }
+        // A stop string that falls inside a draft ends the output at the same place.
+        let words: Vec<&str> = plain.text.split_whitespace().collect();
+        if words.len() > 4 {
+            let stopped = GenerateRequest { stop: vec![words[3].to_string()], ..req.clone() };
+            let plain_stop = engine.generate(&stopped, |_, _| {}).unwrap();
+            let spec = SpecOptions { proposer: &mut ngram, max_draft: 8, synthetic_acceptance: None };
+            let spec_stop = engine.generate_speculative(&stopped, Some(spec), |_, _| {}).unwrap();
+            assert_eq!((spec_stop.text, spec_stop.token_ids), (plain_stop.text, plain_stop.token_ids));
+        }
+    }
+}
+
+/// The exact distribution of the second generated token: Σ_t p(t | prompt) · p(x | prompt, t).
+fn second_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams) -> Vec<f64> {
+    let b = CpuBackend::new();
+    let vocab = model.config.vocab_size;
+    let last_logits = |tokens: &[u32]| {
+        let mut kv = KvCache::new(&b, &model.config, 16, 4).unwrap();
+        let mut meta = BatchMeta::new(4);
+        meta.push_row(tokens, 0, &(0..16).collect::<Vec<_>>(), 1);
+        b.to_host(&model.forward(&b, &mut kv, &meta).unwrap()).unwrap()
+    };
+    let first = distribution(&last_logits(prompt), prompt, params);
+    let mut out = vec![0f64; vocab];
+    for (t, &pt) in first.iter().enumerate().filter(|(_, &p)| p > 0.0) {
+        let mut context = prompt.to_vec();
+        context.push(t as u32);
+        for (x, &px) in distribution(&last_logits(&context), &context, params).iter().enumerate() {
+            out[x] += pt as f64 * px as f64;
+        }
+    }
+    out
+}
+
+/// Pearson's statistic over bins with an expected count of at least 5 (the rest pooled).
+fn chi_square(counts: &[usize], expected: &[f64], n: usize) -> (f64, usize) {
+    let (mut stat, mut bins, mut pooled_c, mut pooled_e) = (0.0, 0, 0.0, 0.0);
+    for (&c, &p) in counts.iter().zip(expected) {
+        let e = p * n as f64;
+        if e >= 5.0 {
+            stat += (c as f64 - e).powi(2) / e;
+            bins += 1;
+        } else {
+            pooled_c += c as f64;
+            pooled_e += e;
+        }
+    }
+    if pooled_e >= 5.0 {
+        stat += (pooled_c - pooled_e).powi(2) / pooled_e;
+        bins += 1;
+    }
+    (stat, bins - 1)
+}
+
+/// The chi-square quantile at p = 0.01 (Wilson–Hilferty approximation).
+fn chi_square_critical(dof: usize) -> f64 {
+    let k = dof as f64;
+    let z = 2.326; // the standard normal's 99th percentile
+    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
+}
+
+#[test]
+fn sampled_speculation_follows_the_target_distribution() {
+    let vocab = 48;
+    let engine = Engine::new(CpuBackend::new(), tiny(vocab, 11, 0.7), None);
+    // The same weights at a smaller scale: a flatter but related distribution, so that
+    // drafts are accepted often and rejected often.
+    let draft = Arc::new(tiny(vocab, 11, 0.5));
+    let prompt = vec![3u32, 9, 27];
+    let samples = 20_000;
+    for (temperature, top_p) in [(1.0, 1.0), (1.0, 0.9)] {
+        let params = SamplingParams { temperature, top_p, seed: Some(99), ..Default::default() };
+        let expected = second_token_distribution(&engine.model, &prompt, &params);
+        let mut proposer = ModelProposer::new(CpuBackend::new(), draft.clone(), 2, 64, 4).unwrap();
+        let mut counts = vec![0usize; vocab];
+        let (mut drafted, mut accepted) = (0, 0);
+        for i in 0..samples {
+            let sampling = SamplingParams { seed: Some(i as u64), ..params.clone() };
+            let req = request(prompt.clone(), 2, sampling);
+            let spec = SpecOptions { proposer: &mut proposer, max_draft: 3, synthetic_acceptance: None };
+            let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
+            counts[out.token_ids[1] as usize] += 1;
+            let stats = out.speculative.unwrap();
+            (drafted, accepted) = (drafted + stats.drafted, accepted + stats.accepted);
+        }
+        let (stat, dof) = chi_square(&counts, &expected, samples);
+        eprintln!("T={temperature} top_p={top_p}: chi2 {stat:.1} on {dof} dof; acceptance {accepted}/{drafted}");
+        assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
+        assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
+    }
+}
