@@ -10,9 +10,9 @@ use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
 use crate::core::sampling::{distribution, Sampler};
 use crate::core::spec::{accept_greedy, accept_sampled};
-use crate::spec::{Draft, Proposer, SeqId, SpecStats};
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, Usage};
+use crate::spec::{Draft, Proposer, SeqId, SpecStats};
 
 /// Tokens per forward while prefilling: bounds the activations' memory.
 const PREFILL_CHUNK: usize = 512;
@@ -95,7 +95,11 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Generates a completion, calling `on_delta(new_ids, new_text)` as tokens arrive.
-    pub fn generate(&self, req: &GenerateRequest, on_delta: impl FnMut(&[u32], &str)) -> Result<Completion, EngineError> {
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_delta: impl FnMut(&[u32], &str),
+    ) -> Result<Completion, EngineError> {
         self.generate_speculative(req, None, on_delta)
     }
 
@@ -200,7 +204,14 @@ pub struct SpecOptions<'a> {
 
 /// The target's verdict on a draft: the tokens to append (accepted drafts, then the
 /// target's own token). `logits` holds k + 1 rows: after the last token, and after each draft.
-fn verify(draft: &Draft, logits: &[f32], vocab: usize, history: &[u32], sampler: &mut Sampler, spec: Option<&SpecOptions>) -> Vec<u32> {
+fn verify(
+    draft: &Draft,
+    logits: &[f32],
+    vocab: usize,
+    history: &[u32],
+    sampler: &mut Sampler,
+    spec: Option<&SpecOptions>,
+) -> Vec<u32> {
     let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
     let context = |i: usize| -> Vec<u32> { history.iter().chain(&draft.tokens[..i]).copied().collect() };
     if let Some(rate) = spec.and_then(|s| s.synthetic_acceptance) {
@@ -244,7 +255,12 @@ impl<'a> Output<'a> {
     }
 
     /// Appends tokens one by one (to `history` too); returns why generation ends, if it does.
-    fn push(&mut self, tokens: &[u32], history: &mut Vec<u32>, on_delta: &mut impl FnMut(&[u32], &str)) -> Option<FinishReason> {
+    fn push(
+        &mut self,
+        tokens: &[u32],
+        history: &mut Vec<u32>,
+        on_delta: &mut impl FnMut(&[u32], &str),
+    ) -> Option<FinishReason> {
         for &t in tokens {
             history.push(t);
             if !self.ignore_eos && self.tokenizer.is_some_and(|tok| tok.is_eos(t)) {

@@ -9,7 +9,9 @@ use specula::backend::{Backend, BatchMeta};
 use specula::core::sampling::{distribution, SamplingParams};
 use specula::engine::{Engine, SpecOptions};
 use specula::model::dummy::normal_values;
-use specula::model::{load_model, HostTensor, KvCache, Llama, LoadError, ModelConfig, ModelSource, Preset, Weights, WeightSource};
+use specula::model::{
+    load_model, HostTensor, KvCache, Llama, LoadError, ModelConfig, ModelSource, Preset, WeightSource, Weights,
+};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::{ModelProposer, NgramProposer, Proposer};
 
@@ -71,7 +73,8 @@ fn greedy_speculation_on_tiny_models_equals_plain_greedy() {
     let engine = Engine::new(CpuBackend::new(), tiny(300, 1, 0.5), None);
     // A draft model with other weights: most drafts are rejected.
     let draft = Arc::new(tiny(300, 2, 0.5));
-    let prompts: [Vec<u32>; 3] = [vec![5, 6, 7], vec![1, 2, 3, 1, 2, 3, 1, 2], (0..40).map(|i| (i * 7) % 300).collect()];
+    let prompts: [Vec<u32>; 3] =
+        [vec![5, 6, 7], vec![1, 2, 3, 1, 2, 3, 1, 2], (0..40).map(|i| (i * 7) % 300).collect()];
     for prompt in prompts {
         for max_tokens in [1, 5, 23] {
             let req = request(prompt.clone(), max_tokens, SamplingParams::greedy());
@@ -79,12 +82,19 @@ fn greedy_speculation_on_tiny_models_equals_plain_greedy() {
             let mut proposers: Vec<(&str, Box<dyn Proposer>)> = vec![
                 ("ngram", Box::new(NgramProposer::default())),
                 ("draft", Box::new(ModelProposer::new(CpuBackend::new(), draft.clone(), 2, 64, 4).unwrap())),
-                ("early-exit", Box::new(ModelProposer::new(CpuBackend::new(), engine.model.clone(), 1, 64, 4).unwrap())),
+                (
+                    "early-exit",
+                    Box::new(ModelProposer::new(CpuBackend::new(), engine.model.clone(), 1, 64, 4).unwrap()),
+                ),
                 ("self", Box::new(ModelProposer::new(CpuBackend::new(), engine.model.clone(), 2, 64, 4).unwrap())),
             ];
             for (name, proposer) in proposers.iter_mut() {
                 for k in [1, 3, 8] {
-                    assert_eq!(spec_ids(&engine, &req, proposer.as_mut(), k), plain, "{name}, k = {k}, max_tokens {max_tokens}");
+                    assert_eq!(
+                        spec_ids(&engine, &req, proposer.as_mut(), k),
+                        plain,
+                        "{name}, k = {k}, max_tokens {max_tokens}"
+                    );
                 }
             }
         }

@@ -34,7 +34,13 @@ impl<B: Backend> ModelProposer<B> {
     /// A proposer running `layers` layers of `model` (all of them: a draft model; fewer: an
     /// early-exit self-draft sharing the target's weights), with a KV cache of
     /// `num_blocks` blocks of `block_size` tokens.
-    pub fn new(backend: B, model: Arc<Llama<B>>, layers: usize, num_blocks: usize, block_size: usize) -> Result<Self, BackendError> {
+    pub fn new(
+        backend: B,
+        model: Arc<Llama<B>>,
+        layers: usize,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, BackendError> {
         assert!(layers >= 1 && layers <= model.num_layers(), "draft layers out of range");
         let kv = KvCache::new(&backend, &model.config, num_blocks, block_size)?;
         Ok(ModelProposer {
@@ -55,9 +61,10 @@ impl<B: Backend> ModelProposer<B> {
         let state = self.seqs.entry(seq).or_insert(DraftSeq { cached: 0, blocks: vec![] });
         let need = (state.cached + tokens.len()).div_ceil(bs);
         if need > state.blocks.len() {
-            let more = self.pool.allocate_n(need - state.blocks.len()).ok_or_else(|| {
-                BackendError::Invalid("the draft model's KV cache is full".into())
-            })?;
+            let more = self
+                .pool
+                .allocate_n(need - state.blocks.len())
+                .ok_or_else(|| BackendError::Invalid("the draft model's KV cache is full".into()))?;
             state.blocks.extend(more);
         }
         let mut meta = BatchMeta::new(bs as u32);
@@ -69,7 +76,13 @@ impl<B: Backend> ModelProposer<B> {
 }
 
 impl<B: Backend> Proposer for ModelProposer<B> {
-    fn propose(&mut self, seq: SeqId, history: &[u32], k: usize, sampling: &SamplingParams) -> Result<Draft, BackendError> {
+    fn propose(
+        &mut self,
+        seq: SeqId,
+        history: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+    ) -> Result<Draft, BackendError> {
         let cached = self.seqs.get(&seq).map_or(0, |s| s.cached.min(history.len() - 1));
         if let Some(s) = self.seqs.get_mut(&seq) {
             s.cached = cached;

@@ -25,8 +25,13 @@ pub struct Draft {
 /// Something that guesses the next tokens of a sequence.
 pub trait Proposer: Send {
     /// Up to `k` tokens continuing `history` (prompt and accepted output so far).
-    fn propose(&mut self, seq: SeqId, history: &[u32], k: usize, sampling: &SamplingParams)
-        -> Result<Draft, BackendError>;
+    fn propose(
+        &mut self,
+        seq: SeqId,
+        history: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+    ) -> Result<Draft, BackendError>;
     /// Only the first `valid` tokens of what this proposer has seen of `seq` still stand
     /// (the rest were rejected drafts): forget the others.
     fn rollback(&mut self, _seq: SeqId, _valid: usize) {}
@@ -74,5 +79,52 @@ impl Draft {
                 q
             }
         }
+    }
+}
+
+/// Why speculation could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SpecError {
+    #[error("--spec draft needs --draft-model PATH")]
+    MissingDraftModel,
+    #[error("the draft model cannot draft for this target: {0}")]
+    IncompatibleDraft(String),
+    #[error("--draft-layers must be between 1 and {max} (the target's layers), got {got}")]
+    DraftLayers { got: usize, max: usize },
+    #[error("--draft-len must be between 1 and {MAX_DRAFT_LEN}, got {0}")]
+    DraftLen(usize),
+    #[error("--synthetic-acceptance must be in [0, 1], got {0}")]
+    SyntheticRate(f64),
+}
+
+/// The longest draft a step may carry.
+pub const MAX_DRAFT_LEN: usize = 16;
+
+/// A draft model must speak the target's language: same vocabulary, token for token.
+pub fn check_draft_compatible(
+    target: Option<&crate::model::Tokenizer>,
+    draft: Option<&crate::model::Tokenizer>,
+    target_vocab: usize,
+    draft_vocab: usize,
+) -> Result<(), SpecError> {
+    if target_vocab != draft_vocab {
+        return Err(SpecError::IncompatibleDraft(format!(
+            "vocabulary sizes differ ({draft_vocab} in the draft, {target_vocab} in the target)"
+        )));
+    }
+    match (target, draft) {
+        (Some(t), Some(d)) => match (0..t.vocab_size() as u32).find(|&id| t.id_to_token(id) != d.id_to_token(id)) {
+            Some(id) => Err(SpecError::IncompatibleDraft(format!(
+                "token {id} is {:?} in the target but {:?} in the draft: the tokenizers differ",
+                t.id_to_token(id),
+                d.id_to_token(id)
+            ))),
+            None if t.vocab_size() != d.vocab_size() => {
+                Err(SpecError::IncompatibleDraft("the tokenizers have different sizes".into()))
+            }
+            None => Ok(()),
+        },
+        (None, None) => Ok(()),
+        _ => Err(SpecError::IncompatibleDraft("one model has a tokenizer and the other has none".into())),
     }
 }
