@@ -8,11 +8,10 @@ use serde::Serialize;
 
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
-use crate::core::sampling::{distribution, Sampler};
-use crate::core::spec::{accept_greedy, accept_sampled};
+use crate::core::sampling::Sampler;
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, Usage};
-use crate::spec::{Draft, Proposer, SeqId, SpecStats};
+use crate::spec::{verify, Draft, Proposer, SeqId, SpecStats};
 
 /// Tokens per forward while prefilling: bounds the activations' memory.
 const PREFILL_CHUNK: usize = 512;
@@ -151,7 +150,8 @@ impl<B: Backend> Engine<B> {
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
             let logits = self.backend.to_host(&self.model.forward(&self.backend, &mut kv, &meta)?)?;
-            new_tokens = verify(&draft, &logits, config.vocab_size, &history, &mut sampler, spec.as_ref());
+            let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
+            new_tokens = verify(&draft, &logits, config.vocab_size, &history, &mut sampler, synthetic);
             if let Some(s) = spec.as_mut() {
                 let accepted = new_tokens.len() - 1;
                 stats.record(draft.tokens.len(), accepted);
@@ -200,33 +200,6 @@ pub struct SpecOptions<'a> {
     /// Benchmarks only: accept each draft token with this probability whatever its value.
     /// The output is then not the model's; it is labelled `synthetic` in the statistics.
     pub synthetic_acceptance: Option<f64>,
-}
-
-/// The target's verdict on a draft: the tokens to append (accepted drafts, then the
-/// target's own token). `logits` holds k + 1 rows: after the last token, and after each draft.
-fn verify(
-    draft: &Draft,
-    logits: &[f32],
-    vocab: usize,
-    history: &[u32],
-    sampler: &mut Sampler,
-    spec: Option<&SpecOptions>,
-) -> Vec<u32> {
-    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
-    let context = |i: usize| -> Vec<u32> { history.iter().chain(&draft.tokens[..i]).copied().collect() };
-    if let Some(rate) = spec.and_then(|s| s.synthetic_acceptance) {
-        let accepted = draft.tokens.iter().take_while(|_| rand::Rng::random::<f64>(sampler.rng()) < rate).count();
-        let mut out = draft.tokens[..accepted].to_vec();
-        out.push(sampler.sample(rows[accepted], &context(accepted)));
-        return out;
-    }
-    if sampler.params.is_greedy() {
-        let target: Vec<u32> = (0..rows.len()).map(|i| sampler.sample(rows[i], &context(i))).collect();
-        return accept_greedy(&draft.tokens, &target);
-    }
-    let p: Vec<Vec<f32>> = (0..rows.len()).map(|i| distribution(rows[i], &context(i), &sampler.params)).collect();
-    let q: Vec<Vec<f32>> = (0..draft.tokens.len()).map(|i| draft.q(i, vocab)).collect();
-    accept_sampled(&draft.tokens, &q, &p, sampler.rng())
 }
 
 /// The completion being built: applies end-of-sequence, stop strings and max tokens to

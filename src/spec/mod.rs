@@ -9,7 +9,8 @@ pub use stats::SpecStats;
 
 use crate::backend::BackendError;
 use crate::core::ngram;
-use crate::core::sampling::SamplingParams;
+use crate::core::sampling::{distribution, Sampler, SamplingParams};
+use crate::core::spec::{accept_greedy, accept_sampled};
 
 /// Identifies a sequence to a proposer that keeps per-sequence state (a draft KV cache).
 pub type SeqId = u64;
@@ -80,6 +81,35 @@ impl Draft {
             }
         }
     }
+}
+
+/// The target's verdict on a draft: the tokens to append (accepted drafts, then the
+/// target's own token). `logits` holds k + 1 rows: after the last token, and after each draft;
+/// `history` ends with that last token. With `synthetic_acceptance` (benchmarks only) each
+/// draft is accepted with that probability whatever its value.
+pub fn verify(
+    draft: &Draft,
+    logits: &[f32],
+    vocab: usize,
+    history: &[u32],
+    sampler: &mut Sampler,
+    synthetic_acceptance: Option<f64>,
+) -> Vec<u32> {
+    let rows: Vec<&[f32]> = logits.chunks(vocab).collect();
+    let context = |i: usize| -> Vec<u32> { history.iter().chain(&draft.tokens[..i]).copied().collect() };
+    if let Some(rate) = synthetic_acceptance {
+        let accepted = draft.tokens.iter().take_while(|_| rand::Rng::random::<f64>(sampler.rng()) < rate).count();
+        let mut out = draft.tokens[..accepted].to_vec();
+        out.push(sampler.sample(rows[accepted], &context(accepted)));
+        return out;
+    }
+    if sampler.params.is_greedy() {
+        let target: Vec<u32> = (0..rows.len()).map(|i| sampler.sample(rows[i], &context(i))).collect();
+        return accept_greedy(&draft.tokens, &target);
+    }
+    let p: Vec<Vec<f32>> = (0..rows.len()).map(|i| distribution(rows[i], &context(i), &sampler.params)).collect();
+    let q: Vec<Vec<f32>> = (0..draft.tokens.len()).map(|i| draft.q(i, vocab)).collect();
+    accept_sampled(&draft.tokens, &q, &p, sampler.rng())
 }
 
 /// Why speculation could not be set up.
