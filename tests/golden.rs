@@ -76,7 +76,8 @@ fn default_model_matches_the_numpy_reference() {
         assert_eq!(out.token_ids, case.greedy_ids, "{}: greedy ids", case.name);
 
         // Prefill logits: the whole prompt in one forward.
-        let all: Vec<u32> = case.prompt_ids.iter().chain(&case.greedy_ids[..case.greedy_ids.len() - 1]).copied().collect();
+        let all: Vec<u32> =
+            case.prompt_ids.iter().chain(&case.greedy_ids[..case.greedy_ids.len() - 1]).copied().collect();
         let blocks = all.len().div_ceil(block);
         let table: Vec<u32> = (0..blocks as u32).rev().collect(); // not contiguous on purpose
         let mut kv = KvCache::new(&engine.backend, &engine.model.config, blocks, block).unwrap();
