@@ -6,5 +6,4 @@ pub mod core;
 pub mod engine;
 pub mod model;
 pub mod request;
-pub mod server;
 pub mod spec;

@@ -137,12 +137,9 @@ impl SpecArgs {
     }
 }
 
-#[path = "batch.rs"]
-mod batch;
-
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if let Some(file) = &args.prompts_file {
-        return batch::run(&args, file);
+    if args.prompts_file.is_some() || args.concurrency.is_some() {
+        return Err("--prompts-file needs the batching runtime".into());
     }
     let backend = CpuBackend::new();
     let loaded = load_model(&args.model, &backend)?;
