@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
 use crate::core::sampling::Sampler;
+use crate::core::spec::AcceptanceTracker;
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, Usage};
 use crate::spec::{verify, Draft, Proposer, SeqId, SpecStats};
@@ -125,6 +126,7 @@ impl<B: Backend> Engine<B> {
         let mut out = Output::new(req, self.tokenizer.as_ref());
         let mut history = prompt.clone();
         let mut stats = SpecStats::default();
+        let mut acceptance = AcceptanceTracker::default();
         stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
 
         let start = Instant::now();
@@ -142,7 +144,10 @@ impl<B: Backend> Engine<B> {
             // The last token is not in the target's cache yet: it leads this step's row.
             let room = budget - history.len();
             let draft = match spec.as_mut() {
-                Some(s) => s.proposer.propose(SEQ, &history, s.max_draft.min(room), &req.sampling)?,
+                Some(s) => {
+                    let k = acceptance.draft_len(s.max_draft, 1).min(room);
+                    s.proposer.propose(SEQ, &history, k, &req.sampling)?
+                }
                 None => Draft::default(),
             };
             let mut row = vec![*history.last().expect("history holds the prompt")];
@@ -155,6 +160,7 @@ impl<B: Backend> Engine<B> {
             if let Some(s) = spec.as_mut() {
                 let accepted = new_tokens.len() - 1;
                 stats.record(draft.tokens.len(), accepted);
+                acceptance.record(draft.tokens.len(), accepted);
                 s.proposer.rollback(SEQ, history.len() + accepted);
             }
         };

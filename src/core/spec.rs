@@ -56,6 +56,43 @@ pub fn greedy_draft(logits: &[f32]) -> u32 {
     argmax(logits)
 }
 
+/// Batch size from which speculation is off: a full batch already keeps the hardware busy,
+/// and verifying drafts would only add work.
+pub const SPECULATION_OFF_AT_BATCH: usize = 32;
+
+/// A request's recent acceptance rate (exponential moving average), which sets how far
+/// it is worth drafting.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AcceptanceTracker {
+    pub rate: f64,
+}
+
+impl Default for AcceptanceTracker {
+    /// Optimistic at first, so that a new request drafts and learns.
+    fn default() -> Self {
+        AcceptanceTracker { rate: 0.7 }
+    }
+}
+
+impl AcceptanceTracker {
+    pub fn record(&mut self, drafted: usize, accepted: usize) {
+        if drafted > 0 {
+            self.rate = 0.7 * self.rate + 0.3 * (accepted as f64 / drafted as f64);
+        }
+    }
+
+    /// Draft length for the next step, at most `max`: draft position i is accepted with
+    /// probability about rateⁱ, so drafting stops where that falls below 10%; the length
+    /// shrinks linearly as the batch fills and is 0 from `SPECULATION_OFF_AT_BATCH` rows.
+    pub fn draft_len(&self, max: usize, batch: usize) -> usize {
+        let by_acceptance =
+            if self.rate >= 0.99 { max } else { (0.1f64.ln() / self.rate.max(0.01).ln()).ceil() as usize };
+        let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
+        let by_batch = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1);
+        by_acceptance.clamp(1, max.max(1)).min(by_batch).min(max)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +140,22 @@ mod tests {
         // 3 degrees of freedom: chi-square above 11.34 has probability 0.01.
         assert!(chi_square(&first, &p[0]) < 11.34, "first {first:?}");
         assert!(chi_square(&second, &p[1]) < 11.34, "second {second:?}");
+    }
+
+    #[test]
+    fn draft_length_follows_acceptance_and_batch() {
+        let mut t = AcceptanceTracker::default();
+        assert_eq!(t.draft_len(8, 1), 7); // 0.7⁷ ≈ 0.08
+        for _ in 0..20 {
+            t.record(8, 8);
+        }
+        assert_eq!(t.draft_len(8, 1), 8);
+        assert_eq!(t.draft_len(8, 16), 5);
+        assert_eq!(t.draft_len(8, SPECULATION_OFF_AT_BATCH), 0);
+        for _ in 0..20 {
+            t.record(8, 0);
+        }
+        assert_eq!(t.draft_len(8, 1), 1); // still probes with one token
     }
 
     #[test]
