@@ -16,6 +16,10 @@ pub enum Prompt {
     Tokens(Vec<u32>),
 }
 
+/// A request's identity inside the runtime (unique for the runtime's life).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RequestId(pub u64);
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct GenerateRequest {
     pub prompt: Prompt,
@@ -72,6 +76,8 @@ pub enum RequestError {
     BadTokenId(u32),
     #[error("chat template: {0}")]
     ChatTemplate(String),
+    #[error("the request needs {tokens} tokens of KV cache, more than the whole pool of {capacity}")]
+    ExceedsKvCapacity { tokens: usize, capacity: usize },
     #[error("the server is overloaded: {0} requests are already waiting")]
     Overloaded(usize),
     #[error("the runtime is shutting down")]

@@ -2,6 +2,8 @@
 
 pub mod block_pool;
 pub mod detokenizer;
+pub mod kv_manager;
 pub mod ngram;
 pub mod sampling;
+pub mod scheduler;
 pub mod spec;

@@ -137,9 +137,12 @@ impl SpecArgs {
     }
 }
 
+#[path = "batch.rs"]
+mod batch;
+
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if args.prompts_file.is_some() || args.concurrency.is_some() {
-        return Err("--prompts-file needs the batching runtime".into());
+    if let Some(file) = &args.prompts_file {
+        return batch::run(&args, file);
     }
     let backend = CpuBackend::new();
     let loaded = load_model(&args.model, &backend)?;

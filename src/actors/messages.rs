@@ -1,0 +1,105 @@
+//! Every message between the actors, and the events a caller receives. Commands that need
+//! an answer carry a oneshot; events know nothing of any wire format.
+
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::core::kv_manager::KvStats;
+use crate::core::scheduler::{Fit, Proposal, RowOutcome, StepPlan};
+use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
+
+/// What a caller's stream yields.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// New tokens and the text they complete (possibly empty while a character or a
+    /// possible stop string is incomplete).
+    Token { ids: Vec<u32>, text: String },
+    /// The last event of a request that ran.
+    Done { finish: FinishReason, usage: Usage },
+    /// The last event of a request that was refused or failed.
+    Error(RequestError),
+}
+
+/// Caller → Intake: a new request.
+#[derive(Debug)]
+pub struct Submit {
+    pub id: RequestId,
+    pub req: GenerateRequest,
+    pub events: mpsc::Sender<Event>,
+    pub arrived: Instant,
+}
+
+/// Caller / Streamer → Intake: control, on its own lane so that it is never stuck behind
+/// submissions.
+#[derive(Debug)]
+pub enum Control {
+    /// The caller dropped its stream.
+    Cancel(RequestId),
+    /// The Streamer finished the request (a stop string): free it.
+    Stopped(RequestId),
+    Stats(oneshot::Sender<RuntimeStats>),
+    /// Refuse new requests, let the in-flight ones finish until `drain` has passed, fail the
+    /// rest, then stop every actor; answered when done.
+    Shutdown {
+        drain: Duration,
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Intake → KvAllocator.
+#[derive(Debug)]
+pub enum KvMsg {
+    /// Commits, releases and the step's asks in one hop; answered with what fits.
+    Apply {
+        proposal: Proposal,
+        reply: oneshot::Sender<Fit>,
+    },
+    Stats {
+        reply: oneshot::Sender<KvPoolStats>,
+    },
+}
+
+/// Block usage of the target pool and (once speculation lands) the draft pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvPoolStats {
+    pub target: KvStats,
+    pub draft: Option<KvStats>,
+}
+
+/// Verifier → Intake: a step ran (or failed).
+#[derive(Debug)]
+pub struct StepDone {
+    pub step: u64,
+    pub result: Result<Vec<RowOutcome>, String>,
+}
+
+/// Intake / Verifier → Streamer.
+#[derive(Debug)]
+pub enum StreamMsg {
+    /// A request was admitted: its subscriber and what detokenizing it needs.
+    Register { id: RequestId, events: mpsc::Sender<Event>, prompt_tokens: usize, stop: Vec<String>, arrived: Instant },
+    /// Tokens and finishes of one step (rows with nothing to say are left out).
+    Step(Vec<RowOutcome>),
+    /// The request ends without the model saying so (cancelled, or failed).
+    End { id: RequestId, why: EndReason },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum EndReason {
+    Cancelled,
+    Failed(RequestError),
+}
+
+/// Intake → Verifier (→ Drafter first, once speculation lands).
+pub type VerifyMsg = StepPlan;
+
+/// A snapshot of the runtime.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeStats {
+    pub running: usize,
+    pub waiting: usize,
+    pub preemptions: u64,
+    pub steps: u64,
+    pub kv: KvPoolStats,
+}

@@ -1,0 +1,36 @@
+//! Metric names (Prometheus style, prefix `specula_`), one place for all of them.
+//! Recorded through the `metrics` crate; install any exporter to collect them.
+
+/// Requests in the running batch (gauge).
+pub const REQUESTS_RUNNING: &str = "specula_requests_running";
+/// Requests waiting for admission, preempted ones included (gauge).
+pub const REQUESTS_WAITING: &str = "specula_requests_waiting";
+/// KV blocks in use (gauge), labelled `pool` = `target` | `draft`.
+pub const KV_BLOCKS_USED: &str = "specula_kv_blocks_used";
+/// KV blocks in total (gauge), labelled like `KV_BLOCKS_USED`.
+pub const KV_BLOCKS_TOTAL: &str = "specula_kv_blocks_total";
+pub const POOL_LABEL: &str = "pool";
+pub const POOL_TARGET: &str = "target";
+pub const POOL_DRAFT: &str = "draft";
+/// Prompt tokens looked up in the prefix cache (counter).
+pub const PREFIX_CACHE_QUERIES: &str = "specula_prefix_cache_queries_total";
+/// Prompt tokens found in the prefix cache, not computed again (counter).
+pub const PREFIX_CACHE_HITS: &str = "specula_prefix_cache_hits_total";
+/// Requests preempted for lack of KV blocks (counter).
+pub const PREEMPTIONS: &str = "specula_preemptions_total";
+/// Seconds from arrival to the first token (histogram).
+pub const TIME_TO_FIRST_TOKEN: &str = "specula_time_to_first_token_seconds";
+/// Seconds between consecutive token events of a request (histogram).
+pub const INTER_TOKEN_LATENCY: &str = "specula_inter_token_latency_seconds";
+/// Seconds per output token after the first, per finished request (histogram).
+pub const TIME_PER_OUTPUT_TOKEN: &str = "specula_time_per_output_token_seconds";
+/// Seconds from arrival to the last event (histogram).
+pub const E2E_LATENCY: &str = "specula_e2e_request_latency_seconds";
+/// Prompt tokens of finished requests (counter).
+pub const PROMPT_TOKENS: &str = "specula_prompt_tokens_total";
+/// Generated tokens of finished requests (counter).
+pub const GENERATION_TOKENS: &str = "specula_generation_tokens_total";
+/// Requests refused or failed, labelled `reason` (counter).
+pub const REQUESTS_FAILED: &str = "specula_requests_failed_total";
+/// Forward steps run (counter).
+pub const STEPS: &str = "specula_steps_total";

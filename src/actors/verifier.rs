@@ -1,0 +1,161 @@
+//! Verifier: owns the target model, its KV cache and each request's sampler, on its own OS
+//! thread (blocking compute never stalls the async actors). Receives step plans, runs one
+//! forward per plan, samples, and sends the tokens to the Streamer and the outcome to Intake.
+//!
+//! With plain decoding every sampling row yields one token. Speculation adds a row's drafts
+//! after its tokens (`RowPlan::draft`), asks for `k + 1` logits, and accepts a prefix here.
+
+use std::collections::HashMap;
+
+use tokio::sync::mpsc;
+
+use super::messages::{StepDone, StreamMsg, VerifyMsg};
+use crate::backend::{Backend, BatchMeta};
+use crate::core::sampling::Sampler;
+use crate::core::scheduler::{RowOutcome, SeqParams, StepPlan};
+use crate::model::{KvCache, Llama};
+use crate::request::{FinishReason, RequestId};
+use std::sync::Arc;
+
+/// What runs a step's forward: the model (any backend) or, for benchmarks of the runtime
+/// itself, nothing at all.
+pub trait Executor: Send + 'static {
+    fn vocab_size(&self) -> usize;
+    /// Logits `[meta.logits_for.len(), vocab]`, row-major.
+    fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, String>;
+}
+
+/// The target model with its paged KV cache (block ids are the KvAllocator's).
+pub struct ModelExecutor<B: Backend> {
+    pub backend: B,
+    pub model: Arc<Llama<B>>,
+    pub kv: KvCache<B>,
+}
+
+impl<B: Backend> Executor for ModelExecutor<B> {
+    fn vocab_size(&self) -> usize {
+        self.model.config.vocab_size
+    }
+
+    fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, String> {
+        let logits = self.model.forward(&self.backend, &mut self.kv, meta).map_err(|e| e.to_string())?;
+        self.backend.to_host(&logits).map_err(|e| e.to_string())
+    }
+}
+
+/// No model: logits that make token `(last input + 1) % vocab` the greedy choice. Measures
+/// what the runtime costs per step (scheduling, messages, sampling a tiny vocabulary).
+pub struct NoopExecutor {
+    pub vocab: usize,
+}
+
+impl Executor for NoopExecutor {
+    fn vocab_size(&self) -> usize {
+        self.vocab
+    }
+
+    fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, String> {
+        let mut out = vec![0f32; meta.logits_for.len() * self.vocab];
+        for (row, &t) in meta.logits_for.iter().enumerate() {
+            let next = (meta.tokens[t as usize] as usize + 1) % self.vocab;
+            out[row * self.vocab + next] = 1.0;
+        }
+        Ok(out)
+    }
+}
+
+struct SeqState {
+    params: Arc<SeqParams>,
+    sampler: Sampler,
+    /// The sequence up to the row being computed (for repetition penalties).
+    history: Vec<u32>,
+}
+
+pub struct Verifier<E: Executor> {
+    exec: E,
+    block_size: u32,
+    eos: Vec<u32>,
+    seqs: HashMap<RequestId, SeqState>,
+    streamer: mpsc::Sender<StreamMsg>,
+    intake: mpsc::Sender<StepDone>,
+}
+
+impl<E: Executor> Verifier<E> {
+    pub fn new(
+        exec: E,
+        block_size: usize,
+        eos: Vec<u32>,
+        streamer: mpsc::Sender<StreamMsg>,
+        intake: mpsc::Sender<StepDone>,
+    ) -> Self {
+        Verifier { exec, block_size: block_size as u32, eos, seqs: HashMap::new(), streamer, intake }
+    }
+
+    /// Runs one plan: the forward, then sampling and stop checks per sampling row.
+    pub fn step(&mut self, plan: &StepPlan) -> Result<Vec<RowOutcome>, String> {
+        for id in &plan.finished {
+            self.seqs.remove(id);
+        }
+        let mut meta = BatchMeta::new(self.block_size);
+        for row in &plan.rows {
+            if let Some((params, prefix)) = &row.fresh {
+                let st = self.seqs.entry(row.id).or_insert_with(|| SeqState {
+                    params: params.clone(),
+                    sampler: Sampler::new(params.sampling.clone()),
+                    history: vec![],
+                });
+                st.history.clone_from(prefix);
+            }
+            let st = self.seqs.get_mut(&row.id).ok_or_else(|| format!("row for unknown request {:?}", row.id))?;
+            st.history.truncate(row.computed);
+            st.history.extend_from_slice(&row.tokens);
+            meta.push_row(&row.tokens, row.computed as u32, &row.block_table, row.want_logits());
+        }
+        if plan.rows.is_empty() {
+            return Ok(vec![]);
+        }
+        let logits = self.exec.forward(&meta)?;
+        let vocab = self.exec.vocab_size();
+        let mut rows_logits = logits.chunks_exact(vocab);
+        let mut out = Vec::with_capacity(plan.rows.len());
+        for row in &plan.rows {
+            let mut o = RowOutcome { id: row.id, computed: row.tokens.len(), new_tokens: vec![], finish: None };
+            if row.sample {
+                let l = rows_logits.next().ok_or("the forward returned too few logits")?;
+                let st = self.seqs.get_mut(&row.id).expect("registered above");
+                let t = st.sampler.sample(l, &st.history);
+                let p = &st.params;
+                let len = st.history.len() + 1;
+                if !p.ignore_eos && self.eos.contains(&t) {
+                    o.finish = Some(FinishReason::Stop);
+                } else {
+                    o.new_tokens.push(t);
+                    if len - p.prompt_len >= p.max_tokens || len >= p.max_len {
+                        o.finish = Some(FinishReason::Length);
+                    }
+                }
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+
+    /// Serves plans until Intake hangs up. A send that fails means the receiver is gone
+    /// (shutting down): the loop ends and the thread with it.
+    pub fn run(mut self, mut rx: mpsc::Receiver<VerifyMsg>) {
+        while let Some(plan) = rx.blocking_recv() {
+            let result = self.step(&plan);
+            if let Ok(outcomes) = &result {
+                let said: Vec<RowOutcome> =
+                    outcomes.iter().filter(|o| !o.new_tokens.is_empty() || o.finish.is_some()).cloned().collect();
+                if !said.is_empty() && self.streamer.blocking_send(StreamMsg::Step(said)).is_err() {
+                    break;
+                }
+            }
+            metrics::counter!(super::metrics::STEPS).increment(1);
+            if self.intake.blocking_send(StepDone { step: plan.step, result }).is_err() {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,210 @@
+//! Per-request block tables over a `BlockPool`: prefix lookup, growth, commits of verified
+//! tokens into the prefix cache, release; and `apply`, which answers a scheduler `Proposal`
+//! with a `Fit` (preempting the latest-arrived running requests when blocks run short).
+//!
+//! ```text
+//!  request tokens:  | block 0 (hit) | block 1 (hit) | block 2 (own) | block 3 (own) |
+//!                   |###############|###############|#######........|...............|
+//!                    ^ cached prefix: computed starts at 32        ^ computed   ^ grown to
+//!  committed tokens are hashed block by block:  h0 = H(∅, b0), h1 = H(h0, b1), …
+//! ```
+//!
+//! Pure: the KvAllocator actor owns one per model (target, and later draft).
+
+use std::collections::{HashMap, VecDeque};
+
+use super::block_pool::{chain_hash, BlockHash, BlockId, BlockPool};
+use super::scheduler::{Fit, Grant, Proposal};
+use crate::request::RequestId;
+
+/// Not enough free blocks; nothing was allocated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NoRoom;
+
+#[derive(Debug, Default)]
+struct SeqBlocks {
+    blocks: Vec<BlockId>,
+    /// Committed tokens of the block being filled (fewer than a block).
+    partial: Vec<u32>,
+    /// Full committed blocks so far, and the hash of the last one.
+    full: usize,
+    last_hash: Option<BlockHash>,
+}
+
+/// Prefix-cache counters, in tokens (as vLLM reports them).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    pub queries: u64,
+    pub hits: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvStats {
+    pub num_blocks: usize,
+    pub used: usize,
+    pub cached: usize,
+    pub prefix: PrefixStats,
+}
+
+#[derive(Debug)]
+pub struct KvManager {
+    pool: BlockPool,
+    seqs: HashMap<RequestId, SeqBlocks>,
+    prefix: PrefixStats,
+}
+
+impl KvManager {
+    pub fn new(pool: BlockPool) -> Self {
+        KvManager { pool, seqs: HashMap::new(), prefix: PrefixStats::default() }
+    }
+
+    pub fn pool(&self) -> &BlockPool {
+        &self.pool
+    }
+
+    pub fn stats(&self) -> KvStats {
+        KvStats {
+            num_blocks: self.pool.num_blocks(),
+            used: self.pool.num_used(),
+            cached: self.pool.num_cached(),
+            prefix: self.prefix,
+        }
+    }
+
+    pub fn block_table(&self, id: RequestId) -> &[BlockId] {
+        self.seqs.get(&id).map_or(&[], |s| &s.blocks)
+    }
+
+    /// Blocks a sequence of `tokens` tokens needs.
+    pub fn blocks_for(&self, tokens: usize) -> usize {
+        tokens.div_ceil(self.pool.block_size())
+    }
+
+    /// Pins the longest cached prefix of `tokens` (whole blocks, leaving at least one token
+    /// to compute) as the start of `id`'s table; returns its length in tokens.
+    pub fn lookup_prefix(&mut self, id: RequestId, tokens: &[u32]) -> usize {
+        let bs = self.pool.block_size();
+        let seq = self.seqs.entry(id).or_default();
+        debug_assert!(seq.blocks.is_empty(), "lookup on a request that holds blocks");
+        let mut parent = None;
+        for chunk in tokens[..tokens.len().saturating_sub(1)].chunks_exact(bs) {
+            let h = chain_hash(parent, chunk);
+            let Some(block) = self.pool.lookup(h) else { break };
+            self.pool.acquire(block);
+            seq.blocks.push(block);
+            parent = Some(h);
+        }
+        seq.full = seq.blocks.len();
+        seq.last_hash = parent;
+        seq.full * bs
+    }
+
+    /// Grows `id`'s table to hold `total` tokens, all or nothing.
+    pub fn grow(&mut self, id: RequestId, total: usize) -> Result<&[BlockId], NoRoom> {
+        let need = self.blocks_for(total);
+        let seq = self.seqs.entry(id).or_default();
+        if need > seq.blocks.len() {
+            let new = self.pool.allocate_n(need - seq.blocks.len()).ok_or(NoRoom)?;
+            seq.blocks.extend(new);
+        }
+        Ok(&seq.blocks)
+    }
+
+    /// Records verified tokens (continuing the committed ones): each block they fill is
+    /// hashed and becomes reusable by later requests with the same prefix.
+    pub fn commit(&mut self, id: RequestId, tokens: &[u32]) {
+        let bs = self.pool.block_size();
+        let Some(seq) = self.seqs.get_mut(&id) else { return };
+        for &t in tokens {
+            seq.partial.push(t);
+            if seq.partial.len() == bs {
+                let h = chain_hash(seq.last_hash, &seq.partial);
+                match seq.blocks.get(seq.full) {
+                    Some(&block) => self.pool.cache(block, h),
+                    None => debug_assert!(false, "committed tokens beyond the allocated blocks"),
+                }
+                seq.full += 1;
+                seq.last_hash = Some(h);
+                seq.partial.clear();
+            }
+        }
+    }
+
+    /// Frees `id`'s blocks (committed ones stay findable until evicted).
+    pub fn release(&mut self, id: RequestId) {
+        if let Some(seq) = self.seqs.remove(&id) {
+            self.pool.free_all(&seq.blocks);
+        }
+    }
+
+    /// Answers a scheduler proposal: commits, releases, then the asks in priority order.
+    /// An ask that does not fit preempts the lowest-priority running request not yet served
+    /// (possibly itself); a waiting ask that does not fit defers itself and every waiting ask
+    /// after it, so that no later arrival overtakes it.
+    pub fn apply(&mut self, p: Proposal) -> Fit {
+        for (id, tokens) in &p.commits {
+            self.commit(*id, tokens);
+        }
+        for id in &p.releases {
+            self.release(*id);
+        }
+        let mut fit = Fit::default();
+        let mut queue: VecDeque<_> = p.asks.into_iter().collect();
+        while let Some(ask) = queue.pop_front() {
+            if ask.new_tokens == 0 {
+                continue; // a running row without budget this step: nothing to grow
+            }
+            let (computed, cached, new_tokens) = match &ask.lookup {
+                Some(tokens) => {
+                    let c = self.lookup_prefix(ask.id, tokens);
+                    (c, Some(c), ask.new_tokens.min(tokens.len() - c))
+                }
+                None => (ask.computed, None, ask.new_tokens),
+            };
+            loop {
+                if let Ok(table) = self.grow(ask.id, computed + new_tokens) {
+                    let block_table = table.to_vec();
+                    if let (Some(c), Some(tokens)) = (cached, &ask.lookup) {
+                        self.prefix.queries += tokens.len() as u64;
+                        self.prefix.hits += c as u64;
+                    }
+                    fit.granted.push(Grant { id: ask.id, cached, new_tokens, block_table });
+                    break;
+                }
+                if let Some(at) = queue.iter().rposition(|a| a.running) {
+                    let victim = queue.remove(at).expect("found");
+                    self.release(victim.id);
+                    fit.preempted.push(victim.id);
+                    continue;
+                }
+                self.release(ask.id);
+                if ask.running {
+                    fit.preempted.push(ask.id);
+                } else {
+                    fit.deferred.push(ask.id);
+                    fit.deferred.extend(queue.drain(..).map(|a| a.id));
+                }
+                break;
+            }
+        }
+        fit
+    }
+
+    /// Checks the pool and that the tables account for every used block; for tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        self.pool.check_invariants()?;
+        let mut refs: HashMap<BlockId, u32> = HashMap::new();
+        for s in self.seqs.values() {
+            for &b in &s.blocks {
+                *refs.entry(b).or_default() += 1;
+            }
+        }
+        for b in 0..self.pool.num_blocks() as BlockId {
+            let want = refs.get(&b).copied().unwrap_or(0);
+            if self.pool.refs(b) != want {
+                return Err(format!("block {b}: pool says {} refs, tables hold {want}", self.pool.refs(b)));
+            }
+        }
+        Ok(())
+    }
+}

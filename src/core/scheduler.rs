@@ -1,0 +1,634 @@
+//! Which requests run in the next forward step, and how many tokens each brings.
+//!
+//! One counter per request, `computed` (tokens whose KV is in the cache): a prefill chunk,
+//! a decode step and (later) a verification of k drafts are all "feed tokens
+//! `computed..computed + n`". No prefill and decode phases; in-flight batching falls out:
+//! a new request joins the running rows at the next step, a finished one leaves them.
+//!
+//! A step is planned in three pure moves (vLLM v1's `schedule` / `update_from_output`, with
+//! the KV answer in between as a value):
+//!
+//! ```text
+//!  Scheduler::propose() ──Proposal{commits, releases, asks}──▶ KvManager::apply()
+//!        ▲                                                          │
+//!        │                      Fit{granted, preempted, deferred} ◀─┘
+//!  Scheduler::plan(fit) ──StepPlan──▶ model ──RowOutcome*──▶ Scheduler::update()
+//! ```
+//!
+//! Policy: FCFS. Running rows keep arrival order; waiting requests are admitted in arrival
+//! order and never overtake one another; when KV blocks run short the latest-arrived running
+//! request is preempted (its blocks freed, recomputed later — mostly from the prefix cache)
+//! and goes back to the front of the queue. The oldest request always makes progress, so
+//! nothing starves.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+
+use crate::core::sampling::SamplingParams;
+use crate::request::{FinishReason, RequestId};
+
+/// What the model side needs to know about a request (sampling, when to stop).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeqParams {
+    pub sampling: SamplingParams,
+    pub prompt_len: usize,
+    pub max_tokens: usize,
+    pub ignore_eos: bool,
+    /// The sequence may not grow past this many tokens (the model's context).
+    pub max_len: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerConfig {
+    /// Most requests in one step.
+    pub max_batch: usize,
+    /// Most query tokens in one step (chunked prefill splits longer prompts).
+    pub step_tokens: usize,
+    /// Most requests waiting for admission; beyond it `add` refuses (overload).
+    pub max_waiting: usize,
+    pub block_size: usize,
+}
+
+/// One request's wish for the next step, in priority order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ask {
+    pub id: RequestId,
+    /// Tokens already in the KV cache.
+    pub computed: usize,
+    /// Tokens the row would compute.
+    pub new_tokens: usize,
+    /// The whole sequence so far, for a request being (re)admitted: the KV side looks up
+    /// its cached prefix first.
+    pub lookup: Option<Vec<u32>>,
+    /// A running request holds blocks and may be preempted to make room for an earlier one.
+    pub running: bool,
+}
+
+/// What the scheduler hands the KV side for one step.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Proposal {
+    /// Newly verified tokens per request, in order, to hash into the prefix cache.
+    pub commits: Vec<(RequestId, Vec<u32>)>,
+    /// Requests that left (finished, cancelled): their blocks go back to the pool.
+    pub releases: Vec<RequestId>,
+    pub asks: Vec<Ask>,
+}
+
+/// A granted ask.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub id: RequestId,
+    /// For an ask with `lookup`: the tokens found in the prefix cache (the new `computed`).
+    pub cached: Option<usize>,
+    /// Tokens the row computes (at most the asked number).
+    pub new_tokens: usize,
+    pub block_table: Vec<u32>,
+}
+
+/// The KV side's answer: "doesn't fit" is a value.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fit {
+    pub granted: Vec<Grant>,
+    /// Running requests whose blocks were freed to make room.
+    pub preempted: Vec<RequestId>,
+    /// Waiting requests that did not fit this time.
+    pub deferred: Vec<RequestId>,
+}
+
+/// One row of a forward step: feed `tokens` at positions `computed..`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowPlan {
+    pub id: RequestId,
+    pub computed: usize,
+    pub tokens: Vec<u32>,
+    /// Speculative drafts appended after `tokens` (empty with plain decoding): the row is
+    /// then verified at `draft.len() + 1` positions.
+    pub draft: Vec<u32>,
+    pub block_table: Vec<u32>,
+    /// The row reaches the end of the sequence: sample the next token from its logits.
+    pub sample: bool,
+    /// First row since (re)admission: the sequence before `computed` (the model side's
+    /// history for penalties) and the request's parameters.
+    pub fresh: Option<(Arc<SeqParams>, Vec<u32>)>,
+}
+
+impl RowPlan {
+    /// Positions whose logits the row needs: 0 for a prefill chunk, k + 1 to verify k drafts.
+    pub fn want_logits(&self) -> usize {
+        if self.sample {
+            self.draft.len() + 1
+        } else {
+            0
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepPlan {
+    pub step: u64,
+    pub rows: Vec<RowPlan>,
+    /// Requests that left since the last step: the model side drops their state.
+    pub finished: Vec<RequestId>,
+}
+
+impl StepPlan {
+    pub fn num_tokens(&self) -> usize {
+        self.rows.iter().map(|r| r.tokens.len() + r.draft.len()).sum()
+    }
+}
+
+/// What one row's step produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowOutcome {
+    pub id: RequestId,
+    /// Tokens whose KV the step wrote and which stay (rejected drafts excluded).
+    pub computed: usize,
+    /// Tokens appended to the sequence (sampled / accepted; an end-of-sequence token excluded).
+    pub new_tokens: Vec<u32>,
+    pub finish: Option<FinishReason>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    Running,
+}
+
+#[derive(Debug)]
+struct Seq {
+    arrival: u64,
+    tokens: Vec<u32>,
+    computed: usize,
+    /// Tokens already sent to the KV side as committed.
+    committed: usize,
+    state: State,
+    fresh: bool,
+    params: Arc<SeqParams>,
+}
+
+/// The queue is full: the caller gets an overload error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueFull(pub usize);
+
+#[derive(Debug)]
+pub struct Scheduler {
+    cfg: SchedulerConfig,
+    seqs: HashMap<RequestId, Seq>,
+    /// Sorted by arrival.
+    waiting: VecDeque<RequestId>,
+    /// Sorted by arrival.
+    running: Vec<RequestId>,
+    next_arrival: u64,
+    step: u64,
+    commits: Vec<(RequestId, Vec<u32>)>,
+    releases: Vec<RequestId>,
+    finished: Vec<RequestId>,
+    preemptions: u64,
+}
+
+impl Scheduler {
+    pub fn new(cfg: SchedulerConfig) -> Self {
+        assert!(cfg.max_batch > 0 && cfg.step_tokens > 0);
+        Scheduler {
+            cfg,
+            seqs: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: vec![],
+            next_arrival: 0,
+            step: 0,
+            commits: vec![],
+            releases: vec![],
+            finished: vec![],
+            preemptions: 0,
+        }
+    }
+
+    pub fn config(&self) -> &SchedulerConfig {
+        &self.cfg
+    }
+    pub fn num_waiting(&self) -> usize {
+        self.waiting.len()
+    }
+    pub fn num_running(&self) -> usize {
+        self.running.len()
+    }
+    pub fn num_preemptions(&self) -> u64 {
+        self.preemptions
+    }
+    /// Every request known, running first.
+    pub fn ids(&self) -> Vec<RequestId> {
+        self.running.iter().chain(&self.waiting).copied().collect()
+    }
+    pub fn contains(&self, id: RequestId) -> bool {
+        self.seqs.contains_key(&id)
+    }
+    /// Nothing to run and nothing to tell the KV or model side.
+    pub fn is_idle(&self) -> bool {
+        self.seqs.is_empty() && self.commits.is_empty() && self.releases.is_empty() && self.finished.is_empty()
+    }
+    /// Something to send the KV side even if no row runs (blocks to free).
+    pub fn has_kv_work(&self) -> bool {
+        !self.commits.is_empty() || !self.releases.is_empty()
+    }
+
+    /// Queues a request (prompt tokens, parameters). Refused when the queue is full.
+    pub fn add(&mut self, id: RequestId, prompt: Vec<u32>, params: Arc<SeqParams>) -> Result<(), QueueFull> {
+        assert!(!prompt.is_empty(), "an empty prompt has nothing to compute");
+        if self.waiting.len() >= self.cfg.max_waiting {
+            return Err(QueueFull(self.waiting.len()));
+        }
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        self.seqs.insert(
+            id,
+            Seq { arrival, tokens: prompt, computed: 0, committed: 0, state: State::Waiting, fresh: true, params },
+        );
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Removes a request (cancelled, or stopped by a stop string). Its blocks are released at
+    /// the next proposal. Returns whether it was known.
+    pub fn abort(&mut self, id: RequestId) -> bool {
+        let Some(seq) = self.seqs.remove(&id) else { return false };
+        match seq.state {
+            State::Waiting => self.waiting.retain(|&w| w != id),
+            State::Running => {
+                self.running.retain(|&r| r != id);
+                self.leave(id, seq);
+            }
+        }
+        true
+    }
+
+    fn leave(&mut self, id: RequestId, seq: Seq) {
+        if seq.computed > seq.committed {
+            self.commits.push((id, seq.tokens[seq.committed..seq.computed].to_vec()));
+        }
+        self.releases.push(id);
+        self.finished.push(id);
+    }
+
+    /// The next step's wishes, most important first: running rows (a decode token, or the
+    /// next prefill chunk), then waiting requests while the batch and token budget allow.
+    pub fn propose(&mut self) -> Proposal {
+        let mut budget = self.cfg.step_tokens;
+        let mut asks = vec![];
+        let mut commits = std::mem::take(&mut self.commits);
+        for &id in &self.running {
+            let seq = self.seqs.get_mut(&id).expect("running seq");
+            if seq.computed > seq.committed {
+                commits.push((id, seq.tokens[seq.committed..seq.computed].to_vec()));
+                seq.committed = seq.computed;
+            }
+            // A row left without budget still asks (for nothing): it holds blocks, so it
+            // stays a preemption candidate for the rows before it.
+            let n = (seq.tokens.len() - seq.computed).min(budget);
+            budget -= n;
+            asks.push(Ask { id, computed: seq.computed, new_tokens: n, lookup: None, running: true });
+        }
+        for (admitted, &id) in self.waiting.iter().enumerate() {
+            if budget == 0 || self.running.len() + admitted >= self.cfg.max_batch {
+                break;
+            }
+            let seq = &self.seqs[&id];
+            let n = seq.tokens.len().min(budget);
+            budget -= n;
+            asks.push(Ask { id, computed: 0, new_tokens: n, lookup: Some(seq.tokens.clone()), running: false });
+        }
+        Proposal { commits, releases: std::mem::take(&mut self.releases), asks }
+    }
+
+    /// Turns the KV side's answer into the step to run.
+    pub fn plan(&mut self, fit: Fit) -> StepPlan {
+        for &id in &fit.preempted {
+            let seq = self.seqs.get_mut(&id).expect("preempted seq");
+            debug_assert_eq!(seq.state, State::Running);
+            seq.state = State::Waiting;
+            seq.computed = 0;
+            seq.committed = 0;
+            seq.fresh = true;
+            self.preemptions += 1;
+            self.running.retain(|&r| r != id);
+            let arrival = seq.arrival;
+            let at = self.waiting.partition_point(|w| self.seqs[w].arrival < arrival);
+            self.waiting.insert(at, id);
+        }
+        let mut rows = Vec::with_capacity(fit.granted.len());
+        for g in fit.granted {
+            let seq = self.seqs.get_mut(&g.id).expect("granted seq");
+            if let Some(cached) = g.cached {
+                seq.computed = cached;
+                seq.committed = cached;
+            }
+            if seq.state == State::Waiting {
+                seq.state = State::Running;
+                self.waiting.retain(|&w| w != g.id);
+                let arrival = seq.arrival;
+                let at = self.running.partition_point(|r| self.seqs[r].arrival < arrival);
+                self.running.insert(at, g.id);
+            }
+            let seq = self.seqs.get_mut(&g.id).expect("granted seq");
+            let (from, to) = (seq.computed, seq.computed + g.new_tokens);
+            debug_assert!(to <= seq.tokens.len() && g.new_tokens > 0);
+            let fresh = seq.fresh.then(|| (seq.params.clone(), seq.tokens[..from].to_vec()));
+            seq.fresh = false;
+            rows.push(RowPlan {
+                id: g.id,
+                computed: from,
+                tokens: seq.tokens[from..to].to_vec(),
+                draft: vec![],
+                block_table: g.block_table,
+                sample: to == seq.tokens.len(),
+                fresh,
+            });
+        }
+        self.step += 1;
+        StepPlan { step: self.step, rows, finished: std::mem::take(&mut self.finished) }
+    }
+
+    /// Applies a step's results; returns the requests that finished.
+    pub fn update(&mut self, outcomes: &[RowOutcome]) -> Vec<(RequestId, FinishReason)> {
+        let mut done = vec![];
+        for o in outcomes {
+            let Some(seq) = self.seqs.get_mut(&o.id) else { continue }; // aborted meanwhile
+            if seq.state != State::Running {
+                continue;
+            }
+            seq.computed += o.computed;
+            seq.tokens.extend_from_slice(&o.new_tokens);
+            debug_assert!(seq.computed <= seq.tokens.len());
+            if let Some(reason) = o.finish {
+                let seq = self.seqs.remove(&o.id).expect("present");
+                self.running.retain(|&r| r != o.id);
+                self.leave(o.id, seq);
+                done.push((o.id, reason));
+            }
+        }
+        done
+    }
+
+    /// Checks the queue invariants; for tests.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let arrivals =
+            |ids: &mut dyn Iterator<Item = &RequestId>| ids.map(|i| self.seqs[i].arrival).collect::<Vec<_>>();
+        let w = arrivals(&mut self.waiting.iter());
+        let r = arrivals(&mut self.running.iter());
+        if !w.windows(2).all(|p| p[0] < p[1]) || !r.windows(2).all(|p| p[0] < p[1]) {
+            return Err("queues out of arrival order".into());
+        }
+        if self.waiting.len() + self.running.len() != self.seqs.len() {
+            return Err("a request is in no queue or in two".into());
+        }
+        if self.running.len() > self.cfg.max_batch {
+            return Err("running more than max_batch".into());
+        }
+        for (id, s) in &self.seqs {
+            let in_w = self.waiting.contains(id);
+            if (s.state == State::Waiting) != in_w {
+                return Err(format!("request {id:?} state disagrees with its queue"));
+            }
+            if s.computed > s.tokens.len() || s.committed > s.computed {
+                return Err(format!(
+                    "request {id:?}: committed {} computed {} len {}",
+                    s.committed,
+                    s.computed,
+                    s.tokens.len()
+                ));
+            }
+            if s.state == State::Waiting && s.computed != 0 {
+                return Err(format!("waiting request {id:?} has computed tokens"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::block_pool::BlockPool;
+    use crate::core::kv_manager::KvManager;
+    use proptest::prelude::*;
+
+    /// A pretend model: every row computes all its tokens; a sampling row emits a token that
+    /// depends only on the request and position; requests stop after `max_tokens`.
+    struct Sim {
+        sched: Scheduler,
+        kv: KvManager,
+        out: HashMap<RequestId, Vec<u32>>,
+        done: Vec<RequestId>,
+        steps: Vec<StepPlan>,
+    }
+
+    fn token(id: RequestId, pos: usize) -> u32 {
+        (id.0 as u32 * 31 + pos as u32 * 7) % 50
+    }
+
+    fn params(prompt_len: usize, max_tokens: usize) -> Arc<SeqParams> {
+        Arc::new(SeqParams {
+            sampling: SamplingParams::default(),
+            prompt_len,
+            max_tokens,
+            ignore_eos: true,
+            max_len: 1 << 20,
+        })
+    }
+
+    impl Sim {
+        fn new(cfg: SchedulerConfig, blocks: usize) -> Self {
+            Sim {
+                sched: Scheduler::new(cfg),
+                kv: KvManager::new(BlockPool::new(blocks, cfg.block_size)),
+                out: HashMap::new(),
+                done: vec![],
+                steps: vec![],
+            }
+        }
+
+        fn add(&mut self, id: u64, prompt: Vec<u32>, max_tokens: usize) {
+            let p = params(prompt.len(), max_tokens);
+            self.sched.add(RequestId(id), prompt, p).unwrap();
+            self.out.insert(RequestId(id), vec![]);
+        }
+
+        fn step(&mut self) -> StepPlan {
+            let fit = self.kv.apply(self.sched.propose());
+            let plan = self.sched.plan(fit);
+            let outcomes: Vec<RowOutcome> = plan
+                .rows
+                .iter()
+                .map(|r| {
+                    let mut o = RowOutcome { id: r.id, computed: r.tokens.len(), new_tokens: vec![], finish: None };
+                    if r.sample {
+                        let out = self.out.get_mut(&r.id).unwrap();
+                        let pos = r.computed + r.tokens.len();
+                        let t = token(r.id, pos);
+                        out.push(t);
+                        o.new_tokens.push(t);
+                        if out.len() >= self.max_tokens(r.id) {
+                            o.finish = Some(FinishReason::Length);
+                        }
+                    }
+                    o
+                })
+                .collect();
+            for (id, _) in self.sched.update(&outcomes) {
+                self.done.push(id);
+            }
+            self.sched.check_invariants().unwrap();
+            self.kv.check_invariants().unwrap();
+            self.steps.push(plan.clone());
+            plan
+        }
+
+        fn max_tokens(&self, id: RequestId) -> usize {
+            // Encoded in the id for the simulation: id % 7 + 1.
+            (id.0 % 7 + 1) as usize
+        }
+
+        fn run(&mut self, max_steps: usize) {
+            for _ in 0..max_steps {
+                if self.sched.is_idle() {
+                    return;
+                }
+                self.step();
+            }
+            panic!("did not finish in {max_steps} steps");
+        }
+    }
+
+    fn cfg(max_batch: usize, step_tokens: usize) -> SchedulerConfig {
+        SchedulerConfig { max_batch, step_tokens, max_waiting: 64, block_size: 4 }
+    }
+
+    #[test]
+    fn prefill_is_chunked_under_the_token_budget() {
+        let mut s = Sim::new(cfg(4, 4), 16);
+        s.add(6, (0..10).collect(), 1); // id 6: max_tokens 7 by the sim's rule
+        let lens: Vec<(usize, usize, bool)> =
+            (0..4).map(|_| s.step()).map(|p| (p.rows[0].computed, p.rows[0].tokens.len(), p.rows[0].sample)).collect();
+        assert_eq!(lens, vec![(0, 4, false), (4, 4, false), (8, 2, true), (10, 1, true)]);
+    }
+
+    #[test]
+    fn a_new_request_joins_the_running_batch_and_finishes_first() {
+        let mut s = Sim::new(cfg(4, 16), 64);
+        s.add(6, (0..20).collect(), 7); // long: 20-token prompt in chunks of 16, 7 tokens
+        s.step();
+        s.add(7, vec![1, 2, 3], 1); // id 7 → max_tokens 1
+        let plan = s.step();
+        assert_eq!(plan.rows.iter().map(|r| r.id.0).collect::<Vec<_>>(), vec![6, 7]);
+        s.run(100);
+        assert_eq!(s.done, vec![RequestId(7), RequestId(6)]);
+        assert_eq!(s.kv.pool().num_used(), 0);
+    }
+
+    #[test]
+    fn batch_size_is_capped_and_admission_is_fcfs() {
+        let mut s = Sim::new(cfg(2, 64), 64);
+        for id in 0..5 {
+            s.add(id, vec![1, 2], 3);
+        }
+        let plan = s.step();
+        assert_eq!(plan.rows.iter().map(|r| r.id.0).collect::<Vec<_>>(), vec![0, 1]);
+        s.run(200);
+        assert!(s.steps.iter().all(|p| p.rows.len() <= 2));
+        let mut first_seen = vec![];
+        for p in &s.steps {
+            for r in &p.rows {
+                if !first_seen.contains(&r.id.0) {
+                    first_seen.push(r.id.0);
+                }
+            }
+        }
+        assert_eq!(first_seen, vec![0, 1, 2, 3, 4]);
+    }
+
+    #[test]
+    fn short_of_blocks_the_latest_request_is_preempted_and_recomputed() {
+        // 6 blocks of 4 tokens; two requests of 8 prompt + 6 output tokens need 4 blocks each.
+        let mut s = Sim::new(cfg(4, 64), 6);
+        s.add(5, (0..8).collect(), 6); // id 5: max 6
+        s.add(12, (10..18).collect(), 6); // id 12: max 6
+        s.run(200);
+        assert!(s.sched.num_preemptions() > 0);
+        assert_eq!(s.kv.pool().num_used(), 0);
+        for id in [5u64, 12] {
+            let want: Vec<u32> = (0..6).map(|i| token(RequestId(id), 8 + i)).collect();
+            assert_eq!(s.out[&RequestId(id)], want, "request {id}");
+        }
+    }
+
+    #[test]
+    fn a_shared_prefix_is_computed_once() {
+        let mut s = Sim::new(cfg(4, 64), 32);
+        let prefix: Vec<u32> = (0..10).collect();
+        s.add(0, [prefix.clone(), vec![40, 41]].concat(), 1);
+        s.run(10);
+        s.add(7, [prefix, vec![42, 43, 44]].concat(), 1);
+        let plan = s.step();
+        // 10 shared tokens = 2 full blocks of 4 cached; the row starts at 8.
+        assert_eq!((plan.rows[0].computed, plan.rows[0].tokens.len()), (8, 5));
+        assert_eq!(s.kv.stats().prefix.hits, 8);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Add(u8, u8),
+        Step,
+        Abort(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            2 => (1u8..30, 0u8..4).prop_map(|(len, prefix)| Op::Add(len, prefix)),
+            5 => Just(Op::Step),
+            1 => any::<u8>().prop_map(Op::Abort),
+        ]
+    }
+
+    proptest! {
+        /// Random arrivals, steps and cancellations under a small pool: the queues and block
+        /// tables stay consistent, every request that is not cancelled produces exactly its
+        /// expected tokens, and at the end every block is free.
+        #[test]
+        fn scheduler_and_pool_invariants_hold(
+            ops in proptest::collection::vec(op(), 1..120),
+            blocks in 10usize..24,
+            max_batch in 1usize..6,
+            step_tokens in 1usize..24,
+        ) {
+            let mut s = Sim::new(cfg(max_batch, step_tokens), blocks);
+            let mut next = 0u64;
+            let mut aborted = vec![];
+            let shared: Vec<u32> = (100..140).collect();
+            for op in ops {
+                match op {
+                    Op::Add(len, prefix) => {
+                        // Prompts of up to 30 tokens plus up to 7 outputs fit in 10 blocks of 4.
+                        let prompt: Vec<u32> = shared[..prefix as usize * 4].iter().copied()
+                            .chain((0..len as u32).map(|t| t + next as u32))
+                            .take(30).collect();
+                        s.add(next, prompt, 0);
+                        next += 1;
+                    }
+                    Op::Step => { s.step(); }
+                    Op::Abort(i) if next > 0 => {
+                        let id = RequestId(i as u64 % next);
+                        if s.sched.abort(id) { aborted.push(id) }
+                    }
+                    _ => {}
+                }
+            }
+            s.run(5000);
+            prop_assert_eq!(s.kv.pool().num_used(), 0);
+            s.kv.check_invariants().map_err(TestCaseError::fail)?;
+            for id in (0..next).map(RequestId) {
+                if aborted.contains(&id) { continue }
+                prop_assert!(s.done.contains(&id), "request {:?} never finished", id);
+                prop_assert_eq!(s.out[&id].len(), s.max_tokens(id));
+            }
+        }
+    }
+}
