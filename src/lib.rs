@@ -6,4 +6,5 @@ pub mod core;
 pub mod engine;
 pub mod model;
 pub mod request;
+pub mod server;
 pub mod spec;

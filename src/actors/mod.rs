@@ -202,6 +202,7 @@ impl RuntimeBuilder {
             step_tokens: c.step_tokens,
             max_waiting: c.max_waiting,
             block_size: c.block_size,
+            max_draft: 0,
         });
         let limits = intake::Limits { vocab: info.vocab, context: info.context, kv_tokens: num_blocks * c.block_size };
         let intake = intake::Intake::new(sched, tokenizer.clone(), limits, kv_tx, verify_tx, stream_tx.clone());

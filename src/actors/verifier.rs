@@ -119,7 +119,14 @@ impl<E: Executor> Verifier<E> {
         let mut rows_logits = logits.chunks_exact(vocab);
         let mut out = Vec::with_capacity(plan.rows.len());
         for row in &plan.rows {
-            let mut o = RowOutcome { id: row.id, computed: row.tokens.len(), new_tokens: vec![], finish: None };
+            let mut o = RowOutcome {
+                id: row.id,
+                computed: row.tokens.len(),
+                new_tokens: vec![],
+                finish: None,
+                drafted: 0,
+                accepted: 0,
+            };
             if row.sample {
                 let l = rows_logits.next().ok_or("the forward returned too few logits")?;
                 let st = self.seqs.get_mut(&row.id).expect("registered above");

@@ -138,6 +138,27 @@ pub trait Backend: Send + Sync + 'static {
         batch: &Self::Batch,
         shape: AttnShape,
     ) -> Result<Self::Tensor>;
+    /// `x · wᵢᵀ` for each weight: several projections of one input (q, k and v). Backends
+    /// that do them in one pass over the weights override this.
+    fn matmul_many(&self, x: &Self::Tensor, ws: &[&Self::Tensor]) -> Result<Vec<Self::Tensor>> {
+        ws.iter().map(|w| self.matmul(x, w)).collect()
+    }
+    /// The MLP's first half, `silu(x · w_gateᵀ) * (x · w_upᵀ)`; fused where that pays.
+    fn swiglu(&self, x: &Self::Tensor, w_gate: &Self::Tensor, w_up: &Self::Tensor) -> Result<Self::Tensor> {
+        self.silu_mul(&self.matmul(x, w_gate)?, &self.matmul(x, w_up)?)
+    }
+    /// `rope` on a step's queries and keys (one launch where that pays).
+    fn rope_qk(
+        &self,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        batch: &Self::Batch,
+        inv_freq: &Self::Tensor,
+        head_dim: usize,
+    ) -> Result<()> {
+        self.rope(q, batch, inv_freq, head_dim)?;
+        self.rope(k, batch, inv_freq, head_dim)
+    }
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// The rows of `x` named by the batch's `logits_for`.

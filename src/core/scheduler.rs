@@ -25,6 +25,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::core::sampling::SamplingParams;
+use crate::core::spec::{AcceptanceTracker, Draft};
 use crate::request::{FinishReason, RequestId};
 
 /// What the model side needs to know about a request (sampling, when to stop).
@@ -47,6 +48,9 @@ pub struct SchedulerConfig {
     /// Most requests waiting for admission; beyond it `add` refuses (overload).
     pub max_waiting: usize,
     pub block_size: usize,
+    /// Most draft tokens a decoding row carries (0: no speculation). Each request's actual
+    /// length adapts to its acceptance and to the batch size.
+    pub max_draft: usize,
 }
 
 /// One request's wish for the next step, in priority order.
@@ -101,9 +105,11 @@ pub struct RowPlan {
     pub id: RequestId,
     pub computed: usize,
     pub tokens: Vec<u32>,
-    /// Speculative drafts appended after `tokens` (empty with plain decoding): the row is
-    /// then verified at `draft.len() + 1` positions.
-    pub draft: Vec<u32>,
+    /// KV positions reserved after `tokens` for speculative drafts (0 with plain decoding).
+    pub draft_len: usize,
+    /// The drafts themselves, filled by the Drafter (at most `draft_len`): the row is then
+    /// verified at `draft.tokens.len() + 1` positions.
+    pub draft: Draft,
     pub block_table: Vec<u32>,
     /// The row reaches the end of the sequence: sample the next token from its logits.
     pub sample: bool,
@@ -116,7 +122,7 @@ impl RowPlan {
     /// Positions whose logits the row needs: 0 for a prefill chunk, k + 1 to verify k drafts.
     pub fn want_logits(&self) -> usize {
         if self.sample {
-            self.draft.len() + 1
+            self.draft.tokens.len() + 1
         } else {
             0
         }
@@ -133,7 +139,7 @@ pub struct StepPlan {
 
 impl StepPlan {
     pub fn num_tokens(&self) -> usize {
-        self.rows.iter().map(|r| r.tokens.len() + r.draft.len()).sum()
+        self.rows.iter().map(|r| r.tokens.len() + r.draft.tokens.len()).sum()
     }
 }
 
@@ -146,6 +152,9 @@ pub struct RowOutcome {
     /// Tokens appended to the sequence (sampled / accepted; an end-of-sequence token excluded).
     pub new_tokens: Vec<u32>,
     pub finish: Option<FinishReason>,
+    /// Draft tokens verified in this step, and how many of them were accepted.
+    pub drafted: usize,
+    pub accepted: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -164,6 +173,22 @@ struct Seq {
     state: State,
     fresh: bool,
     params: Arc<SeqParams>,
+    acceptance: AcceptanceTracker,
+}
+
+/// Draft positions to reserve for a running row: only when it is decoding (its last token
+/// is its only uncomputed one), never past its output limit or the context.
+fn draft_len(seq: &Seq, max_draft: usize, batch: usize) -> usize {
+    let p = &seq.params;
+    let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > p.prompt_len;
+    if max_draft == 0 || !decoding {
+        return 0;
+    }
+    let generated = seq.tokens.len() - p.prompt_len;
+    // The verification emits one token beyond the accepted drafts.
+    let output_room = p.max_tokens.saturating_sub(generated + 1);
+    let context_room = p.max_len.saturating_sub(seq.tokens.len() + 1);
+    seq.acceptance.draft_len(max_draft, batch).min(output_room).min(context_room)
 }
 
 /// The queue is full: the caller gets an overload error.
@@ -241,7 +266,16 @@ impl Scheduler {
         self.next_arrival += 1;
         self.seqs.insert(
             id,
-            Seq { arrival, tokens: prompt, computed: 0, committed: 0, state: State::Waiting, fresh: true, params },
+            Seq {
+                arrival,
+                tokens: prompt,
+                computed: 0,
+                committed: 0,
+                state: State::Waiting,
+                fresh: true,
+                params,
+                acceptance: AcceptanceTracker::default(),
+            },
         );
         self.waiting.push_back(id);
         Ok(())
@@ -275,6 +309,7 @@ impl Scheduler {
         let mut budget = self.cfg.step_tokens;
         let mut asks = vec![];
         let mut commits = std::mem::take(&mut self.commits);
+        let batch = self.running.len();
         for &id in &self.running {
             let seq = self.seqs.get_mut(&id).expect("running seq");
             if seq.computed > seq.committed {
@@ -283,7 +318,7 @@ impl Scheduler {
             }
             // A row left without budget still asks (for nothing): it holds blocks, so it
             // stays a preemption candidate for the rows before it.
-            let n = (seq.tokens.len() - seq.computed).min(budget);
+            let n = (seq.tokens.len() - seq.computed + draft_len(seq, self.cfg.max_draft, batch)).min(budget);
             budget -= n;
             asks.push(Ask { id, computed: seq.computed, new_tokens: n, lookup: None, running: true });
         }
@@ -330,14 +365,17 @@ impl Scheduler {
             }
             let seq = self.seqs.get_mut(&g.id).expect("granted seq");
             let (from, to) = (seq.computed, seq.computed + g.new_tokens);
-            debug_assert!(to <= seq.tokens.len() && g.new_tokens > 0);
+            debug_assert!(g.new_tokens > 0);
+            // Positions past the known tokens were asked for drafts.
+            let (to, draft_len) = (to.min(seq.tokens.len()), to.saturating_sub(seq.tokens.len()));
             let fresh = seq.fresh.then(|| (seq.params.clone(), seq.tokens[..from].to_vec()));
             seq.fresh = false;
             rows.push(RowPlan {
                 id: g.id,
                 computed: from,
                 tokens: seq.tokens[from..to].to_vec(),
-                draft: vec![],
+                draft_len,
+                draft: Draft::default(),
                 block_table: g.block_table,
                 sample: to == seq.tokens.len(),
                 fresh,
@@ -357,6 +395,7 @@ impl Scheduler {
             }
             seq.computed += o.computed;
             seq.tokens.extend_from_slice(&o.new_tokens);
+            seq.acceptance.record(o.drafted, o.accepted);
             debug_assert!(seq.computed <= seq.tokens.len());
             if let Some(reason) = o.finish {
                 let seq = self.seqs.remove(&o.id).expect("present");
@@ -459,7 +498,14 @@ mod tests {
                 .rows
                 .iter()
                 .map(|r| {
-                    let mut o = RowOutcome { id: r.id, computed: r.tokens.len(), new_tokens: vec![], finish: None };
+                    let mut o = RowOutcome {
+                        id: r.id,
+                        computed: r.tokens.len(),
+                        new_tokens: vec![],
+                        finish: None,
+                        drafted: 0,
+                        accepted: 0,
+                    };
                     if r.sample {
                         let out = self.out.get_mut(&r.id).unwrap();
                         let pos = r.computed + r.tokens.len();
@@ -499,7 +545,7 @@ mod tests {
     }
 
     fn cfg(max_batch: usize, step_tokens: usize) -> SchedulerConfig {
-        SchedulerConfig { max_batch, step_tokens, max_waiting: 64, block_size: 4 }
+        SchedulerConfig { max_batch, step_tokens, max_waiting: 64, block_size: 4, max_draft: 0 }
     }
 
     #[test]

@@ -51,6 +51,29 @@ fn sample_residual(p: &[f32], q: &[f32], rng: &mut impl Rng) -> u32 {
     sample_from(&normalized, rng)
 }
 
+/// Proposed tokens, with the draft's distribution for each when the request samples
+/// (rejection sampling needs q(x)); `None` for greedy requests and model-free proposers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Draft {
+    pub tokens: Vec<u32>,
+    pub probs: Option<Vec<Vec<f32>>>,
+}
+
+impl Draft {
+    /// The draft's distribution at position `i`: the recorded one, or a point mass on the
+    /// proposed token for deterministic proposers.
+    pub fn q(&self, i: usize, vocab: usize) -> Vec<f32> {
+        match &self.probs {
+            Some(p) => p[i].clone(),
+            None => {
+                let mut q = vec![0.0; vocab];
+                q[self.tokens[i] as usize] = 1.0;
+                q
+            }
+        }
+    }
+}
+
 /// The token a greedy draft proposes from its logits.
 pub fn greedy_draft(logits: &[f32]) -> u32 {
     argmax(logits)

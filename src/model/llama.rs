@@ -5,7 +5,7 @@ use indicatif::ProgressBar;
 
 use super::dummy::{seed_for, DUMMY_STD};
 use super::{HostTensor, LoadError, ModelConfig, WeightSource};
-use crate::backend::{AttnShape, Backend, BatchMeta, Result};
+use crate::backend::{AttnShape, Backend, BackendError, BatchMeta, Result};
 
 /// One decoder layer's weights; shapes as in the checkpoint (`[out, in]`).
 pub struct Layer<T> {
@@ -132,17 +132,15 @@ impl<B: Backend> Llama<B> {
         let mut x = b.embed(&self.embed, &batch)?; // [tokens, hidden], the residual stream
         let mut h = b.rms_norm(&x, &self.layers[0].attn_norm, eps)?;
         for (l, layer) in self.layers[..num_layers].iter().enumerate() {
-            let mut q = b.matmul(&h, &layer.wq)?;
-            let mut k = b.matmul(&h, &layer.wk)?;
-            let v = b.matmul(&h, &layer.wv)?;
-            b.rope(&mut q, &batch, &self.inv_freq, c.head_dim)?;
-            b.rope(&mut k, &batch, &self.inv_freq, c.head_dim)?;
+            let mut qkv = b.matmul_many(&h, &[&layer.wq, &layer.wk, &layer.wv])?.into_iter();
+            let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
+                return Err(BackendError::Invalid("matmul_many returned fewer than 3 tensors".into()));
+            };
+            b.rope_qk(&mut q, &mut k, &batch, &self.inv_freq, c.head_dim)?;
             let attn = b.attention(&q, &k, &v, &mut kv.k[l], &mut kv.v[l], &batch, shape)?;
             let attn_out = b.matmul(&attn, &layer.wo)?;
             h = b.add_rms_norm(&mut x, &attn_out, &layer.mlp_norm, eps)?;
-            let gate = b.matmul(&h, &layer.w_gate)?;
-            let up = b.matmul(&h, &layer.w_up)?;
-            let mlp_out = b.matmul(&b.silu_mul(&gate, &up)?, &layer.w_down)?;
+            let mlp_out = b.matmul(&b.swiglu(&h, &layer.w_gate, &layer.w_up)?, &layer.w_down)?;
             let next_norm = self.layers.get(l + 1).filter(|_| l + 1 < num_layers).map_or(&self.norm, |n| &n.attn_norm);
             h = b.add_rms_norm(&mut x, &mlp_out, next_norm, eps)?;
         }

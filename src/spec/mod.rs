@@ -4,6 +4,7 @@
 mod draft_model;
 mod stats;
 
+pub use crate::core::spec::Draft;
 pub use draft_model::ModelProposer;
 pub use stats::SpecStats;
 
@@ -14,14 +15,6 @@ use crate::core::spec::{accept_greedy, accept_sampled};
 
 /// Identifies a sequence to a proposer that keeps per-sequence state (a draft KV cache).
 pub type SeqId = u64;
-
-/// Proposed tokens, with the draft's distribution for each when the request samples
-/// (rejection sampling needs q(x)); `None` for greedy requests and model-free proposers.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Draft {
-    pub tokens: Vec<u32>,
-    pub probs: Option<Vec<Vec<f32>>>,
-}
 
 /// Something that guesses the next tokens of a sequence.
 pub trait Proposer: Send {
@@ -65,21 +58,6 @@ impl Default for NgramProposer {
 impl Proposer for NgramProposer {
     fn propose(&mut self, _: SeqId, history: &[u32], k: usize, _: &SamplingParams) -> Result<Draft, BackendError> {
         Ok(Draft { tokens: ngram::propose(history, k, self.min_n, self.max_n), probs: None })
-    }
-}
-
-impl Draft {
-    /// The draft's distribution at position `i`: the recorded one, or a point mass on the
-    /// proposed token for deterministic proposers.
-    pub fn q(&self, i: usize, vocab: usize) -> Vec<f32> {
-        match &self.probs {
-            Some(p) => p[i].clone(),
-            None => {
-                let mut q = vec![0.0; vocab];
-                q[self.tokens[i] as usize] = 1.0;
-                q
-            }
-        }
     }
 }
 

@@ -1,1 +1,484 @@
-//! The CUDA backend (feature `cuda`).
+//! The CUDA backend (feature `cuda`): bf16 weights and KV cache, f32 activations,
+//! kernels from `kernels/*.cu` compiled by NVRTC at start-up, cuBLAS for prefill GEMMs,
+//! CUDA graphs for decode-sized steps (see `graph.rs`).
+//!
+//! One `CudaBackend` owns one stream. The draft and target models each get their own
+//! backend (`CudaBackend::sibling` shares the context and kernels) so that their work runs
+//! on separate streams; `record` / `wait` order them with events, never device-wide syncs.
+
+pub mod batch;
+pub mod blas;
+pub mod device;
+pub mod graph;
+pub mod kernels;
+pub mod tensor;
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
+
+use self::batch::{blocks_needed, pack, packed_len, splits_for, CudaBatch};
+use self::blas::Blas;
+use self::device::{driver_err, launch, Device, DeviceBuf};
+use self::graph::Graphs;
+use self::kernels::Kernels;
+pub use self::tensor::{CudaTensor, DType};
+use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
+use crate::model::HostTensor;
+
+/// Up to this many tokens a matmul runs on the GEMV kernels (batch-invariant, one weight
+/// pass per 16 tokens); above it, cuBLAS. Verification of up to 31 drafts stays on GEMV.
+pub const GEMV_MAX_TOKENS: usize = 32;
+const GEMV_WARPS: u32 = 4;
+/// Output rows per warp in the several-token GEMV kernels (their ROWS in kernels/gemv.cu);
+/// every matrix on the GEMV path has a multiple of it as rows.
+const GEMV_ROWS: u32 = 4;
+
+pub struct CudaBackend {
+    dev: Device,
+    kernels: Arc<Kernels>,
+    blas: Blas,
+    graphs: Graphs,
+    /// Set while `graph::Graphs` captures a step: the batch buffer `prepare` must use.
+    capture_batch: Mutex<Option<(Arc<DeviceBuf>, usize)>>,
+    device_name: String,
+}
+
+impl CudaBackend {
+    /// A backend on GPU `ordinal`, with its own stream; compiles (or loads from the disk
+    /// cache) every kernel for the device's architecture.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let ctx = CudaContext::new(ordinal).map_err(driver_err("opening the GPU"))?;
+        // We order work ourselves (one stream per backend, events between them); cudarc's
+        // per-buffer event tracking would only add calls to every launch.
+        // SAFETY: no cudarc buffers exist yet on this context.
+        unsafe { ctx.disable_event_tracking() };
+        keep_pool_memory(&ctx)?;
+        let kernels = Arc::new(Kernels::load(&ctx)?);
+        Self::on(ctx, kernels)
+    }
+
+    /// Another backend on the same GPU and kernels, with a stream of its own (for the draft
+    /// model while this one runs the target).
+    pub fn sibling(&self) -> Result<Self> {
+        Self::on(self.dev.ctx.clone(), self.kernels.clone())
+    }
+
+    fn on(ctx: Arc<CudaContext>, kernels: Arc<Kernels>) -> Result<Self> {
+        let dev = Device::new(ctx.clone())?;
+        let blas = Blas::new(&dev.stream)?;
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        Ok(CudaBackend { dev, kernels, blas, graphs: Graphs::default(), capture_batch: Mutex::new(None), device_name })
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.dev.stream
+    }
+
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.dev.ctx
+    }
+
+    /// An event marking everything queued on this backend's stream so far.
+    pub fn record(&self) -> Result<CudaEvent> {
+        let event = self.dev.ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(driver_err("event"))?;
+        event.record(&self.dev.stream).map_err(driver_err("recording an event"))?;
+        Ok(event)
+    }
+
+    /// Makes this backend's later work wait for `event` (from any stream) on the GPU.
+    pub fn wait(&self, event: &CudaEvent) -> Result<()> {
+        self.dev.stream.wait(event).map_err(driver_err("waiting for an event"))
+    }
+
+    /// Programmatic dependent launch on or off (on by default on Hopper): with it, each
+    /// kernel is scheduled while the previous one drains and prefetches its weights.
+    pub fn set_pdl(&self, on: bool) {
+        self.dev.set_pdl(on);
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.dev.sync()
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.dev
+    }
+
+    fn alloc(&self, shape: Vec<usize>, dtype: DType) -> Result<CudaTensor> {
+        let bytes = shape.iter().product::<usize>() * dtype.size();
+        Ok(CudaTensor::new(self.dev.alloc(bytes)?, shape, dtype))
+    }
+
+    fn expect(t: &CudaTensor, dtype: DType, what: &str) -> Result<()> {
+        if t.dtype != dtype {
+            return Err(BackendError::Invalid(format!("{what}: expected {dtype:?}, got {:?}", t.dtype)));
+        }
+        Ok(())
+    }
+
+    /// An activation (f32, any shape) with the host tensor's values; `upload` is for
+    /// weights and makes matrices bf16.
+    pub fn upload_f32(&self, t: &HostTensor) -> Result<CudaTensor> {
+        let out = self.alloc(t.shape.clone(), DType::F32)?;
+        self.dev.htod(out.ptr(), &t.data)?;
+        Ok(out)
+    }
+
+    /// Copies a device tensor into a fresh one (same shape and type).
+    pub fn copy(&self, t: &CudaTensor) -> Result<CudaTensor> {
+        let out = self.alloc(t.shape.clone(), t.dtype)?;
+        self.dev.dtod(out.ptr(), t.ptr(), t.bytes())?;
+        Ok(out)
+    }
+
+    /// Device-to-device copy of `bytes` bytes between two fresh buffers, `reps` times,
+    /// timed with events: milliseconds per copy (for the bandwidth ceiling).
+    pub fn time_copy(&self, bytes: usize, reps: usize) -> Result<Vec<f32>> {
+        let (a, b) = (self.dev.alloc(bytes)?, self.dev.alloc(bytes)?);
+        self.dev.memset_zero(a.ptr(), bytes)?;
+        let mut times = vec![];
+        for _ in 0..reps {
+            let start = self.record()?;
+            self.dev.dtod(b.ptr(), a.ptr(), bytes)?;
+            let end = self.record()?;
+            end.synchronize().map_err(driver_err("event"))?;
+            times.push(start.elapsed_ms(&end).map_err(driver_err("event time"))?);
+        }
+        Ok(times)
+    }
+
+    /// `outs[i] = x · ws[i]ᵀ` for up to three weights in one launch per group of up to 16
+    /// tokens (the kernel is picked by the group's size: registers grow with it). Each
+    /// token's arithmetic is the same in every kernel: see kernels/gemv.cu.
+    fn gemv(&self, x: &CudaTensor, ws: &[&CudaTensor], outs: &[&CudaTensor], n: usize, k: usize) -> Result<()> {
+        let ptr = |i: usize, t: usize| -> (u64, u64, i32) {
+            ws.get(i).map_or((0, 0, 0), |w| {
+                let m = w.dims().0;
+                (w.ptr(), outs[i].ptr() + (t * m * 4) as u64, m as i32)
+            })
+        };
+        let total: usize = ws.iter().map(|w| w.dims().0).sum();
+        let mut t = 0;
+        while t < n {
+            let group = (n - t).min(16);
+            let (f, rows) = match group {
+                1 => (&self.kernels.gemv_t1, 1),
+                2..=4 => (&self.kernels.gemv_t4, GEMV_ROWS),
+                5..=8 => (&self.kernels.gemv_t8, GEMV_ROWS),
+                _ => (&self.kernels.gemv_t16, GEMV_ROWS),
+            };
+            let grid = ((total as u32).div_ceil(GEMV_WARPS * rows), 1, 1);
+            let ((w0, y0, m0), (w1, y1, m1), (w2, y2, m2)) = (ptr(0, t), ptr(1, t), ptr(2, t));
+            let xp = x.ptr() + (t * k * 4) as u64;
+            launch!(self.dev, f, grid, (32 * GEMV_WARPS, 1, 1);
+                w0, w1, w2, y0, y1, y2, m0, m1, m2, k as i32, xp, group as i32)?;
+            t += group;
+        }
+        Ok(())
+    }
+
+    /// Whether weights can share one GEMV launch: bf16, same K, rows a multiple of the
+    /// rows a warp owns, at most three, few enough tokens.
+    fn gemv_fits(x: &CudaTensor, ws: &[&CudaTensor]) -> bool {
+        let (n, k) = x.dims();
+        x.dtype == DType::F32
+            && n <= GEMV_MAX_TOKENS
+            && k % 8 == 0
+            && ws.len() <= 3
+            && ws.iter().all(|w| w.dtype == DType::Bf16 && w.dims().1 == k && w.dims().0 % GEMV_ROWS as usize == 0)
+    }
+
+    fn gemm(&self, x: &CudaTensor, w: &CudaTensor, out: &CudaTensor, n: usize, k: usize, m: usize) -> Result<()> {
+        let xb = self.alloc(vec![n, k], DType::Bf16)?;
+        let count = n * k;
+        let grid = (count.div_ceil(256).min(1 << 16) as u32, 1, 1);
+        launch!(self.dev, &self.kernels.f32_to_bf16, grid, (256, 1, 1); x.ptr(), xb.ptr(), count)?;
+        self.blas.gemm_bf16_f32(xb.ptr(), w.ptr(), out.ptr(), n, k, m)
+    }
+}
+
+/// Keep freed memory in the stream-ordered pool instead of returning it to the driver at
+/// every synchronisation: every step allocates the same sizes again.
+fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::result;
+    ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+    // SAFETY: the device's default pool; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(driver_err("memory pool"))?;
+        let mut threshold = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )
+        .map_err(driver_err("memory pool"))
+    }
+}
+
+fn to_bf16_bits(data: &[f32]) -> Vec<u16> {
+    data.iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect()
+}
+
+/// Threads for a norm over rows `d` wide: one float4 per thread where the block allows
+/// (kernels/norm.cu holds up to 4 per thread).
+fn norm_block(d: usize) -> Result<(u32, u32, u32)> {
+    if d % 4 != 0 || d > 4 * 4 * 1024 {
+        return Err(BackendError::Invalid(format!("rms_norm: width {d} must be a multiple of 4, at most 16384")));
+    }
+    Ok(((d / 4).div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1))
+}
+
+fn grid_for(n: usize) -> (u32, u32, u32) {
+    (n.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1)
+}
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Batch = CudaBatch;
+
+    fn name(&self) -> String {
+        format!("cuda ({}, {})", self.device_name, self.kernels.arch)
+    }
+
+    fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
+        let out;
+        if t.shape.len() == 1 {
+            out = self.alloc(t.shape.clone(), DType::F32)?;
+            self.dev.htod(out.ptr(), &t.data)?;
+        } else {
+            out = self.alloc(t.shape.clone(), DType::Bf16)?;
+            self.dev.htod(out.ptr(), &to_bf16_bits(&t.data))?;
+        }
+        Ok(out)
+    }
+
+    fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<CudaTensor> {
+        let out = self.alloc(shape.to_vec(), DType::Bf16)?;
+        let n = out.numel();
+        launch!(self.dev, &self.kernels.fill_normal_bf16, grid_for(n), (256, 1, 1); out.ptr(), n, seed, std)?;
+        Ok(out)
+    }
+
+    fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<CudaTensor> {
+        let out = self.alloc(vec![slots, kv_dim], DType::Bf16)?;
+        self.dev.memset_zero(out.ptr(), out.bytes())?;
+        Ok(out)
+    }
+
+    fn prepare(&self, meta: &BatchMeta) -> Result<CudaBatch> {
+        if let Some((buf, max_blocks)) = self.capture_batch.lock().expect("capture lock").clone() {
+            // Capturing: the graph's buffer already holds this step's values.
+            let max_splits = splits_for(max_blocks, meta.block_size as usize);
+            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits });
+        }
+        let max_blocks = blocks_needed(meta);
+        let packed = pack(meta, max_blocks)?;
+        let buf = self.dev.alloc(4 * packed_len(meta, max_blocks))?;
+        self.dev.htod(buf.ptr(), &packed)?;
+        let max_pos = meta.positions.iter().copied().max().unwrap_or(0) as usize;
+        let max_splits = (max_pos + 1).div_ceil(batch::ATTN_SPLIT);
+        Ok(CudaBatch { meta: meta.clone(), buf: Arc::new(buf), max_blocks, max_splits })
+    }
+
+    fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
+        Self::expect(table, DType::Bf16, "embed table")?;
+        let (vocab, hidden) = table.dims();
+        if let Some(&t) = batch.meta.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(BackendError::Invalid(format!("token id {t} out of vocabulary ({vocab})")));
+        }
+        let n = batch.num_tokens();
+        let out = self.alloc(vec![n, hidden], DType::F32)?;
+        launch!(self.dev, &self.kernels.embed_rows, (n as u32, 1, 1), (1024, 1, 1);
+            table.ptr(), batch.tokens(), out.ptr(), hidden as i32)?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, weight: &CudaTensor, eps: f32) -> Result<CudaTensor> {
+        Self::expect(x, DType::F32, "rms_norm input")?;
+        Self::expect(weight, DType::F32, "rms_norm weight")?;
+        let (rows, d) = x.dims();
+        let block = norm_block(d)?;
+        let out = self.alloc(x.shape.clone(), DType::F32)?;
+        launch!(self.dev, &self.kernels.rms_norm, (rows as u32, 1, 1), block;
+            x.ptr(), weight.ptr(), out.ptr(), d as i32, eps)?;
+        Ok(out)
+    }
+
+    fn add_rms_norm(
+        &self,
+        residual: &mut CudaTensor,
+        delta: &CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        Self::expect(residual, DType::F32, "residual")?;
+        Self::expect(delta, DType::F32, "delta")?;
+        if residual.shape != delta.shape {
+            return Err(BackendError::Invalid(format!("add_rms_norm: {:?} vs {:?}", residual.shape, delta.shape)));
+        }
+        let (rows, d) = residual.dims();
+        let block = norm_block(d)?;
+        let out = self.alloc(residual.shape.clone(), DType::F32)?;
+        launch!(self.dev, &self.kernels.add_rms_norm, (rows as u32, 1, 1), block;
+            residual.ptr(), delta.ptr(), weight.ptr(), out.ptr(), d as i32, eps)?;
+        Ok(out)
+    }
+
+    fn matmul(&self, x: &CudaTensor, w: &CudaTensor) -> Result<CudaTensor> {
+        Self::expect(x, DType::F32, "matmul input")?;
+        Self::expect(w, DType::Bf16, "matmul weight")?;
+        let ((n, k), (m, wk)) = (x.dims(), w.dims());
+        if k != wk || k % 8 != 0 {
+            return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk} (need equal, ÷8)")));
+        }
+        let out = self.alloc(vec![n, m], DType::F32)?;
+        if n <= GEMV_MAX_TOKENS && m % GEMV_ROWS as usize == 0 {
+            self.gemv(x, &[w], &[&out], n, k)?;
+        } else {
+            self.gemm(x, w, &out, n, k, m)?;
+        }
+        Ok(out)
+    }
+
+    fn matmul_many(&self, x: &CudaTensor, ws: &[&CudaTensor]) -> Result<Vec<CudaTensor>> {
+        if !Self::gemv_fits(x, ws) {
+            return ws.iter().map(|w| self.matmul(x, w)).collect();
+        }
+        let n = x.dims().0;
+        let outs = ws.iter().map(|w| self.alloc(vec![n, w.dims().0], DType::F32)).collect::<Result<Vec<_>>>()?;
+        self.gemv(x, ws, &outs.iter().collect::<Vec<_>>(), n, x.dims().1)?;
+        Ok(outs)
+    }
+
+    fn swiglu(&self, x: &CudaTensor, w_gate: &CudaTensor, w_up: &CudaTensor) -> Result<CudaTensor> {
+        if !Self::gemv_fits(x, &[w_gate, w_up]) || w_gate.shape != w_up.shape {
+            return self.silu_mul(&self.matmul(x, w_gate)?, &self.matmul(x, w_up)?);
+        }
+        let ((n, k), m) = (x.dims(), w_gate.dims().0);
+        let out = self.alloc(vec![n, m], DType::F32)?;
+        let mut t = 0;
+        while t < n {
+            let group = (n - t).min(16);
+            let (f, pairs) = match group {
+                1 => (&self.kernels.swiglu_t1, 1),
+                2..=4 => (&self.kernels.swiglu_t4, 2),
+                5..=8 => (&self.kernels.swiglu_t8, 2),
+                _ => (&self.kernels.swiglu_t16, 2),
+            };
+            let grid = ((m as u32).div_ceil(GEMV_WARPS * pairs), 1, 1);
+            let (xp, yp) = (x.ptr() + (t * k * 4) as u64, out.ptr() + (t * m * 4) as u64);
+            launch!(self.dev, f, grid, (32 * GEMV_WARPS, 1, 1);
+                w_gate.ptr(), w_up.ptr(), yp, m as i32, k as i32, xp, group as i32)?;
+            t += group;
+        }
+        Ok(out)
+    }
+
+    fn rope_qk(
+        &self,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        batch: &CudaBatch,
+        inv_freq: &CudaTensor,
+        head_dim: usize,
+    ) -> Result<()> {
+        Self::expect(q, DType::F32, "rope input")?;
+        Self::expect(k, DType::F32, "rope input")?;
+        Self::expect(inv_freq, DType::F32, "rope frequencies")?;
+        let (n, (_, qw), (_, kw)) = (q.dims().0, q.dims(), k.dims());
+        let (grid, block) = ((n as u32, 2, (qw.max(kw) / head_dim) as u32), ((head_dim / 2) as u32, 1, 1));
+        launch!(self.dev, &self.kernels.rope, grid, block;
+            q.ptr(), k.ptr(), batch.positions(), inv_freq.ptr(),
+            (qw / head_dim) as i32, (kw / head_dim) as i32, head_dim as i32)?;
+        Ok(())
+    }
+
+    fn rope(&self, x: &mut CudaTensor, batch: &CudaBatch, inv_freq: &CudaTensor, head_dim: usize) -> Result<()> {
+        Self::expect(x, DType::F32, "rope input")?;
+        Self::expect(inv_freq, DType::F32, "rope frequencies")?;
+        let (n, width) = x.dims();
+        let (grid, block) = ((n as u32, 1, (width / head_dim) as u32), ((head_dim / 2) as u32, 1, 1));
+        launch!(self.dev, &self.kernels.rope, grid, block;
+            x.ptr(), 0u64, batch.positions(), inv_freq.ptr(), (width / head_dim) as i32, 0i32, head_dim as i32)?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        k_cache: &mut CudaTensor,
+        v_cache: &mut CudaTensor,
+        batch: &CudaBatch,
+        s: AttnShape,
+    ) -> Result<CudaTensor> {
+        let (n, kv_dim) = (batch.num_tokens(), s.num_kv_heads * s.head_dim);
+        if k.dims() != (n, kv_dim) || v.dims() != (n, kv_dim) {
+            return Err(BackendError::Invalid(format!(
+                "attention: k/v are {:?}/{:?}, expected [{n}, {kv_dim}]",
+                k.shape, v.shape
+            )));
+        }
+        if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
+            return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
+        }
+        let split = match s.head_dim {
+            64 => &self.kernels.attn_split_hd64,
+            128 => &self.kernels.attn_split_hd128,
+            d => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
+        };
+        Self::expect(k_cache, DType::Bf16, "k cache")?;
+        Self::expect(k, DType::F32, "attention k")?;
+        Self::expect(v, DType::F32, "attention v")?;
+        let splits = batch.max_splits;
+        let partial = self.alloc(vec![n, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
+        // Also stores this step's keys and values in the caches (see kernels/attention.cu).
+        launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
+            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), batch.positions(), batch.slots(),
+            batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
+            batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr())?;
+        let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::F32)?;
+        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
+            partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32)?;
+        Ok(out)
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        let out = self.alloc(gate.shape.clone(), DType::F32)?;
+        let n = out.numel();
+        launch!(self.dev, &self.kernels.silu_mul, grid_for(n), (256, 1, 1); gate.ptr(), up.ptr(), out.ptr(), n)?;
+        Ok(out)
+    }
+
+    fn gather_logit_rows(&self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
+        let (rows, width) = (batch.meta.logits_for.len(), x.dims().1);
+        let out = self.alloc(vec![rows, width], DType::F32)?;
+        if rows > 0 {
+            launch!(self.dev, &self.kernels.gather_rows, (rows as u32, 1, 1), (1024, 1, 1);
+                x.ptr(), batch.logits_for(), out.ptr(), width as i32)?;
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        match x.dtype {
+            DType::F32 => self.dev.dtoh::<f32>(x.ptr(), x.numel()),
+            DType::Bf16 => {
+                let bits = self.dev.dtoh::<u16>(x.ptr(), x.numel())?;
+                Ok(bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
+            }
+        }
+    }
+
+    fn argmax_rows(&self, logits: &CudaTensor, vocab: usize) -> Result<Vec<u32>> {
+        let rows = logits.numel() / vocab.max(1);
+        let ids = self.dev.alloc(4 * rows.max(1))?;
+        if rows > 0 {
+            launch!(self.dev, &self.kernels.argmax_rows, (rows as u32, 1, 1), (1024, 1, 1);
+                logits.ptr(), ids.ptr(), vocab as i32)?;
+        }
+        self.dev.dtoh::<u32>(ids.ptr(), rows)
+    }
+}

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On a GPU machine: every CUDA kernel against the CPU op it replaces, the default model's
+# forward on both backends, then the benchmarks; prints the tables last.
+#
+#   bench/gpu.sh [SPECULA_BINARY]
+#
+# Environment:
+#   LOG_DIR     where logs and JSON go (default /tmp/specula-bench)
+#   MODEL       the default model's GGUF for the forward comparison (no network needed);
+#               unset or missing: the op comparison only
+#   CUDA_HOME   CUDA toolkit (default /usr/local/cuda): NVRTC, cuBLAS and the headers
+#   BENCH_ARGS  extra arguments for `specula bench`
+set -uo pipefail
+BIN=${1:-target/release/specula}
+LOG_DIR=${LOG_DIR:-/tmp/specula-bench}
+mkdir -p "$LOG_DIR"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export LD_LIBRARY_PATH="$CUDA_HOME/lib64:${LD_LIBRARY_PATH:-}"
+export SPECULA_CACHE=${SPECULA_CACHE:-$LOG_DIR/cache}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem \
+    --format=csv >"$LOG_DIR/gpu.txt" 2>&1
+cat "$LOG_DIR/gpu.txt"
+
+model_arg=none
+if [ -n "${MODEL:-}" ] && [ -f "$MODEL" ]; then model_arg=$MODEL; fi
+status=0
+"$BIN" kernels parity --model "$model_arg" >"$LOG_DIR/parity.txt" 2>&1 || status=1
+"$BIN" bench --json "$LOG_DIR/bench.json" ${BENCH_ARGS:-} >"$LOG_DIR/bench.txt" 2>&1 || status=1
+
+echo "== command: $BIN kernels parity --model $model_arg; $BIN bench ${BENCH_ARGS:-}"
+tail -n 60 "$LOG_DIR/parity.txt"
+echo
+tail -n 40 "$LOG_DIR/bench.txt"
+exit $status

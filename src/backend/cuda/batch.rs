@@ -1,0 +1,107 @@
+//! A step's `BatchMeta` on the device: one u32 buffer, uploaded with one copy.
+//!
+//! Layout (n tokens, r rows, l logit rows, b = blocks per row, padded):
+//! ```text
+//! | tokens n | positions n | slots n | token_row n | row_first n | logits_for l | block_tables r × b |
+//! ```
+//! A captured graph keeps its buffer and gets the next step's values copied into it, so
+//! the layout depends only on (n, r, l, b): the graph's key.
+
+use std::sync::Arc;
+
+use super::device::DeviceBuf;
+use crate::backend::{BackendError, BatchMeta, Result};
+
+/// Positions per attention split; must match ATTN_SPLIT in kernels/attention.cu.
+pub const ATTN_SPLIT: usize = 64;
+
+pub struct CudaBatch {
+    pub(crate) meta: BatchMeta,
+    pub(crate) buf: Arc<DeviceBuf>,
+    pub(crate) max_blocks: usize,
+    /// Attention splits launched per token: enough for the longest context `max_blocks`
+    /// allows; a token uses only the splits its own position needs.
+    pub(crate) max_splits: usize,
+}
+
+impl CudaBatch {
+    pub fn num_tokens(&self) -> usize {
+        self.meta.tokens.len()
+    }
+    pub fn tokens(&self) -> u64 {
+        self.buf.ptr()
+    }
+    pub fn positions(&self) -> u64 {
+        self.buf.ptr() + 4 * self.num_tokens() as u64
+    }
+    pub fn slots(&self) -> u64 {
+        self.buf.ptr() + 8 * self.num_tokens() as u64
+    }
+    pub fn token_row(&self) -> u64 {
+        self.buf.ptr() + 12 * self.num_tokens() as u64
+    }
+    /// Per token, the index of its row's first token in this step.
+    pub fn row_first(&self) -> u64 {
+        self.buf.ptr() + 16 * self.num_tokens() as u64
+    }
+    pub fn logits_for(&self) -> u64 {
+        self.buf.ptr() + 20 * self.num_tokens() as u64
+    }
+    pub fn block_tables(&self) -> u64 {
+        self.logits_for() + 4 * self.meta.logits_for.len() as u64
+    }
+}
+
+/// Blocks per row the batch needs.
+pub fn blocks_needed(meta: &BatchMeta) -> usize {
+    meta.rows.iter().map(|r| r.block_table.len()).max().unwrap_or(0).max(1)
+}
+
+pub fn splits_for(max_blocks: usize, block_size: usize) -> usize {
+    (max_blocks * block_size).div_ceil(ATTN_SPLIT).max(1)
+}
+
+pub fn packed_len(meta: &BatchMeta, max_blocks: usize) -> usize {
+    5 * meta.tokens.len() + meta.logits_for.len() + meta.rows.len() * max_blocks
+}
+
+/// The buffer's contents; checks what the kernels would otherwise read out of bounds.
+pub fn pack(meta: &BatchMeta, max_blocks: usize) -> Result<Vec<u32>> {
+    let n = meta.tokens.len();
+    if meta.positions.len() != n || meta.slots.len() != n {
+        return Err(BackendError::Invalid("batch: tokens, positions and slots differ in length".into()));
+    }
+    let (mut token_row, mut row_first) = (vec![u32::MAX; n], vec![0u32; n]);
+    for (r, row) in meta.rows.iter().enumerate() {
+        let (start, end) = (row.start as usize, (row.start + row.len) as usize);
+        if end > n || row.block_table.len() > max_blocks {
+            return Err(BackendError::Invalid(format!("batch: row {r} out of bounds")));
+        }
+        token_row[start..end].iter_mut().for_each(|t| *t = r as u32);
+        row_first[start..end].iter_mut().for_each(|t| *t = start as u32);
+        if (start + 1..end).any(|t| meta.positions[t] != meta.positions[t - 1] + 1) {
+            return Err(BackendError::Invalid(format!("batch: row {r}'s positions are not consecutive")));
+        }
+        for t in start..end {
+            let blocks_used = meta.positions[t] as usize / meta.block_size as usize + 1;
+            if blocks_used > row.block_table.len() {
+                return Err(BackendError::Invalid(format!("batch: token {t} lies past its row's block table")));
+            }
+        }
+    }
+    if token_row.contains(&u32::MAX) || meta.logits_for.iter().any(|&t| t as usize >= n) {
+        return Err(BackendError::Invalid("batch: a token belongs to no row, or logits_for is out of range".into()));
+    }
+    let mut out = Vec::with_capacity(packed_len(meta, max_blocks));
+    out.extend(&meta.tokens);
+    out.extend(&meta.positions);
+    out.extend(&meta.slots);
+    out.extend(&token_row);
+    out.extend(&row_first);
+    out.extend(&meta.logits_for);
+    for row in &meta.rows {
+        out.extend(&row.block_table);
+        out.extend(std::iter::repeat_n(0, max_blocks - row.block_table.len()));
+    }
+    Ok(out)
+}

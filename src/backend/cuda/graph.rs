@@ -1,0 +1,155 @@
+//! CUDA graphs for decode-sized steps (decode, verification, the draft loop).
+//!
+//! A small model's decode step is hundreds of short kernels; launching them one by one
+//! costs more than running them. The first step of a given shape runs the one Llama
+//! forward under stream capture; later steps copy their metadata into the captured batch
+//! buffer and replay the graph: one launch.
+//!
+//! What makes a replay valid:
+//! - every buffer the graph touches keeps its address: tensors made during capture come
+//!   from the graph's own arena (`GraphArena`), never reused by anyone else;
+//! - everything that changes between steps lives in device memory, not in kernel
+//!   arguments: tokens, positions, slots, block tables (padded to a power-of-two bucket
+//!   of blocks per row), and the attention kernels read positions to size their loops;
+//! - the same model, layer count and KV cache: the caller's `tag` and the KV cache's id
+//!   are part of the key.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{sys, CudaGraph};
+
+use super::batch::{blocks_needed, pack};
+use super::device::{driver_err, GraphArena};
+use super::{CudaBackend, CudaTensor, GEMV_MAX_TOKENS};
+use crate::backend::{BackendError, BatchMeta, Result};
+use crate::model::{KvCache, Llama};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    tag: u64,
+    kv: u64,
+    tokens: usize,
+    rows: usize,
+    logits: usize,
+    max_blocks: usize,
+    /// Captured with programmatic dependent launch or without.
+    pdl: bool,
+}
+
+struct Captured {
+    graph: CudaGraph,
+    batch: u64,
+    output: CudaTensor,
+    arena: Arc<GraphArena>,
+}
+
+// SAFETY: a graph is used only under the `Graphs` mutex, one call at a time.
+unsafe impl Send for Captured {}
+
+#[derive(Default)]
+pub struct Graphs {
+    captured: Mutex<HashMap<Key, Captured>>,
+    /// Turned off, every step runs eagerly (for comparisons).
+    disabled: std::sync::atomic::AtomicBool,
+}
+
+/// Smallest bucket of blocks per row a graph is captured for (1024 positions at 16 per block).
+const MIN_BLOCKS: usize = 64;
+
+impl CudaBackend {
+    /// Runs `model.forward_layers(meta)` on `kv`, through a captured graph when the step is
+    /// decode-sized (at most `GEMV_MAX_TOKENS` tokens). The returned logits live in the
+    /// graph's output buffer: read them before the next step of the same shape.
+    pub fn forward_graphed(
+        &self,
+        model: &Llama<CudaBackend>,
+        kv: &mut KvCache<CudaBackend>,
+        meta: &BatchMeta,
+        num_layers: usize,
+    ) -> Result<CudaTensor> {
+        let tag = (model as *const _ as u64) ^ ((num_layers as u64) << 48);
+        let kv_id = kv.k.first().map_or(0, |t| t.id());
+        self.graphed(tag, kv_id, meta, || model.forward_layers(self, kv, meta, num_layers))
+    }
+
+    /// Turns graphs off (or back on) for this backend: eager launches, same results.
+    pub fn set_graphs_enabled(&self, on: bool) {
+        self.graphs.disabled.store(!on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Graphs captured so far and the device memory their arenas hold.
+    pub fn graph_stats(&self) -> (usize, usize) {
+        let map = self.graphs.captured.lock().expect("graphs lock");
+        (map.len(), map.values().map(|c| c.arena.bytes()).sum())
+    }
+
+    /// The general form: `forward` must be the same computation for the same `tag`.
+    pub fn graphed(
+        &self,
+        tag: u64,
+        kv_id: u64,
+        meta: &BatchMeta,
+        forward: impl FnOnce() -> Result<CudaTensor>,
+    ) -> Result<CudaTensor> {
+        if meta.num_tokens() > GEMV_MAX_TOKENS || self.graphs.disabled.load(std::sync::atomic::Ordering::Relaxed) {
+            return forward();
+        }
+        let max_blocks = blocks_needed(meta).next_power_of_two().max(MIN_BLOCKS);
+        let key = Key {
+            tag,
+            kv: kv_id,
+            tokens: meta.num_tokens(),
+            rows: meta.rows.len(),
+            logits: meta.logits_for.len(),
+            max_blocks,
+            pdl: self.device().pdl(),
+        };
+        let packed = pack(meta, max_blocks)?;
+        let mut map = self.graphs.captured.lock().expect("graphs lock");
+        if let Some(c) = map.get(&key) {
+            self.device().htod(c.batch, &packed)?;
+            c.graph.launch().map_err(driver_err("graph launch"))?;
+            return Ok(c.output.clone());
+        }
+        let captured = self.capture(&packed, max_blocks, meta.num_tokens(), forward)?;
+        captured.graph.launch().map_err(driver_err("graph launch"))?;
+        let output = captured.output.clone();
+        map.insert(key, captured);
+        Ok(output)
+    }
+
+    fn capture(
+        &self,
+        packed: &[u32],
+        max_blocks: usize,
+        tokens: usize,
+        forward: impl FnOnce() -> Result<CudaTensor>,
+    ) -> Result<Captured> {
+        let dev = self.device();
+        // Activations of one step, generously: ~11 MB per token for llama-3.1-8b.
+        let arena = Arc::new(GraphArena::new(dev.ctx.clone(), (64 << 20) + tokens * (16 << 20))?);
+        dev.begin_arena(arena.clone());
+        let result = (|| {
+            // The batch buffer is filled before capture: a copy from host memory cannot
+            // be captured, and replays refill it the same way.
+            let batch = Arc::new(dev.alloc(4 * packed.len())?);
+            dev.htod(batch.ptr(), packed)?;
+            *self.capture_batch.lock().expect("capture lock") = Some((batch.clone(), max_blocks));
+            dev.stream
+                .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+                .map_err(driver_err("begin capture"))?;
+            let output = forward();
+            // End the capture whatever happened, or the stream stays unusable.
+            let graph = dev.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+            let output = output?;
+            let graph = graph
+                .map_err(driver_err("end capture"))?
+                .ok_or_else(|| BackendError::Device("stream capture produced no graph".into()))?;
+            Ok(Captured { graph, batch: batch.ptr(), output, arena: arena.clone() })
+        })();
+        *self.capture_batch.lock().expect("capture lock") = None;
+        dev.end_arena();
+        result
+    }
+}

@@ -1,0 +1,277 @@
+//! The kernels: their sources (`kernels/*.cu`, embedded in the binary), NVRTC compilation
+//! for the device's architecture, an on-disk cache of the compiled cubins keyed by a hash
+//! of source, architecture, options and NVRTC version, and the loaded functions.
+
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use cudarc::driver::{CudaContext, CudaFunction};
+use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
+
+use crate::backend::{BackendError, Result};
+
+/// One `kernels/*.cu` file.
+pub struct KernelFile {
+    pub name: &'static str,
+    pub source: &'static str,
+}
+
+const COMMON: &str = include_str!("../../../kernels/common.cuh");
+
+pub const FILES: &[KernelFile] = &[
+    KernelFile { name: "embed.cu", source: include_str!("../../../kernels/embed.cu") },
+    KernelFile { name: "norm.cu", source: include_str!("../../../kernels/norm.cu") },
+    KernelFile { name: "rope.cu", source: include_str!("../../../kernels/rope.cu") },
+    KernelFile { name: "activation.cu", source: include_str!("../../../kernels/activation.cu") },
+    KernelFile { name: "gemv.cu", source: include_str!("../../../kernels/gemv.cu") },
+    KernelFile { name: "attention.cu", source: include_str!("../../../kernels/attention.cu") },
+    KernelFile { name: "sample.cu", source: include_str!("../../../kernels/sample.cu") },
+];
+
+impl KernelFile {
+    /// The source as NVRTC sees it: `common.cuh` pasted in place of its include, so that
+    /// no file lookup happens at run time.
+    pub fn full_source(&self) -> String {
+        self.source.replace("#include \"common.cuh\"", COMMON)
+    }
+
+    /// The `extern "C" __global__` functions the file defines.
+    pub fn kernel_names(&self) -> Vec<String> {
+        let text = self.source.split_whitespace().collect::<Vec<_>>().join(" ");
+        text.split("extern \"C\" __global__ void ")
+            .skip(1)
+            .filter_map(|rest| rest.split('(').next().map(|n| n.trim().to_string()))
+            .collect()
+    }
+}
+
+/// Where NVRTC finds `cuda_bf16.h`: `$CUDA_HOME/include`, else `/usr/local/cuda/include`.
+pub fn cuda_include_dir() -> Result<PathBuf> {
+    let candidates = std::env::var_os("CUDA_HOME")
+        .or_else(|| std::env::var_os("CUDA_PATH"))
+        .map(|h| PathBuf::from(h).join("include"))
+        .into_iter()
+        .chain([PathBuf::from("/usr/local/cuda/include")]);
+    for dir in candidates {
+        if dir.join("cuda_bf16.h").exists() {
+            return Ok(dir);
+        }
+    }
+    Err(BackendError::Device(
+        "CUDA headers not found: set CUDA_HOME to a folder whose include/ holds cuda_bf16.h".into(),
+    ))
+}
+
+/// NVRTC's version, e.g. (13, 0). Fails cleanly (no panic) when libnvrtc cannot be loaded.
+pub fn nvrtc_version() -> Result<(i32, i32)> {
+    // cudarc panics when it cannot dlopen the library; turn that into an error, quietly.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let call = std::panic::catch_unwind(|| {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: two out-parameters.
+        let status = unsafe { nvrtc_sys::nvrtcVersion(&mut major, &mut minor) };
+        (status, major, minor)
+    });
+    std::panic::set_hook(hook);
+    match call {
+        Ok((nvrtc_sys::nvrtcResult::NVRTC_SUCCESS, major, minor)) => Ok((major, minor)),
+        Ok((status, _, _)) => Err(BackendError::Device(format!("nvrtcVersion failed: {status:?}"))),
+        Err(_) => Err(BackendError::Device(
+            "libnvrtc could not be loaded: put the folder holding libnvrtc.so.13 on LD_LIBRARY_PATH".into(),
+        )),
+    }
+}
+
+fn options(arch: &str, include: &Path) -> Vec<String> {
+    vec![
+        format!("--gpu-architecture={arch}"),
+        format!("--include-path={}", include.display()),
+        "--std=c++17".into(),
+        // Exact division and square roots: the CPU reference computes them exactly too.
+        "--prec-div=true".into(),
+        "--prec-sqrt=true".into(),
+        "--fmad=true".into(),
+    ]
+}
+
+/// Compiles one file to a cubin for `arch` (e.g. `sm_90a`). The error carries NVRTC's log.
+pub fn compile(file: &KernelFile, arch: &str, include: &Path) -> Result<Vec<u8>> {
+    compile_with(file, arch, include, &[]).map(|(cubin, _)| cubin)
+}
+
+/// `compile` with extra NVRTC options (e.g. `--ptxas-options=-v`); also returns NVRTC's log.
+pub fn compile_with(file: &KernelFile, arch: &str, include: &Path, extra: &[&str]) -> Result<(Vec<u8>, String)> {
+    let fail = |log: String| BackendError::Compile { kernel: file.name.to_string(), log };
+    let src = CString::new(file.full_source()).map_err(|_| fail("source holds a NUL byte".into()))?;
+    let name = CString::new(file.name).expect("file names hold no NUL");
+    let prog = nvrtc::create_program(&src, Some(&name)).map_err(|e| fail(format!("nvrtcCreateProgram: {e:?}")))?;
+    // SAFETY: `prog` is live until destroyed below; src and name outlive it.
+    let result = unsafe {
+        let mut opts = options(arch, include);
+        opts.extend(extra.iter().map(|s| s.to_string()));
+        match nvrtc::compile_program(prog, &opts) {
+            Ok(()) => {
+                let log = nvrtc::get_program_log(prog).ok();
+                let log = log.map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
+                cubin(prog).map(|c| (c, log)).map_err(|e| fail(format!("nvrtcGetCUBIN: {e:?}")))
+            }
+            Err(e) => {
+                let log = nvrtc::get_program_log(prog).ok();
+                let log = log.map(|l| CStr::from_ptr(l.as_ptr()).to_string_lossy().into_owned()).unwrap_or_default();
+                Err(fail(format!("{e:?}\n{log}")))
+            }
+        }
+    };
+    // SAFETY: created above, destroyed once.
+    let _ = unsafe { nvrtc::destroy_program(prog) };
+    result
+}
+
+unsafe fn cubin(prog: nvrtc_sys::nvrtcProgram) -> std::result::Result<Vec<u8>, nvrtc_sys::nvrtcResult> {
+    let mut size = 0usize;
+    let status = nvrtc_sys::nvrtcGetCUBINSize(prog, &mut size);
+    if status != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(status);
+    }
+    let mut out = vec![0u8; size];
+    let status = nvrtc_sys::nvrtcGetCUBIN(prog, out.as_mut_ptr() as *mut _);
+    if status != nvrtc_sys::nvrtcResult::NVRTC_SUCCESS {
+        return Err(status);
+    }
+    Ok(out)
+}
+
+/// FNV-1a: stable across builds (std's hasher is not), good enough for a cache key.
+fn fnv64(parts: &[&[u8]]) -> u64 {
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for part in parts {
+        for &b in *part {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        h = (h ^ 0xff).wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn cache_dir() -> PathBuf {
+    crate::model::default_model::cache_dir().join("kernels")
+}
+
+/// The cubin of `file` for `arch`, from the disk cache or freshly compiled (and then cached).
+pub fn cubin_cached(file: &KernelFile, arch: &str, include: &Path) -> Result<Vec<u8>> {
+    let (major, minor) = nvrtc_version()?;
+    let source = file.full_source();
+    let opts = options(arch, include).join(" ");
+    let version = format!("{major}.{minor}");
+    let key = fnv64(&[source.as_bytes(), arch.as_bytes(), opts.as_bytes(), version.as_bytes()]);
+    let path = cache_dir().join(format!("{}-{arch}-{key:016x}.cubin", file.name.trim_end_matches(".cu")));
+    if let Ok(bytes) = std::fs::read(&path) {
+        return Ok(bytes);
+    }
+    let bytes = compile(file, arch, include)?;
+    // A failed cache write only costs a recompile next time.
+    if std::fs::create_dir_all(cache_dir()).is_ok() {
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+        if std::fs::write(&tmp, &bytes).is_ok() {
+            let _ = std::fs::rename(&tmp, &path);
+        }
+    }
+    Ok(bytes)
+}
+
+/// The architecture NVRTC should target for a device: `sm_90a` on Hopper (for wgmma and
+/// friends), `sm_XY` elsewhere.
+pub fn arch_for(major: i32, minor: i32) -> String {
+    if (major, minor) == (9, 0) {
+        "sm_90a".into()
+    } else {
+        format!("sm_{major}{minor}")
+    }
+}
+
+/// Every kernel function, loaded once per context and shared by the backends on it.
+pub struct Kernels {
+    pub embed_rows: CudaFunction,
+    pub gather_rows: CudaFunction,
+    pub f32_to_bf16: CudaFunction,
+    pub fill_normal_bf16: CudaFunction,
+    pub rms_norm: CudaFunction,
+    pub add_rms_norm: CudaFunction,
+    pub rope: CudaFunction,
+    pub silu_mul: CudaFunction,
+    pub gemv_t1: CudaFunction,
+    pub gemv_t4: CudaFunction,
+    pub gemv_t8: CudaFunction,
+    pub gemv_t16: CudaFunction,
+    pub swiglu_t1: CudaFunction,
+    pub swiglu_t4: CudaFunction,
+    pub swiglu_t8: CudaFunction,
+    pub swiglu_t16: CudaFunction,
+    pub attn_split_hd64: CudaFunction,
+    pub attn_split_hd128: CudaFunction,
+    pub attn_merge: CudaFunction,
+    pub argmax_rows: CudaFunction,
+    /// The architecture the cubins were built for.
+    pub arch: String,
+}
+
+impl Kernels {
+    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+        let (major, minor) = ctx.compute_capability().map_err(|e| BackendError::Device(e.to_string()))?;
+        let arch = arch_for(major, minor);
+        let include = cuda_include_dir()?;
+        let mut modules = Vec::new();
+        for file in FILES {
+            let cubin = cubin_cached(file, &arch, &include)?;
+            let module = ctx
+                .load_module(Ptx::from_binary(cubin))
+                .map_err(|e| BackendError::Device(format!("loading {}: {e}", file.name)))?;
+            modules.push(module);
+        }
+        let get = |name: &str| -> Result<CudaFunction> {
+            modules
+                .iter()
+                .find_map(|m| m.load_function(name).ok())
+                .ok_or_else(|| BackendError::Device(format!("kernel {name} not found in any module")))
+        };
+        Ok(Kernels {
+            embed_rows: get("embed_rows")?,
+            gather_rows: get("gather_rows")?,
+            f32_to_bf16: get("f32_to_bf16")?,
+            fill_normal_bf16: get("fill_normal_bf16")?,
+            rms_norm: get("rms_norm")?,
+            add_rms_norm: get("add_rms_norm")?,
+            rope: get("rope")?,
+            silu_mul: get("silu_mul")?,
+            gemv_t1: get("gemv_t1")?,
+            gemv_t4: get("gemv_t4")?,
+            gemv_t8: get("gemv_t8")?,
+            gemv_t16: get("gemv_t16")?,
+            swiglu_t1: get("swiglu_t1")?,
+            swiglu_t4: get("swiglu_t4")?,
+            swiglu_t8: get("swiglu_t8")?,
+            swiglu_t16: get("swiglu_t16")?,
+            attn_split_hd64: get("attn_split_hd64")?,
+            attn_split_hd128: get("attn_split_hd128")?,
+            attn_merge: get("attn_merge")?,
+            argmax_rows: get("argmax_rows")?,
+            arch,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_file_names_its_kernels() {
+        let names: Vec<String> = FILES.iter().flat_map(|f| f.kernel_names()).collect();
+        for expected in ["embed_rows", "rms_norm", "add_rms_norm", "rope", "gemv_t8", "attn_merge", "argmax_rows"] {
+            assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        }
+        assert!(FILES.iter().all(|f| !f.full_source().contains("#include \"common.cuh\"")));
+    }
+}

@@ -1,0 +1,540 @@
+//! `specula kernels check`: compile every CUDA kernel with NVRTC (no GPU needed).
+//! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, then the
+//! whole forward of a real model against the CPU backend.
+
+use clap::{Args, Subcommand};
+
+#[derive(Args)]
+pub struct KernelsArgs {
+    #[command(subcommand)]
+    command: KernelsCommand,
+}
+
+#[derive(Subcommand)]
+enum KernelsCommand {
+    /// Compile every kernel with NVRTC for an architecture; no GPU needed (NVRTC on the
+    /// library path, CUDA headers under $CUDA_HOME/include). Exits non-zero on any failure.
+    Check {
+        #[arg(long, default_value = "sm_90a")]
+        arch: String,
+        /// Also print each kernel's registers, shared memory and spills.
+        #[arg(long)]
+        resources: bool,
+    },
+    /// On a GPU: every op against the CPU reference on fresh random inputs, then the model's
+    /// greedy tokens and logits on both backends.
+    Parity(ParityArgs),
+}
+
+#[derive(Args)]
+pub struct ParityArgs {
+    /// The model for the whole-forward comparison (`default`, a .gguf file, a folder, or
+    /// `none` to compare the ops only).
+    #[arg(long, default_value = "default")]
+    model: String,
+    /// Greedy tokens compared per prompt.
+    #[arg(long, default_value_t = 64)]
+    tokens: usize,
+    /// Seed of the random inputs (default: from the clock, so each run draws fresh ones).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+pub fn run(args: KernelsArgs) -> Result<(), Box<dyn std::error::Error>> {
+    match args.command {
+        KernelsCommand::Check { arch, resources } => check(&arch, resources),
+        KernelsCommand::Parity(p) => parity(p),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check(_arch: &str, _resources: bool) -> Result<(), Box<dyn std::error::Error>> {
+    Err("this binary was built without the `cuda` feature (cargo build --features cuda)".into())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn parity(_: ParityArgs) -> Result<(), Box<dyn std::error::Error>> {
+    Err("this binary was built without the `cuda` feature (cargo build --features cuda)".into())
+}
+
+#[cfg(feature = "cuda")]
+fn check(arch: &str, resources: bool) -> Result<(), Box<dyn std::error::Error>> {
+    use specula::backend::cuda::kernels::{compile_with, cuda_include_dir, nvrtc_version, FILES};
+    let (major, minor) = nvrtc_version()?;
+    let include = cuda_include_dir()?;
+    println!("NVRTC {major}.{minor}, headers {}, target {arch}", include.display());
+    let mut failed = 0;
+    for file in FILES {
+        let start = std::time::Instant::now();
+        let extra: &[&str] = if resources { &["--ptxas-options=-v"] } else { &[] };
+        let result = compile_with(file, arch, &include, extra);
+        let ms = start.elapsed().as_millis();
+        let status = match &result {
+            Ok((cubin, _)) => format!("ok ({} KiB, {ms} ms)", cubin.len() / 1024),
+            Err(_) => "FAILED".to_string(),
+        };
+        println!("{:<14} {status}", file.name);
+        for kernel in file.kernel_names() {
+            println!("    {kernel:<22} {}", if result.is_ok() { "ok" } else { "FAILED" });
+        }
+        if let (Ok((_, log)), true) = (&result, resources) {
+            println!("{}", log.trim_end());
+        }
+        if let Err(e) = result {
+            failed += 1;
+            eprintln!("{e}");
+        }
+    }
+    if failed > 0 {
+        return Err(format!("{failed} of {} kernel files failed to compile", FILES.len()).into());
+    }
+    println!("all {} kernel files compiled", FILES.len());
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn parity(args: ParityArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use specula::backend::cpu::CpuBackend;
+    use specula::backend::cuda::CudaBackend;
+    let seed = args.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    let gpu = CudaBackend::new(0)?;
+    let cpu = CpuBackend::new();
+    println!("parity: {} against {}, seed {seed}", specula::backend::Backend::name(&gpu), cpu_name(&cpu));
+    let rows = ops::all(&cpu, &gpu, seed)?;
+    let op_failures = rows.iter().filter(|r| !r.pass).count();
+    let forward = if args.model == "none" { vec![] } else { forward::compare(&cpu, &gpu, &args.model, args.tokens)? };
+    println!("\n== kernel parity (tolerance {:.0e}, max |gpu - cpu| / max |cpu|) ==", ops::TOLERANCE);
+    println!("{:<34} {:<22} {:>10}", "op", "shape", "rel err");
+    for r in &rows {
+        println!("{:<34} {:<22} {:>10.2e}  {}", r.op, r.shape, r.err, if r.pass { "pass" } else { "FAIL" });
+    }
+    if !forward.is_empty() {
+        println!("\n== forward parity: {} (greedy, CPU tokens fed to both) ==", args.model);
+        println!(
+            "{:<14} {:>8} {:>14} {:>14} {:>12} {:>14}",
+            "prompt", "equal", "first differ", "cpu margin", "logits err", "verify==decode"
+        );
+        for f in &forward {
+            println!(
+                "{:<14} {:>5}/{:<2} {:>14} {:>14} {:>12.2e} {:>14}",
+                f.prompt,
+                f.equal,
+                f.steps,
+                f.first_diff.map_or("-".into(), |s| s.to_string()),
+                f.margin.map_or("-".into(), |m| format!("{m:.4}")),
+                f.max_logit_err,
+                if f.verify_bitwise { "bitwise" } else { "DIFFERS" }
+            );
+        }
+    }
+    let forward_failures = forward.iter().filter(|f| f.equal < f.steps || !f.verify_bitwise).count();
+    if op_failures > 0 {
+        return Err(format!("{op_failures} ops outside tolerance").into());
+    }
+    if forward_failures > 0 {
+        eprintln!("note: {forward_failures} prompts diverged; see the cpu margin at the first difference (a near-tie is < ~0.05)");
+    }
+    Ok(())
+}
+
+#[cfg(feature = "cuda")]
+fn cpu_name(cpu: &specula::backend::cpu::CpuBackend) -> String {
+    specula::backend::Backend::name(cpu)
+}
+
+#[cfg(feature = "cuda")]
+mod ops {
+    //! Each op on both backends with the same random inputs. Weights are rounded to bf16
+    //! before the CPU sees them, so the comparison measures the kernels, not the storage.
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    use specula::backend::cpu::CpuBackend;
+    use specula::backend::cuda::CudaBackend;
+    use specula::backend::{AttnShape, Backend, BatchMeta, Result};
+    use specula::model::{HostTensor, Preset};
+
+    pub const TOLERANCE: f64 = 1e-2;
+
+    pub struct Row {
+        pub op: String,
+        pub shape: String,
+        pub err: f64,
+        pub pass: bool,
+    }
+
+    fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+        if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
+            return f64::INFINITY;
+        }
+        let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64)).max(1e-30);
+        got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs())) / scale
+    }
+
+    fn bf16_round(v: Vec<f32>) -> Vec<f32> {
+        v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
+    }
+
+    struct Ctx<'a> {
+        cpu: &'a CpuBackend,
+        gpu: &'a CudaBackend,
+        rng: StdRng,
+        rows: Vec<Row>,
+    }
+
+    impl Ctx<'_> {
+        fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+            (0..n).map(|_| (self.rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+        }
+
+        fn push(&mut self, op: &str, shape: String, got: &[f32], want: &[f32]) {
+            let err = rel_err(got, want);
+            self.rows.push(Row { op: op.into(), shape, err, pass: err <= TOLERANCE });
+        }
+
+        /// The same host tensor on both backends.
+        fn both(&self, t: &HostTensor) -> Result<(<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor)> {
+            Ok((self.cpu.upload(t)?, self.gpu.upload(t)?))
+        }
+    }
+
+    pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<Row>> {
+        let mut c = Ctx { cpu, gpu, rng: StdRng::seed_from_u64(seed), rows: vec![] };
+        for (n, d) in [(7, 576), (3, 4096), (1, 8192)] {
+            norms(&mut c, n, d)?;
+        }
+        for (n, m, k) in
+            [(1, 1536, 576), (5, 576, 1536), (9, 1024, 2048), (17, 512, 4096), (1, 4096, 14336), (40, 1536, 576)]
+        {
+            matmul(&mut c, n, m, k)?;
+        }
+        for n in [1, 9] {
+            fused(&mut c, n)?;
+        }
+        for preset in [Preset::SmolLm2_135m, Preset::Llama31_8b] {
+            rope(&mut c, preset)?;
+        }
+        for shape in [
+            AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
+            AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128 },
+        ] {
+            attention(&mut c, shape)?;
+        }
+        elementwise(&mut c)?;
+        random(&mut c)?;
+        Ok(c.rows)
+    }
+
+    fn norms(c: &mut Ctx, n: usize, d: usize) -> Result<()> {
+        let x = HostTensor::new(vec![n, d], c.values(n * d, 3.0));
+        let delta = HostTensor::new(vec![n, d], c.values(n * d, 1.0));
+        let w = HostTensor::new(vec![d], c.values(d, 1.0));
+        let (xc, xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
+        let (dc, dg) = (c.cpu.upload(&delta)?, f32_tensor(c.gpu, &delta)?);
+        let (wc, wg) = c.both(&w)?;
+        let want = c.cpu.to_host(&c.cpu.rms_norm(&xc, &wc, 1e-5)?)?;
+        let got = c.gpu.to_host(&c.gpu.rms_norm(&xg, &wg, 1e-5)?)?;
+        c.push("rms_norm", format!("[{n}, {d}]"), &got, &want);
+        let (mut rc, mut rg) = (xc, xg);
+        let want = c.cpu.to_host(&c.cpu.add_rms_norm(&mut rc, &dc, &wc, 1e-5)?)?;
+        let got = c.gpu.to_host(&c.gpu.add_rms_norm(&mut rg, &dg, &wg, 1e-5)?)?;
+        c.push("add_rms_norm (normed)", format!("[{n}, {d}]"), &got, &want);
+        let (want, got) = (c.cpu.to_host(&rc)?, c.gpu.to_host(&rg)?);
+        c.push("add_rms_norm (residual)", format!("[{n}, {d}]"), &got, &want);
+        Ok(())
+    }
+
+    /// An f32 activation on the GPU with the host tensor's values.
+    pub fn f32_tensor(gpu: &CudaBackend, t: &HostTensor) -> Result<<CudaBackend as Backend>::Tensor> {
+        gpu.upload_f32(t)
+    }
+
+    fn matmul(c: &mut Ctx, n: usize, m: usize, k: usize) -> Result<()> {
+        let x = HostTensor::new(vec![n, k], c.values(n * k, 1.0));
+        let v = c.values(m * k, 0.05);
+        let w = HostTensor::new(vec![m, k], bf16_round(v));
+        let (xc, xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
+        let (wc, wg) = c.both(&w)?;
+        let want = c.cpu.to_host(&c.cpu.matmul(&xc, &wc)?)?;
+        let out = c.gpu.matmul(&xg, &wg)?;
+        let got = c.gpu.to_host(&out)?;
+        let path = if n <= specula::backend::cuda::GEMV_MAX_TOKENS { "gemv" } else { "cuBLAS" };
+        c.push(&format!("matmul ({path})"), format!("[{n},{k}]x[{m},{k}]"), &got, &want);
+        if n > 1 && n <= specula::backend::cuda::GEMV_MAX_TOKENS {
+            // Batch invariance: each token alone gives the same bits as inside the batch.
+            let mut same = true;
+            for t in 0..n {
+                let one = HostTensor::new(vec![1, k], x.data[t * k..(t + 1) * k].to_vec());
+                let alone = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &one)?, &wg)?)?;
+                same &= alone.iter().zip(&got[t * m..(t + 1) * m]).all(|(a, b)| a.to_bits() == b.to_bits());
+            }
+            c.rows.push(Row {
+                op: "matmul batch invariance".into(),
+                shape: format!("{n} tokens vs 1"),
+                err: if same { 0.0 } else { f64::INFINITY },
+                pass: same,
+            });
+        }
+        Ok(())
+    }
+
+    /// The fused entry points (q/k/v in one launch, gate/up with SwiGLU, RoPE on q and k)
+    /// against the CPU's unfused default implementations.
+    fn fused(c: &mut Ctx, n: usize) -> Result<()> {
+        let (h, kv, inter) = (576, 192, 1536);
+        let x = HostTensor::new(vec![n, h], c.values(n * h, 1.0));
+        let (xc, xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
+        let mut ws = vec![];
+        for m in [h, kv, kv, inter, inter] {
+            let v = c.values(m * h, 0.05);
+            ws.push(c.both(&HostTensor::new(vec![m, h], bf16_round(v)))?);
+        }
+        let want = c.cpu.matmul_many(&xc, &[&ws[0].0, &ws[1].0, &ws[2].0])?;
+        let got = c.gpu.matmul_many(&xg, &[&ws[0].1, &ws[1].1, &ws[2].1])?;
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let (w, g) = (c.cpu.to_host(w)?, c.gpu.to_host(g)?);
+            c.push(&format!("matmul_many (q/k/v {i})"), format!("[{n},{h}]"), &g, &w);
+        }
+        let want = c.cpu.to_host(&c.cpu.swiglu(&xc, &ws[3].0, &ws[4].0)?)?;
+        let got = c.gpu.to_host(&c.gpu.swiglu(&xg, &ws[3].1, &ws[4].1)?)?;
+        c.push("swiglu (gate/up + silu)", format!("[{n},{h}]x2[{inter},{h}]"), &got, &want);
+        if n > 1 {
+            let one = f32_tensor(c.gpu, &HostTensor::new(vec![1, h], x.data[(n - 1) * h..].to_vec()))?;
+            let alone = c.gpu.to_host(&c.gpu.swiglu(&one, &ws[3].1, &ws[4].1)?)?;
+            let same = alone.iter().zip(&got[(n - 1) * inter..]).all(|(a, b)| a.to_bits() == b.to_bits());
+            c.rows.push(Row {
+                op: "swiglu batch invariance".into(),
+                shape: format!("{n} tokens vs 1"),
+                err: if same { 0.0 } else { f64::INFINITY },
+                pass: same,
+            });
+        }
+        let cfg = Preset::Llama31_8b.config();
+        let mut meta = BatchMeta::new(16);
+        meta.push_row(&vec![1; n], 3000, &(0..200).collect::<Vec<u32>>(), 1);
+        let q = HostTensor::new(vec![n, cfg.q_dim()], c.values(n * cfg.q_dim(), 2.0));
+        let k = HostTensor::new(vec![n, cfg.kv_dim()], c.values(n * cfg.kv_dim(), 2.0));
+        let f = HostTensor::new(vec![cfg.head_dim / 2], cfg.rope_inv_freq());
+        let (mut qc, mut qg) = (c.cpu.upload(&q)?, f32_tensor(c.gpu, &q)?);
+        let (mut kc, mut kg) = (c.cpu.upload(&k)?, f32_tensor(c.gpu, &k)?);
+        let (fc, fg) = c.both(&f)?;
+        c.cpu.rope_qk(&mut qc, &mut kc, &c.cpu.prepare(&meta)?, &fc, cfg.head_dim)?;
+        c.gpu.rope_qk(&mut qg, &mut kg, &c.gpu.prepare(&meta)?, &fg, cfg.head_dim)?;
+        let (want, got) =
+            ([c.cpu.to_host(&qc)?, c.cpu.to_host(&kc)?].concat(), [c.gpu.to_host(&qg)?, c.gpu.to_host(&kg)?].concat());
+        c.push("rope_qk (q and k, one launch)", format!("{n} tokens, 8B heads"), &got, &want);
+        Ok(())
+    }
+
+    fn rope(c: &mut Ctx, preset: Preset) -> Result<()> {
+        let cfg = preset.config();
+        let (n, width) = (6, cfg.q_dim());
+        let mut meta = BatchMeta::new(16);
+        let start = if cfg.rope_scaling.is_some() { 100_000 } else { 7_000 };
+        let table: Vec<u32> = (0..(start as usize + n).div_ceil(16) as u32).collect();
+        meta.push_row(&vec![1; n], start, &table, 1);
+        let x = HostTensor::new(vec![n, width], c.values(n * width, 2.0));
+        let f = HostTensor::new(vec![cfg.head_dim / 2], cfg.rope_inv_freq());
+        let (mut xc, mut xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
+        let (fc, fg) = c.both(&f)?;
+        c.cpu.rope(&mut xc, &c.cpu.prepare(&meta)?, &fc, cfg.head_dim)?;
+        c.gpu.rope(&mut xg, &c.gpu.prepare(&meta)?, &fg, cfg.head_dim)?;
+        let (want, got) = (c.cpu.to_host(&xc)?, c.gpu.to_host(&xg)?);
+        c.push("rope (llama3 scaling)", format!("[{n}, {width}] pos {start}+"), &got, &want);
+        Ok(())
+    }
+
+    /// Three rows: a decode token deep in a scrambled block table, a verification row of 5
+    /// tokens, and a 40-token prefill from position 0.
+    fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
+        let (bs, blocks) = (16u32, 128usize);
+        let kv_dim = s.num_kv_heads * s.head_dim;
+        let slots = blocks * bs as usize;
+        let mut perm: Vec<u32> = (0..blocks as u32).collect();
+        for i in (1..perm.len()).rev() {
+            perm.swap(i, c.rng.random_range(0..=i));
+        }
+        let mut meta = BatchMeta::new(bs);
+        meta.push_row(&[3], 299, &perm[0..19], 1);
+        meta.push_row(&[4, 5, 6, 7, 8], 590, &perm[19..57], 5);
+        meta.push_row(&[9; 40], 0, &perm[57..60], 1);
+        let n = meta.num_tokens();
+        let q = HostTensor::new(vec![n, s.num_heads * s.head_dim], c.values(n * s.num_heads * s.head_dim, 2.0));
+        let k = HostTensor::new(vec![n, kv_dim], bf16_round(c.values(n * kv_dim, 2.0)));
+        let v = HostTensor::new(vec![n, kv_dim], bf16_round(c.values(n * kv_dim, 2.0)));
+        let kc = HostTensor::new(vec![slots, kv_dim], bf16_round(c.values(slots * kv_dim, 2.0)));
+        let vc = HostTensor::new(vec![slots, kv_dim], bf16_round(c.values(slots * kv_dim, 2.0)));
+        let (mut kcc, mut kcg) = c.both(&kc)?;
+        let (mut vcc, mut vcg) = c.both(&vc)?;
+        let (qc, qg) = (c.cpu.upload(&q)?, f32_tensor(c.gpu, &q)?);
+        let (kc_, kg) = (c.cpu.upload(&k)?, f32_tensor(c.gpu, &k)?);
+        let (vc_, vg) = (c.cpu.upload(&v)?, f32_tensor(c.gpu, &v)?);
+        let want = c.cpu.attention(&qc, &kc_, &vc_, &mut kcc, &mut vcc, &c.cpu.prepare(&meta)?, s)?;
+        let got = c.gpu.attention(&qg, &kg, &vg, &mut kcg, &mut vcg, &c.gpu.prepare(&meta)?, s)?;
+        let shape = format!("{}h/{}kv/{} x{n}", s.num_heads, s.num_kv_heads, s.head_dim);
+        let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
+        c.push("attention (decode+verify+prefill)", shape.clone(), &got, &want);
+        let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
+        c.push("attention KV write", shape, &got, &want);
+        Ok(())
+    }
+
+    fn elementwise(c: &mut Ctx) -> Result<()> {
+        let (n, d) = (5, 8192);
+        let g = HostTensor::new(vec![n, d], c.values(n * d, 6.0));
+        let u = HostTensor::new(vec![n, d], c.values(n * d, 2.0));
+        let (gc, gg) = (c.cpu.upload(&g)?, f32_tensor(c.gpu, &g)?);
+        let (uc, ug) = (c.cpu.upload(&u)?, f32_tensor(c.gpu, &u)?);
+        let want = c.cpu.to_host(&c.cpu.silu_mul(&gc, &uc)?)?;
+        let got = c.gpu.to_host(&c.gpu.silu_mul(&gg, &ug)?)?;
+        c.push("silu_mul", format!("[{n}, {d}]"), &got, &want);
+
+        let (vocab, hidden) = (1000, 576);
+        let table = HostTensor::new(vec![vocab, hidden], bf16_round(c.values(vocab * hidden, 1.0)));
+        let mut meta = BatchMeta::new(16);
+        let tokens: Vec<u32> = (0..9).map(|_| c.rng.random_range(0..vocab as u32)).collect();
+        meta.push_row(&tokens, 0, &[0], 3);
+        let (tc, tg) = c.both(&table)?;
+        let (bc, bg) = (c.cpu.prepare(&meta)?, c.gpu.prepare(&meta)?);
+        let (ec, eg) = (c.cpu.embed(&tc, &bc)?, c.gpu.embed(&tg, &bg)?);
+        c.push("embed", format!("9 of [{vocab}, {hidden}]"), &c.gpu.to_host(&eg)?, &c.cpu.to_host(&ec)?);
+        let want = c.cpu.to_host(&c.cpu.gather_logit_rows(&ec, &bc)?)?;
+        let got = c.gpu.to_host(&c.gpu.gather_logit_rows(&eg, &bg)?)?;
+        c.push("gather_logit_rows", "3 of 9 rows".into(), &got, &want);
+
+        let v = 128256;
+        let logits = HostTensor::new(vec![3, v], c.values(3 * v, 10.0));
+        let lg = f32_tensor(c.gpu, &logits)?;
+        let want: Vec<f32> = logits.data.chunks(v).map(|r| specula::core::sampling::argmax(r) as f32).collect();
+        let got: Vec<f32> = c.gpu.argmax_rows(&lg, v)?.into_iter().map(|i| i as f32).collect();
+        let same = got == want;
+        c.rows.push(Row {
+            op: "argmax_rows (ids equal)".into(),
+            shape: format!("[3, {v}]"),
+            err: if same { 0.0 } else { 1.0 },
+            pass: same,
+        });
+        Ok(())
+    }
+
+    /// The dummy-weight generator: no CPU twin (a different generator), so check its moments.
+    fn random(c: &mut Ctx) -> Result<()> {
+        let n = 1 << 22;
+        let t = c.gpu.random(&[1024, n / 1024], 0.02, c.rng.random())?;
+        let v = c.gpu.to_host(&t)?;
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+        let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+        let zeros = v.iter().filter(|&&x| x == 0.0).count();
+        let err = ((std - 0.02).abs() / 0.02).max(mean.abs() / 0.02);
+        c.rows.push(Row {
+            op: "random (std vs 0.02)".into(),
+            shape: format!("[{n}] {zeros} zeros"),
+            err,
+            pass: err < TOLERANCE && zeros < n / 1000,
+        });
+        Ok(())
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod forward {
+    //! The default model on both backends in one process: greedy tokens and logits.
+
+    use specula::backend::cpu::CpuBackend;
+    use specula::backend::cuda::CudaBackend;
+    use specula::backend::{Backend, BatchMeta, Result};
+    use specula::model::chat::ChatMessage;
+    use specula::model::{load_model, KvCache, ModelSource};
+    use specula::request::Prompt;
+
+    pub struct Outcome {
+        pub prompt: String,
+        pub steps: usize,
+        pub equal: usize,
+        pub first_diff: Option<usize>,
+        /// CPU logit of its own choice minus its logit of the GPU's choice, at the first difference.
+        pub margin: Option<f32>,
+        pub max_logit_err: f64,
+        /// A 5-token verification forward gives the bits of the 5 decode steps it repeats.
+        pub verify_bitwise: bool,
+    }
+
+    const BLOCK: u32 = 16;
+
+    pub fn compare(cpu: &CpuBackend, gpu: &CudaBackend, model: &str, steps: usize) -> Result<Vec<Outcome>> {
+        let source: ModelSource = model.parse().map_err(specula::backend::BackendError::Invalid)?;
+        let load_err = |e: specula::model::LoadError| specula::backend::BackendError::Invalid(e.to_string());
+        let lc = load_model(&source, cpu).map_err(load_err)?;
+        let lg = load_model(&source, gpu).map_err(load_err)?;
+        let prompts = [
+            ("france", Prompt::Text("The capital of France is".into())),
+            ("fib", Prompt::Text("def fibonacci(n):".into())),
+            ("chat", Prompt::Chat(vec![ChatMessage::user("What is speculative decoding? Explain briefly.")])),
+        ];
+        let vocab = lc.model.config.vocab_size;
+        let mut out = vec![];
+        for (name, prompt) in prompts {
+            let ids = specula::engine::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab, 8192)
+                .map_err(|e| specula::backend::BackendError::Invalid(e.to_string()))?;
+            let blocks = (ids.len() + steps + 8).div_ceil(BLOCK as usize);
+            let table: Vec<u32> = (0..blocks as u32).rev().collect(); // scrambled on purpose
+            let mut kc = KvCache::new(cpu, &lc.model.config, blocks, BLOCK as usize)?;
+            let mut kg = KvCache::new(gpu, &lg.model.config, blocks, BLOCK as usize)?;
+            let mut meta = BatchMeta::new(BLOCK);
+            meta.push_row(&ids, 0, &table, 1);
+            let mut lcpu = cpu.to_host(&lc.model.forward(cpu, &mut kc, &meta)?)?;
+            let mut lgpu = gpu.to_host(&lg.model.forward(gpu, &mut kg, &meta)?)?;
+            let mut o = Outcome {
+                prompt: name.into(),
+                steps,
+                equal: 0,
+                first_diff: None,
+                margin: None,
+                max_logit_err: 0.0,
+                verify_bitwise: true,
+            };
+            let (mut fed, mut decode_logits) = (vec![], vec![]);
+            for step in 0..steps {
+                let (tc, tg) = (specula::core::sampling::argmax(&lcpu), specula::core::sampling::argmax(&lgpu));
+                o.max_logit_err = o.max_logit_err.max(rel_err(&lgpu, &lcpu));
+                if tc == tg && o.first_diff.is_none() {
+                    o.equal += 1;
+                } else if o.first_diff.is_none() {
+                    o.first_diff = Some(step);
+                    o.margin = Some(lcpu[tc as usize] - lcpu[tg as usize]);
+                }
+                // Teacher-forced with the CPU's token: the two stay comparable after a tie.
+                let pos = (ids.len() + step) as u32;
+                let mut meta = BatchMeta::new(BLOCK);
+                meta.push_row(&[tc], pos, &table, 1);
+                lcpu = cpu.to_host(&lc.model.forward(cpu, &mut kc, &meta)?)?;
+                let n = lg.model.num_layers();
+                lgpu = gpu.to_host(&gpu.forward_graphed(&lg.model, &mut kg, &meta, n)?)?;
+                fed.push(tc);
+                decode_logits.push(lgpu.clone());
+            }
+            // Re-run the last 5 decode steps as one verification row (same tokens, same
+            // positions): batch invariance says the logits are the same bits.
+            if steps >= 5 {
+                let first = steps - 5;
+                let mut meta = BatchMeta::new(BLOCK);
+                meta.push_row(&fed[first..], (ids.len() + first) as u32, &table, 5);
+                let n = lg.model.num_layers();
+                let v = gpu.to_host(&gpu.forward_graphed(&lg.model, &mut kg, &meta, n)?)?;
+                for (i, row) in v.chunks(vocab).enumerate() {
+                    o.verify_bitwise &=
+                        row.iter().zip(&decode_logits[first + i]).all(|(a, b)| a.to_bits() == b.to_bits());
+                }
+            }
+            out.push(o);
+        }
+        Ok(out)
+    }
+
+    fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+        let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64)).max(1e-30);
+        got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs())) / scale
+    }
+}

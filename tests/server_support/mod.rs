@@ -1,0 +1,81 @@
+//! One real server per test binary: the default model, the actor runtime and the actix-web
+//! server on a free loopback port, in a background thread that lives as long as the tests.
+//! Tests talk to it over the network with real clients.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::{mpsc, OnceLock};
+use std::time::{Duration, Instant};
+
+use specula::actors::{Runtime, RuntimeBuilder, RuntimeHandle};
+use specula::backend::cpu::CpuBackend;
+use specula::model::{load_model, ModelSource};
+use specula::server::{self, ServerConfig};
+
+pub const API_KEY: &str = "test-key-0123";
+pub const MODEL: &str = "smollm2-test";
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub handle: RuntimeHandle,
+}
+
+impl TestServer {
+    pub fn http(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+    pub fn ws(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+    pub fn bearer(&self) -> String {
+        format!("Bearer {API_KEY}")
+    }
+
+    /// Waits until no request runs or waits and no KV block is in use: what a cancelled or
+    /// abandoned request must come back to. Panics after `limit`.
+    pub async fn wait_idle(&self, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let s = self.handle.stats().await.expect("runtime alive");
+            if s.running == 0 && s.waiting == 0 && s.kv.target.used == 0 {
+                return;
+            }
+            assert!(start.elapsed() < limit, "the runtime is still busy after {limit:?}: {s:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The shared server, started on first use.
+pub fn server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| start(Runtime::builder().max_batch(8), Some(API_KEY)))
+}
+
+/// Starts a server of its own around a runtime built by `runtime`, on a free loopback port.
+pub fn start(runtime: RuntimeBuilder, api_key: Option<&str>) -> TestServer {
+    let (tx, rx) = mpsc::channel();
+    let api_key = api_key.map(str::to_string);
+    std::thread::spawn(move || {
+        server::metrics::install();
+        let backend = CpuBackend::new();
+        let loaded = load_model(&ModelSource::Default, &backend).expect("the default model loads");
+        let handle = runtime.build(backend, loaded.model, loaded.tokenizer).expect("runtime");
+        let config =
+            ServerConfig { host: "127.0.0.1".into(), port: 0, api_key, model_name: MODEL.into(), workers: Some(1) };
+        actix_web::rt::System::new().block_on(async move {
+            let (srv, addrs) = server::bind(handle.clone(), &config).expect("bind");
+            tx.send(TestServer { addr: addrs[0], handle }).unwrap();
+            srv.await.unwrap();
+        });
+    });
+    rx.recv_timeout(Duration::from_secs(300)).expect("the test server starts")
+}
+
+/// Tests of one binary run one at a time: some check that the runtime comes back to idle,
+/// which only means something when nothing else is running.
+pub async fn exclusive() -> tokio::sync::MutexGuard<'static, ()> {
+    static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    LOCK.lock().await
+}
