@@ -1,61 +1,18 @@
 //! Speculative decoding is lossless: greedy output equals the target's plain greedy output
 //! token for token with every proposer, and sampled output follows the target's distribution.
 
+mod common;
+
 use std::sync::Arc;
 
-use indicatif::ProgressBar;
+use common::random_llama::tiny;
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BatchMeta};
 use specula::core::sampling::{distribution, SamplingParams};
 use specula::engine::{Engine, SpecOptions};
-use specula::model::dummy::normal_values;
-use specula::model::{
-    load_model, HostTensor, KvCache, Llama, LoadError, ModelConfig, ModelSource, Preset, WeightSource, Weights,
-};
+use specula::model::{load_model, KvCache, Llama, ModelSource};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::{ModelProposer, NgramProposer, Proposer};
-
-/// Random weights of a chosen scale, large enough that the tiny model's distributions are
-/// far from uniform (the dummy format's 0.02 would make them nearly flat).
-struct RandomWeights {
-    seed: u64,
-    std: f32,
-}
-
-impl WeightSource for RandomWeights {
-    fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
-        let n = shape.iter().product();
-        let data = if shape.len() == 1 {
-            vec![1.0; n]
-        } else {
-            normal_values(n, self.std, specula::model::dummy::seed_for(name, self.seed))
-        };
-        Ok(HostTensor::new(shape.to_vec(), data))
-    }
-    fn contains(&self, _: &str) -> bool {
-        false
-    }
-}
-
-fn tiny_config(vocab: usize) -> ModelConfig {
-    ModelConfig {
-        hidden_size: 64,
-        intermediate_size: 96,
-        num_layers: 2,
-        num_heads: 4,
-        num_kv_heads: 2,
-        head_dim: 16,
-        vocab_size: vocab,
-        tie_word_embeddings: true,
-        max_position_embeddings: 256,
-        ..Preset::SmolLm2_135m.config()
-    }
-}
-
-fn tiny(vocab: usize, seed: u64, std: f32) -> Llama<CpuBackend> {
-    let src = RandomWeights { seed, std };
-    Llama::load(tiny_config(vocab), Weights::Source(&src), &CpuBackend::new(), &ProgressBar::hidden()).unwrap()
-}
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
     GenerateRequest { max_tokens, ignore_eos: true, sampling, ..GenerateRequest::new(Prompt::Tokens(prompt)) }

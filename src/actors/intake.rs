@@ -1,15 +1,19 @@
 //! Intake: owns admission control and the pure `Scheduler`. Receives submissions (validates,
 //! tokenizes, applies the chat template), control messages and step outcomes; plans each
-//! step with the KvAllocator and sends it to the Verifier. One step is in flight at a time.
+//! step with the KvAllocator and sends it on: to the Drafter when speculating, else straight
+//! to the Verifier. One step is in flight at a time.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use metrics::{counter, gauge};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use super::messages::{Control, EndReason, Event, KvMsg, RuntimeStats, StepDone, StreamMsg, Submit, VerifyMsg};
+use super::messages::{
+    Control, EndReason, Event, KvMsg, KvPoolStats, RuntimeStats, StepDone, StreamMsg, Submit, VerifyMsg,
+};
 use super::metrics as m;
+use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{QueueFull, Scheduler, SeqParams};
 use crate::engine::tokenize_prompt;
 use crate::model::Tokenizer;
@@ -29,8 +33,11 @@ pub struct Intake {
     pub tokenizer: Option<Arc<Tokenizer>>,
     pub limits: Limits,
     pub kv: mpsc::Sender<KvMsg>,
-    pub verifier: mpsc::Sender<VerifyMsg>,
+    /// Where plans go: the Drafter, or the Verifier.
+    pub plans: mpsc::Sender<VerifyMsg>,
     pub streamer: mpsc::Sender<StreamMsg>,
+    /// The draft model's KV pool as the Drafter last saw it.
+    pub draft_pool: Arc<Mutex<Option<KvStats>>>,
     in_flight: Option<Vec<RequestId>>,
     steps: u64,
     /// Set by `Shutdown`: the drain deadline (cleared once it has passed) and whom to tell.
@@ -43,10 +50,11 @@ impl Intake {
         tokenizer: Option<Arc<Tokenizer>>,
         limits: Limits,
         kv: mpsc::Sender<KvMsg>,
-        verifier: mpsc::Sender<VerifyMsg>,
+        plans: mpsc::Sender<VerifyMsg>,
         streamer: mpsc::Sender<StreamMsg>,
+        draft_pool: Arc<Mutex<Option<KvStats>>>,
     ) -> Self {
-        Intake { sched, tokenizer, limits, kv, verifier, streamer, in_flight: None, steps: 0, closing: None }
+        Intake { sched, tokenizer, limits, kv, plans, streamer, draft_pool, in_flight: None, steps: 0, closing: None }
     }
 
     /// Validates and tokenizes; every refusal is a typed error.
@@ -128,10 +136,11 @@ impl Intake {
             }
             Control::Stats(reply) => {
                 let (tx, rx) = oneshot::channel();
-                let kv = match self.kv.send(KvMsg::Stats { reply: tx }).await {
+                let mut kv: KvPoolStats = match self.kv.send(KvMsg::Stats { reply: tx }).await {
                     Ok(()) => rx.await.unwrap_or_default(),
                     Err(_) => Default::default(),
                 };
+                kv.draft = self.draft_pool.lock().ok().and_then(|p| *p);
                 let _ = reply.send(RuntimeStats {
                     running: self.sched.num_running(),
                     waiting: self.sched.num_waiting(),
@@ -183,7 +192,7 @@ impl Intake {
         }
         self.steps += 1;
         self.in_flight = Some(plan.rows.iter().map(|r| r.id).collect());
-        self.verifier.send(plan).await.map_err(|_| RequestError::Internal("the model executor stopped".into()))
+        self.plans.send(plan).await.map_err(|_| RequestError::Internal("the model executor stopped".into()))
     }
 
     /// Serves until shut down, or until every caller handle is gone and the work is done.

@@ -1,5 +1,6 @@
-//! KvAllocator: owns the block pools (target, and the draft pool once speculation lands)
-//! and every request's block table. Receives `KvMsg`, calls the pure `KvManager`, replies.
+//! KvAllocator: owns the target's block pool and every request's block table. Receives
+//! `KvMsg`, calls the pure `KvManager`, replies. (A draft model's pool belongs to its
+//! proposer, in the Drafter: its blocks follow the drafts, which the Drafter alone sees.)
 
 use metrics::{counter, gauge};
 use tokio::sync::mpsc;
@@ -10,21 +11,16 @@ use crate::core::kv_manager::KvManager;
 
 pub struct KvAllocator {
     target: KvManager,
-    /// The draft model's pool: same requests, same block size, its own blocks.
-    draft: Option<KvManager>,
 }
 
 impl KvAllocator {
-    pub fn new(target: KvManager, draft: Option<KvManager>) -> Self {
+    pub fn new(target: KvManager) -> Self {
         gauge!(m::KV_BLOCKS_TOTAL, m::POOL_LABEL => m::POOL_TARGET).set(target.pool().num_blocks() as f64);
-        if let Some(d) = &draft {
-            gauge!(m::KV_BLOCKS_TOTAL, m::POOL_LABEL => m::POOL_DRAFT).set(d.pool().num_blocks() as f64);
-        }
-        KvAllocator { target, draft }
+        KvAllocator { target }
     }
 
     fn stats(&self) -> KvPoolStats {
-        KvPoolStats { target: self.target.stats(), draft: self.draft.as_ref().map(|d| d.stats()) }
+        KvPoolStats { target: self.target.stats(), draft: None }
     }
 
     pub fn handle(&mut self, msg: KvMsg) {

@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{Fit, Proposal, RowOutcome, StepPlan};
 use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
+use crate::spec::SpecStats;
 
 /// What a caller's stream yields.
 #[derive(Debug, Clone, PartialEq)]
@@ -15,8 +16,8 @@ pub enum Event {
     /// New tokens and the text they complete (possibly empty while a character or a
     /// possible stop string is incomplete).
     Token { ids: Vec<u32>, text: String },
-    /// The last event of a request that ran.
-    Done { finish: FinishReason, usage: Usage },
+    /// The last event of a request that ran; `speculative` when the runtime speculates.
+    Done { finish: FinishReason, usage: Usage, speculative: Option<SpecStats> },
     /// The last event of a request that was refused or failed.
     Error(RequestError),
 }
@@ -60,7 +61,7 @@ pub enum KvMsg {
     },
 }
 
-/// Block usage of the target pool and (once speculation lands) the draft pool.
+/// Block usage of the target pool and the draft model's pool (with a draft model).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KvPoolStats {
     pub target: KvStats,
@@ -91,7 +92,8 @@ pub enum EndReason {
     Failed(RequestError),
 }
 
-/// Intake → Verifier (→ Drafter first, once speculation lands).
+/// Intake → Verifier, or Intake → Drafter → Verifier with speculation (the Drafter fills
+/// `RowPlan::draft`).
 pub type VerifyMsg = StepPlan;
 
 /// A snapshot of the runtime.

@@ -34,3 +34,18 @@ pub const GENERATION_TOKENS: &str = "specula_generation_tokens_total";
 pub const REQUESTS_FAILED: &str = "specula_requests_failed_total";
 /// Forward steps run (counter).
 pub const STEPS: &str = "specula_steps_total";
+/// Verifications of a row that carried drafts (counter).
+pub const SPEC_DRAFTS: &str = "specula_spec_drafts_total";
+/// Draft tokens verified (counter).
+pub const SPEC_DRAFT_TOKENS: &str = "specula_spec_draft_tokens_total";
+/// Draft tokens accepted (counter).
+pub const SPEC_ACCEPTED_TOKENS: &str = "specula_spec_accepted_tokens_total";
+/// Draft tokens verified at each draft position, labelled `position` (1, 2, ...) (counter).
+pub const SPEC_DRAFTED_BY_POSITION: &str = "specula_spec_drafted_by_position_total";
+/// Draft tokens accepted at each draft position, labelled like `SPEC_DRAFTED_BY_POSITION`:
+/// the ratio of the two is the acceptance per position (counter).
+pub const SPEC_ACCEPTED_BY_POSITION: &str = "specula_spec_accepted_by_position_total";
+pub const POSITION_LABEL: &str = "position";
+/// Drafting attempts that failed (the draft KV pool full, a device error); the rows went on
+/// without drafts (counter).
+pub const SPEC_DRAFT_ERRORS: &str = "specula_spec_draft_errors_total";

@@ -22,7 +22,7 @@
 //!     while let Some(ev) = events.next().await {
 //!         match ev {
 //!             Event::Token { text, .. } => print!("{text}"),
-//!             Event::Done { finish, usage } => println!("\n{finish:?} {usage:?}"),
+//!             Event::Done { finish, usage, .. } => println!("\n{finish:?} {usage:?}"),
 //!             Event::Error(e) => eprintln!("{e}"),
 //!         }
 //!     }
@@ -30,11 +30,13 @@
 //! # }
 //! ```
 
+pub mod drafter;
 pub mod intake;
 pub mod kv;
 pub mod messages;
 pub mod metrics;
 pub mod streamer;
+pub mod timeline;
 pub mod verifier;
 
 use std::pin::Pin;
@@ -47,6 +49,7 @@ use futures::Stream;
 use tokio::sync::{mpsc, oneshot};
 
 pub use messages::{Event, KvPoolStats, RuntimeStats};
+pub use timeline::{Overlap, Span, Timeline, Work};
 pub use verifier::{Executor, ModelExecutor, NoopExecutor};
 
 use crate::backend::Backend;
@@ -56,6 +59,7 @@ use crate::core::scheduler::{Scheduler, SchedulerConfig};
 use crate::engine::{Completion, Timings};
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
+use crate::spec::{SpecError, SpecStats, Speculation, MAX_DRAFT_LEN};
 use messages::{Control, Submit};
 
 /// Tokens per KV block.
@@ -99,6 +103,8 @@ pub enum RuntimeError {
     Config(String),
     #[error(transparent)]
     Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     #[error("could not start the runtime: {0}")]
     Start(#[from] std::io::Error),
 }
@@ -116,12 +122,14 @@ pub struct Runtime;
 
 impl Runtime {
     pub fn builder() -> RuntimeBuilder {
-        RuntimeBuilder { config: RuntimeConfig::default() }
+        RuntimeBuilder { config: RuntimeConfig::default(), speculation: None, timeline: None }
     }
 }
 
 pub struct RuntimeBuilder {
     config: RuntimeConfig,
+    speculation: Option<Speculation>,
+    timeline: Option<Arc<Timeline>>,
 }
 
 impl RuntimeBuilder {
@@ -149,6 +157,16 @@ impl RuntimeBuilder {
         self.config.kv_blocks = Some(n);
         self
     }
+    /// Speculative decoding: a Drafter actor drafts for every decoding row.
+    pub fn speculation(mut self, spec: Speculation) -> Self {
+        self.speculation = Some(spec);
+        self
+    }
+    /// Records when the Drafter and the Verifier work (see `Timeline::summary`).
+    pub fn timeline(mut self, timeline: Arc<Timeline>) -> Self {
+        self.timeline = Some(timeline);
+        self
+    }
 
     /// Starts the runtime around a loaded model (shareable between runtimes: weights are
     /// read-only); its KV cache is sized from the pool.
@@ -166,8 +184,8 @@ impl RuntimeBuilder {
         let kv = KvCache::new(&backend, &model.config, num_blocks, c.block_size)?;
         let eos = tokenizer.as_ref().map(|t| t.eos_ids.clone()).unwrap_or_default();
         let info = ModelInfo { vocab: model.config.vocab_size, context: model.config.max_position_embeddings, eos };
-        let config = RuntimeConfig { kv_blocks: Some(num_blocks), ..self.config };
-        RuntimeBuilder { config }.build_with(ModelExecutor { backend, model, kv }, info, tokenizer)
+        let builder = RuntimeBuilder { config: RuntimeConfig { kv_blocks: Some(num_blocks), ..self.config }, ..self };
+        builder.build_with(ModelExecutor { backend, model, kv }, info, tokenizer)
     }
 
     /// Starts the runtime around any executor (the no-op one for benchmarks); `kv_blocks`
@@ -178,12 +196,15 @@ impl RuntimeBuilder {
         info: ModelInfo,
         tokenizer: Option<Arc<Tokenizer>>,
     ) -> Result<RuntimeHandle, RuntimeError> {
-        let c = self.config;
+        let (c, speculation, timeline) = (self.config, self.speculation, self.timeline);
         let num_blocks = c.kv_blocks.ok_or_else(|| RuntimeError::Config("kv_blocks must be set".into()))?;
         if c.max_batch == 0 || c.step_tokens == 0 || c.mailbox == 0 || num_blocks == 0 {
             return Err(RuntimeError::Config(format!(
                 "max_batch, step_tokens, mailbox and the KV pool must be positive: {c:?}, {num_blocks} blocks"
             )));
+        }
+        if let Some(s) = &speculation {
+            check_speculation(s)?;
         }
         // Submissions wait in the mailbox until Intake has validated them: as many as the
         // admission queue holds, so that a burst is refused only when the queue would be.
@@ -193,7 +214,7 @@ impl RuntimeBuilder {
         let control_cap = 2 * (c.max_waiting + c.max_batch) + c.mailbox;
         let (control_tx, control_rx) = mpsc::channel(control_cap);
         let (kv_tx, kv_rx) = mpsc::channel(c.mailbox);
-        let (verify_tx, verify_rx) = mpsc::channel(2);
+        let (plan_tx, plan_rx) = mpsc::channel(2);
         let (done_tx, done_rx) = mpsc::channel(2);
         let (stream_tx, stream_rx) = mpsc::channel(c.mailbox);
 
@@ -202,28 +223,54 @@ impl RuntimeBuilder {
             step_tokens: c.step_tokens,
             max_waiting: c.max_waiting,
             block_size: c.block_size,
-            max_draft: 0,
+            max_draft: speculation.as_ref().map_or(0, |s| s.max_draft),
         });
         let limits = intake::Limits { vocab: info.vocab, context: info.context, kv_tokens: num_blocks * c.block_size };
-        let intake = intake::Intake::new(sched, tokenizer.clone(), limits, kv_tx, verify_tx, stream_tx.clone());
-        let kv = kv::KvAllocator::new(KvManager::new(BlockPool::new(num_blocks, c.block_size)), None);
-        let streamer = streamer::Streamer::new(tokenizer, control_tx.clone());
-        let verifier = verifier::Verifier::new(exec, c.block_size, info.eos.clone(), stream_tx, done_tx);
+        let draft_pool = Arc::new(std::sync::Mutex::new(None));
+        let intake = intake::Intake::new(
+            sched,
+            tokenizer.clone(),
+            limits,
+            kv_tx,
+            plan_tx,
+            stream_tx.clone(),
+            draft_pool.clone(),
+        );
+        let kv = kv::KvAllocator::new(KvManager::new(BlockPool::new(num_blocks, c.block_size)));
+        let spec_stats = speculation.as_ref().map(|s| SpecStats::new(s.synthetic_acceptance.is_some()));
+        let streamer = streamer::Streamer::new(tokenizer, control_tx.clone(), spec_stats);
+        let mut verifier = verifier::Verifier::new(exec, c.block_size, info.eos.clone(), stream_tx, done_tx);
+        verifier.synthetic_acceptance = speculation.as_ref().and_then(|s| s.synthetic_acceptance);
+        verifier.timeline = timeline.clone();
 
-        let verifier_thread =
-            std::thread::Builder::new().name("specula-verifier".into()).spawn(move || verifier.run(verify_rx))?;
+        // With speculation the Drafter sits between Intake and the Verifier.
+        let mut model_threads = vec![];
+        let verify_rx = match speculation {
+            Some(spec) => {
+                let (verify_tx, verify_rx) = mpsc::channel(2);
+                let drafter = drafter::Drafter::new(spec.proposer, verify_tx, draft_pool, timeline);
+                let t = std::thread::Builder::new().name("specula-drafter".into());
+                model_threads.push(t.spawn(move || drafter.run(plan_rx))?);
+                verify_rx
+            }
+            None => plan_rx,
+        };
+        let t = std::thread::Builder::new().name("specula-verifier".into());
+        model_threads.push(t.spawn(move || verifier.run(verify_rx))?);
         let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
         let actors = std::thread::Builder::new().name("specula-actors".into()).spawn(move || {
             rt.block_on(async move {
                 let kv = tokio::spawn(kv.run(kv_rx));
                 let streamer = tokio::spawn(streamer.run(stream_rx));
                 intake.run(submit_rx, control_rx, done_rx).await;
-                // Intake is gone: the Verifier's mailbox closes, it ends, and with it the
-                // last senders of the Streamer and the KvAllocator.
+                // Intake is gone: the Drafter's and Verifier's mailboxes close, they end,
+                // and with them the last senders of the Streamer and the KvAllocator.
                 let _ = streamer.await;
                 let _ = kv.await;
             });
-            let _ = verifier_thread.join();
+            for t in model_threads {
+                let _ = t.join();
+            }
         })?;
         Ok(RuntimeHandle {
             inner: Arc::new(Inner {
@@ -235,6 +282,17 @@ impl RuntimeBuilder {
                 actors: std::sync::Mutex::new(Some(actors)),
             }),
         })
+    }
+}
+
+/// Refuses speculation settings that cannot work, before any thread starts.
+fn check_speculation(s: &Speculation) -> Result<(), SpecError> {
+    if !(1..=MAX_DRAFT_LEN).contains(&s.max_draft) {
+        return Err(SpecError::DraftLen(s.max_draft));
+    }
+    match s.synthetic_acceptance {
+        Some(rate) if !(0.0..=1.0).contains(&rate) => Err(SpecError::SyntheticRate(rate)),
+        _ => Ok(()),
     }
 }
 
@@ -387,7 +445,11 @@ pub async fn collect(mut events: EventStream) -> Result<Completion, RequestError
                 ids.extend(new);
                 text.push_str(&t);
             }
-            Event::Done { finish, usage } => return Ok(completion(text, ids, finish, usage, start, first)),
+            Event::Done { finish, usage, speculative } => {
+                let mut c = completion(text, ids, finish, usage, start, first);
+                c.speculative = speculative;
+                return Ok(c);
+            }
             Event::Error(e) => return Err(e),
         }
     }

@@ -15,6 +15,7 @@ use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
 use crate::core::scheduler::RowOutcome;
 use crate::model::Tokenizer;
 use crate::request::{FinishReason, RequestId, Usage};
+use crate::spec::SpecStats;
 
 struct Subscriber {
     events: mpsc::Sender<Event>,
@@ -24,17 +25,24 @@ struct Subscriber {
     arrived: Instant,
     last: Option<Instant>,
     first: Option<Instant>,
+    speculative: Option<SpecStats>,
 }
 
 pub struct Streamer {
     tokenizer: Option<Arc<Tokenizer>>,
     subs: HashMap<RequestId, Subscriber>,
     intake: mpsc::Sender<Control>,
+    /// Each request's speculation statistics start from this (None: no speculation).
+    speculative: Option<SpecStats>,
 }
 
 impl Streamer {
-    pub fn new(tokenizer: Option<Arc<Tokenizer>>, intake: mpsc::Sender<Control>) -> Self {
-        Streamer { tokenizer, subs: HashMap::new(), intake }
+    pub fn new(
+        tokenizer: Option<Arc<Tokenizer>>,
+        intake: mpsc::Sender<Control>,
+        speculative: Option<SpecStats>,
+    ) -> Self {
+        Streamer { tokenizer, subs: HashMap::new(), intake, speculative }
     }
 
     pub fn handle(&mut self, msg: StreamMsg) {
@@ -48,6 +56,7 @@ impl Streamer {
                     arrived,
                     last: None,
                     first: None,
+                    speculative: self.speculative.clone(),
                 };
                 self.subs.insert(id, sub);
             }
@@ -55,7 +64,11 @@ impl Streamer {
             StreamMsg::End { id, why } => {
                 if let Some(sub) = self.subs.remove(&id) {
                     let ev = match why {
-                        EndReason::Cancelled => Event::Done { finish: FinishReason::Cancelled, usage: sub.usage },
+                        EndReason::Cancelled => Event::Done {
+                            finish: FinishReason::Cancelled,
+                            usage: sub.usage,
+                            speculative: sub.speculative,
+                        },
                         EndReason::Failed(e) => {
                             counter!(m::REQUESTS_FAILED, "reason" => "failed").increment(1);
                             Event::Error(e)
@@ -72,6 +85,9 @@ impl Streamer {
         let now = Instant::now();
         let mut finish = o.finish;
         let mut events = vec![];
+        if let Some(s) = sub.speculative.as_mut() {
+            s.record(o.drafted, o.accepted);
+        }
         for &t in &o.new_tokens {
             sub.usage.completion_tokens += 1;
             let delta = match &self.tokenizer {
@@ -106,7 +122,7 @@ impl Streamer {
                     events.push(Event::Token { ids: vec![], text: rest });
                 }
             }
-            events.push(Event::Done { finish: reason, usage: sub.usage });
+            events.push(Event::Done { finish: reason, usage: sub.usage, speculative: sub.speculative.clone() });
         }
         let mut gone = false;
         for ev in events {

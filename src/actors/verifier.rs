@@ -2,20 +2,29 @@
 //! thread (blocking compute never stalls the async actors). Receives step plans, runs one
 //! forward per plan, samples, and sends the tokens to the Streamer and the outcome to Intake.
 //!
-//! With plain decoding every sampling row yields one token. Speculation adds a row's drafts
-//! after its tokens (`RowPlan::draft`), asks for `k + 1` logits, and accepts a prefix here.
+//! With plain decoding every sampling row yields one token. With speculation a decoding row
+//! carries the Drafter's `k` drafts after its token: the forward computes `k + 1` logits for
+//! it and `spec::verify` accepts a prefix of the drafts plus the target's own next token.
+//! Rejected drafts' KV entries stay in the cache unreferenced (`computed` does not cover
+//! them) and are overwritten by the next step.
 
 use std::collections::HashMap;
 
 use tokio::sync::mpsc;
 
+use std::sync::Arc;
+
+use metrics::counter;
+
 use super::messages::{StepDone, StreamMsg, VerifyMsg};
+use super::metrics as m;
+use super::timeline::{Timeline, Work};
 use crate::backend::{Backend, BatchMeta};
 use crate::core::sampling::Sampler;
-use crate::core::scheduler::{RowOutcome, SeqParams, StepPlan};
+use crate::core::scheduler::{RowOutcome, RowPlan, SeqParams, StepPlan};
 use crate::model::{KvCache, Llama};
 use crate::request::{FinishReason, RequestId};
-use std::sync::Arc;
+use crate::spec;
 
 /// What runs a step's forward: the model (any backend) or, for benchmarks of the runtime
 /// itself, nothing at all.
@@ -78,6 +87,9 @@ pub struct Verifier<E: Executor> {
     seqs: HashMap<RequestId, SeqState>,
     streamer: mpsc::Sender<StreamMsg>,
     intake: mpsc::Sender<StepDone>,
+    /// Benchmarks only: accept each draft token with this probability.
+    pub synthetic_acceptance: Option<f64>,
+    pub timeline: Option<Arc<Timeline>>,
 }
 
 impl<E: Executor> Verifier<E> {
@@ -88,10 +100,20 @@ impl<E: Executor> Verifier<E> {
         streamer: mpsc::Sender<StreamMsg>,
         intake: mpsc::Sender<StepDone>,
     ) -> Self {
-        Verifier { exec, block_size: block_size as u32, eos, seqs: HashMap::new(), streamer, intake }
+        Verifier {
+            exec,
+            block_size: block_size as u32,
+            eos,
+            seqs: HashMap::new(),
+            streamer,
+            intake,
+            synthetic_acceptance: None,
+            timeline: None,
+        }
     }
 
-    /// Runs one plan: the forward, then sampling and stop checks per sampling row.
+    /// Runs one plan: the forward over every row's tokens and drafts, then per sampling row
+    /// the accepted drafts and the target's own token, and the stop checks.
     pub fn step(&mut self, plan: &StepPlan) -> Result<Vec<RowOutcome>, String> {
         for id in &plan.finished {
             self.seqs.remove(id);
@@ -109,49 +131,77 @@ impl<E: Executor> Verifier<E> {
             let st = self.seqs.get_mut(&row.id).ok_or_else(|| format!("row for unknown request {:?}", row.id))?;
             st.history.truncate(row.computed);
             st.history.extend_from_slice(&row.tokens);
-            meta.push_row(&row.tokens, row.computed as u32, &row.block_table, row.want_logits());
+            let tokens: Vec<u32> = row.tokens.iter().chain(&row.draft.tokens).copied().collect();
+            meta.push_row(&tokens, row.computed as u32, &row.block_table, row.want_logits());
         }
         if plan.rows.is_empty() {
             return Ok(vec![]);
         }
         let logits = self.exec.forward(&meta)?;
         let vocab = self.exec.vocab_size();
-        let mut rows_logits = logits.chunks_exact(vocab);
+        let mut offset = 0;
         let mut out = Vec::with_capacity(plan.rows.len());
         for row in &plan.rows {
-            let mut o = RowOutcome {
-                id: row.id,
-                computed: row.tokens.len(),
-                new_tokens: vec![],
-                finish: None,
-                drafted: 0,
-                accepted: 0,
-            };
-            if row.sample {
-                let l = rows_logits.next().ok_or("the forward returned too few logits")?;
-                let st = self.seqs.get_mut(&row.id).expect("registered above");
-                let t = st.sampler.sample(l, &st.history);
-                let p = &st.params;
-                let len = st.history.len() + 1;
-                if !p.ignore_eos && self.eos.contains(&t) {
-                    o.finish = Some(FinishReason::Stop);
-                } else {
-                    o.new_tokens.push(t);
-                    if len - p.prompt_len >= p.max_tokens || len >= p.max_len {
-                        o.finish = Some(FinishReason::Length);
-                    }
-                }
-            }
-            out.push(o);
+            let n = row.want_logits() * vocab;
+            let l = logits.get(offset..offset + n).ok_or("the forward returned too few logits")?;
+            offset += n;
+            out.push(self.outcome(row, l));
         }
         Ok(out)
+    }
+
+    /// A row's result from its logits (`k + 1` rows for `k` drafts; none for a prefill chunk).
+    fn outcome(&mut self, row: &RowPlan, logits: &[f32]) -> RowOutcome {
+        let drafted = row.draft.tokens.len();
+        let mut o = RowOutcome {
+            id: row.id,
+            computed: row.tokens.len(),
+            new_tokens: vec![],
+            finish: None,
+            drafted,
+            accepted: 0,
+        };
+        if !row.sample {
+            return o;
+        }
+        let st = self.seqs.get_mut(&row.id).expect("registered in step");
+        let tokens = if drafted == 0 {
+            vec![st.sampler.sample(logits, &st.history)]
+        } else {
+            let vocab = logits.len() / (drafted + 1);
+            spec::verify(&row.draft, logits, vocab, &st.history, &mut st.sampler, self.synthetic_acceptance)
+        };
+        o.accepted = tokens.len() - 1;
+        o.computed += o.accepted;
+        // Accepted drafts are in the cache now; the last token joins the next step's row.
+        st.history.extend_from_slice(&tokens[..o.accepted]);
+        record_acceptance(drafted, o.accepted);
+        let p = &st.params;
+        let mut len = st.history.len() - o.accepted;
+        for t in tokens {
+            len += 1;
+            if !p.ignore_eos && self.eos.contains(&t) {
+                o.finish = Some(FinishReason::Stop);
+                break;
+            }
+            o.new_tokens.push(t);
+            if len - p.prompt_len >= p.max_tokens || len >= p.max_len {
+                o.finish = Some(FinishReason::Length);
+                break;
+            }
+        }
+        o
     }
 
     /// Serves plans until Intake hangs up. A send that fails means the receiver is gone
     /// (shutting down): the loop ends and the thread with it.
     pub fn run(mut self, mut rx: mpsc::Receiver<VerifyMsg>) {
         while let Some(plan) = rx.blocking_recv() {
+            let start = std::time::Instant::now();
             let result = self.step(&plan);
+            if let Some(t) = &self.timeline {
+                t.record(Work::Verify, plan.step, start);
+            }
             if let Ok(outcomes) = &result {
                 let said: Vec<RowOutcome> =
                     outcomes.iter().filter(|o| !o.new_tokens.is_empty() || o.finish.is_some()).cloned().collect();
@@ -163,6 +213,23 @@ impl<E: Executor> Verifier<E> {
             if self.intake.blocking_send(StepDone { step: plan.step, result }).is_err() {
                 break;
             }
+        }
+    }
+}
+
+/// Server-wide speculation counters.
+fn record_acceptance(drafted: usize, accepted: usize) {
+    if drafted == 0 {
+        return;
+    }
+    counter!(m::SPEC_DRAFTS).increment(1);
+    counter!(m::SPEC_DRAFT_TOKENS).increment(drafted as u64);
+    counter!(m::SPEC_ACCEPTED_TOKENS).increment(accepted as u64);
+    for i in 0..drafted {
+        let position = (i + 1).to_string();
+        counter!(m::SPEC_DRAFTED_BY_POSITION, m::POSITION_LABEL => position.clone()).increment(1);
+        if i < accepted {
+            counter!(m::SPEC_ACCEPTED_BY_POSITION, m::POSITION_LABEL => position).increment(1);
         }
     }
 }

@@ -476,7 +476,7 @@ mod tests {
             (Some("chat.completion.chunk"), Some("Hi"))
         );
         let usage = Usage { prompt_tokens: 3, completion_tokens: 1 };
-        let end = w.on_event(&Event::Done { finish: FinishReason::Length, usage });
+        let end = w.on_event(&Event::Done { finish: FinishReason::Length, usage, speculative: None });
         assert_eq!(end[0]["choices"][0]["finish_reason"], "length");
         assert_eq!(end[1]["choices"], json!([]));
         assert_eq!(end[1]["usage"]["total_tokens"], 4);

@@ -328,7 +328,8 @@ mod tests {
         assert_eq!(delta, r#"{"type":"delta","id":"r1","text":"Hi","token_ids":[5,6]}"#);
         let event_frame = |id: &FrameId, e: &Event| serde_json::from_str::<Value>(&event_frame(id, e)).unwrap();
         let usage = crate::request::Usage { prompt_tokens: 3, completion_tokens: 2 };
-        let done = event_frame(&id, &Event::Done { finish: crate::request::FinishReason::Length, usage });
+        let done =
+            event_frame(&id, &Event::Done { finish: crate::request::FinishReason::Length, usage, speculative: None });
         assert_eq!(done["finish_reason"], "length");
         assert_eq!(done["usage"]["completion_tokens"], 2);
         let e = event_frame(&id, &Event::Error(crate::request::RequestError::PromptTooLong { tokens: 9, context: 8 }));

@@ -10,8 +10,9 @@ use rand::SeedableRng;
 use super::{Draft, Proposer, SeqId};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
+use crate::core::kv_manager::KvStats;
 use crate::core::sampling::{argmax, distribution, sample_from, SamplingParams};
-use crate::model::{KvCache, Llama};
+use crate::model::{KvCache, Llama, ModelConfig};
 
 /// Per-sequence state: how many leading tokens of the history are in the draft cache.
 struct DraftSeq {
@@ -42,7 +43,9 @@ impl<B: Backend> ModelProposer<B> {
         block_size: usize,
     ) -> Result<Self, BackendError> {
         assert!(layers >= 1 && layers <= model.num_layers(), "draft layers out of range");
-        let kv = KvCache::new(&backend, &model.config, num_blocks, block_size)?;
+        // An early exit needs the cache of its own layers only.
+        let config = ModelConfig { num_layers: layers, ..model.config.clone() };
+        let kv = KvCache::new(&backend, &config, num_blocks, block_size)?;
         Ok(ModelProposer {
             backend,
             model,
@@ -120,5 +123,14 @@ impl<B: Backend> Proposer for ModelProposer<B> {
         if let Some(s) = self.seqs.remove(&seq) {
             self.pool.free_all(&s.blocks);
         }
+    }
+
+    fn kv_stats(&self) -> Option<KvStats> {
+        Some(KvStats {
+            num_blocks: self.pool.num_blocks(),
+            used: self.pool.num_used(),
+            cached: self.pool.num_cached(),
+            ..Default::default()
+        })
     }
 }

@@ -9,6 +9,7 @@ pub use draft_model::ModelProposer;
 pub use stats::SpecStats;
 
 use crate::backend::BackendError;
+use crate::core::kv_manager::KvStats;
 use crate::core::ngram;
 use crate::core::sampling::{distribution, Sampler, SamplingParams};
 use crate::core::spec::{accept_greedy, accept_sampled};
@@ -31,6 +32,20 @@ pub trait Proposer: Send {
     fn rollback(&mut self, _seq: SeqId, _valid: usize) {}
     /// The sequence is finished: free its state.
     fn release(&mut self, _seq: SeqId) {}
+    /// Usage of the proposer's own KV pool, if it has one.
+    fn kv_stats(&self) -> Option<KvStats> {
+        None
+    }
+}
+
+/// Speculative decoding as the runtime runs it.
+pub struct Speculation {
+    pub proposer: Box<dyn Proposer>,
+    /// The most draft tokens per row and step (at most `MAX_DRAFT_LEN`).
+    pub max_draft: usize,
+    /// Benchmarks only: accept each draft token with this probability whatever its value.
+    /// The output is then not the model's; it is labelled `synthetic` in the statistics.
+    pub synthetic_acceptance: Option<f64>,
 }
 
 /// Which proposer, as chosen on the command line.

@@ -23,6 +23,11 @@ pub struct SpecStats {
 }
 
 impl SpecStats {
+    /// Empty statistics; `synthetic` marks acceptance forced by the benchmark mode.
+    pub fn new(synthetic: bool) -> Self {
+        SpecStats { synthetic, ..Default::default() }
+    }
+
     /// Records one verification of `drafted` tokens of which the first `accepted` held.
     pub fn record(&mut self, drafted: usize, accepted: usize) {
         if drafted == 0 {

@@ -1,0 +1,213 @@
+//! Drafter: owns the proposer (a draft model with its own KV pool, the target's first
+//! layers, or n-gram lookup) on its own OS thread. Receives each step plan from Intake, fills
+//! the drafts of the rows that decode, and passes the plan on to the Verifier.
+//!
+//! While the Verifier verifies a step, the Drafter drafts the next round of the same rows
+//! assuming every draft is accepted ("pre-drafting"): the tokens it proposes after the
+//! current draft, the first of which guesses the target's bonus token. When the next plan
+//! shows that guess held, those tokens are the next draft, already made; otherwise they are
+//! dropped and the proposer rolls back.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use metrics::{counter, gauge};
+use tokio::sync::mpsc;
+
+use super::messages::VerifyMsg;
+use super::metrics as m;
+use super::timeline::{Timeline, Work};
+use crate::core::kv_manager::KvStats;
+use crate::core::scheduler::{RowPlan, SeqParams, StepPlan};
+use crate::request::RequestId;
+use crate::spec::{Draft, Proposer};
+
+struct DraftSeq {
+    params: Arc<SeqParams>,
+    /// The sequence as the last plan showed it: verified tokens and the row's new ones.
+    history: Vec<u32>,
+    /// Tokens proposed beyond `history`: this step's draft, then the pre-draft.
+    ahead: Draft,
+}
+
+pub struct Drafter {
+    proposer: Box<dyn Proposer>,
+    seqs: HashMap<RequestId, DraftSeq>,
+    verifier: mpsc::Sender<VerifyMsg>,
+    /// The proposer's KV pool usage, for `RuntimeHandle::stats`.
+    pool: Arc<Mutex<Option<KvStats>>>,
+    timeline: Option<Arc<Timeline>>,
+    /// Drafting failures are counted; the first is also reported on stderr.
+    warned: bool,
+}
+
+impl Drafter {
+    pub fn new(
+        proposer: Box<dyn Proposer>,
+        verifier: mpsc::Sender<VerifyMsg>,
+        pool: Arc<Mutex<Option<KvStats>>>,
+        timeline: Option<Arc<Timeline>>,
+    ) -> Self {
+        Drafter { proposer, seqs: HashMap::new(), verifier, pool, timeline, warned: false }
+    }
+
+    /// Fills the drafts of `plan`'s decoding rows.
+    pub fn draft(&mut self, plan: &mut StepPlan) {
+        let start = Instant::now();
+        for id in &plan.finished {
+            self.seqs.remove(id);
+            self.proposer.release(id.0);
+        }
+        for row in &mut plan.rows {
+            self.sync(row);
+            if row.sample && row.draft_len > 0 {
+                row.draft = self.extend(row.id, row.draft_len).unwrap_or_default();
+            }
+        }
+        self.publish_pool();
+        if plan.rows.iter().any(|r| !r.draft.tokens.is_empty()) {
+            self.record(Work::Draft, plan.step, start);
+        }
+    }
+
+    /// Drafts ahead for the rows of `plan` while the Verifier verifies it: the target's next
+    /// token plus a next draft as long as this one.
+    pub fn pre_draft(&mut self, plan: &StepPlan) {
+        let start = Instant::now();
+        let rows: Vec<(RequestId, usize)> = plan
+            .rows
+            .iter()
+            .filter(|r| !r.draft.tokens.is_empty())
+            .map(|r| (r.id, 2 * r.draft.tokens.len() + 1))
+            .collect();
+        for &(id, len) in &rows {
+            self.extend(id, len);
+        }
+        if !rows.is_empty() {
+            self.publish_pool();
+            self.record(Work::PreDraft, plan.step, start);
+        }
+    }
+
+    /// Brings a request's history up to `row`, keeping what it proposed before if the
+    /// verified sequence followed it.
+    fn sync(&mut self, row: &RowPlan) {
+        if let Some((params, prefix)) = &row.fresh {
+            let st = self.seqs.entry(row.id).or_insert_with(|| DraftSeq {
+                params: params.clone(),
+                history: vec![],
+                ahead: Draft::default(),
+            });
+            // (Re-)admitted: only the verified prefix stands.
+            self.proposer.rollback(row.id.0, common_prefix(&st.history, prefix));
+            st.history.clone_from(prefix);
+            st.ahead = Draft::default();
+        }
+        let Some(st) = self.seqs.get_mut(&row.id) else { return };
+        // Accepted drafts are the proposer's own tokens: the verified sequence is the
+        // assumed one (history, then ahead) up to `computed`, then the row's new tokens.
+        let assumed = st.history.len() + st.ahead.tokens.len();
+        let at = |i: usize| if i < st.history.len() { st.history[i] } else { st.ahead.tokens[i - st.history.len()] };
+        let computed = row.computed.min(assumed);
+        let same = row
+            .tokens
+            .iter()
+            .enumerate()
+            .take_while(|&(i, &t)| computed + i < assumed && at(computed + i) == t)
+            .count();
+        let mut history: Vec<u32> = (0..computed).map(at).collect();
+        history.extend_from_slice(&row.tokens);
+        let followed = same == row.tokens.len() && history.len() >= st.history.len();
+        if followed {
+            // Everything proposed still stands; what lies past the new history is kept.
+            st.ahead = skip(&st.ahead, history.len() - st.history.len());
+        } else {
+            self.proposer.rollback(row.id.0, computed + same);
+            st.ahead = Draft::default();
+        }
+        st.history = history;
+    }
+
+    /// Makes sure `len` tokens are proposed ahead of the request's history; returns the
+    /// first `len` of them. A proposer that fails drafts nothing for the request this time.
+    fn extend(&mut self, id: RequestId, len: usize) -> Option<Draft> {
+        let st = self.seqs.get_mut(&id)?;
+        let have = st.ahead.tokens.len();
+        if have < len {
+            let mut context = st.history.clone();
+            context.extend_from_slice(&st.ahead.tokens);
+            match self.proposer.propose(id.0, &context, len - have, &st.params.sampling) {
+                Ok(more) => append(&mut st.ahead, more),
+                Err(e) => {
+                    counter!(m::SPEC_DRAFT_ERRORS).increment(1);
+                    if !std::mem::replace(&mut self.warned, true) {
+                        eprintln!("specula: drafting failed ({e}); rows go on without drafts meanwhile");
+                    }
+                    self.proposer.rollback(id.0, st.history.len());
+                    st.ahead = Draft::default();
+                    return None;
+                }
+            }
+        }
+        Some(take(&st.ahead, len))
+    }
+
+    fn publish_pool(&self) {
+        let stats = self.proposer.kv_stats();
+        if let Some(s) = stats {
+            gauge!(m::KV_BLOCKS_USED, m::POOL_LABEL => m::POOL_DRAFT).set(s.used as f64);
+            gauge!(m::KV_BLOCKS_TOTAL, m::POOL_LABEL => m::POOL_DRAFT).set(s.num_blocks as f64);
+        }
+        if let Ok(mut pool) = self.pool.lock() {
+            *pool = stats;
+        }
+    }
+
+    fn record(&self, work: Work, step: u64, start: Instant) {
+        if let Some(t) = &self.timeline {
+            t.record(work, step, start);
+        }
+    }
+
+    /// Serves plans until Intake hangs up or the Verifier is gone.
+    pub fn run(mut self, mut rx: mpsc::Receiver<VerifyMsg>) {
+        while let Some(mut plan) = rx.blocking_recv() {
+            self.draft(&mut plan);
+            let pre = (!plan.rows.is_empty()).then(|| plan.clone());
+            if self.verifier.blocking_send(plan).is_err() {
+                break;
+            }
+            if let Some(plan) = pre {
+                self.pre_draft(&plan);
+            }
+        }
+    }
+}
+
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The first `n` tokens of a draft (with their probabilities).
+fn take(d: &Draft, n: usize) -> Draft {
+    let n = n.min(d.tokens.len());
+    Draft { tokens: d.tokens[..n].to_vec(), probs: d.probs.as_ref().map(|p| p[..n].to_vec()) }
+}
+
+/// A draft without its first `n` tokens.
+fn skip(d: &Draft, n: usize) -> Draft {
+    let n = n.min(d.tokens.len());
+    Draft { tokens: d.tokens[n..].to_vec(), probs: d.probs.as_ref().map(|p| p[n..].to_vec()) }
+}
+
+fn append(d: &mut Draft, more: Draft) {
+    if d.tokens.is_empty() {
+        *d = more;
+        return;
+    }
+    d.tokens.extend(more.tokens);
+    if let (Some(p), Some(q)) = (d.probs.as_mut(), more.probs) {
+        p.extend(q);
+    }
+}
