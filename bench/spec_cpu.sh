@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# Speculative decoding on the CPU, default model, measured in one run: plain decoding,
-# n-gram prompt lookup on a prompt the answer repeats, and the early-exit self-draft.
+# Speculative decoding on the CPU, default model, batch 1, through the runtime (Drafter and
+# Verifier actors), measured in one run: plain decoding, n-gram prompt lookup on a prompt
+# whose answer repeats it (correcting a text), and the early-exit self-draft. The timeline columns say how long
+# the Drafter worked (drafting, and pre-drafting the next round) and how much of it ran
+# while the Verifier verified.
 # Usage: bench/spec_cpu.sh [path/to/specula]
 set -euo pipefail
 bin=${1:-target/release/specula}
-text="The committee met on Tuesday to review the budget. After a long discussion, the committee approved the budget with minor changes, and the chair thanked everyone for their work."
-prompt="Repeat this paragraph word for word: $text"
-run() { "$bin" generate --chat --prompt "$prompt" --max-tokens 96 --json "$@" 2>/dev/null; }
-printf '%-22s %8s %10s %12s %14s\n' method "tok/s" acceptance "tok/step" tokens
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+text="The comittee met on Tuesday to reveiw the budjet. After a long discusion, the comittee aproved the budjet with minor changes, and the chair thanked everyone for there work. The next meeting will be held in two weeks. Members are asked to send there reports to the secretery before Friday, so that they can be shared with the hole group. Questions about the agenda should go to the chair."
+echo "Correct the spelling mistakes in this text and write it out again: $text" >"$dir/prompt.txt"
+printf '%-12s %7s %6s %9s %6s %9s %9s %9s %11s\n' \
+    method "tok/s" accept "tok/step" tokens "draft ms" "pre ms" "verify ms" "overlap ms"
 for spec in "none" "ngram --draft-len 8" "early-exit --draft-layers 20 --draft-len 4"; do
     # shellcheck disable=SC2086
-    run --spec $spec | python3 -c '
-import json, sys
-r = json.load(sys.stdin); s = r.get("speculative") or {}
+    "$bin" generate --chat --prompts-file "$dir/prompt.txt" --max-tokens 160 --json \
+        --timeline "$dir/timeline.json" --spec $spec >"$dir/out.json" 2>/dev/null
+    python3 - "${spec%% *}" "$dir/out.json" "$dir/timeline.json" <<'PY'
+import json, os, sys
+name, out, tl = sys.argv[1:]
+r = json.loads(open(out).readline())
+s = r.get("speculative") or {}
+t = json.load(open(tl))["summary"] if os.path.exists(tl) else {}
 acc = s["accepted"] / s["drafted"] if s.get("drafted") else float("nan")
-print("%-22s %8.1f %10.2f %12.2f %14d" % (sys.argv[1], r["timings"]["decode_tok_per_s"], acc,
-      s.get("mean_accepted_length", 1.0), r["usage"]["completion_tokens"]))' "${spec%% *}"
+print("%-12s %7.1f %6.2f %9.2f %6d %9.0f %9.0f %9.0f %11.0f" % (
+    name, r["timings"]["decode_tok_per_s"], acc, s.get("mean_accepted_length", 1.0),
+    r["usage"]["completion_tokens"], t.get("draft_ms", 0), t.get("pre_draft_ms", 0),
+    t.get("verify_ms", 0), t.get("overlapped_ms", 0)))
+PY
+    rm -f "$dir/timeline.json"
 done

@@ -3,8 +3,11 @@
 //! Runs the default model (SmolLM2-135M-Instruct) unless told otherwise, streams each answer
 //! as it is generated, keeps the conversation in the model's chat template, and prints the
 //! speed after each answer. `/reset` starts a new conversation, `/quit` (or Ctrl-D) leaves.
+//! With `--spec ngram|early-exit|draft` it decodes speculatively and shows how many drafts
+//! were accepted.
 
 use std::io::{BufRead, Write};
+use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
@@ -16,6 +19,7 @@ use specula::core::sampling::SamplingParams;
 use specula::model::chat::ChatMessage;
 use specula::model::{load_model, ModelSource};
 use specula::request::{GenerateRequest, Prompt, RequestError};
+use specula::spec::{ProposerChoice, SpecMethod, SpecStats, Speculation};
 
 #[derive(Parser)]
 #[command(about = "Chat with a model in the terminal")]
@@ -36,6 +40,18 @@ struct Args {
     repetition_penalty: f32,
     #[arg(long)]
     seed: Option<u64>,
+    /// Speculative decoding: how to draft tokens for the model to verify.
+    #[arg(long, value_enum, default_value = "none")]
+    spec: SpecMethod,
+    /// The draft model for `--spec draft` (same tokenizer).
+    #[arg(long)]
+    draft_model: Option<ModelSource>,
+    /// Layers that draft for `--spec early-exit`.
+    #[arg(long, default_value_t = 6)]
+    draft_layers: usize,
+    /// The most tokens drafted per step.
+    #[arg(long, default_value_t = 4)]
+    draft_len: usize,
 }
 
 /// How one answer went.
@@ -45,6 +61,7 @@ struct Answer {
     /// From the request to its end, and to its first token.
     seconds: f64,
     first_token_seconds: f64,
+    speculative: Option<SpecStats>,
 }
 
 impl Answer {
@@ -52,8 +69,18 @@ impl Answer {
     fn stats(&self) -> String {
         let decode = self.seconds - self.first_token_seconds;
         let rate = if decode > 0.0 { self.tokens.saturating_sub(1) as f64 / decode } else { 0.0 };
+        let spec = match &self.speculative {
+            Some(s) if s.drafted == 0 => "; nothing drafted".to_string(),
+            Some(s) => format!(
+                "; {:.0}% of {} drafts accepted, {:.2} tokens per step",
+                100.0 * s.acceptance_rate(),
+                s.drafted,
+                s.mean_accepted_length
+            ),
+            None => String::new(),
+        };
         format!(
-            "[{} tokens in {:.2} s: first after {:.2} s, then {:.1} tok/s]",
+            "[{} tokens in {:.2} s: first after {:.2} s, then {:.1} tok/s{spec}]",
             self.tokens, self.seconds, self.first_token_seconds, rate
         )
     }
@@ -67,7 +94,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         return Err(format!("{} has no chat template; chat needs an instruction-tuned model", loaded.name).into());
     }
     let name = loaded.name.clone();
-    let handle = Runtime::builder().build(backend, loaded.model, loaded.tokenizer)?;
+    let model = Arc::new(loaded.model);
+    let mut builder = Runtime::builder();
+    let choice = ProposerChoice {
+        method: args.spec,
+        draft_model: args.draft_model.clone(),
+        draft_layers: args.draft_layers,
+        draft_kv_blocks: 1024,
+    };
+    if let Some(proposer) = choice.build(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
+        builder = builder.speculation(Speculation { proposer, max_draft: args.draft_len, synthetic_acceptance: None });
+    }
+    let handle = builder.build(backend, model, loaded.tokenizer)?;
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let sampling = SamplingParams {
         temperature: args.temperature,
@@ -140,11 +178,11 @@ async fn answer(handle: &RuntimeHandle, request: GenerateRequest) -> Result<Answ
                 let _ = out.flush();
                 text.push_str(&piece);
             }
-            Event::Done { usage, .. } => {
+            Event::Done { usage, speculative, .. } => {
                 let seconds = start.elapsed().as_secs_f64();
                 let first_token_seconds = first.unwrap_or(seconds);
                 let text = text.trim().to_string();
-                return Ok(Answer { text, tokens: usage.completion_tokens, seconds, first_token_seconds });
+                return Ok(Answer { text, tokens: usage.completion_tokens, seconds, first_token_seconds, speculative });
             }
             Event::Error(e) => return Err(e),
         }

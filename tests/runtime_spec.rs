@@ -18,8 +18,9 @@ use specula::backend::cpu::CpuBackend;
 use specula::backend::{BackendError, BatchMeta};
 use specula::core::sampling::SamplingParams;
 use specula::engine::{Completion, Engine};
+use specula::model::chat::ChatMessage;
 use specula::model::{load_model, Llama, ModelSource, Tokenizer};
-use specula::request::{GenerateRequest, Prompt};
+use specula::request::{FinishReason, GenerateRequest, Prompt};
 use specula::spec::{Draft, ModelProposer, NgramProposer, Proposer, SeqId, Speculation};
 
 struct Shared {
@@ -148,6 +149,17 @@ fn stop_strings_and_output_limits_inside_drafts_end_the_output_where_plain_decod
     for max_tokens in [1, 2, 5, 11] {
         reqs.push(GenerateRequest { ignore_eos: true, ..text_req(PROMPTS[0], max_tokens) });
     }
+    // The end-of-sequence token among accepted drafts: the answer repeats the prompt.
+    let text = "The committee met on Tuesday to review the budget. After a long discussion, the \
+                committee approved the budget with minor changes, and the chair thanked everyone.";
+    let repeat = format!("Repeat this paragraph word for word: {text}");
+    let chat = |max_tokens| GenerateRequest {
+        max_tokens,
+        ..GenerateRequest::new(Prompt::Chat(vec![ChatMessage::user(repeat.clone())]))
+    };
+    let plain = alone(s, &chat(96));
+    assert!(plain.finish_reason == FinishReason::Stop && plain.token_ids.len() < 90, "{plain:?}");
+    reqs.extend([chat(96), chat(plain.token_ids.len()), chat(plain.token_ids.len() + 1)]);
     let h = runtime(s, speculation(&s.model, Method::Ngram, 8, 0), |b| b.max_batch(8));
     let (_, accepted) = check_batch(s, &h, &reqs, "ngram");
     assert!(accepted > 0, "the repeating prompt should have drafts accepted");

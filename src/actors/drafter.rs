@@ -6,7 +6,8 @@
 //! assuming every draft is accepted ("pre-drafting"): the tokens it proposes after the
 //! current draft, the first of which guesses the target's bonus token. When the next plan
 //! shows that guess held, those tokens are the next draft, already made; otherwise they are
-//! dropped and the proposer rolls back.
+//! dropped and the proposer rolls back. Rows pre-draft while their drafts are accepted
+//! whole.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,10 @@ struct DraftSeq {
     history: Vec<u32>,
     /// Tokens proposed beyond `history`: this step's draft, then the pre-draft.
     ahead: Draft,
+    /// Draft tokens sent with the last plan, and whether the step before it accepted them
+    /// all: pre-drafting pays only while whole drafts are accepted.
+    sent: usize,
+    all_accepted: bool,
 }
 
 pub struct Drafter {
@@ -63,6 +68,9 @@ impl Drafter {
             self.sync(row);
             if row.sample && row.draft_len > 0 {
                 row.draft = self.extend(row.id, row.draft_len).unwrap_or_default();
+                if let Some(st) = self.seqs.get_mut(&row.id) {
+                    st.sent = row.draft.tokens.len();
+                }
             }
         }
         self.publish_pool();
@@ -72,15 +80,15 @@ impl Drafter {
     }
 
     /// Drafts ahead for the rows of `plan` while the Verifier verifies it: the target's next
-    /// token plus a next draft as long as this one.
+    /// token plus a next draft as long as this one. Only for rows whose last draft was
+    /// accepted whole: elsewhere the guess would most likely be thrown away, and drafting
+    /// still takes compute (and memory bandwidth) from the target.
     pub fn pre_draft(&mut self, plan: &StepPlan) {
         let start = Instant::now();
-        let rows: Vec<(RequestId, usize)> = plan
-            .rows
-            .iter()
-            .filter(|r| !r.draft.tokens.is_empty())
-            .map(|r| (r.id, 2 * r.draft.tokens.len() + 1))
-            .collect();
+        let promising =
+            |r: &RowPlan| !r.draft.tokens.is_empty() && self.seqs.get(&r.id).is_some_and(|s| s.all_accepted);
+        let rows: Vec<(RequestId, usize)> =
+            plan.rows.iter().filter(|r| promising(r)).map(|r| (r.id, 2 * r.draft.tokens.len() + 1)).collect();
         for &(id, len) in &rows {
             self.extend(id, len);
         }
@@ -98,6 +106,8 @@ impl Drafter {
                 params: params.clone(),
                 history: vec![],
                 ahead: Draft::default(),
+                sent: 0,
+                all_accepted: true,
             });
             // (Re-)admitted: only the verified prefix stands.
             self.proposer.rollback(row.id.0, common_prefix(&st.history, prefix));
@@ -105,6 +115,10 @@ impl Drafter {
             st.ahead = Draft::default();
         }
         let Some(st) = self.seqs.get_mut(&row.id) else { return };
+        if st.sent > 0 {
+            st.all_accepted = row.computed >= st.history.len() + st.sent;
+            st.sent = 0;
+        }
         // Accepted drafts are the proposer's own tokens: the verified sequence is the
         // assumed one (history, then ahead) up to `computed`, then the row's new tokens.
         let assumed = st.history.len() + st.ahead.tokens.len();

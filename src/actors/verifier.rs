@@ -172,7 +172,6 @@ impl<E: Executor> Verifier<E> {
             spec::verify(&row.draft, logits, vocab, &st.history, &mut st.sampler, self.synthetic_acceptance)
         };
         o.accepted = tokens.len() - 1;
-        o.computed += o.accepted;
         // Accepted drafts are in the cache now; the last token joins the next step's row.
         st.history.extend_from_slice(&tokens[..o.accepted]);
         record_acceptance(drafted, o.accepted);
@@ -190,6 +189,9 @@ impl<E: Executor> Verifier<E> {
                 break;
             }
         }
+        // The cache keeps the accepted drafts, but never more than the sequence holds when
+        // it ended early (an end-of-sequence token among them).
+        o.computed += o.accepted.min(o.new_tokens.len());
         o
     }
 

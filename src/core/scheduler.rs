@@ -393,10 +393,11 @@ impl Scheduler {
             if seq.state != State::Running {
                 continue;
             }
-            seq.computed += o.computed;
             seq.tokens.extend_from_slice(&o.new_tokens);
+            debug_assert!(seq.computed + o.computed <= seq.tokens.len());
+            // Never count KV past the sequence, whatever the model side reports.
+            seq.computed = (seq.computed + o.computed).min(seq.tokens.len());
             seq.acceptance.record(o.drafted, o.accepted);
-            debug_assert!(seq.computed <= seq.tokens.len());
             if let Some(reason) = o.finish {
                 let seq = self.seqs.remove(&o.id).expect("present");
                 self.running.retain(|&r| r != o.id);

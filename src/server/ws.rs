@@ -21,6 +21,7 @@ use super::params::{SamplingFields, StopField, WireMessage};
 use super::AppState;
 use crate::actors::{Event, EventStream};
 use crate::request::{FinishReason, GenerateRequest, Prompt, Usage};
+use crate::spec::SpecStats;
 
 /// Largest frame (and message, continuations aggregated) a client may send.
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
@@ -145,7 +146,7 @@ pub fn parse_client_frame(text: &str) -> Result<ClientFrame, FrameError> {
 #[serde(tag = "type", rename_all = "snake_case")]
 enum ServerFrame<'a> {
     Delta { id: &'a Value, text: &'a str, token_ids: &'a [u32] },
-    Done { id: &'a Value, finish_reason: FinishReason, usage: Usage, speculative: Option<()> },
+    Done { id: &'a Value, finish_reason: FinishReason, usage: Usage, speculative: &'a Option<SpecStats> },
     Error { id: Option<&'a Value>, code: &'static str, message: String },
 }
 
@@ -157,9 +158,8 @@ fn to_text(frame: &ServerFrame) -> String {
 pub fn event_frame(id: &FrameId, event: &Event) -> String {
     match event {
         Event::Token { ids, text } => to_text(&ServerFrame::Delta { id: &id.0, text, token_ids: ids }),
-        // `speculative` stays null until the runtime reports speculation per request.
-        Event::Done { finish, usage, .. } => {
-            to_text(&ServerFrame::Done { id: &id.0, finish_reason: *finish, usage: *usage, speculative: None })
+        Event::Done { finish, usage, speculative } => {
+            to_text(&ServerFrame::Done { id: &id.0, finish_reason: *finish, usage: *usage, speculative })
         }
         Event::Error(e) => error_frame(Some(&id.0), &ServerError::Request(e.clone())),
     }

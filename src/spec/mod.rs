@@ -1,10 +1,12 @@
 //! Speculative decoding: proposers draft tokens, the target verifies them in one forward,
 //! and `core::spec` decides what is accepted. The output is the target's own.
 
+mod choice;
 mod draft_model;
 mod stats;
 
 pub use crate::core::spec::Draft;
+pub use choice::ProposerChoice;
 pub use draft_model::ModelProposer;
 pub use stats::SpecStats;
 
@@ -118,6 +120,10 @@ pub enum SpecError {
     DraftLen(usize),
     #[error("--synthetic-acceptance must be in [0, 1], got {0}")]
     SyntheticRate(f64),
+    #[error("could not load the draft model: {0}")]
+    DraftModel(String),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
 }
 
 /// The longest draft a step may carry.

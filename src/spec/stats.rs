@@ -43,6 +43,29 @@ impl SpecStats {
             slot.0 += 1;
             slot.1 += (i < accepted) as u64;
         }
+        self.refresh();
+    }
+
+    /// Adds another request's statistics (server-wide or batch totals).
+    pub fn merge(&mut self, other: &SpecStats) {
+        self.synthetic |= other.synthetic;
+        if other.steps == 0 {
+            return;
+        }
+        self.steps += other.steps;
+        self.drafted += other.drafted;
+        self.accepted += other.accepted;
+        if self.per_position.len() < other.per_position.len() {
+            self.per_position.resize(other.per_position.len(), (0, 0));
+        }
+        for (mine, theirs) in self.per_position.iter_mut().zip(&other.per_position) {
+            mine.0 += theirs.0;
+            mine.1 += theirs.1;
+        }
+        self.refresh();
+    }
+
+    fn refresh(&mut self) {
         self.mean_accepted_length = (self.accepted + self.steps) as f64 / self.steps as f64;
         self.acceptance_per_position = self.per_position.iter().map(|&(d, a)| a as f64 / d as f64).collect();
     }
@@ -69,5 +92,13 @@ mod tests {
         assert_eq!((s.steps, s.drafted, s.accepted), (2, 8, 6));
         assert_eq!(s.mean_accepted_length, 4.0);
         assert_eq!(s.acceptance_per_position, vec![1.0, 1.0, 0.5, 0.5]);
+        let mut total = SpecStats::default();
+        total.merge(&s);
+        total.merge(&SpecStats::default());
+        let mut other = SpecStats::default();
+        other.record(2, 0);
+        total.merge(&other);
+        assert_eq!((total.steps, total.drafted, total.accepted), (3, 10, 6));
+        assert_eq!(total.acceptance_per_position, vec![2.0 / 3.0, 2.0 / 3.0, 0.5, 0.5]);
     }
 }

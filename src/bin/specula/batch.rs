@@ -3,22 +3,20 @@
 //! prefix reuse); results are printed in input order.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
 use serde_json::json;
 
-use specula::actors::{collect, Runtime};
+use specula::actors::{collect, Runtime, Timeline};
 use specula::backend::cpu::CpuBackend;
 use specula::model::load_model;
-use specula::spec::SpecMethod;
+use specula::spec::SpecStats;
 
 use super::{completion_json, GenerateArgs};
 
 pub fn run(args: &GenerateArgs, file: &Path) -> Result<(), Box<dyn std::error::Error>> {
-    if !matches!(args.spec.spec, SpecMethod::None) {
-        return Err("--prompts-file runs through the batching runtime, which does not speculate yet".into());
-    }
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let prompts: Vec<&str> = text.lines().collect();
     if prompts.is_empty() {
@@ -27,10 +25,14 @@ pub fn run(args: &GenerateArgs, file: &Path) -> Result<(), Box<dyn std::error::E
     let concurrency = args.concurrency.unwrap_or(prompts.len()).max(1);
     let backend = CpuBackend::new();
     let loaded = load_model(&args.model, &backend)?;
-    let handle = Runtime::builder()
-        .max_batch(concurrency.min(prompts.len()))
-        .max_waiting(prompts.len().max(1024))
-        .build(backend, loaded.model, loaded.tokenizer)?;
+    let model = Arc::new(loaded.model);
+    let mut builder = Runtime::builder().max_batch(concurrency.min(prompts.len())).max_waiting(prompts.len().max(1024));
+    let timeline = Arc::new(Timeline::default());
+    if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
+        args.spec.warn_if_synthetic();
+        builder = builder.speculation(spec).timeline(timeline.clone());
+    }
+    let handle = builder.build(backend, model, loaded.tokenizer)?;
 
     let start = Instant::now();
     let results: Vec<_> = futures::executor::block_on(
@@ -39,11 +41,14 @@ pub fn run(args: &GenerateArgs, file: &Path) -> Result<(), Box<dyn std::error::E
             .collect(),
     );
     let elapsed = start.elapsed().as_secs_f64();
-    let mut generated = 0;
+    let (mut generated, mut spec) = (0, SpecStats::default());
     for (i, r) in results.iter().enumerate() {
         match r {
             Ok(c) => {
                 generated += c.usage.completion_tokens;
+                if let Some(s) = &c.speculative {
+                    spec.merge(s);
+                }
                 if args.json {
                     println!("{}", completion_json(c));
                 } else {
@@ -59,6 +64,25 @@ pub fn run(args: &GenerateArgs, file: &Path) -> Result<(), Box<dyn std::error::E
         results.len(),
         generated as f64 / elapsed
     );
+    if spec.steps > 0 {
+        let o = timeline.summary();
+        eprintln!(
+            "[speculative: {} drafted, {} accepted ({:.0}%), {:.2} tokens per step{}; drafting {:.0} ms + pre-drafting {:.0} ms, verifying {:.0} ms, overlapped {:.0} ms]",
+            spec.drafted,
+            spec.accepted,
+            100.0 * spec.acceptance_rate(),
+            spec.mean_accepted_length,
+            if spec.synthetic { ", SYNTHETIC acceptance" } else { "" },
+            o.draft_ms,
+            o.pre_draft_ms,
+            o.verify_ms,
+            o.overlapped_ms
+        );
+    }
+    if let Some(path) = &args.timeline {
+        let spans = serde_json::to_string(&json!({ "spans": timeline.spans(), "summary": timeline.summary() }))?;
+        std::fs::write(path, spans).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
     handle.shutdown_blocking(std::time::Duration::from_secs(1));
     Ok(())
 }

@@ -1,20 +1,19 @@
 //! `specula generate`: one prompt in, its completion out (streamed, or as JSON).
 
 use std::io::Write;
-use std::sync::Arc;
 
 use clap::Args;
 use serde_json::json;
 
 use specula::backend::cpu::CpuBackend;
+use specula::backend::{Backend, BackendError};
 use specula::core::sampling::SamplingParams;
 use specula::engine::{Completion, Engine, SpecOptions};
 use specula::model::chat::ChatMessage;
 use specula::model::{load_model, ModelSource};
 use specula::request::{GenerateRequest, Prompt};
-use specula::spec::{
-    check_draft_compatible, ModelProposer, NgramProposer, Proposer, SpecError, SpecMethod, MAX_DRAFT_LEN,
-};
+
+use crate::spec_args::SpecArgs;
 
 #[derive(Args)]
 pub struct GenerateArgs {
@@ -32,6 +31,10 @@ pub struct GenerateArgs {
     /// With --prompts-file: the most requests in flight at once (default: all of them).
     #[arg(long, requires = "prompts_file")]
     concurrency: Option<usize>,
+    /// With --prompts-file and --spec: write when the drafter and the verifier worked (JSON
+    /// spans) to FILE, and print how long they overlapped.
+    #[arg(long, value_name = "FILE", requires = "prompts_file")]
+    timeline: Option<std::path::PathBuf>,
     /// Wrap the prompt as one user message in the model's chat template.
     #[arg(long)]
     chat: bool,
@@ -60,81 +63,19 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, token_ids, usage, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Where the model runs: `cpu`, or `cuda` (GPU 0; needs a binary built with
+    /// `--features cuda`).
+    #[arg(long, value_enum, default_value = "cpu")]
+    backend: BackendKind,
     #[command(flatten)]
     spec: SpecArgs,
 }
 
-/// Speculative decoding options.
-#[derive(Args)]
-pub struct SpecArgs {
-    /// How to draft tokens for the target to verify.
-    #[arg(long, value_enum, default_value = "none")]
-    spec: SpecMethod,
-    /// The draft model for `--spec draft` (same tokenizer as the target).
-    #[arg(long)]
-    draft_model: Option<ModelSource>,
-    /// Layers of the target that draft for `--spec early-exit`.
-    #[arg(long, default_value_t = 6)]
-    draft_layers: usize,
-    /// The most tokens drafted per step.
-    #[arg(long, default_value_t = 4)]
-    draft_len: usize,
-    /// Benchmarks only: accept each draft token with this probability whatever its value.
-    /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
-    #[arg(long)]
-    synthetic_acceptance: Option<f64>,
-}
-
-/// KV blocks of the draft model's cache: enough for one long sequence.
-const DRAFT_CACHE_BLOCKS: usize = 1024;
-
-impl SpecArgs {
-    /// The proposer the options ask for, or None for plain decoding.
-    fn proposer(&self, engine: &Engine<CpuBackend>) -> Result<Option<Box<dyn Proposer>>, Box<dyn std::error::Error>> {
-        if !(1..=MAX_DRAFT_LEN).contains(&self.draft_len) {
-            return Err(SpecError::DraftLen(self.draft_len).into());
-        }
-        if let Some(rate) = self.synthetic_acceptance.filter(|r| !(0.0..=1.0).contains(r)) {
-            return Err(SpecError::SyntheticRate(rate).into());
-        }
-        let block = specula::engine::BLOCK_SIZE;
-        Ok(match self.spec {
-            SpecMethod::None => None,
-            SpecMethod::Ngram => Some(Box::new(NgramProposer::default())),
-            SpecMethod::EarlyExit => {
-                let max = engine.model.num_layers();
-                if !(1..=max).contains(&self.draft_layers) {
-                    return Err(SpecError::DraftLayers { got: self.draft_layers, max }.into());
-                }
-                let p = ModelProposer::new(
-                    CpuBackend::new(),
-                    engine.model.clone(),
-                    self.draft_layers,
-                    DRAFT_CACHE_BLOCKS,
-                    block,
-                )?;
-                Some(Box::new(p))
-            }
-            SpecMethod::Draft => {
-                let source = self.draft_model.as_ref().ok_or(SpecError::MissingDraftModel)?;
-                let draft = load_model(source, &CpuBackend::new())?;
-                check_draft_compatible(
-                    engine.tokenizer.as_ref(),
-                    draft.tokenizer.as_ref(),
-                    engine.model.config.vocab_size,
-                    draft.model.config.vocab_size,
-                )?;
-                let layers = draft.model.num_layers();
-                Some(Box::new(ModelProposer::new(
-                    CpuBackend::new(),
-                    Arc::new(draft.model),
-                    layers,
-                    DRAFT_CACHE_BLOCKS,
-                    block,
-                )?))
-            }
-        })
-    }
+/// The backend `specula generate` runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackendKind {
+    Cpu,
+    Cuda,
 }
 
 #[path = "batch.rs"]
@@ -142,21 +83,49 @@ mod batch;
 
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(file) = &args.prompts_file {
+        if args.backend != BackendKind::Cpu {
+            return Err("--prompts-file runs through the batching runtime, which runs on the CPU backend only".into());
+        }
         return batch::run(&args, file);
     }
-    let backend = CpuBackend::new();
+    match args.backend {
+        BackendKind::Cpu => generate(&args, &|| Ok(CpuBackend::new())),
+        BackendKind::Cuda => generate_cuda(&args),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn generate_cuda(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    use specula::backend::cuda::CudaBackend;
+    // Siblings share the context and compiled kernels; each has its own stream, so a
+    // draft model's work is ordered apart from the target's.
+    let gpu = CudaBackend::new(0)?;
+    generate(args, &|| gpu.sibling())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn generate_cuda(_: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    Err("--backend cuda: this binary was built without the `cuda` feature \
+         (rebuild with `cargo build --release --features cuda`)"
+        .into())
+}
+
+/// One prompt on the backends `new_backend` makes (the first runs the target).
+fn generate<B: Backend>(
+    args: &GenerateArgs,
+    new_backend: &dyn Fn() -> Result<B, BackendError>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let backend = new_backend()?;
     let loaded = load_model(&args.model, &backend)?;
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
     let request = args.request(args.prompt.as_deref().unwrap_or_default());
-    let mut proposer = args.spec.proposer(&engine)?;
+    let mut proposer = args.spec.proposer(&engine.model, engine.tokenizer.as_ref(), new_backend)?;
     let spec = proposer.as_deref_mut().map(|proposer| SpecOptions {
         proposer,
         max_draft: args.spec.draft_len,
         synthetic_acceptance: args.spec.synthetic_acceptance,
     });
-    if args.spec.synthetic_acceptance.is_some() {
-        eprintln!("warning: synthetic acceptance is on: the output is not the model's (benchmark mode)");
-    }
+    args.spec.warn_if_synthetic();
     let stdout = std::io::stdout();
     let completion = engine.generate_speculative(&request, spec, |_, text| {
         if !args.json {

@@ -1,5 +1,6 @@
 //! `specula serve`: the runtime behind the WebSocket and OpenAI-compatible HTTP servers.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -8,6 +9,8 @@ use specula::actors::Runtime;
 use specula::backend::cpu::CpuBackend;
 use specula::model::{load_model, ModelSource};
 use specula::server::{self, ServerConfig};
+
+use crate::spec_args::SpecArgs;
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -36,6 +39,8 @@ pub struct ServeArgs {
     /// HTTP worker threads (default: one per physical core).
     #[arg(long)]
     workers: Option<usize>,
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -44,11 +49,14 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let backend = CpuBackend::new();
     let loaded = load_model(&args.model, &backend)?;
     let model_name = args.served_model_name.clone().unwrap_or_else(|| served_name(&loaded.name));
-    let handle = Runtime::builder().max_batch(args.max_batch).max_waiting(args.max_waiting).build(
-        backend,
-        loaded.model,
-        loaded.tokenizer,
-    )?;
+    let model = Arc::new(loaded.model);
+    let mut builder = Runtime::builder().max_batch(args.max_batch).max_waiting(args.max_waiting);
+    if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
+        args.spec.warn_if_synthetic();
+        eprintln!("specula: speculative decoding with {:?}, up to {} draft tokens", args.spec.spec, spec.max_draft);
+        builder = builder.speculation(spec);
+    }
+    let handle = builder.build(backend, model, loaded.tokenizer)?;
     let config = ServerConfig {
         host: args.host.clone(),
         port: args.port,

@@ -1,0 +1,57 @@
+//! Building a proposer from what a user asks for (`--spec`, `--draft-model`, ...).
+
+use std::sync::Arc;
+
+use super::{check_draft_compatible, ModelProposer, NgramProposer, Proposer, SpecError, SpecMethod};
+use crate::backend::{Backend, BackendError};
+use crate::model::{load_model, Llama, ModelSource, Tokenizer};
+
+/// What to draft with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProposerChoice {
+    pub method: SpecMethod,
+    /// The draft model for `SpecMethod::Draft` (its tokenizer must match the target's).
+    pub draft_model: Option<ModelSource>,
+    /// The target's layers that draft for `SpecMethod::EarlyExit`.
+    pub draft_layers: usize,
+    /// KV blocks of 16 tokens in a drafting model's own cache.
+    pub draft_kv_blocks: usize,
+}
+
+impl ProposerChoice {
+    /// The proposer, or None for `SpecMethod::None`. A drafting model runs on a backend of
+    /// its own from `new_backend` (on a GPU: its own stream).
+    pub fn build<B: Backend>(
+        &self,
+        target: &Arc<Llama<B>>,
+        tokenizer: Option<&Tokenizer>,
+        new_backend: &dyn Fn() -> Result<B, BackendError>,
+    ) -> Result<Option<Box<dyn Proposer>>, SpecError> {
+        let (blocks, block_size) = (self.draft_kv_blocks.max(1), crate::engine::BLOCK_SIZE);
+        Ok(match self.method {
+            SpecMethod::None => None,
+            SpecMethod::Ngram => Some(Box::new(NgramProposer::default())),
+            SpecMethod::EarlyExit => {
+                let max = target.num_layers();
+                if !(1..=max).contains(&self.draft_layers) {
+                    return Err(SpecError::DraftLayers { got: self.draft_layers, max });
+                }
+                let p = ModelProposer::new(new_backend()?, target.clone(), self.draft_layers, blocks, block_size)?;
+                Some(Box::new(p))
+            }
+            SpecMethod::Draft => {
+                let source = self.draft_model.as_ref().ok_or(SpecError::MissingDraftModel)?;
+                let backend = new_backend()?;
+                let draft = load_model(source, &backend).map_err(|e| SpecError::DraftModel(e.to_string()))?;
+                check_draft_compatible(
+                    tokenizer,
+                    draft.tokenizer.as_ref(),
+                    target.config.vocab_size,
+                    draft.model.config.vocab_size,
+                )?;
+                let layers = draft.model.num_layers();
+                Some(Box::new(ModelProposer::new(backend, Arc::new(draft.model), layers, blocks, block_size)?))
+            }
+        })
+    }
+}
