@@ -271,3 +271,44 @@ async fn a_vanished_client_frees_its_requests() {
     ws.close(None).await.unwrap();
     srv.wait_idle(Duration::from_secs(10)).await;
 }
+
+/// A server started with speculation: the `done` frame carries the request's statistics,
+/// the text is what plain decoding gives, and `/metrics` counts drafts and acceptances.
+#[tokio::test]
+async fn a_speculating_server_reports_its_drafts() {
+    use specula::spec::{NgramProposer, Speculation};
+    let _one_at_a_time = exclusive().await;
+    let spec = Speculation { proposer: Box::new(NgramProposer::default()), max_draft: 8, synthetic_acceptance: None };
+    let srv = server_support::start(specula::actors::Runtime::builder().speculation(spec), None);
+    let prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick";
+    let mut ws = connect_with(&srv, None).await.unwrap();
+    send(&mut ws, json!({"type": "generate", "id": "s", "prompt": prompt, "max_tokens": 24, "ignore_eos": true})).await;
+    let (got, _) = until_done(&mut ws, &["s"]).await;
+    let done = got["s"].done.as_ref().unwrap();
+    let spec = &done["speculative"];
+    assert!(spec["drafted"].as_u64().unwrap() > 0 && spec["accepted"].as_u64().unwrap() > 0, "{done}");
+    assert!(spec["mean_accepted_length"].as_f64().unwrap() > 1.0, "{done}");
+    assert!(spec.get("synthetic").is_none(), "{done}");
+
+    let plain =
+        GenerateRequest { max_tokens: 24, ignore_eos: true, ..GenerateRequest::new(Prompt::Text(prompt.into())) };
+    let want = collect(server().handle.generate(plain)).await.unwrap();
+    assert_eq!(got["s"].text, want.text, "speculation changed the output");
+
+    let metrics = http_get(&srv, "/metrics").await;
+    for name in ["specula_spec_drafts_total", "specula_spec_draft_tokens_total", "specula_spec_accepted_tokens_total"] {
+        assert!(metrics.lines().any(|l| l.starts_with(name)), "{name} missing from\n{metrics}");
+    }
+    assert!(metrics.contains("specula_spec_accepted_by_position_total{position=\"1\"}"), "{metrics}");
+}
+
+/// GET over a plain TCP connection (the WebSocket tests carry no HTTP client).
+async fn http_get(srv: &TestServer, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = TcpStream::connect(srv.addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", srv.addr);
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await.unwrap();
+    body
+}
