@@ -90,26 +90,35 @@ fn greedy_speculation_on_the_default_model_equals_plain_greedy() {
     }
 }
 
-/// The exact distribution of the second generated token: Σ_t p(t | prompt) · p(x | prompt, t).
-fn second_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams) -> Vec<f64> {
+/// The exact distribution of the `n`-th generated token (1-based): the sum over every
+/// sequence of earlier tokens of its probability times the next token's distribution.
+fn nth_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams, n: usize) -> Vec<f64> {
     let b = CpuBackend::new();
-    let vocab = model.config.vocab_size;
     let last_logits = |tokens: &[u32]| {
         let mut kv = KvCache::new(&b, &model.config, 16, 4).unwrap();
         let mut meta = BatchMeta::new(4);
         meta.push_row(tokens, 0, &(0..16).collect::<Vec<_>>(), 1);
         b.to_host(&model.forward(&b, &mut kv, &meta).unwrap()).unwrap()
     };
-    let first = distribution(&last_logits(prompt), prompt, params);
-    let mut out = vec![0f64; vocab];
-    for (t, &pt) in first.iter().enumerate().filter(|(_, &p)| p > 0.0) {
-        let mut context = prompt.to_vec();
-        context.push(t as u32);
-        for (x, &px) in distribution(&last_logits(&context), &context, params).iter().enumerate() {
-            out[x] += pt as f64 * px as f64;
+    let mut out = vec![0f64; model.config.vocab_size];
+    let mut stack = vec![(prompt.to_vec(), 1f64)];
+    while let Some((context, p)) = stack.pop() {
+        let next = distribution(&last_logits(&context), &context, params);
+        for (t, &pt) in next.iter().enumerate().filter(|(_, &q)| q > 0.0) {
+            if context.len() - prompt.len() + 1 == n {
+                out[t] += p * pt as f64;
+            } else {
+                let mut longer = context.clone();
+                longer.push(t as u32);
+                stack.push((longer, p * pt as f64));
+            }
         }
     }
     out
+}
+
+fn second_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams) -> Vec<f64> {
+    nth_token_distribution(model, prompt, params, 2)
 }
 
 /// Pearson's statistic over bins with an expected count of at least 5 (the rest pooled).
@@ -168,4 +177,85 @@ fn sampled_speculation_follows_the_target_distribution() {
         assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
         assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
     }
+}
+
+/// The same through the runtime: the Drafter's draft probabilities travel with the plan,
+/// many requests share each verification step, and the second token (the first one drafted
+/// and verified) still follows the target's distribution.
+#[test]
+fn sampled_speculation_in_the_runtime_follows_the_target_distribution() {
+    use specula::actors::{collect, Runtime};
+    use specula::spec::Speculation;
+    let vocab = 48;
+    let target = Arc::new(tiny(vocab, 11, 0.7));
+    let draft = Arc::new(tiny(vocab, 11, 0.5));
+    let prompt = vec![3u32, 9, 27];
+    let samples = 20_000;
+    let params = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
+    let expected = second_token_distribution(&target, &prompt, &params);
+    let proposer = Box::new(ModelProposer::new(CpuBackend::new(), draft, 2, 1024, 4).unwrap());
+    let h = Runtime::builder()
+        .speculation(Speculation { proposer, max_draft: 3, synthetic_acceptance: None })
+        .max_batch(16) // below the batch size where speculation turns off
+        .build(CpuBackend::new(), target, None::<specula::model::Tokenizer>)
+        .unwrap();
+    let mut counts = vec![0usize; vocab];
+    let (mut drafted, mut accepted) = (0, 0);
+    for chunk in (0..samples).collect::<Vec<_>>().chunks(512) {
+        let outs = futures::executor::block_on(futures::future::join_all(chunk.iter().map(|&i| {
+            // Three tokens: the second step drafts (the output limit leaves room for one).
+            let sampling = SamplingParams { seed: Some(i as u64), ..params.clone() };
+            collect(h.generate(request(prompt.clone(), 3, sampling)))
+        })));
+        for out in outs {
+            let out = out.unwrap();
+            counts[out.token_ids[1] as usize] += 1;
+            let stats = out.speculative.unwrap();
+            (drafted, accepted) = (drafted + stats.drafted, accepted + stats.accepted);
+        }
+    }
+    let (stat, dof) = chi_square(&counts, &expected, samples);
+    eprintln!("runtime: chi2 {stat:.3} on {dof} dof; acceptance {accepted}/{drafted}");
+    assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
+    assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
+}
+
+/// The fourth token of five through the runtime: it is drafted from the tokens the Drafter
+/// proposed ahead while the previous step was verified (when that step accepted its draft
+/// and the target's token matched the guess), with their recorded probabilities.
+#[test]
+fn sampled_tokens_drafted_ahead_follow_the_target_distribution() {
+    use specula::actors::{collect, Runtime};
+    use specula::spec::Speculation;
+    let vocab = 16;
+    let target = Arc::new(tiny(vocab, 5, 0.9));
+    let draft = Arc::new(tiny(vocab, 5, 0.7));
+    let prompt = vec![1u32, 4, 9];
+    let samples = 20_000;
+    let params = SamplingParams { temperature: 1.0, ..Default::default() };
+    let expected = nth_token_distribution(&target, &prompt, &params, 4);
+    let proposer = Box::new(ModelProposer::new(CpuBackend::new(), draft, 2, 1024, 4).unwrap());
+    let h = Runtime::builder()
+        .speculation(Speculation { proposer, max_draft: 1, synthetic_acceptance: None })
+        .max_batch(16)
+        .build(CpuBackend::new(), target, None::<specula::model::Tokenizer>)
+        .unwrap();
+    let mut counts = vec![0usize; vocab];
+    let (mut drafted, mut accepted) = (0, 0);
+    for chunk in (0..samples).collect::<Vec<_>>().chunks(512) {
+        let outs = futures::executor::block_on(futures::future::join_all(chunk.iter().map(|&i| {
+            let sampling = SamplingParams { seed: Some(i as u64), ..params.clone() };
+            collect(h.generate(request(prompt.clone(), 5, sampling)))
+        })));
+        for out in outs {
+            let out = out.unwrap();
+            counts[out.token_ids[3] as usize] += 1;
+            let stats = out.speculative.unwrap();
+            (drafted, accepted) = (drafted + stats.drafted, accepted + stats.accepted);
+        }
+    }
+    let (stat, dof) = chi_square(&counts, &expected, samples);
+    eprintln!("drafted ahead: chi2 {stat:.3} on {dof} dof; acceptance {accepted}/{drafted}");
+    assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
+    assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
 }
