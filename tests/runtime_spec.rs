@@ -232,7 +232,8 @@ fn greedy_speculation_on_tiny_random_models_equals_plain_greedy() {
         })
         .collect();
     let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
-    let proposers: [(&str, fn(&Arc<Llama<CpuBackend>>, &Arc<Llama<CpuBackend>>) -> Box<dyn Proposer>); 3] = [
+    type Make = fn(&Arc<Llama<CpuBackend>>, &Arc<Llama<CpuBackend>>) -> Box<dyn Proposer>;
+    let proposers: [(&str, Make); 3] = [
         ("ngram", |_, _| Box::new(NgramProposer::default())),
         ("early-exit", |t, _| Box::new(ModelProposer::new(CpuBackend::new(), t.clone(), 1, 64, 16).unwrap())),
         ("draft model", |_, d| Box::new(ModelProposer::new(CpuBackend::new(), d.clone(), 2, 64, 16).unwrap())),
@@ -286,7 +287,7 @@ impl Proposer for Counting {
         self.calls += 1;
         let last = *history.last().unwrap();
         let mut tokens: Vec<u32> = (1..=k as u32).map(|i| (last + i) % VOCAB as u32).collect();
-        if self.calls % self.wrong_every == 0 {
+        if self.calls.is_multiple_of(self.wrong_every) {
             tokens[k / 2] = (tokens[k / 2] + 1) % VOCAB as u32;
         }
         Ok(Draft { tokens, probs: None })

@@ -68,10 +68,10 @@ impl ModelConfig {
         let checks = [
             (self.num_heads == 0 || self.num_kv_heads == 0, "head counts must be positive"),
             (
-                self.num_heads % self.num_kv_heads.max(1) != 0,
+                !self.num_heads.is_multiple_of(self.num_kv_heads.max(1)),
                 "num_attention_heads must be a multiple of num_key_value_heads",
             ),
-            (self.head_dim == 0 || self.head_dim % 2 != 0, "head_dim must be even and positive"),
+            (self.head_dim == 0 || !self.head_dim.is_multiple_of(2), "head_dim must be even and positive"),
             (self.hidden_size == 0 || self.intermediate_size == 0, "sizes must be positive"),
             (self.vocab_size == 0 || self.num_layers == 0, "vocab_size and num_hidden_layers must be positive"),
         ];

@@ -28,7 +28,7 @@ pub fn dot_tile_quant<const T: usize>(format: QuantFormat, row: &[u8], xs: [&[f3
     for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
         let w = format.dequantize_block(block);
         for t in 0..T {
-            acc[t] = scalar_dot(&w, &xs[t][b * BLOCK..(b + 1) * BLOCK]) + acc[t];
+            acc[t] += scalar_dot(&w, &xs[t][b * BLOCK..(b + 1) * BLOCK]);
         }
     }
     acc

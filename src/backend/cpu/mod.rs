@@ -268,8 +268,8 @@ fn matvec_row(w: WeightRow, x: &[f32], k: usize, dst: &mut [f32]) {
         dst[t..t + 4].copy_from_slice(&w.dots::<4>([tok(t), tok(t + 1), tok(t + 2), tok(t + 3)]));
         t += 4;
     }
-    for t in t..dst.len() {
-        dst[t] = w.dots::<1>([tok(t)])[0];
+    for (t, d) in dst.iter_mut().enumerate().skip(t) {
+        *d = w.dots::<1>([tok(t)])[0];
     }
 }
 
