@@ -10,6 +10,7 @@
 #               unset or missing: the op comparison only
 #   CUDA_HOME   CUDA toolkit (default /usr/local/cuda): NVRTC, cuBLAS and the headers
 #   BENCH_ARGS  extra arguments for `specula bench`
+#   STEPS       which steps to run (default "parity bench")
 set -uo pipefail
 BIN=${1:-target/release/specula}
 LOG_DIR=${LOG_DIR:-/tmp/specula-bench}
@@ -24,12 +25,21 @@ cat "$LOG_DIR/gpu.txt"
 
 model_arg=none
 if [ -n "${MODEL:-}" ] && [ -f "$MODEL" ]; then model_arg=$MODEL; fi
+STEPS=${STEPS:-parity bench}
 status=0
-"$BIN" kernels parity --model "$model_arg" >"$LOG_DIR/parity.txt" 2>&1 || status=1
-"$BIN" bench --json "$LOG_DIR/bench.json" ${BENCH_ARGS:-} >"$LOG_DIR/bench.txt" 2>&1 || status=1
+for step in $STEPS; do
+    case $step in
+    parity) "$BIN" kernels parity --model "$model_arg" >"$LOG_DIR/parity.txt" 2>&1 || status=1 ;;
+    bench) "$BIN" bench --json "$LOG_DIR/bench.json" ${BENCH_ARGS:-} >"$LOG_DIR/bench.txt" 2>&1 || status=1 ;;
+    *) echo "unknown step $step" && status=1 ;;
+    esac
+done
 
-echo "== command: $BIN kernels parity --model $model_arg; $BIN bench ${BENCH_ARGS:-}"
-tail -n 60 "$LOG_DIR/parity.txt"
-echo
-tail -n 40 "$LOG_DIR/bench.txt"
+for step in $STEPS; do
+    case $step in
+    parity) echo "== $BIN kernels parity --model $model_arg" && tail -n 80 "$LOG_DIR/parity.txt" ;;
+    bench) echo "== $BIN bench ${BENCH_ARGS:-}" && tail -n 50 "$LOG_DIR/bench.txt" ;;
+    esac
+    echo
+done
 exit $status

@@ -7,7 +7,12 @@
 // stores them), so no block reads a cache entry that another block is writing, and one
 // launch per layer is saved.
 //
-// The sequence is cut into splits of ATTN_SPLIT positions; one block handles one
+// RoPE can happen here too (inv_freq non-null): q and the step's keys arrive unrotated and
+// are rotated as they are loaded (before the keys are stored), which saves the rope launch
+// of every layer. Lane l holds dimensions l*PL..l*PL+PL-1 of a head, so the partner of each
+// (dimension i pairs with i + HD/2, the Hugging Face layout) sits in lane l ^ 16.
+//
+// The sequence is cut into splits of split_len(position) positions; one block handles one
 // (kv head, query token, split) and all the query heads that share that kv head (GQA:
 // K and V are read once for the group). A second kernel merges the splits. The split
 // size is fixed, so a token's arithmetic depends only on its own position: results are
@@ -15,9 +20,19 @@
 #include "common.cuh"
 
 #define ATTN_WARPS 4
-#define ATTN_SPLIT 64
 #define ATTN_UNROLL 4
 #define MAX_GROUP 8
+#define MAX_SPLITS 64  // as batch::MAX_SPLITS
+
+// Positions per split for a token at `pos`: `min_split`, doubled until the token needs at
+// most MAX_SPLITS splits. Short splits keep many blocks in flight at short contexts (where
+// a step's attention is latency-bound); the cap keeps the merge short at long ones. It
+// depends on the token's own position only, so decode and verification still agree bitwise.
+__device__ __forceinline__ int split_len(int pos, int min_split) {
+    int len = min_split;
+    while (pos + 1 > len * MAX_SPLITS) len *= 2;
+    return len;
+}
 
 template <int PL>
 __device__ __forceinline__ void load_bf16(const __nv_bfloat16* p, float* out) {
@@ -32,6 +47,31 @@ __device__ __forceinline__ void load_rounded(const float* p, float* out) {
     for (int i = 0; i < PL; i++) out[i] = bf16_to_f32(__float2bfloat16_rn(p[i]));
 }
 
+// cos and sin of this lane's dimensions at position `pos`, formed as kernels/rope.cu forms
+// them (angle reduced modulo 2*pi in f64, then an f32 sincos).
+template <int PL>
+__device__ __forceinline__ void rope_angles(int pos, const float* __restrict__ inv_freq, int lane, float* cs, float* sn) {
+    constexpr int HALF = PL * WARP / 2;
+    const double two_pi = 6.283185307179586;
+#pragma unroll
+    for (int i = 0; i < PL; i++) {
+        double a = (double)pos * (double)inv_freq[(lane * PL + i) % HALF];
+        a -= floor(a / two_pi) * two_pi;
+        sincosf((float)a, &sn[i], &cs[i]);
+    }
+}
+
+// Rotates this lane's dimensions of one head, as kernels/rope.cu does; every lane of the
+// warp must take part (the partner's values come by shuffle).
+template <int PL>
+__device__ __forceinline__ void rope_rotate(float* v, const float* cs, const float* sn, int lane) {
+#pragma unroll
+    for (int i = 0; i < PL; i++) {
+        const float other = __shfl_xor_sync(0xffffffffu, v[i], WARP / 2);
+        v[i] = lane < WARP / 2 ? v[i] * cs[i] - other * sn[i] : v[i] * cs[i] + other * sn[i];
+    }
+}
+
 // partial: [tokens, heads, max_splits, HD + 2] holding (max score, sum of exp, unnormalised
 // output) per split. grid: (kv_heads, tokens, max_splits), block: 32 * ATTN_WARPS.
 template <int HD>
@@ -40,25 +80,32 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
                            const uint32_t* __restrict__ positions, const uint32_t* __restrict__ slots,
                            const uint32_t* __restrict__ token_row, const uint32_t* __restrict__ row_first,
                            const uint32_t* __restrict__ block_tables, int max_blocks, int block_size, int heads,
-                           int kv_heads, int max_splits, float* __restrict__ partial) {
+                           int kv_heads, int max_splits, float* __restrict__ partial,
+                           const float* __restrict__ inv_freq, int min_split) {
     constexpr int PL = HD / WARP;  // head dimensions per lane
     pdl_start();
     const int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
-    const int ctx = positions[t] + 1;
-    const int start = split * ATTN_SPLIT;
+    const int ctx = positions[t] + 1, len = split_len(positions[t], min_split);
+    const int start = split * len;
     if (start >= ctx) return;
-    const int end = min(ctx, start + ATTN_SPLIT);
+    const int end = min(ctx, start + len);
     const int g = heads / kv_heads, lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const int kv_dim = kv_heads * HD;
     const uint32_t* table = block_tables + (size_t)token_row[t] * max_blocks;
     const float scale = 1.0f / sqrtf((float)HD);
     // Positions from first_pos on are this step's: token first_tok + (p - first_pos).
     const int first_tok = row_first[t], first_pos = positions[first_tok];
+    float cs[PL], sn[PL];  // token t's rotation
+    if (inv_freq) rope_angles<PL>(positions[t], inv_freq, lane, cs, sn);
     if (split == 0 && warp == 0) {  // the one block that stores token t's key and value for this head
         const size_t src = (size_t)t * kv_dim + kvh * HD + lane * PL, dst = (size_t)slots[t] * kv_dim + kvh * HD + lane * PL;
+        float kr[PL];
+#pragma unroll
+        for (int i = 0; i < PL; i++) kr[i] = k_new[src + i];
+        if (inv_freq) rope_rotate<PL>(kr, cs, sn, lane);
 #pragma unroll
         for (int i = 0; i < PL; i++) {
-            k_cache[dst + i] = __float2bfloat16_rn(k_new[src + i]);
+            k_cache[dst + i] = __float2bfloat16_rn(kr[i]);
             v_cache[dst + i] = __float2bfloat16_rn(v_new[src + i]);
         }
     }
@@ -73,6 +120,7 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
             acc[j][i] = 0.f;
             qr[j][i] = j < g ? q[((size_t)t * heads + kvh * g + j) * HD + lane * PL + i] : 0.f;
         }
+        if (inv_freq && j < g) rope_rotate<PL>(qr[j], cs, sn, lane);
     }
     // Each warp takes positions start + warp, + ATTN_WARPS, ...; ATTN_UNROLL of them are
     // loaded before any is used, so that the loads' latency overlaps (one at a time, the
@@ -82,9 +130,19 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; u++) {
             const int p = p0 + u * ATTN_WARPS;
-            if (p < end && p >= first_pos) {
+            if (p < end && p >= first_pos) {  // uniform in the warp
                 const size_t off = (size_t)(first_tok + p - first_pos) * kv_dim + kvh * HD + lane * PL;
-                load_rounded<PL>(k_new + off, kf[u]);
+                if (inv_freq) {
+                    float pc[PL], ps[PL];
+                    rope_angles<PL>(p, inv_freq, lane, pc, ps);
+#pragma unroll
+                    for (int i = 0; i < PL; i++) kf[u][i] = k_new[off + i];
+                    rope_rotate<PL>(kf[u], pc, ps, lane);
+#pragma unroll
+                    for (int i = 0; i < PL; i++) kf[u][i] = bf16_to_f32(__float2bfloat16_rn(kf[u][i]));
+                } else {
+                    load_rounded<PL>(k_new + off, kf[u]);
+                }
                 load_rounded<PL>(v_new + off, vf[u]);
             } else if (p < end) {
                 const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
@@ -146,30 +204,25 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     }
 }
 
-extern "C" __global__ void attn_split_hd64(const float* q, const float* k, const float* v, __nv_bfloat16* kc,
-                                           __nv_bfloat16* vc, const uint32_t* positions, const uint32_t* slots,
-                                           const uint32_t* token_row, const uint32_t* row_first,
-                                           const uint32_t* block_tables, int max_blocks, int block_size, int heads,
-                                           int kv_heads, int max_splits, float* partial) {
-    attn_split<64>(q, k, v, kc, vc, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads,
-                  kv_heads, max_splits, partial);
-}
-
-extern "C" __global__ void attn_split_hd128(const float* q, const float* k, const float* v, __nv_bfloat16* kc,
-                                           __nv_bfloat16* vc, const uint32_t* positions, const uint32_t* slots,
-                                           const uint32_t* token_row, const uint32_t* row_first,
-                                           const uint32_t* block_tables, int max_blocks, int block_size, int heads,
-                                           int kv_heads, int max_splits, float* partial) {
-    attn_split<128>(q, k, v, kc, vc, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads,
-                  kv_heads, max_splits, partial);
-}
+#define ATTN_ARGS                                                                                            \
+    const float *q, const float *k, const float *v, __nv_bfloat16 *kc, __nv_bfloat16 *vc,                   \
+        const uint32_t *positions, const uint32_t *slots, const uint32_t *token_row, const uint32_t *row_first, \
+        const uint32_t *block_tables, int max_blocks, int block_size, int heads, int kv_heads, int max_splits,  \
+        float *partial, const float *inv_freq, int min_split
+#define ATTN_PASS                                                                                                \
+    q, k, v, kc, vc, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads, kv_heads, \
+        max_splits, partial, inv_freq, min_split
+extern "C" __global__ void attn_split_hd64(ATTN_ARGS) { attn_split<64>(ATTN_PASS); }
+extern "C" __global__ void attn_split_hd128(ATTN_ARGS) { attn_split<128>(ATTN_PASS); }
 
 // out[t, h * head_dim + d] from the splits that token t used. grid: (heads, tokens), block: head_dim.
 extern "C" __global__ void attn_merge(const float* __restrict__ partial, const uint32_t* __restrict__ positions,
-                                      float* __restrict__ out, int heads, int head_dim, int max_splits) {
+                                      float* __restrict__ out, int heads, int head_dim, int max_splits,
+                                      int min_split) {
     pdl_start();
     const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
-    const int splits = (positions[t] + ATTN_SPLIT) / ATTN_SPLIT;  // ceil((position + 1) / ATTN_SPLIT)
+    const int len = split_len(positions[t], min_split);
+    const int splits = (positions[t] + len) / len;  // ceil((position + 1) / len)
     const float* src = partial + ((size_t)t * heads + h) * max_splits * (head_dim + 2);
     float mx = -INFINITY;
     for (int s = 0; s < splits; s++) mx = fmaxf(mx, src[s * (head_dim + 2)]);

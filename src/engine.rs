@@ -154,9 +154,16 @@ impl<B: Backend> Engine<B> {
             row.extend(&draft.tokens);
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
-            let logits = self.backend.to_host(&self.model.forward(&self.backend, &mut kv, &meta)?)?;
+            let out = self.backend.forward_step(&self.model, &mut kv, &meta, self.model.num_layers())?;
             let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
-            new_tokens = verify(&draft, &logits, config.vocab_size, &history, &mut sampler, synthetic);
+            new_tokens = if ids_suffice(&sampler) {
+                // Only the ids cross to the host (a GPU computes them where the logits are).
+                let ids = self.backend.argmax_rows(&out, config.vocab_size)?;
+                verify_ids(&draft, &ids, &mut sampler, synthetic)
+            } else {
+                let logits = self.backend.to_host(&out)?;
+                verify(&draft, &logits, config.vocab_size, &history, &mut sampler, synthetic)
+            };
             if let Some(s) = spec.as_mut() {
                 let accepted = new_tokens.len() - 1;
                 stats.record(draft.tokens.len(), accepted);
@@ -190,7 +197,8 @@ impl<B: Backend> Engine<B> {
         for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             meta.push_row(chunk, (i * PREFILL_CHUNK) as u32, table, 1);
-            logits = self.backend.to_host(&self.model.forward(&self.backend, kv, &meta)?)?;
+            logits =
+                self.backend.to_host(&self.backend.forward_step(&self.model, kv, &meta, self.model.num_layers())?)?;
         }
         Ok(logits)
     }
@@ -198,6 +206,24 @@ impl<B: Backend> Engine<B> {
 
 /// The one sequence the engine runs at a time, as proposers know it.
 const SEQ: SeqId = 0;
+
+/// Whether the target's greedy ids decide the step: greedy sampling whose logits nothing
+/// rewrites (no repetition penalty).
+fn ids_suffice(sampler: &Sampler) -> bool {
+    sampler.params.is_greedy() && sampler.params.repetition_penalty == 1.0
+}
+
+/// `spec::verify` when `ids_suffice`, from the target's greedy id after the last token and
+/// after each draft (`ids`, k + 1 of them): the same tokens, the same random draws.
+fn verify_ids(draft: &Draft, ids: &[u32], sampler: &mut Sampler, synthetic_acceptance: Option<f64>) -> Vec<u32> {
+    let accepted = match synthetic_acceptance {
+        Some(rate) => draft.tokens.iter().take_while(|_| rand::Rng::random::<f64>(sampler.rng()) < rate).count(),
+        None => return crate::core::spec::accept_greedy(&draft.tokens, ids),
+    };
+    let mut out = draft.tokens[..accepted].to_vec();
+    out.push(ids[accepted]);
+    out
+}
 
 /// Speculation settings for `Engine::generate_speculative`.
 pub struct SpecOptions<'a> {

@@ -6,7 +6,7 @@ pub mod cpu;
 pub mod cuda;
 
 use crate::model::quant::QuantWeight;
-use crate::model::HostTensor;
+use crate::model::{HostTensor, KvCache, Llama};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -159,11 +159,61 @@ pub trait Backend: Send + Sync + 'static {
         self.rope(q, batch, inv_freq, head_dim)?;
         self.rope(k, batch, inv_freq, head_dim)
     }
+    /// `residual += x · wᵀ`, then returns `rms_norm(residual)`: a sub-layer's output
+    /// projection and the seam after it. Backends may add inside the projection and leave
+    /// the norm to whatever consumes the result (the next projections apply it as they load
+    /// their input), so the result may read `residual` later: use it before `residual`
+    /// changes again.
+    fn matmul_add_rms_norm(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Tensor,
+        residual: &mut Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        let delta = self.matmul(x, w)?;
+        self.add_rms_norm(residual, &delta, weight, eps)
+    }
+    /// `rope_qk`, then `attention`: one launch where the backend rotates q and k as its
+    /// attention kernel loads them. `q` and `k` are scratch afterwards (rotated or not).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        v: &Self::Tensor,
+        k_cache: &mut Self::Tensor,
+        v_cache: &mut Self::Tensor,
+        batch: &Self::Batch,
+        inv_freq: &Self::Tensor,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor> {
+        self.rope_qk(q, k, batch, inv_freq, shape.head_dim)?;
+        self.attention(q, k, v, k_cache, v_cache, batch, shape)
+    }
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// The rows of `x` named by the batch's `logits_for`.
     fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+
+    /// One forward step through the first `num_layers` layers of `model`: where a backend
+    /// may replay work it captured for a step of the same shape (CUDA graphs for
+    /// decode-sized steps). The result may live in a buffer that the next step of the same
+    /// shape reuses: read it before then.
+    fn forward_step(
+        &self,
+        model: &Llama<Self>,
+        kv: &mut KvCache<Self>,
+        meta: &BatchMeta,
+        num_layers: usize,
+    ) -> Result<Self::Tensor>
+    where
+        Self: Sized,
+    {
+        model.forward_layers(self, kv, meta, num_layers)
+    }
 
     /// Greedy ids of each `vocab`-wide row of `logits`: the first maximum, as
     /// `core::sampling::argmax`. GPU backends compute it on the device so that only the

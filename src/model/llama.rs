@@ -136,13 +136,12 @@ impl<B: Backend> Llama<B> {
             let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 return Err(BackendError::Invalid("matmul_many returned fewer than 3 tensors".into()));
             };
-            b.rope_qk(&mut q, &mut k, &batch, &self.inv_freq, c.head_dim)?;
-            let attn = b.attention(&q, &k, &v, &mut kv.k[l], &mut kv.v[l], &batch, shape)?;
-            let attn_out = b.matmul(&attn, &layer.wo)?;
-            h = b.add_rms_norm(&mut x, &attn_out, &layer.mlp_norm, eps)?;
-            let mlp_out = b.matmul(&b.swiglu(&h, &layer.w_gate, &layer.w_up)?, &layer.w_down)?;
+            let attn =
+                b.rope_attention(&mut q, &mut k, &v, &mut kv.k[l], &mut kv.v[l], &batch, &self.inv_freq, shape)?;
+            h = b.matmul_add_rms_norm(&attn, &layer.wo, &mut x, &layer.mlp_norm, eps)?;
+            let mlp = b.swiglu(&h, &layer.w_gate, &layer.w_up)?;
             let next_norm = self.layers.get(l + 1).filter(|_| l + 1 < num_layers).map_or(&self.norm, |n| &n.attn_norm);
-            h = b.add_rms_norm(&mut x, &mlp_out, next_norm, eps)?;
+            h = b.matmul_add_rms_norm(&mlp, &layer.w_down, &mut x, next_norm, eps)?;
         }
         let h = b.gather_logit_rows(&h, &batch)?;
         b.matmul(&h, self.lm_head.as_ref().unwrap_or(&self.embed))

@@ -11,7 +11,7 @@ use super::{Draft, Proposer, SeqId};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
-use crate::core::sampling::{argmax, distribution, sample_from, SamplingParams};
+use crate::core::sampling::{distribution, sample_from, SamplingParams};
 use crate::model::{KvCache, Llama, ModelConfig};
 
 /// Per-sequence state: how many leading tokens of the history are in the draft cache.
@@ -58,8 +58,8 @@ impl<B: Backend> ModelProposer<B> {
     }
 
     /// Runs `tokens` at positions `cached..` of `seq`, growing its block table as needed;
-    /// returns the last position's logits.
-    fn forward(&mut self, seq: SeqId, tokens: &[u32]) -> Result<Vec<f32>, BackendError> {
+    /// returns the last position's logits (on the device: read them before the next call).
+    fn forward(&mut self, seq: SeqId, tokens: &[u32]) -> Result<B::Tensor, BackendError> {
         let bs = self.kv.block_size;
         let state = self.seqs.entry(seq).or_insert(DraftSeq { cached: 0, blocks: vec![] });
         let need = (state.cached + tokens.len()).div_ceil(bs);
@@ -73,8 +73,7 @@ impl<B: Backend> ModelProposer<B> {
         let mut meta = BatchMeta::new(bs as u32);
         meta.push_row(tokens, state.cached as u32, &state.blocks, 1);
         state.cached += tokens.len();
-        let logits = self.model.forward_layers(&self.backend, &mut self.kv, &meta, self.layers)?;
-        self.backend.to_host(&logits)
+        self.backend.forward_step(&self.model, &mut self.kv, &meta, self.layers)
     }
 }
 
@@ -95,10 +94,11 @@ impl<B: Backend> Proposer for ModelProposer<B> {
         let mut draft = Draft { tokens: Vec::with_capacity(k), probs: (!sampling.is_greedy()).then(Vec::new) };
         for i in 0..k {
             let token = match draft.probs.as_mut() {
-                None => argmax(&logits),
+                // Greedy: only the id crosses to the host.
+                None => self.backend.argmax_rows(&logits, self.model.config.vocab_size)?[0],
                 Some(probs) => {
                     // Drafts follow the request's own temperature and top-p, so q is close to p.
-                    let q = distribution(&logits, &context, sampling);
+                    let q = distribution(&self.backend.to_host(&logits)?, &context, sampling);
                     let t = sample_from(&q, &mut self.rng);
                     probs.push(q);
                     t

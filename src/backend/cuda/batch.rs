@@ -12,8 +12,10 @@ use std::sync::Arc;
 use super::device::DeviceBuf;
 use crate::backend::{BackendError, BatchMeta, Result};
 
-/// Positions per attention split; must match ATTN_SPLIT in kernels/attention.cu.
-pub const ATTN_SPLIT: usize = 64;
+/// The shortest attention split unless set otherwise (`CudaBackend::set_attn_split`).
+/// Short splits put more blocks in flight at short contexts, where a decode step's
+/// attention is latency-bound (bench/NOTES.md, run 8: 16 beat 32 and 64).
+pub const ATTN_SPLIT: usize = 16;
 
 pub struct CudaBatch {
     pub(crate) meta: BatchMeta,
@@ -22,6 +24,8 @@ pub struct CudaBatch {
     /// Attention splits launched per token: enough for the longest context `max_blocks`
     /// allows; a token uses only the splits its own position needs.
     pub(crate) max_splits: usize,
+    /// The shortest attention split (see `split_len`).
+    pub(crate) min_split: usize,
 }
 
 impl CudaBatch {
@@ -57,8 +61,21 @@ pub fn blocks_needed(meta: &BatchMeta) -> usize {
     meta.rows.iter().map(|r| r.block_table.len()).max().unwrap_or(0).max(1)
 }
 
-pub fn splits_for(max_blocks: usize, block_size: usize) -> usize {
-    (max_blocks * block_size).div_ceil(ATTN_SPLIT).max(1)
+/// The most splits any token's attention uses; must match MAX_SPLITS in kernels/attention.cu.
+pub const MAX_SPLITS: usize = 64;
+
+/// Positions per attention split for a token at `pos`, as `split_len` in kernels/attention.cu.
+pub fn split_len(pos: usize, min_split: usize) -> usize {
+    let mut len = min_split.max(1);
+    while pos + 1 > len * MAX_SPLITS {
+        len *= 2;
+    }
+    len
+}
+
+/// Splits a token at `pos` uses.
+pub fn splits_at(pos: usize, min_split: usize) -> usize {
+    (pos + 1).div_ceil(split_len(pos, min_split))
 }
 
 pub fn packed_len(meta: &BatchMeta, max_blocks: usize) -> usize {
@@ -104,4 +121,18 @@ pub fn pack(meta: &BatchMeta, max_blocks: usize) -> Result<Vec<u32>> {
         out.extend(std::iter::repeat_n(0, max_blocks - row.block_table.len()));
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_grow_with_the_context_up_to_the_cap() {
+        assert_eq!((split_len(0, 16), splits_at(0, 16)), (16, 1));
+        assert_eq!((split_len(1023, 16), splits_at(1023, 16)), (16, 64));
+        assert_eq!((split_len(1024, 16), splits_at(1024, 16)), (32, 33));
+        assert_eq!((split_len(3999, 16), splits_at(3999, 16)), (64, 63));
+        assert!((0..20_000).all(|p| splits_at(p, 8) <= MAX_SPLITS));
+    }
 }

@@ -35,6 +35,9 @@ struct Key {
     max_blocks: usize,
     /// Captured with programmatic dependent launch or without.
     pdl: bool,
+    /// Captured with the sub-layer seams fused or not, RoPE inside attention or not, and
+    /// the attention split length.
+    fused: (bool, bool, usize),
 }
 
 struct Captured {
@@ -104,6 +107,7 @@ impl CudaBackend {
             logits: meta.logits_for.len(),
             max_blocks,
             pdl: self.device().pdl(),
+            fused: (self.fused_seams(), self.fused_rope(), self.attn_split()),
         };
         let packed = pack(meta, max_blocks)?;
         let mut map = self.graphs.captured.lock().expect("graphs lock");

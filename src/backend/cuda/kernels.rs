@@ -191,6 +191,16 @@ pub fn arch_for(major: i32, minor: i32) -> String {
     }
 }
 
+/// Which of a GEMV family's four kernels serves a group of `tokens` (1 to 16) tokens.
+pub fn token_group(tokens: usize) -> usize {
+    match tokens {
+        1 => 0,
+        2..=4 => 1,
+        5..=8 => 2,
+        _ => 3,
+    }
+}
+
 /// Every kernel function, loaded once per context and shared by the backends on it.
 pub struct Kernels {
     pub embed_rows: CudaFunction,
@@ -201,14 +211,12 @@ pub struct Kernels {
     pub add_rms_norm: CudaFunction,
     pub rope: CudaFunction,
     pub silu_mul: CudaFunction,
-    pub gemv_t1: CudaFunction,
-    pub gemv_t4: CudaFunction,
-    pub gemv_t8: CudaFunction,
-    pub gemv_t16: CudaFunction,
-    pub swiglu_t1: CudaFunction,
-    pub swiglu_t4: CudaFunction,
-    pub swiglu_t8: CudaFunction,
-    pub swiglu_t16: CudaFunction,
+    /// The GEMV kernels by token group (1, ≤4, ≤8, ≤16 tokens; see `token_group`), plain
+    /// and with the RMSNorm of their input fused in (`_norm`).
+    pub gemv: [CudaFunction; 4],
+    pub gemv_norm: [CudaFunction; 4],
+    pub swiglu: [CudaFunction; 4],
+    pub swiglu_norm: [CudaFunction; 4],
     pub attn_split_hd64: CudaFunction,
     pub attn_split_hd128: CudaFunction,
     pub attn_merge: CudaFunction,
@@ -236,6 +244,14 @@ impl Kernels {
                 .find_map(|m| m.load_function(name).ok())
                 .ok_or_else(|| BackendError::Device(format!("kernel {name} not found in any module")))
         };
+        let by_group = |prefix: &str| -> Result<[CudaFunction; 4]> {
+            Ok([1, 4, 8, 16]
+                .map(|t| get(&format!("{prefix}_t{t}")))
+                .into_iter()
+                .collect::<Result<Vec<_>>>()?
+                .try_into()
+                .expect("four kernels"))
+        };
         Ok(Kernels {
             embed_rows: get("embed_rows")?,
             gather_rows: get("gather_rows")?,
@@ -245,14 +261,10 @@ impl Kernels {
             add_rms_norm: get("add_rms_norm")?,
             rope: get("rope")?,
             silu_mul: get("silu_mul")?,
-            gemv_t1: get("gemv_t1")?,
-            gemv_t4: get("gemv_t4")?,
-            gemv_t8: get("gemv_t8")?,
-            gemv_t16: get("gemv_t16")?,
-            swiglu_t1: get("swiglu_t1")?,
-            swiglu_t4: get("swiglu_t4")?,
-            swiglu_t8: get("swiglu_t8")?,
-            swiglu_t16: get("swiglu_t16")?,
+            gemv: by_group("gemv")?,
+            gemv_norm: by_group("gemv_norm")?,
+            swiglu: by_group("swiglu")?,
+            swiglu_norm: by_group("swiglu_norm")?,
             attn_split_hd64: get("attn_split_hd64")?,
             attn_split_hd128: get("attn_split_hd128")?,
             attn_merge: get("attn_merge")?,
@@ -269,7 +281,17 @@ mod tests {
     #[test]
     fn every_file_names_its_kernels() {
         let names: Vec<String> = FILES.iter().flat_map(|f| f.kernel_names()).collect();
-        for expected in ["embed_rows", "rms_norm", "add_rms_norm", "rope", "gemv_t8", "attn_merge", "argmax_rows"] {
+        for expected in [
+            "embed_rows",
+            "rms_norm",
+            "add_rms_norm",
+            "rope",
+            "gemv_t8",
+            "gemv_norm_t16",
+            "swiglu_norm_t1",
+            "attn_merge",
+            "argmax_rows",
+        ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
         }
         assert!(FILES.iter().all(|f| !f.full_source().contains("#include \"common.cuh\"")));

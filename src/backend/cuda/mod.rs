@@ -13,15 +13,18 @@ pub mod graph;
 pub mod kernels;
 pub mod tensor;
 
+use std::borrow::Cow;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 
-use self::batch::{blocks_needed, pack, packed_len, splits_for, CudaBatch};
+use self::batch::{blocks_needed, pack, packed_len, splits_at, CudaBatch};
 use self::blas::Blas;
 use self::device::{driver_err, launch, Device, DeviceBuf};
 use self::graph::Graphs;
-use self::kernels::Kernels;
+use self::kernels::{token_group, Kernels};
+use self::tensor::PendingNorm;
 pub use self::tensor::{CudaTensor, DType};
 use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
 use crate::model::HostTensor;
@@ -41,6 +44,12 @@ pub struct CudaBackend {
     graphs: Graphs,
     /// Set while `graph::Graphs` captures a step: the batch buffer `prepare` must use.
     capture_batch: Mutex<Option<(Arc<DeviceBuf>, usize)>>,
+    /// Whether `matmul_add_rms_norm` fuses (off by default: measured slower, see bench/NOTES.md).
+    fuse_seams: AtomicBool,
+    /// Whether `rope_attention` rotates inside the attention kernel (on by default).
+    fuse_rope: AtomicBool,
+    /// Positions per attention split (fixed per step whatever the batch: batch invariance).
+    attn_split: AtomicUsize,
     device_name: String,
 }
 
@@ -68,7 +77,17 @@ impl CudaBackend {
         let dev = Device::new(ctx.clone())?;
         let blas = Blas::new(&dev.stream)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
-        Ok(CudaBackend { dev, kernels, blas, graphs: Graphs::default(), capture_batch: Mutex::new(None), device_name })
+        Ok(CudaBackend {
+            dev,
+            kernels,
+            blas,
+            graphs: Graphs::default(),
+            capture_batch: Mutex::new(None),
+            fuse_seams: AtomicBool::new(false),
+            fuse_rope: AtomicBool::new(true),
+            attn_split: AtomicUsize::new(batch::ATTN_SPLIT),
+            device_name,
+        })
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -97,6 +116,38 @@ impl CudaBackend {
         self.dev.set_pdl(on);
     }
 
+    /// The residual add and RMSNorm between sub-layers fused into the GEMVs around them, or
+    /// run as their own kernel (the default: the fused GEMVs measured slower in a CUDA
+    /// graph, see bench/NOTES.md); same results within f32 rounding.
+    pub fn set_fused_seams(&self, on: bool) {
+        self.fuse_seams.store(on, Ordering::Relaxed);
+    }
+
+    pub fn fused_seams(&self) -> bool {
+        self.fuse_seams.load(Ordering::Relaxed)
+    }
+
+    /// RoPE inside the attention kernel (on by default), or as its own launch (for
+    /// comparisons).
+    pub fn set_fused_rope(&self, on: bool) {
+        self.fuse_rope.store(on, Ordering::Relaxed);
+    }
+
+    pub fn fused_rope(&self) -> bool {
+        self.fuse_rope.load(Ordering::Relaxed)
+    }
+
+    /// The fewest positions an attention block handles (`batch::ATTN_SPLIT` by default;
+    /// longer contexts use longer splits, see `batch::split_len`): shorter splits mean
+    /// more blocks in flight for short contexts, and more partial results to merge.
+    pub fn set_attn_split(&self, positions: usize) {
+        self.attn_split.store(positions.max(1), Ordering::Relaxed);
+    }
+
+    pub fn attn_split(&self) -> usize {
+        self.attn_split.load(Ordering::Relaxed)
+    }
+
     pub fn synchronize(&self) -> Result<()> {
         self.dev.sync()
     }
@@ -110,11 +161,26 @@ impl CudaBackend {
         Ok(CudaTensor::new(self.dev.alloc(bytes)?, shape, dtype))
     }
 
+    /// Checks an input's type; an input with a norm still pending must go through `dense`
+    /// first (only the GEMVs apply it themselves).
     fn expect(t: &CudaTensor, dtype: DType, what: &str) -> Result<()> {
         if t.dtype != dtype {
             return Err(BackendError::Invalid(format!("{what}: expected {dtype:?}, got {:?}", t.dtype)));
         }
+        if t.norm.is_some() {
+            return Err(BackendError::Invalid(format!("{what}: a pending norm reached an op that cannot apply it")));
+        }
         Ok(())
+    }
+
+    /// `x` with its pending norm applied (a fresh tensor), or `x` itself when it has none.
+    fn dense<'a>(&self, x: &'a CudaTensor) -> Result<Cow<'a, CudaTensor>> {
+        let Some(norm) = &x.norm else { return Ok(Cow::Borrowed(x)) };
+        let (rows, d) = x.dims();
+        let out = self.alloc(x.shape.clone(), DType::F32)?;
+        launch!(self.dev, &self.kernels.rms_norm, (rows as u32, 1, 1), norm_block(d)?;
+            x.ptr(), norm.weight.ptr(), out.ptr(), d as i32, norm.eps)?;
+        Ok(Cow::Owned(out))
     }
 
     /// An activation (f32, any shape) with the host tensor's values; `upload` is for
@@ -148,31 +214,38 @@ impl CudaBackend {
         Ok(times)
     }
 
-    /// `outs[i] = x · ws[i]ᵀ` for up to three weights in one launch per group of up to 16
-    /// tokens (the kernel is picked by the group's size: registers grow with it). Each
+    /// `outs[i] = x · ws[i]ᵀ` (or `+=` with `accumulate`) for up to three weights in one
+    /// launch per group of up to 16 tokens (the kernel is picked by the group's size:
+    /// registers grow with it). A norm pending on `x` is applied as the kernel loads it. Each
     /// token's arithmetic is the same in every kernel: see kernels/gemv.cu.
-    fn gemv(&self, x: &CudaTensor, ws: &[&CudaTensor], outs: &[&CudaTensor], n: usize, k: usize) -> Result<()> {
+    fn gemv(&self, x: &CudaTensor, ws: &[&CudaTensor], outs: &[&CudaTensor], accumulate: bool) -> Result<()> {
+        let (n, k) = x.dims();
+        let total: usize = ws.iter().map(|w| w.dims().0).sum();
+        // The norm kernels need every warp of every block to own rows (kernels/gemv.cu).
+        if x.norm.is_some() && !total.is_multiple_of((GEMV_WARPS * GEMV_ROWS) as usize) {
+            let x = self.dense(x)?;
+            return self.gemv(&x, ws, outs, accumulate);
+        }
+        let (family, gamma, eps, t1_rows) = match &x.norm {
+            Some(norm) => (&self.kernels.gemv_norm, norm.weight.ptr(), norm.eps, 2),
+            None => (&self.kernels.gemv, 0u64, 0f32, 1),
+        };
         let ptr = |i: usize, t: usize| -> (u64, u64, i32) {
             ws.get(i).map_or((0, 0, 0), |w| {
                 let m = w.dims().0;
                 (w.ptr(), outs[i].ptr() + (t * m * 4) as u64, m as i32)
             })
         };
-        let total: usize = ws.iter().map(|w| w.dims().0).sum();
         let mut t = 0;
         while t < n {
             let group = (n - t).min(16);
-            let (f, rows) = match group {
-                1 => (&self.kernels.gemv_t1, 1),
-                2..=4 => (&self.kernels.gemv_t4, GEMV_ROWS),
-                5..=8 => (&self.kernels.gemv_t8, GEMV_ROWS),
-                _ => (&self.kernels.gemv_t16, GEMV_ROWS),
-            };
+            let g = token_group(group);
+            let rows = if g == 0 { t1_rows } else { GEMV_ROWS };
             let grid = ((total as u32).div_ceil(GEMV_WARPS * rows), 1, 1);
             let ((w0, y0, m0), (w1, y1, m1), (w2, y2, m2)) = (ptr(0, t), ptr(1, t), ptr(2, t));
             let xp = x.ptr() + (t * k * 4) as u64;
-            launch!(self.dev, f, grid, (32 * GEMV_WARPS, 1, 1);
-                w0, w1, w2, y0, y1, y2, m0, m1, m2, k as i32, xp, group as i32)?;
+            launch!(self.dev, &family[g], grid, (32 * GEMV_WARPS, 1, 1);
+                w0, w1, w2, y0, y1, y2, m0, m1, m2, k as i32, xp, group as i32, gamma, eps, accumulate as i32)?;
             t += group;
         }
         Ok(())
@@ -187,6 +260,54 @@ impl CudaBackend {
             && k % 8 == 0
             && ws.len() <= 3
             && ws.iter().all(|w| w.dtype == DType::Bf16 && w.dims().1 == k && w.dims().0 % GEMV_ROWS as usize == 0)
+    }
+
+    /// Attention through the split and merge kernels (kernels/attention.cu); with
+    /// `inv_freq`, the split kernel applies RoPE to q and the step's keys as it loads them.
+    #[allow(clippy::too_many_arguments)]
+    fn attend(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        k_cache: &mut CudaTensor,
+        v_cache: &mut CudaTensor,
+        batch: &CudaBatch,
+        s: AttnShape,
+        inv_freq: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (n, kv_dim) = (batch.num_tokens(), s.num_kv_heads * s.head_dim);
+        if k.dims() != (n, kv_dim) || v.dims() != (n, kv_dim) {
+            return Err(BackendError::Invalid(format!(
+                "attention: k/v are {:?}/{:?}, expected [{n}, {kv_dim}]",
+                k.shape, v.shape
+            )));
+        }
+        if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
+            return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
+        }
+        let split = match s.head_dim {
+            64 => &self.kernels.attn_split_hd64,
+            128 => &self.kernels.attn_split_hd128,
+            d => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
+        };
+        Self::expect(k_cache, DType::Bf16, "k cache")?;
+        Self::expect(k, DType::F32, "attention k")?;
+        Self::expect(v, DType::F32, "attention v")?;
+        Self::expect(q, DType::F32, "attention q")?;
+        let splits = batch.max_splits;
+        let partial = self.alloc(vec![n, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
+        // Also stores this step's keys and values in the caches (see kernels/attention.cu).
+        launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
+            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), batch.positions(), batch.slots(),
+            batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
+            batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
+            inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32)?;
+        let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::F32)?;
+        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
+            partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
+            batch.min_split as i32)?;
+        Ok(out)
     }
 
     fn gemm(&self, x: &CudaTensor, w: &CudaTensor, out: &CudaTensor, n: usize, k: usize, m: usize) -> Result<()> {
@@ -269,16 +390,18 @@ impl Backend for CudaBackend {
     fn prepare(&self, meta: &BatchMeta) -> Result<CudaBatch> {
         if let Some((buf, max_blocks)) = self.capture_batch.lock().expect("capture lock").clone() {
             // Capturing: the graph's buffer already holds this step's values.
-            let max_splits = splits_for(max_blocks, meta.block_size as usize);
-            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits });
+            // Enough splits for the last position the graph's block tables can hold.
+            let min_split = self.attn_split();
+            let max_splits = splits_at(max_blocks * meta.block_size as usize - 1, min_split);
+            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split });
         }
         let max_blocks = blocks_needed(meta);
         let packed = pack(meta, max_blocks)?;
         let buf = self.dev.alloc(4 * packed_len(meta, max_blocks))?;
         self.dev.htod(buf.ptr(), &packed)?;
-        let max_pos = meta.positions.iter().copied().max().unwrap_or(0) as usize;
-        let max_splits = (max_pos + 1).div_ceil(batch::ATTN_SPLIT);
-        Ok(CudaBatch { meta: meta.clone(), buf: Arc::new(buf), max_blocks, max_splits })
+        let min_split = self.attn_split();
+        let max_splits = meta.positions.iter().map(|&p| splits_at(p as usize, min_split)).max().unwrap_or(1);
+        Ok(CudaBatch { meta: meta.clone(), buf: Arc::new(buf), max_blocks, max_splits, min_split })
     }
 
     fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
@@ -326,53 +449,86 @@ impl Backend for CudaBackend {
     }
 
     fn matmul(&self, x: &CudaTensor, w: &CudaTensor) -> Result<CudaTensor> {
-        Self::expect(x, DType::F32, "matmul input")?;
         Self::expect(w, DType::Bf16, "matmul weight")?;
         let ((n, k), (m, wk)) = (x.dims(), w.dims());
         if k != wk || k % 8 != 0 {
             return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk} (need equal, ÷8)")));
         }
         let out = self.alloc(vec![n, m], DType::F32)?;
-        if n <= GEMV_MAX_TOKENS && m % GEMV_ROWS as usize == 0 {
-            self.gemv(x, &[w], &[&out], n, k)?;
+        if x.dtype == DType::F32 && n <= GEMV_MAX_TOKENS && m % GEMV_ROWS as usize == 0 {
+            self.gemv(x, &[w], &[&out], false)?;
         } else {
-            self.gemm(x, w, &out, n, k, m)?;
+            let x = self.dense(x)?;
+            Self::expect(&x, DType::F32, "matmul input")?;
+            self.gemm(&x, w, &out, n, k, m)?;
         }
         Ok(out)
     }
 
     fn matmul_many(&self, x: &CudaTensor, ws: &[&CudaTensor]) -> Result<Vec<CudaTensor>> {
         if !Self::gemv_fits(x, ws) {
-            return ws.iter().map(|w| self.matmul(x, w)).collect();
+            let x = self.dense(x)?;
+            return ws.iter().map(|w| self.matmul(&x, w)).collect();
         }
         let n = x.dims().0;
         let outs = ws.iter().map(|w| self.alloc(vec![n, w.dims().0], DType::F32)).collect::<Result<Vec<_>>>()?;
-        self.gemv(x, ws, &outs.iter().collect::<Vec<_>>(), n, x.dims().1)?;
+        self.gemv(x, ws, &outs.iter().collect::<Vec<_>>(), false)?;
         Ok(outs)
     }
 
     fn swiglu(&self, x: &CudaTensor, w_gate: &CudaTensor, w_up: &CudaTensor) -> Result<CudaTensor> {
-        if !Self::gemv_fits(x, &[w_gate, w_up]) || w_gate.shape != w_up.shape {
-            return self.silu_mul(&self.matmul(x, w_gate)?, &self.matmul(x, w_up)?);
+        // The norm kernels need every warp of every block to own rows (kernels/gemv.cu).
+        let whole_blocks = w_gate.dims().0.is_multiple_of(2 * GEMV_WARPS as usize);
+        if !Self::gemv_fits(x, &[w_gate, w_up]) || w_gate.shape != w_up.shape || (x.norm.is_some() && !whole_blocks) {
+            let x = self.dense(x)?;
+            return self.silu_mul(&self.matmul(&x, w_gate)?, &self.matmul(&x, w_up)?);
         }
         let ((n, k), m) = (x.dims(), w_gate.dims().0);
+        let (family, gamma, eps) = match &x.norm {
+            Some(norm) => (&self.kernels.swiglu_norm, norm.weight.ptr(), norm.eps),
+            None => (&self.kernels.swiglu, 0u64, 0f32),
+        };
         let out = self.alloc(vec![n, m], DType::F32)?;
         let mut t = 0;
         while t < n {
             let group = (n - t).min(16);
-            let (f, pairs) = match group {
-                1 => (&self.kernels.swiglu_t1, 1),
-                2..=4 => (&self.kernels.swiglu_t4, 2),
-                5..=8 => (&self.kernels.swiglu_t8, 2),
-                _ => (&self.kernels.swiglu_t16, 2),
-            };
+            let g = token_group(group);
+            let pairs = if g == 0 { 1 } else { 2 };
             let grid = ((m as u32).div_ceil(GEMV_WARPS * pairs), 1, 1);
             let (xp, yp) = (x.ptr() + (t * k * 4) as u64, out.ptr() + (t * m * 4) as u64);
-            launch!(self.dev, f, grid, (32 * GEMV_WARPS, 1, 1);
-                w_gate.ptr(), w_up.ptr(), yp, m as i32, k as i32, xp, group as i32)?;
+            launch!(self.dev, &family[g], grid, (32 * GEMV_WARPS, 1, 1);
+                w_gate.ptr(), w_up.ptr(), yp, m as i32, k as i32, xp, group as i32, gamma, eps)?;
             t += group;
         }
         Ok(out)
+    }
+
+    /// On the GEMV path the add happens in the projection's epilogue and the norm is left
+    /// pending on the residual for the next projections to apply: no launch of its own.
+    fn matmul_add_rms_norm(
+        &self,
+        x: &CudaTensor,
+        w: &CudaTensor,
+        residual: &mut CudaTensor,
+        weight: &CudaTensor,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        Self::expect(residual, DType::F32, "residual")?;
+        Self::expect(weight, DType::F32, "rms_norm weight")?;
+        let (n, m) = (x.dims().0, w.dims().0);
+        // Reading the residual while adding into it would race between blocks.
+        let fused = self.fused_seams()
+            && Self::gemv_fits(x, &[w])
+            && residual.dims() == (n, m)
+            && weight.numel() == m
+            && x.ptr() != residual.ptr();
+        if !fused {
+            let delta = self.matmul(x, w)?;
+            return self.add_rms_norm(residual, &delta, weight, eps);
+        }
+        norm_block(m)?;
+        self.gemv(x, &[w], &[residual], true)?;
+        Ok(residual.with_norm(PendingNorm { weight: weight.buf.clone(), eps }))
     }
 
     fn rope_qk(
@@ -414,44 +570,47 @@ impl Backend for CudaBackend {
         batch: &CudaBatch,
         s: AttnShape,
     ) -> Result<CudaTensor> {
-        let (n, kv_dim) = (batch.num_tokens(), s.num_kv_heads * s.head_dim);
-        if k.dims() != (n, kv_dim) || v.dims() != (n, kv_dim) {
+        self.attend(q, k, v, k_cache, v_cache, batch, s, None)
+    }
+
+    /// The attention kernel rotates q and the step's keys itself: no rope launch.
+    fn rope_attention(
+        &self,
+        q: &mut CudaTensor,
+        k: &mut CudaTensor,
+        v: &CudaTensor,
+        k_cache: &mut CudaTensor,
+        v_cache: &mut CudaTensor,
+        batch: &CudaBatch,
+        inv_freq: &CudaTensor,
+        s: AttnShape,
+    ) -> Result<CudaTensor> {
+        if !self.fused_rope() {
+            self.rope_qk(q, k, batch, inv_freq, s.head_dim)?;
+            return self.attention(q, k, v, k_cache, v_cache, batch, s);
+        }
+        Self::expect(inv_freq, DType::F32, "rope frequencies")?;
+        if inv_freq.numel() != s.head_dim / 2 {
             return Err(BackendError::Invalid(format!(
-                "attention: k/v are {:?}/{:?}, expected [{n}, {kv_dim}]",
-                k.shape, v.shape
+                "rope: {} frequencies for head_dim {}",
+                inv_freq.numel(),
+                s.head_dim
             )));
         }
-        if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
-            return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
-        }
-        let split = match s.head_dim {
-            64 => &self.kernels.attn_split_hd64,
-            128 => &self.kernels.attn_split_hd128,
-            d => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
-        };
-        Self::expect(k_cache, DType::Bf16, "k cache")?;
-        Self::expect(k, DType::F32, "attention k")?;
-        Self::expect(v, DType::F32, "attention v")?;
-        let splits = batch.max_splits;
-        let partial = self.alloc(vec![n, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
-        // Also stores this step's keys and values in the caches (see kernels/attention.cu).
-        launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
-            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), batch.positions(), batch.slots(),
-            batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
-            batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr())?;
-        let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::F32)?;
-        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
-            partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32)?;
-        Ok(out)
+        self.attend(q, k, v, k_cache, v_cache, batch, s, Some(inv_freq))
     }
 
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        Self::expect(gate, DType::F32, "silu_mul gate")?;
+        Self::expect(up, DType::F32, "silu_mul up")?;
         let out = self.alloc(gate.shape.clone(), DType::F32)?;
         let n = out.numel();
         launch!(self.dev, &self.kernels.silu_mul, grid_for(n), (256, 1, 1); gate.ptr(), up.ptr(), out.ptr(), n)?;
         Ok(out)
     }
 
+    /// A norm pending on `x` is row-wise, so it stays pending on the gathered rows (the
+    /// LM head's GEMV applies it).
     fn gather_logit_rows(&self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
         let (rows, width) = (batch.meta.logits_for.len(), x.dims().1);
         let out = self.alloc(vec![rows, width], DType::F32)?;
@@ -459,10 +618,14 @@ impl Backend for CudaBackend {
             launch!(self.dev, &self.kernels.gather_rows, (rows as u32, 1, 1), (1024, 1, 1);
                 x.ptr(), batch.logits_for(), out.ptr(), width as i32)?;
         }
-        Ok(out)
+        Ok(match &x.norm {
+            Some(norm) => out.with_norm(norm.clone()),
+            None => out,
+        })
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
+        let x = self.dense(x)?;
         match x.dtype {
             DType::F32 => self.dev.dtoh::<f32>(x.ptr(), x.numel()),
             DType::Bf16 => {
@@ -470,6 +633,16 @@ impl Backend for CudaBackend {
                 Ok(bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
             }
         }
+    }
+
+    fn forward_step(
+        &self,
+        model: &crate::model::Llama<Self>,
+        kv: &mut crate::model::KvCache<Self>,
+        meta: &BatchMeta,
+        num_layers: usize,
+    ) -> Result<CudaTensor> {
+        self.forward_graphed(model, kv, meta, num_layers)
     }
 
     fn argmax_rows(&self, logits: &CudaTensor, vocab: usize) -> Result<Vec<u32>> {

@@ -29,14 +29,30 @@ pub struct CudaTensor {
     pub(crate) buf: Arc<DeviceBuf>,
     pub shape: Vec<usize>,
     pub dtype: DType,
+    /// Set on what `matmul_add_rms_norm` returns: this is the residual stream itself, and
+    /// its value is `rms_norm(self) * weight`, applied by the GEMVs as they load it (no
+    /// launch of its own); every other op materialises it first (`CudaBackend::dense`).
+    pub(crate) norm: Option<PendingNorm>,
     id: u64,
+}
+
+/// An RMSNorm not yet applied: the norm's weight (f32 `[width]`) and epsilon.
+#[derive(Clone)]
+pub struct PendingNorm {
+    pub(crate) weight: Arc<DeviceBuf>,
+    pub(crate) eps: f32,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl CudaTensor {
     pub(crate) fn new(buf: DeviceBuf, shape: Vec<usize>, dtype: DType) -> Self {
-        CudaTensor { buf: Arc::new(buf), shape, dtype, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) }
+        CudaTensor { buf: Arc::new(buf), shape, dtype, norm: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) }
+    }
+
+    /// This tensor (sharing its buffer) with `norm` pending on it.
+    pub(crate) fn with_norm(&self, norm: PendingNorm) -> Self {
+        CudaTensor { norm: Some(norm), ..self.clone() }
     }
 
     /// Never reused within a process: graphs use it to know which KV cache they captured.

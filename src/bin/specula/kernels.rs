@@ -105,6 +105,7 @@ fn parity(args: ParityArgs) -> Result<(), Box<dyn std::error::Error>> {
     let rows = ops::all(&cpu, &gpu, seed)?;
     let op_failures = rows.iter().filter(|r| !r.pass).count();
     let forward = if args.model == "none" { vec![] } else { forward::compare(&cpu, &gpu, &args.model, args.tokens)? };
+    let spec = if args.model == "none" { vec![] } else { speculative::compare(&gpu, &args.model, args.tokens)? };
     println!("\n== kernel parity (tolerance {:.0e}, max |gpu - cpu| / max |cpu|) ==", ops::TOLERANCE);
     println!("{:<34} {:<22} {:>10}", "op", "shape", "rel err");
     for r in &rows {
@@ -129,9 +130,33 @@ fn parity(args: ParityArgs) -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
+    if !spec.is_empty() {
+        println!("\n== speculative vs plain greedy, both on the GPU (engine loop, {} tokens) ==", args.tokens);
+        println!(
+            "{:<10} {:<24} {:>9} {:>13} {:>9} {:>9}",
+            "prompt", "proposer", "equal", "first differ", "drafted", "accepted"
+        );
+        for s in &spec {
+            println!(
+                "{:<10} {:<24} {:>5}/{:<3} {:>13} {:>9} {:>9}  {}",
+                s.prompt,
+                s.proposer,
+                s.equal,
+                s.total,
+                s.first_diff.map_or("-".into(), |d| d.to_string()),
+                s.drafted,
+                s.accepted,
+                if s.pass() { "pass" } else { "FAIL" }
+            );
+        }
+    }
+    let spec_failures = spec.iter().filter(|s| !s.pass()).count();
     let forward_failures = forward.iter().filter(|f| f.equal < f.steps || !f.verify_bitwise).count();
-    if op_failures > 0 {
-        return Err(format!("{op_failures} ops outside tolerance").into());
+    if op_failures > 0 || spec_failures > 0 {
+        return Err(format!(
+            "{op_failures} ops outside tolerance; {spec_failures} speculative outputs differ from plain decoding"
+        )
+        .into());
     }
     if forward_failures > 0 {
         eprintln!("note: {forward_failures} prompts diverged; see the cpu margin at the first difference (a near-tie is < ~0.05)");
@@ -210,7 +235,7 @@ mod ops {
         {
             matmul(&mut c, n, m, k)?;
         }
-        for n in [1, 9] {
+        for n in [1, 9, 17] {
             fused(&mut c, n)?;
         }
         for preset in [Preset::SmolLm2_135m, Preset::Llama31_8b] {
@@ -311,6 +336,7 @@ mod ops {
                 pass: same,
             });
         }
+        seams(c, n, &xc, &xg, &ws)?;
         let cfg = Preset::Llama31_8b.config();
         let mut meta = BatchMeta::new(16);
         meta.push_row(&vec![1; n], 3000, &(0..200).collect::<Vec<u32>>(), 1);
@@ -325,6 +351,52 @@ mod ops {
         let (want, got) =
             ([c.cpu.to_host(&qc)?, c.cpu.to_host(&kc)?].concat(), [c.gpu.to_host(&qg)?, c.gpu.to_host(&kg)?].concat());
         c.push("rope_qk (q and k, one launch)", format!("{n} tokens, 8B heads"), &got, &want);
+        Ok(())
+    }
+
+    type Pair = (<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor);
+
+    /// The seam between sub-layers: an output projection added into the residual, then the
+    /// norm, consumed by the next projections (on the GPU, fused: the add in the GEMV's
+    /// epilogue, the norm applied by the consuming GEMVs as they load the residual).
+    /// `ws` are q, k, v, gate, up for a hidden size of 576; the projection reads `x` as if it
+    /// were the attention output.
+    fn seams(
+        c: &mut Ctx,
+        n: usize,
+        xc: &<CpuBackend as Backend>::Tensor,
+        xg: &<CudaBackend as Backend>::Tensor,
+        ws: &[Pair],
+    ) -> Result<()> {
+        let h = 576;
+        let res = HostTensor::new(vec![n, h], c.values(n * h, 3.0));
+        let wo = HostTensor::new(vec![h, h], bf16_round(c.values(h * h, 0.05)));
+        let gamma = HostTensor::new(vec![h], c.values(h, 1.0));
+        let (mut rc, mut rg) = (c.cpu.upload(&res)?, f32_tensor(c.gpu, &res)?);
+        let ((woc, wog), (gc, gg)) = (c.both(&wo)?, c.both(&gamma)?);
+        let hc = c.cpu.matmul_add_rms_norm(xc, &woc, &mut rc, &gc, 1e-5)?;
+        let fused = c.gpu.fused_seams();
+        c.gpu.set_fused_seams(true); // off by default: test the fused kernels all the same
+        let hg = c.gpu.matmul_add_rms_norm(xg, &wog, &mut rg, &gg, 1e-5);
+        c.gpu.set_fused_seams(fused);
+        let hg = hg?;
+        let shape = format!("[{n},{h}]");
+        let (want, got) = (c.cpu.to_host(&hc)?, c.gpu.to_host(&hg)?);
+        c.push("matmul_add_rms_norm (normed)", shape.clone(), &got, &want);
+        let (want, got) = (c.cpu.to_host(&rc)?, c.gpu.to_host(&rg)?);
+        c.push("matmul_add_rms_norm (residual)", shape.clone(), &got, &want);
+        let want = c.cpu.matmul_many(&hc, &[&ws[0].0, &ws[1].0, &ws[2].0])?;
+        let got = c.gpu.matmul_many(&hg, &[&ws[0].1, &ws[1].1, &ws[2].1])?;
+        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+            let (w, g) = (c.cpu.to_host(w)?, c.gpu.to_host(g)?);
+            c.push(&format!("norm + matmul_many (q/k/v {i})"), shape.clone(), &g, &w);
+        }
+        let want = c.cpu.to_host(&c.cpu.swiglu(&hc, &ws[3].0, &ws[4].0)?)?;
+        let got = c.gpu.to_host(&c.gpu.swiglu(&hg, &ws[3].1, &ws[4].1)?)?;
+        c.push("norm + swiglu", shape.clone(), &got, &want);
+        let want = c.cpu.to_host(&c.cpu.matmul(&hc, &woc)?)?;
+        let got = c.gpu.to_host(&c.gpu.matmul(&hg, &wog)?)?;
+        c.push("norm + matmul", shape, &got, &want);
         Ok(())
     }
 
@@ -377,7 +449,19 @@ mod ops {
         let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
         c.push("attention (decode+verify+prefill)", shape.clone(), &got, &want);
         let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
-        c.push("attention KV write", shape, &got, &want);
+        c.push("attention KV write", shape.clone(), &got, &want);
+        // RoPE inside the attention kernel against rope, then attention, on the CPU.
+        let preset = if s.head_dim == 64 { Preset::SmolLm2_135m } else { Preset::Llama31_8b };
+        let f = HostTensor::new(vec![s.head_dim / 2], preset.config().rope_inv_freq());
+        let (fc, fg) = c.both(&f)?;
+        let (mut qc, mut qg) = (c.cpu.upload(&q)?, f32_tensor(c.gpu, &q)?);
+        let (mut kc_, mut kg) = (c.cpu.upload(&k)?, f32_tensor(c.gpu, &k)?);
+        let want = c.cpu.rope_attention(&mut qc, &mut kc_, &vc_, &mut kcc, &mut vcc, &c.cpu.prepare(&meta)?, &fc, s)?;
+        let got = c.gpu.rope_attention(&mut qg, &mut kg, &vg, &mut kcg, &mut vcg, &c.gpu.prepare(&meta)?, &fg, s)?;
+        let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
+        c.push("rope_attention (rope inside)", shape.clone(), &got, &want);
+        let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
+        c.push("rope_attention KV write", shape, &got, &want);
         Ok(())
     }
 
@@ -468,14 +552,9 @@ mod forward {
         let load_err = |e: specula::model::LoadError| specula::backend::BackendError::Invalid(e.to_string());
         let lc = load_model(&source, cpu).map_err(load_err)?;
         let lg = load_model(&source, gpu).map_err(load_err)?;
-        let prompts = [
-            ("france", Prompt::Text("The capital of France is".into())),
-            ("fib", Prompt::Text("def fibonacci(n):".into())),
-            ("chat", Prompt::Chat(vec![ChatMessage::user("What is speculative decoding? Explain briefly.")])),
-        ];
         let vocab = lc.model.config.vocab_size;
         let mut out = vec![];
-        for (name, prompt) in prompts {
+        for (name, prompt) in prompts() {
             let ids = specula::engine::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab, 8192)
                 .map_err(|e| specula::backend::BackendError::Invalid(e.to_string()))?;
             let blocks = (ids.len() + steps + 8).div_ceil(BLOCK as usize);
@@ -533,8 +612,91 @@ mod forward {
         Ok(out)
     }
 
+    /// The golden prompts: plain text, code, and a chat turn (the model's template).
+    pub fn prompts() -> Vec<(&'static str, Prompt)> {
+        vec![
+            ("france", Prompt::Text("The capital of France is".into())),
+            ("fib", Prompt::Text("def fibonacci(n):".into())),
+            ("chat", Prompt::Chat(vec![ChatMessage::user("What is speculative decoding? Explain briefly.")])),
+        ]
+    }
+
     fn rel_err(got: &[f32], want: &[f32]) -> f64 {
         let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64)).max(1e-30);
         got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs())) / scale
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod speculative {
+    //! Greedy speculative decoding on the GPU against plain greedy decoding on the GPU,
+    //! both through the engine's own loop: the verification forward over k + 1 tokens gives
+    //! the bits of k + 1 decode steps, so the tokens must be equal, every one.
+
+    use specula::backend::cuda::CudaBackend;
+    use specula::engine::{Engine, SpecOptions, BLOCK_SIZE};
+    use specula::model::{load_model, ModelSource};
+    use specula::request::GenerateRequest;
+    use specula::spec::{ModelProposer, NgramProposer, Proposer};
+
+    type Res<T> = Result<T, Box<dyn std::error::Error>>;
+
+    pub struct Outcome {
+        pub prompt: &'static str,
+        pub proposer: String,
+        pub equal: usize,
+        pub total: usize,
+        pub first_diff: Option<usize>,
+        pub drafted: u64,
+        pub accepted: u64,
+    }
+
+    impl Outcome {
+        pub fn pass(&self) -> bool {
+            self.first_diff.is_none()
+        }
+    }
+
+    /// Layers of the target that draft in the early-exit rows: deep enough that some drafts
+    /// are accepted (SmolLM2's shallow layers predict almost nothing).
+    const EARLY_EXIT_LAYERS: usize = 24;
+
+    pub fn compare(gpu: &CudaBackend, model: &str, tokens: usize) -> Res<Vec<Outcome>> {
+        let source: ModelSource = model.parse()?;
+        let backend = gpu.sibling()?;
+        let loaded = load_model(&source, &backend)?;
+        let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
+        let exit_layers = EARLY_EXIT_LAYERS.min(engine.model.num_layers());
+        let blocks = 8192 / BLOCK_SIZE;
+        let mut out = vec![];
+        for (name, prompt) in super::forward::prompts() {
+            let req = GenerateRequest { max_tokens: tokens, ignore_eos: true, ..GenerateRequest::new(prompt) };
+            let plain = engine.generate(&req, |_, _| {})?.token_ids;
+            let mut ngram = NgramProposer::default();
+            let mut early = ModelProposer::new(gpu.sibling()?, engine.model.clone(), exit_layers, blocks, BLOCK_SIZE)?;
+            let proposers: [(String, &mut dyn Proposer, usize); 2] =
+                [("ngram k<=8".into(), &mut ngram, 8), (format!("early-exit {exit_layers}L k<=4"), &mut early, 4)];
+            for (label, proposer, max_draft) in proposers {
+                let options = SpecOptions { proposer, max_draft, synthetic_acceptance: None };
+                let done = engine.generate_speculative(&req, Some(options), |_, _| {})?;
+                let stats = done.speculative.unwrap_or_default();
+                out.push(outcome(name, label, &plain, &done.token_ids, stats.drafted, stats.accepted));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Token-for-token comparison of a speculative output with the plain one.
+    pub fn outcome(
+        prompt: &'static str,
+        proposer: String,
+        plain: &[u32],
+        spec: &[u32],
+        drafted: u64,
+        accepted: u64,
+    ) -> Outcome {
+        let equal = plain.iter().zip(spec).take_while(|(a, b)| a == b).count();
+        let first_diff = (equal < plain.len().max(spec.len())).then_some(equal);
+        Outcome { prompt, proposer, equal, total: plain.len(), first_diff, drafted, accepted }
     }
 }
