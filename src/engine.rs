@@ -10,6 +10,7 @@ use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
 use crate::core::sampling::Sampler;
 use crate::core::spec::AcceptanceTracker;
+use crate::core::step_cost::StepCost;
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, Usage};
 use crate::spec::{verify, Draft, Proposer, SeqId, SpecStats};
@@ -127,6 +128,7 @@ impl<B: Backend> Engine<B> {
         let mut history = prompt.clone();
         let mut stats = SpecStats::default();
         let mut acceptance = AcceptanceTracker::default();
+        let mut cost = StepCost::default();
         stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
 
         let start = Instant::now();
@@ -145,8 +147,11 @@ impl<B: Backend> Engine<B> {
             let room = budget - history.len();
             let draft = match spec.as_mut() {
                 Some(s) => {
-                    let k = acceptance.draft_len(s.max_draft, 1).min(room);
-                    s.proposer.propose(SEQ, &history, k, &req.sampling)?
+                    let k = acceptance.draft_len(s.max_draft, 1, &cost).min(room);
+                    let start = Instant::now();
+                    let draft = s.proposer.propose(SEQ, &history, k, &req.sampling)?;
+                    cost.record_draft(draft.tokens.len(), start.elapsed().as_secs_f64());
+                    draft
                 }
                 None => Draft::default(),
             };
@@ -154,6 +159,7 @@ impl<B: Backend> Engine<B> {
             row.extend(&draft.tokens);
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
+            let step_start = Instant::now();
             let out = self.backend.forward_step(&self.model, &mut kv, &meta, self.model.num_layers())?;
             let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
             new_tokens = if ids_suffice(&sampler) {
@@ -164,6 +170,7 @@ impl<B: Backend> Engine<B> {
                 let logits = self.backend.to_host(&out)?;
                 verify(&draft, &logits, config.vocab_size, &history, &mut sampler, synthetic)
             };
+            cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
             if let Some(s) = spec.as_mut() {
                 let accepted = new_tokens.len() - 1;
                 stats.record(draft.tokens.len(), accepted);

@@ -74,6 +74,7 @@ impl Drafter {
             }
         }
         self.publish_pool();
+        plan.draft_seconds = start.elapsed().as_secs_f64();
         if plan.rows.iter().any(|r| !r.draft.tokens.is_empty()) {
             self.record(Work::Draft, plan.step, start);
         }

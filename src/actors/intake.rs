@@ -162,7 +162,8 @@ impl Intake {
     async fn step_done(&mut self, done: Option<StepDone>) {
         let rows = self.in_flight.take().unwrap_or_default();
         match done {
-            Some(StepDone { result: Ok(outcomes), .. }) => {
+            Some(StepDone { result: Ok(outcomes), tokens, seconds, drafted, draft_seconds, .. }) => {
+                self.sched.record_timing(tokens, seconds, drafted, draft_seconds);
                 self.sched.update(&outcomes);
             }
             Some(StepDone { result: Err(e), .. }) => {

@@ -73,6 +73,12 @@ pub struct KvPoolStats {
 pub struct StepDone {
     pub step: u64,
     pub result: Result<Vec<RowOutcome>, String>,
+    /// The plan's query tokens (drafts included) and the seconds its forward took.
+    pub tokens: usize,
+    pub seconds: f64,
+    /// Draft tokens in the plan, and the seconds spent drafting them.
+    pub drafted: usize,
+    pub draft_seconds: f64,
 }
 
 /// Intake / Verifier → Streamer.

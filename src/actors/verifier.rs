@@ -204,6 +204,7 @@ impl<E: Executor> Verifier<E> {
             if let Some(t) = &self.timeline {
                 t.record(Work::Verify, plan.step, start);
             }
+            let seconds = start.elapsed().as_secs_f64();
             if let Ok(outcomes) = &result {
                 let said: Vec<RowOutcome> =
                     outcomes.iter().filter(|o| !o.new_tokens.is_empty() || o.finish.is_some()).cloned().collect();
@@ -212,7 +213,15 @@ impl<E: Executor> Verifier<E> {
                 }
             }
             metrics::counter!(super::metrics::STEPS).increment(1);
-            if self.intake.blocking_send(StepDone { step: plan.step, result }).is_err() {
+            let done = StepDone {
+                step: plan.step,
+                result,
+                tokens: plan.num_tokens(),
+                seconds,
+                drafted: plan.rows.iter().map(|r| r.draft.tokens.len()).sum(),
+                draft_seconds: plan.draft_seconds,
+            };
+            if self.intake.blocking_send(done).is_err() {
                 break;
             }
         }

@@ -7,3 +7,4 @@ pub mod ngram;
 pub mod sampling;
 pub mod scheduler;
 pub mod spec;
+pub mod step_cost;

@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use crate::core::sampling::SamplingParams;
 use crate::core::spec::{AcceptanceTracker, Draft};
+use crate::core::step_cost::StepCost;
 use crate::request::{FinishReason, RequestId};
 
 /// What the model side needs to know about a request (sampling, when to stop).
@@ -135,6 +136,8 @@ pub struct StepPlan {
     pub rows: Vec<RowPlan>,
     /// Requests that left since the last step: the model side drops their state.
     pub finished: Vec<RequestId>,
+    /// Seconds the Drafter spent drafting this plan's rows (the Verifier waited for them).
+    pub draft_seconds: f64,
 }
 
 impl StepPlan {
@@ -178,7 +181,7 @@ struct Seq {
 
 /// Draft positions to reserve for a running row: only when it is decoding (its last token
 /// is its only uncomputed one), never past its output limit or the context.
-fn draft_len(seq: &Seq, max_draft: usize, batch: usize) -> usize {
+fn draft_len(seq: &Seq, max_draft: usize, batch: usize, cost: &StepCost) -> usize {
     let p = &seq.params;
     let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > p.prompt_len;
     if max_draft == 0 || !decoding {
@@ -188,7 +191,7 @@ fn draft_len(seq: &Seq, max_draft: usize, batch: usize) -> usize {
     // The verification emits one token beyond the accepted drafts.
     let output_room = p.max_tokens.saturating_sub(generated + 1);
     let context_room = p.max_len.saturating_sub(seq.tokens.len() + 1);
-    seq.acceptance.draft_len(max_draft, batch).min(output_room).min(context_room)
+    seq.acceptance.draft_len(max_draft, batch, cost).min(output_room).min(context_room)
 }
 
 /// The queue is full: the caller gets an overload error.
@@ -209,6 +212,8 @@ pub struct Scheduler {
     releases: Vec<RequestId>,
     finished: Vec<RequestId>,
     preemptions: u64,
+    /// What steps and drafts cost, for choosing draft lengths.
+    cost: StepCost,
 }
 
 impl Scheduler {
@@ -225,6 +230,7 @@ impl Scheduler {
             releases: vec![],
             finished: vec![],
             preemptions: 0,
+            cost: StepCost::default(),
         }
     }
 
@@ -318,7 +324,8 @@ impl Scheduler {
             }
             // A row left without budget still asks (for nothing): it holds blocks, so it
             // stays a preemption candidate for the rows before it.
-            let n = (seq.tokens.len() - seq.computed + draft_len(seq, self.cfg.max_draft, batch)).min(budget);
+            let n =
+                (seq.tokens.len() - seq.computed + draft_len(seq, self.cfg.max_draft, batch, &self.cost)).min(budget);
             budget -= n;
             asks.push(Ask { id, computed: seq.computed, new_tokens: n, lookup: None, running: true });
         }
@@ -382,7 +389,14 @@ impl Scheduler {
             });
         }
         self.step += 1;
-        StepPlan { step: self.step, rows, finished: std::mem::take(&mut self.finished) }
+        StepPlan { step: self.step, rows, finished: std::mem::take(&mut self.finished), draft_seconds: 0.0 }
+    }
+
+    /// A step's forward over `tokens` query tokens took `seconds`, after `draft_seconds`
+    /// of drafting `drafted` tokens.
+    pub fn record_timing(&mut self, tokens: usize, seconds: f64, drafted: usize, draft_seconds: f64) {
+        self.cost.record_step(tokens, seconds);
+        self.cost.record_draft(drafted, draft_seconds);
     }
 
     /// Applies a step's results; returns the requests that finished.

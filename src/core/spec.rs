@@ -5,6 +5,7 @@
 use rand::Rng;
 
 use super::sampling::{argmax, sample_from};
+use super::step_cost::StepCost;
 
 /// Greedy verification. `target` holds the target's argmax after each of the k+1 verified
 /// positions (the last accepted token, then each draft). Drafts are accepted while they
@@ -104,15 +105,23 @@ impl AcceptanceTracker {
         }
     }
 
-    /// Draft length for the next step, at most `max`: draft position i is accepted with
-    /// probability about rateⁱ, so drafting stops where that falls below 10%; the length
-    /// shrinks linearly as the batch fills and is 0 from `SPECULATION_OFF_AT_BATCH` rows.
-    pub fn draft_len(&self, max: usize, batch: usize) -> usize {
+    /// Draft length for the next step, at most `max`, shrinking linearly as the batch fills
+    /// and 0 from `SPECULATION_OFF_AT_BATCH` rows. Within that, the length with the most
+    /// expected tokens per second once `cost` knows what steps cost; before that, draft
+    /// position i is accepted with probability about rateⁱ, so drafting stops where that
+    /// falls below 10%.
+    pub fn draft_len(&self, max: usize, batch: usize, cost: &StepCost) -> usize {
+        let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
+        let cap = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1).min(max);
+        if cap == 0 {
+            return 0;
+        }
+        if let Some(k) = cost.best_draft_len(self.rate, cap, batch) {
+            return k;
+        }
         let by_acceptance =
             if self.rate >= 0.99 { max } else { (0.1f64.ln() / self.rate.max(0.01).ln()).ceil() as usize };
-        let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
-        let by_batch = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1);
-        by_acceptance.clamp(1, max.max(1)).min(by_batch).min(max)
+        by_acceptance.clamp(1, cap)
     }
 }
 
@@ -167,18 +176,25 @@ mod tests {
 
     #[test]
     fn draft_length_follows_acceptance_and_batch() {
+        let unknown = StepCost::default();
         let mut t = AcceptanceTracker::default();
-        assert_eq!(t.draft_len(8, 1), 7); // 0.7⁷ ≈ 0.08
+        assert_eq!(t.draft_len(8, 1, &unknown), 7); // 0.7⁷ ≈ 0.08
         for _ in 0..20 {
             t.record(8, 8);
         }
-        assert_eq!(t.draft_len(8, 1), 8);
-        assert_eq!(t.draft_len(8, 16), 5);
-        assert_eq!(t.draft_len(8, SPECULATION_OFF_AT_BATCH), 0);
+        assert_eq!(t.draft_len(8, 1, &unknown), 8);
+        assert_eq!(t.draft_len(8, 16, &unknown), 5);
+        assert_eq!(t.draft_len(8, SPECULATION_OFF_AT_BATCH, &unknown), 0);
+        // Known costs: verifying is dear, so fewer drafts pay even when all are accepted.
+        let mut dear = StepCost::default();
+        for n in [1, 2, 5, 9, 1, 3] {
+            dear.record_step(n, 0.01 * n as f64);
+        }
+        assert_eq!(t.draft_len(8, 1, &dear), 1);
         for _ in 0..20 {
             t.record(8, 0);
         }
-        assert_eq!(t.draft_len(8, 1), 1); // still probes with one token
+        assert_eq!(t.draft_len(8, 1, &unknown), 1); // still probes with one token
     }
 
     #[test]

@@ -1,0 +1,113 @@
+//! What speculation costs, learned while running: a forward step over `n` query tokens
+//! takes about `fixed + per_token · n` seconds, and drafting takes `draft` seconds per
+//! token. Fitted by least squares with exponential forgetting, so the estimate follows the
+//! hardware, the model and the batch. The draft length is then the one with the most
+//! expected tokens per second, not merely the longest that is likely to be accepted: on a
+//! GPU verifying 9 tokens costs far more than one decode step, on a CPU nearly 9 times more.
+
+/// Weight of the past at each new measurement (a memory of about 50 steps).
+const FORGET: f64 = 0.98;
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct StepCost {
+    // Decayed sums for the least-squares line through (tokens, seconds).
+    weight: f64,
+    sum_n: f64,
+    sum_t: f64,
+    sum_nn: f64,
+    sum_nt: f64,
+    // Decayed totals of drafted tokens and the seconds spent drafting them.
+    draft_tokens: f64,
+    draft_seconds: f64,
+}
+
+impl StepCost {
+    /// A forward step over `tokens` query tokens took `seconds`.
+    pub fn record_step(&mut self, tokens: usize, seconds: f64) {
+        let (n, t) = (tokens as f64, seconds);
+        self.weight = FORGET * self.weight + 1.0;
+        self.sum_n = FORGET * self.sum_n + n;
+        self.sum_t = FORGET * self.sum_t + t;
+        self.sum_nn = FORGET * self.sum_nn + n * n;
+        self.sum_nt = FORGET * self.sum_nt + n * t;
+    }
+
+    /// Drafting `tokens` tokens took `seconds` (of time the target waited for).
+    pub fn record_draft(&mut self, tokens: usize, seconds: f64) {
+        if tokens > 0 {
+            self.draft_tokens = FORGET * self.draft_tokens + tokens as f64;
+            self.draft_seconds = FORGET * self.draft_seconds + seconds;
+        }
+    }
+
+    /// `(fixed, per_token)` seconds, once steps of different sizes have been seen.
+    pub fn fit(&self) -> Option<(f64, f64)> {
+        let spread = self.weight * self.sum_nn - self.sum_n * self.sum_n;
+        if self.weight < 4.0 || spread <= 1e-9 * self.weight * self.sum_nn.max(1.0) {
+            return None;
+        }
+        let per_token = ((self.weight * self.sum_nt - self.sum_n * self.sum_t) / spread).max(0.0);
+        let fixed = ((self.sum_t - per_token * self.sum_n) / self.weight).max(0.0);
+        Some((fixed, per_token))
+    }
+
+    fn draft_per_token(&self) -> f64 {
+        if self.draft_tokens > 0.0 {
+            self.draft_seconds / self.draft_tokens
+        } else {
+            0.0
+        }
+    }
+
+    /// The draft length in `1..=max` giving a row among `batch` the most expected tokens
+    /// per second when each draft is accepted with probability `acceptance`; None until
+    /// the costs are known. (At least one token is drafted so that acceptance keeps being
+    /// measured.)
+    pub fn best_draft_len(&self, acceptance: f64, max: usize, batch: usize) -> Option<usize> {
+        let (fixed, per_token) = self.fit()?;
+        let (b, a) = (batch.max(1) as f64, acceptance.clamp(0.0, 0.999));
+        let rate = |k: usize| {
+            // 1 + a + ... + a^k tokens: the accepted drafts and the target's own token.
+            let expected = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
+            let seconds = fixed + per_token * b * (k + 1) as f64 + self.draft_per_token() * b * k as f64;
+            expected / seconds.max(1e-12)
+        };
+        (1..=max).max_by(|&x, &y| rate(x).total_cmp(&rate(y)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn measured(fixed: f64, per_token: f64, draft: f64) -> StepCost {
+        let mut c = StepCost::default();
+        for n in [1, 5, 9, 2, 17, 3, 1, 9] {
+            c.record_step(n, fixed + per_token * n as f64);
+        }
+        c.record_draft(10, 10.0 * draft);
+        c
+    }
+
+    #[test]
+    fn the_fit_recovers_a_line() {
+        let (fixed, per_token) = measured(6.4e-3, 1.2e-3, 0.0).fit().unwrap();
+        assert!((fixed - 6.4e-3).abs() < 1e-9 && (per_token - 1.2e-3).abs() < 1e-9);
+        let mut same_size = StepCost::default();
+        (0..10).for_each(|_| same_size.record_step(1, 0.01));
+        assert_eq!(same_size.fit(), None, "one step size cannot separate the two costs");
+    }
+
+    #[test]
+    fn cheap_verification_drafts_long_and_dear_verification_short() {
+        // GPU-like: 9 tokens cost ~2.7 decode steps.
+        let gpu = measured(6.4e-3, 1.2e-3, 0.3e-3);
+        assert!(gpu.best_draft_len(0.8, 8, 1).unwrap() >= 3);
+        assert_eq!(gpu.best_draft_len(0.2, 8, 1), Some(1));
+        // CPU-like: every token costs nearly as much as the step.
+        let cpu = measured(2e-3, 25e-3, 0.0);
+        assert_eq!(cpu.best_draft_len(0.8, 8, 1), Some(1));
+        // Free verification (no per-token cost): draft as far as allowed.
+        assert_eq!(measured(5e-3, 0.0, 0.0).best_draft_len(0.5, 8, 1), Some(8));
+    }
+}
