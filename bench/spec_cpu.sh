@@ -11,20 +11,20 @@ dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 text="The comittee met on Tuesday to reveiw the budjet. After a long discusion, the comittee aproved the budjet with minor changes, and the chair thanked everyone for there work. The next meeting will be held in two weeks. Members are asked to send there reports to the secretery before Friday, so that they can be shared with the hole group. Questions about the agenda should go to the chair."
 echo "Correct the spelling mistakes in this text and write it out again: $text" >"$dir/prompt.txt"
-printf '%-12s %7s %6s %9s %6s %9s %9s %9s %11s\n' \
+printf '%-22s %7s %6s %9s %6s %9s %9s %9s %11s\n' \
     method "tok/s" accept "tok/step" tokens "draft ms" "pre ms" "verify ms" "overlap ms"
-for spec in "none" "ngram --draft-len 8" "early-exit --draft-layers 20 --draft-len 4"; do
+for spec in "none" "ngram --draft-len 4" "ngram --draft-len 8" "early-exit --draft-layers 24 --draft-len 4"; do
     # shellcheck disable=SC2086
     "$bin" generate --chat --prompts-file "$dir/prompt.txt" --max-tokens 160 --json \
         --timeline "$dir/timeline.json" --spec $spec >"$dir/out.json" 2>/dev/null
-    python3 - "${spec%% *}" "$dir/out.json" "$dir/timeline.json" <<'PY'
+    python3 - "$(echo $spec | sed "s/--draft-len /k=/; s/--draft-layers /L=/" | cut -c1-40)" "$dir/out.json" "$dir/timeline.json" <<'PY'
 import json, os, sys
 name, out, tl = sys.argv[1:]
 r = json.loads(open(out).readline())
 s = r.get("speculative") or {}
 t = json.load(open(tl))["summary"] if os.path.exists(tl) else {}
 acc = s["accepted"] / s["drafted"] if s.get("drafted") else float("nan")
-print("%-12s %7.1f %6.2f %9.2f %6d %9.0f %9.0f %9.0f %11.0f" % (
+print("%-22s %7.1f %6.2f %9.2f %6d %9.0f %9.0f %9.0f %11.0f" % (
     name, r["timings"]["decode_tok_per_s"], acc, s.get("mean_accepted_length", 1.0),
     r["usage"]["completion_tokens"], t.get("draft_ms", 0), t.get("pre_draft_ms", 0),
     t.get("verify_ms", 0), t.get("overlapped_ms", 0)))

@@ -70,13 +70,14 @@ pub struct Overlap {
 /// Sums each kind of work and the time Drafter spans (of either kind) intersect Verify
 /// spans. Spans of one actor never intersect each other (one thread each).
 pub fn overlap(spans: &[Span]) -> Overlap {
-    let total = |w: Work| spans.iter().filter(|s| s.work == w).map(|s| s.end_us - s.start_us).sum::<f64>() / 1e3;
+    // Folds from +0.0: an empty `sum` of floats is -0.0.
+    let total = |w: Work| spans.iter().filter(|s| s.work == w).fold(0.0, |t, s| t + s.end_us - s.start_us) / 1e3;
     let verify: Vec<&Span> = spans.iter().filter(|s| s.work == Work::Verify).collect();
     let overlapped_us: f64 = spans
         .iter()
         .filter(|s| s.work != Work::Verify)
         .flat_map(|d| verify.iter().map(move |v| (d.end_us.min(v.end_us) - d.start_us.max(v.start_us)).max(0.0)))
-        .sum();
+        .fold(0.0, |t, o| t + o);
     Overlap {
         draft_ms: total(Work::Draft),
         pre_draft_ms: total(Work::PreDraft),
