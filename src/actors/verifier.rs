@@ -47,7 +47,9 @@ impl<B: Backend> Executor for ModelExecutor<B> {
     }
 
     fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, String> {
-        let logits = self.model.forward(&self.backend, &mut self.kv, meta).map_err(|e| e.to_string())?;
+        // `forward_step`: a GPU replays the graph it captured for a step of this shape.
+        let layers = self.model.num_layers();
+        let logits = self.backend.forward_step(&self.model, &mut self.kv, meta, layers).map_err(|e| e.to_string())?;
         self.backend.to_host(&logits).map_err(|e| e.to_string())
     }
 }

@@ -10,33 +10,50 @@ use futures::StreamExt;
 use serde_json::json;
 
 use specula::actors::{collect, Runtime, Timeline};
-use specula::backend::cpu::CpuBackend;
+use specula::backend::{Backend, BackendError};
 use specula::model::load_model;
+use specula::request::{GenerateRequest, Prompt};
 use specula::spec::SpecStats;
 
 use super::{completion_json, GenerateArgs};
 
-pub fn run(args: &GenerateArgs, file: &Path) -> Result<(), Box<dyn std::error::Error>> {
+pub fn run<B: Backend>(
+    args: &GenerateArgs,
+    file: &Path,
+    new_backend: &dyn Fn() -> Result<B, BackendError>,
+) -> Result<(), Box<dyn std::error::Error>> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
     let prompts: Vec<&str> = text.lines().collect();
     if prompts.is_empty() {
         return Err(format!("{}: no prompts", file.display()).into());
     }
     let concurrency = args.concurrency.unwrap_or(prompts.len()).max(1);
-    let backend = CpuBackend::new();
+    let backend = new_backend()?;
     let loaded = load_model(&args.model, &backend)?;
     let model = Arc::new(loaded.model);
     let mut builder = Runtime::builder().max_batch(concurrency.min(prompts.len())).max_waiting(prompts.len().max(1024));
     let timeline = Arc::new(Timeline::default());
-    if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
+    if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
         args.spec.warn_if_synthetic();
         builder = builder.speculation(spec).timeline(timeline.clone());
     }
+    // A model without a tokenizer (dummy weights) takes each line as token ids.
+    let ids_only = loaded.tokenizer.is_none();
     let handle = builder.build(backend, model, loaded.tokenizer)?;
+    let requests = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| match ids_only {
+            false => Ok(args.request(p)),
+            true => token_ids(p)
+                .map(|ids| GenerateRequest { prompt: Prompt::Tokens(ids), ..args.request("") })
+                .map_err(|e| format!("{}, line {}: {e}", file.display(), i + 1)),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
 
     let start = Instant::now();
     let results: Vec<_> = futures::executor::block_on(
-        futures::stream::iter(prompts.iter().map(|p| collect(handle.generate(args.request(p)))))
+        futures::stream::iter(requests.into_iter().map(|r| collect(handle.generate(r))))
             .buffered(concurrency)
             .collect(),
     );
@@ -85,4 +102,11 @@ pub fn run(args: &GenerateArgs, file: &Path) -> Result<(), Box<dyn std::error::E
     }
     handle.shutdown_blocking(std::time::Duration::from_secs(1));
     Ok(())
+}
+
+/// A line of whitespace-separated token ids.
+fn token_ids(line: &str) -> Result<Vec<u32>, String> {
+    line.split_whitespace()
+        .map(|t| t.parse().map_err(|_| format!("{t:?} is not a token id (this model has no tokenizer)")))
+        .collect()
 }

@@ -82,29 +82,35 @@ pub enum BackendKind {
 mod batch;
 
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if let Some(file) = &args.prompts_file {
-        if args.backend != BackendKind::Cpu {
-            return Err("--prompts-file runs through the batching runtime, which runs on the CPU backend only".into());
-        }
-        return batch::run(&args, file);
-    }
     match args.backend {
-        BackendKind::Cpu => generate(&args, &|| Ok(CpuBackend::new())),
-        BackendKind::Cuda => generate_cuda(&args),
+        BackendKind::Cpu => run_on(&args, &|| Ok(CpuBackend::new())),
+        BackendKind::Cuda => run_cuda(&args),
+    }
+}
+
+/// One prompt through the engine, or a prompts file through the runtime, on the backends
+/// `new_backend` makes (the first runs the target).
+fn run_on<B: Backend>(
+    args: &GenerateArgs,
+    new_backend: &dyn Fn() -> Result<B, BackendError>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    match &args.prompts_file {
+        Some(file) => batch::run(args, file, new_backend),
+        None => generate(args, new_backend),
     }
 }
 
 #[cfg(feature = "cuda")]
-fn generate_cuda(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn run_cuda(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     use specula::backend::cuda::CudaBackend;
     // Siblings share the context and compiled kernels; each has its own stream, so a
     // draft model's work is ordered apart from the target's.
     let gpu = CudaBackend::new(0)?;
-    generate(args, &|| gpu.sibling())
+    run_on(args, &|| gpu.sibling())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn generate_cuda(_: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+fn run_cuda(_: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     Err("--backend cuda: this binary was built without the `cuda` feature \
          (rebuild with `cargo build --release --features cuda`)"
         .into())
