@@ -116,6 +116,9 @@ impl CudaBackend {
             c.graph.launch().map_err(driver_err("graph launch"))?;
             return Ok(c.output.clone());
         }
+        // Graphs of this model captured on another KV cache are dead (the engine makes one
+        // cache per request, and ids are never reused): free their arenas.
+        map.retain(|k, _| k.tag != key.tag || k.kv == key.kv);
         let captured = self.capture(&packed, max_blocks, meta.num_tokens(), forward)?;
         captured.graph.launch().map_err(driver_err("graph launch"))?;
         let output = captured.output.clone();
