@@ -22,7 +22,7 @@ use super::timeline::{Timeline, Work};
 use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{RowPlan, SeqParams, StepPlan};
 use crate::request::RequestId;
-use crate::spec::{Draft, Proposer};
+use crate::spec::{Draft, ProposeRequest, Proposer};
 
 struct DraftSeq {
     params: Arc<SeqParams>,
@@ -64,13 +64,16 @@ impl Drafter {
             self.seqs.remove(id);
             self.proposer.release(id.0);
         }
-        for row in &mut plan.rows {
+        for row in &plan.rows {
             self.sync(row);
-            if row.sample && row.draft_len > 0 {
-                row.draft = self.extend(row.id, row.draft_len).unwrap_or_default();
-                if let Some(st) = self.seqs.get_mut(&row.id) {
-                    st.sent = row.draft.tokens.len();
-                }
+        }
+        let wanted: Vec<(RequestId, usize)> =
+            plan.rows.iter().filter(|r| r.sample && r.draft_len > 0).map(|r| (r.id, r.draft_len)).collect();
+        self.extend(&wanted);
+        for row in plan.rows.iter_mut().filter(|r| r.sample && r.draft_len > 0) {
+            if let Some(st) = self.seqs.get_mut(&row.id) {
+                row.draft = take(&st.ahead, row.draft_len);
+                st.sent = row.draft.tokens.len();
             }
         }
         self.publish_pool();
@@ -90,9 +93,7 @@ impl Drafter {
             |r: &RowPlan| !r.draft.tokens.is_empty() && self.seqs.get(&r.id).is_some_and(|s| s.all_accepted);
         let rows: Vec<(RequestId, usize)> =
             plan.rows.iter().filter(|r| promising(r)).map(|r| (r.id, 2 * r.draft.tokens.len() + 1)).collect();
-        for &(id, len) in &rows {
-            self.extend(id, len);
-        }
+        self.extend(&rows);
         if !rows.is_empty() {
             self.publish_pool();
             self.record(Work::PreDraft, plan.step, start);
@@ -144,15 +145,32 @@ impl Drafter {
         st.history = history;
     }
 
-    /// Makes sure `len` tokens are proposed ahead of the request's history; returns the
-    /// first `len` of them. A proposer that fails drafts nothing for the request this time.
-    fn extend(&mut self, id: RequestId, len: usize) -> Option<Draft> {
-        let st = self.seqs.get_mut(&id)?;
-        let have = st.ahead.tokens.len();
-        if have < len {
-            let mut context = st.history.clone();
-            context.extend_from_slice(&st.ahead.tokens);
-            match self.proposer.propose(id.0, &context, len - have, &st.params.sampling) {
+    /// Makes sure each request has `len` tokens proposed ahead of its history, drafting for
+    /// all of them at once. A request whose drafting fails has nothing ahead this time.
+    fn extend(&mut self, wanted: &[(RequestId, usize)]) {
+        let mut ids = vec![];
+        let mut contexts = vec![];
+        for &(id, len) in wanted {
+            let Some(st) = self.seqs.get(&id) else { continue };
+            if st.ahead.tokens.len() < len {
+                ids.push((id, len - st.ahead.tokens.len()));
+                contexts.push([st.history.as_slice(), &st.ahead.tokens].concat());
+            }
+        }
+        let reqs: Vec<ProposeRequest> = ids
+            .iter()
+            .zip(&contexts)
+            .map(|(&(id, k), history)| ProposeRequest {
+                seq: id.0,
+                history,
+                k,
+                sampling: &self.seqs[&id].params.sampling,
+            })
+            .collect();
+        let results = self.proposer.propose_many(&reqs);
+        for (&(id, _), result) in ids.iter().zip(results) {
+            let st = self.seqs.get_mut(&id).expect("present above");
+            match result {
                 Ok(more) => append(&mut st.ahead, more),
                 Err(e) => {
                     counter!(m::SPEC_DRAFT_ERRORS).increment(1);
@@ -161,11 +179,9 @@ impl Drafter {
                     }
                     self.proposer.rollback(id.0, st.history.len());
                     st.ahead = Draft::default();
-                    return None;
                 }
             }
         }
-        Some(take(&st.ahead, len))
     }
 
     fn publish_pool(&self) {

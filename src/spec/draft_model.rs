@@ -7,11 +7,11 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::{Draft, Proposer, SeqId};
+use super::{Draft, ProposeRequest, Proposer, SeqId};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
-use crate::core::sampling::{distribution, sample_from, SamplingParams};
+use crate::core::sampling::{argmax, distribution, sample_from, SamplingParams};
 use crate::model::{KvCache, Llama, ModelConfig};
 
 /// Per-sequence state: how many leading tokens of the history are in the draft cache.
@@ -57,9 +57,8 @@ impl<B: Backend> ModelProposer<B> {
         })
     }
 
-    /// Runs `tokens` at positions `cached..` of `seq`, growing its block table as needed;
-    /// returns the last position's logits (on the device: read them before the next call).
-    fn forward(&mut self, seq: SeqId, tokens: &[u32]) -> Result<B::Tensor, BackendError> {
+    /// Adds `tokens` at positions `cached..` of `seq` to `meta`, growing its block table.
+    fn push_row(&mut self, meta: &mut BatchMeta, seq: SeqId, tokens: &[u32]) -> Result<(), BackendError> {
         let bs = self.kv.block_size;
         let state = self.seqs.entry(seq).or_insert(DraftSeq { cached: 0, blocks: vec![] });
         let need = (state.cached + tokens.len()).div_ceil(bs);
@@ -70,10 +69,47 @@ impl<B: Backend> ModelProposer<B> {
                 .ok_or_else(|| BackendError::Invalid("the draft model's KV cache is full".into()))?;
             state.blocks.extend(more);
         }
-        let mut meta = BatchMeta::new(bs as u32);
         meta.push_row(tokens, state.cached as u32, &state.blocks, 1);
         state.cached += tokens.len();
-        self.backend.forward_step(&self.model, &mut self.kv, &meta, self.layers)
+        Ok(())
+    }
+
+    /// One forward over `rows` (request index, tokens to feed); returns each row's next
+    /// token, sampled from its logits with the request's parameters (the distribution is
+    /// appended to the draft's probabilities when it samples).
+    fn step(
+        &mut self,
+        reqs: &[ProposeRequest],
+        rows: &[(usize, Vec<u32>)],
+        drafts: &mut [Draft],
+        contexts: &[Vec<u32>],
+    ) -> Result<Vec<u32>, BackendError> {
+        let mut meta = BatchMeta::new(self.kv.block_size as u32);
+        for (i, tokens) in rows {
+            self.push_row(&mut meta, reqs[*i].seq, tokens)?;
+        }
+        let logits = self.backend.forward_step(&self.model, &mut self.kv, &meta, self.layers)?;
+        let vocab = self.model.config.vocab_size;
+        if rows.iter().all(|(i, _)| reqs[*i].sampling.is_greedy()) {
+            // Only the ids cross to the host.
+            return self.backend.argmax_rows(&logits, vocab);
+        }
+        let host = self.backend.to_host(&logits)?;
+        let mut picked = Vec::with_capacity(rows.len());
+        for ((i, _), row) in rows.iter().zip(host.chunks(vocab)) {
+            let token = match drafts[*i].probs.as_mut() {
+                None => argmax(row),
+                Some(probs) => {
+                    // Drafts follow the request's own temperature and top-p, so q is close to p.
+                    let q = distribution(row, &contexts[*i], reqs[*i].sampling);
+                    let t = sample_from(&q, &mut self.rng);
+                    probs.push(q);
+                    t
+                }
+            };
+            picked.push(token);
+        }
+        Ok(picked)
     }
 }
 
@@ -85,32 +121,57 @@ impl<B: Backend> Proposer for ModelProposer<B> {
         k: usize,
         sampling: &SamplingParams,
     ) -> Result<Draft, BackendError> {
-        let cached = self.seqs.get(&seq).map_or(0, |s| s.cached.min(history.len() - 1));
-        if let Some(s) = self.seqs.get_mut(&seq) {
-            s.cached = cached;
+        let req = ProposeRequest { seq, history, k, sampling };
+        self.propose_many(&[req]).pop().expect("one result per request")
+    }
+
+    /// All sequences advance together, one forward per draft position: first each catches
+    /// up on the history its cache lacks, then each feeds its last drafted token.
+    fn propose_many(&mut self, reqs: &[ProposeRequest]) -> Vec<Result<Draft, BackendError>> {
+        let mut drafts: Vec<Draft> = reqs
+            .iter()
+            .map(|r| Draft { tokens: Vec::with_capacity(r.k), probs: (!r.sampling.is_greedy()).then(Vec::new) })
+            .collect();
+        let mut contexts: Vec<Vec<u32>> = reqs.iter().map(|r| r.history.to_vec()).collect();
+        let mut rows = vec![];
+        let mut start = vec![0; reqs.len()];
+        for (i, r) in reqs.iter().enumerate().filter(|(_, r)| r.k > 0 && !r.history.is_empty()) {
+            let cached = self.seqs.get(&r.seq).map_or(0, |s| s.cached.min(r.history.len() - 1));
+            if let Some(s) = self.seqs.get_mut(&r.seq) {
+                s.cached = cached;
+            }
+            start[i] = cached;
+            rows.push((i, r.history[cached..].to_vec()));
         }
-        let mut logits = self.forward(seq, &history[cached..])?;
-        let mut context = history.to_vec();
-        let mut draft = Draft { tokens: Vec::with_capacity(k), probs: (!sampling.is_greedy()).then(Vec::new) };
-        for i in 0..k {
-            let token = match draft.probs.as_mut() {
-                // Greedy: only the id crosses to the host.
-                None => self.backend.argmax_rows(&logits, self.model.config.vocab_size)?[0],
-                Some(probs) => {
-                    // Drafts follow the request's own temperature and top-p, so q is close to p.
-                    let q = distribution(&self.backend.to_host(&logits)?, &context, sampling);
-                    let t = sample_from(&q, &mut self.rng);
-                    probs.push(q);
-                    t
+        while !rows.is_empty() {
+            match self.step(reqs, &rows, &mut drafts, &contexts) {
+                Ok(picked) => {
+                    let mut next = vec![];
+                    for ((i, _), token) in rows.iter().zip(picked) {
+                        drafts[*i].tokens.push(token);
+                        contexts[*i].push(token);
+                        if drafts[*i].tokens.len() < reqs[*i].k {
+                            next.push((*i, vec![token]));
+                        }
+                    }
+                    rows = next;
                 }
-            };
-            draft.tokens.push(token);
-            context.push(token);
-            if i + 1 < k {
-                logits = self.forward(seq, &[token])?;
+                Err(e) => {
+                    // The cache is unreliable past where these rows started: forget it.
+                    let message = e.to_string();
+                    let failed: Vec<usize> = rows.iter().map(|(i, _)| *i).collect();
+                    for &i in &failed {
+                        self.rollback(reqs[i].seq, start[i]);
+                    }
+                    let mut out: Vec<Result<Draft, BackendError>> = drafts.into_iter().map(Ok).collect();
+                    for i in failed {
+                        out[i] = Err(BackendError::Invalid(message.clone()));
+                    }
+                    return out;
+                }
             }
         }
-        Ok(draft)
+        drafts.into_iter().map(Ok).collect()
     }
 
     fn rollback(&mut self, seq: SeqId, valid: usize) {

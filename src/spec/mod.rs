@@ -29,6 +29,11 @@ pub trait Proposer: Send {
         k: usize,
         sampling: &SamplingParams,
     ) -> Result<Draft, BackendError>;
+    /// Drafts for several sequences at once; a model runs them as one batch per draft
+    /// position. One result per request, in order.
+    fn propose_many(&mut self, reqs: &[ProposeRequest]) -> Vec<Result<Draft, BackendError>> {
+        reqs.iter().map(|r| self.propose(r.seq, r.history, r.k, r.sampling)).collect()
+    }
     /// Only the first `valid` tokens of what this proposer has seen of `seq` still stand
     /// (the rest were rejected drafts): forget the others.
     fn rollback(&mut self, _seq: SeqId, _valid: usize) {}
@@ -38,6 +43,15 @@ pub trait Proposer: Send {
     fn kv_stats(&self) -> Option<KvStats> {
         None
     }
+}
+
+/// One sequence's part of `Proposer::propose_many`.
+#[derive(Debug, Clone, Copy)]
+pub struct ProposeRequest<'a> {
+    pub seq: SeqId,
+    pub history: &'a [u32],
+    pub k: usize,
+    pub sampling: &'a SamplingParams,
 }
 
 /// Speculative decoding as the runtime runs it.

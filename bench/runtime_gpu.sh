@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# On a GPU machine: speculative decoding through the runtime (Intake → Drafter → Verifier),
+# the dummy llama-3.1-8b as target and the dummy llama-3.2-1b drafting on its own CUDA
+# stream, every draft token accepted with probability 0.8 (random weights accept nothing
+# on their own). Side by side in one run: plain decoding and speculation at batch 1 and at
+# batch 8, with the Drafter/Verifier timeline and its overlap.
+#
+#   bench/runtime_gpu.sh [SPECULA_BINARY]
+#
+# Environment: LOG_DIR (default /tmp/specula-runtime), CUDA_HOME (default /usr/local/cuda),
+# MAX_TOKENS (default 256).
+set -uo pipefail
+BIN=${1:-target/release/specula}
+LOG_DIR=${LOG_DIR:-/tmp/specula-runtime}
+MAX_TOKENS=${MAX_TOKENS:-256}
+mkdir -p "$LOG_DIR"
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export LD_LIBRARY_PATH="$CUDA_HOME/lib64:${LD_LIBRARY_PATH:-}"
+
+# 64-token prompts of token ids (the dummy models have no tokenizer).
+python3 -c "
+for r in range(8):
+    print(' '.join(str((r * 7919 + i * 104729) % 120000 + 100) for i in range(64)))" >"$LOG_DIR/prompts8.txt"
+head -n 1 "$LOG_DIR/prompts8.txt" >"$LOG_DIR/prompts1.txt"
+
+common=(generate --backend cuda --model dummy:llama-3.1-8b --max-tokens "$MAX_TOKENS" --ignore-eos --json)
+spec=(--spec draft --draft-model dummy:llama-3.2-1b --synthetic-acceptance 0.8)
+run() { # name, prompts file, extra args...
+    local name=$1 file=$2
+    shift 2
+    "$BIN" "${common[@]}" --prompts-file "$file" --timeline "$LOG_DIR/$name.timeline.json" "$@" \
+        >"$LOG_DIR/$name.jsonl" 2>"$LOG_DIR/$name.log"
+    echo "$name: $(tail -n 2 "$LOG_DIR/$name.log" | tr '\n' ' ')"
+}
+status=0
+run plain-b1 "$LOG_DIR/prompts1.txt" || status=1
+run spec8-b1 "$LOG_DIR/prompts1.txt" "${spec[@]}" --draft-len 8 || status=1
+run spec4-b1 "$LOG_DIR/prompts1.txt" "${spec[@]}" --draft-len 4 || status=1
+run plain-b8 "$LOG_DIR/prompts8.txt" || status=1
+run spec4-b8 "$LOG_DIR/prompts8.txt" "${spec[@]}" --draft-len 4 || status=1
+exit $status
