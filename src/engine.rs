@@ -13,7 +13,7 @@ use crate::core::spec::AcceptanceTracker;
 use crate::core::step_cost::StepCost;
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, Usage};
-use crate::spec::{verify, Draft, Proposer, SeqId, SpecStats};
+use crate::spec::{ids_suffice, verify, verify_ids, Draft, Proposer, SeqId, SpecStats};
 
 /// Tokens per forward while prefilling: bounds the activations' memory.
 const PREFILL_CHUNK: usize = 512;
@@ -213,24 +213,6 @@ impl<B: Backend> Engine<B> {
 
 /// The one sequence the engine runs at a time, as proposers know it.
 const SEQ: SeqId = 0;
-
-/// Whether the target's greedy ids decide the step: greedy sampling whose logits nothing
-/// rewrites (no repetition penalty).
-fn ids_suffice(sampler: &Sampler) -> bool {
-    sampler.params.is_greedy() && sampler.params.repetition_penalty == 1.0
-}
-
-/// `spec::verify` when `ids_suffice`, from the target's greedy id after the last token and
-/// after each draft (`ids`, k + 1 of them): the same tokens, the same random draws.
-fn verify_ids(draft: &Draft, ids: &[u32], sampler: &mut Sampler, synthetic_acceptance: Option<f64>) -> Vec<u32> {
-    let accepted = match synthetic_acceptance {
-        Some(rate) => draft.tokens.iter().take_while(|_| rand::Rng::random::<f64>(sampler.rng()) < rate).count(),
-        None => return crate::core::spec::accept_greedy(&draft.tokens, ids),
-    };
-    let mut out = draft.tokens[..accepted].to_vec();
-    out.push(ids[accepted]);
-    out
-}
 
 /// Speculation settings for `Engine::generate_speculative`.
 pub struct SpecOptions<'a> {

@@ -20,7 +20,7 @@ use super::messages::{StepDone, StreamMsg, VerifyMsg};
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use crate::backend::{Backend, BatchMeta};
-use crate::core::sampling::Sampler;
+use crate::core::sampling::{argmax, Sampler};
 use crate::core::scheduler::{RowOutcome, RowPlan, SeqParams, StepPlan};
 use crate::model::{KvCache, Llama};
 use crate::request::{FinishReason, RequestId};
@@ -32,6 +32,11 @@ pub trait Executor: Send + 'static {
     fn vocab_size(&self) -> usize;
     /// Logits `[meta.logits_for.len(), vocab]`, row-major.
     fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, String>;
+    /// The greedy id of each of those rows instead (from a GPU, only ids cross to the host).
+    fn forward_ids(&mut self, meta: &BatchMeta) -> Result<Vec<u32>, String> {
+        let vocab = self.vocab_size();
+        Ok(self.forward(meta)?.chunks(vocab).map(argmax).collect())
+    }
 }
 
 /// The target model with its paged KV cache (block ids are the KvAllocator's).
@@ -51,6 +56,12 @@ impl<B: Backend> Executor for ModelExecutor<B> {
         let layers = self.model.num_layers();
         let logits = self.backend.forward_step(&self.model, &mut self.kv, meta, layers).map_err(|e| e.to_string())?;
         self.backend.to_host(&logits).map_err(|e| e.to_string())
+    }
+
+    fn forward_ids(&mut self, meta: &BatchMeta) -> Result<Vec<u32>, String> {
+        let layers = self.model.num_layers();
+        let logits = self.backend.forward_step(&self.model, &mut self.kv, meta, layers).map_err(|e| e.to_string())?;
+        self.backend.argmax_rows(&logits, self.model.config.vocab_size).map_err(|e| e.to_string())
     }
 }
 
@@ -73,6 +84,12 @@ impl Executor for NoopExecutor {
         }
         Ok(out)
     }
+}
+
+/// What the forward returned for one row: its logits, or (all rows greedy) its greedy ids.
+enum Scores<'a> {
+    Logits(&'a [f32]),
+    Ids(&'a [u32]),
 }
 
 struct SeqState {
@@ -139,21 +156,30 @@ impl<E: Executor> Verifier<E> {
         if plan.rows.is_empty() {
             return Ok(vec![]);
         }
-        let logits = self.exec.forward(&meta)?;
+        // When every sampling row is greedy without penalties, ids decide everything.
+        let greedy = |r: &RowPlan| self.seqs.get(&r.id).is_some_and(|s| spec::ids_suffice(&s.sampler));
+        let ids_only = plan.rows.iter().filter(|r| r.sample).all(greedy);
+        let (ids, logits) =
+            if ids_only { (self.exec.forward_ids(&meta)?, vec![]) } else { (vec![], self.exec.forward(&meta)?) };
         let vocab = self.exec.vocab_size();
         let mut offset = 0;
         let mut out = Vec::with_capacity(plan.rows.len());
         for row in &plan.rows {
-            let n = row.want_logits() * vocab;
-            let l = logits.get(offset..offset + n).ok_or("the forward returned too few logits")?;
+            let n = row.want_logits();
+            let scores = match ids_only {
+                true => Scores::Ids(ids.get(offset..offset + n).ok_or("the forward returned too few ids")?),
+                false => Scores::Logits(
+                    logits.get(offset * vocab..(offset + n) * vocab).ok_or("the forward returned too few logits")?,
+                ),
+            };
             offset += n;
-            out.push(self.outcome(row, l));
+            out.push(self.outcome(row, scores));
         }
         Ok(out)
     }
 
-    /// A row's result from its logits (`k + 1` rows for `k` drafts; none for a prefill chunk).
-    fn outcome(&mut self, row: &RowPlan, logits: &[f32]) -> RowOutcome {
+    /// A row's result from its scores (`k + 1` rows for `k` drafts; none for a prefill chunk).
+    fn outcome(&mut self, row: &RowPlan, scores: Scores) -> RowOutcome {
         let drafted = row.draft.tokens.len();
         let mut o = RowOutcome {
             id: row.id,
@@ -167,11 +193,15 @@ impl<E: Executor> Verifier<E> {
             return o;
         }
         let st = self.seqs.get_mut(&row.id).expect("registered in step");
-        let tokens = if drafted == 0 {
-            vec![st.sampler.sample(logits, &st.history)]
-        } else {
-            let vocab = logits.len() / (drafted + 1);
-            spec::verify(&row.draft, logits, vocab, &st.history, &mut st.sampler, self.synthetic_acceptance)
+        let synthetic = self.synthetic_acceptance;
+        let tokens = match scores {
+            Scores::Ids(ids) if drafted == 0 => vec![ids[0]],
+            Scores::Ids(ids) => spec::verify_ids(&row.draft, ids, &mut st.sampler, synthetic),
+            Scores::Logits(logits) if drafted == 0 => vec![st.sampler.sample(logits, &st.history)],
+            Scores::Logits(logits) => {
+                let vocab = logits.len() / (drafted + 1);
+                spec::verify(&row.draft, logits, vocab, &st.history, &mut st.sampler, synthetic)
+            }
         };
         o.accepted = tokens.len() - 1;
         // Accepted drafts are in the cache now; the last token joins the next step's row.

@@ -181,7 +181,7 @@ struct Seq {
 
 /// Draft positions to reserve for a running row: only when it is decoding (its last token
 /// is its only uncomputed one), never past its output limit or the context.
-fn draft_len(seq: &Seq, max_draft: usize, batch: usize, cost: &StepCost) -> usize {
+fn draft_len(seq: &mut Seq, max_draft: usize, batch: usize, cost: &StepCost) -> usize {
     let p = &seq.params;
     let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > p.prompt_len;
     if max_draft == 0 || !decoding {

@@ -89,12 +89,18 @@ pub const SPECULATION_OFF_AT_BATCH: usize = 32;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AcceptanceTracker {
     pub rate: f64,
+    /// Steps in a row without drafts because they would not pay.
+    idle: u32,
 }
+
+/// Without drafts for this many steps, a row drafts one token to measure its acceptance
+/// again.
+const PROBE_EVERY: u32 = 16;
 
 impl Default for AcceptanceTracker {
     /// Optimistic at first, so that a new request drafts and learns.
     fn default() -> Self {
-        AcceptanceTracker { rate: 0.7 }
+        AcceptanceTracker { rate: 0.7, idle: 0 }
     }
 }
 
@@ -107,17 +113,24 @@ impl AcceptanceTracker {
 
     /// Draft length for the next step, at most `max`, shrinking linearly as the batch fills
     /// and 0 from `SPECULATION_OFF_AT_BATCH` rows. Within that, the length with the most
-    /// expected tokens per second once `cost` knows what steps cost; before that, draft
-    /// position i is accepted with probability about rateⁱ, so drafting stops where that
-    /// falls below 10%.
-    pub fn draft_len(&self, max: usize, batch: usize, cost: &StepCost) -> usize {
+    /// expected tokens per second once `cost` knows what steps cost (0 when drafting does
+    /// not pay, but one token every `PROBE_EVERY` steps to keep measuring); before that,
+    /// draft position i is accepted with probability about rateⁱ, so drafting stops where
+    /// that falls below 10%.
+    pub fn draft_len(&mut self, max: usize, batch: usize, cost: &StepCost) -> usize {
         let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
         let cap = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1).min(max);
         if cap == 0 {
             return 0;
         }
         if let Some(k) = cost.best_draft_len(self.rate, cap, batch) {
-            return k;
+            self.idle = if k == 0 { self.idle + 1 } else { 0 };
+            return if self.idle >= PROBE_EVERY {
+                self.idle = 0;
+                1
+            } else {
+                k
+            };
         }
         let by_acceptance =
             if self.rate >= 0.99 { max } else { (0.1f64.ln() / self.rate.max(0.01).ln()).ceil() as usize };
@@ -185,16 +198,19 @@ mod tests {
         assert_eq!(t.draft_len(8, 1, &unknown), 8);
         assert_eq!(t.draft_len(8, 16, &unknown), 5);
         assert_eq!(t.draft_len(8, SPECULATION_OFF_AT_BATCH, &unknown), 0);
-        // Known costs: verifying is dear, so fewer drafts pay even when all are accepted.
-        let mut dear = StepCost::default();
-        for n in [1, 2, 5, 9, 1, 3] {
-            dear.record_step(n, 0.01 * n as f64);
-        }
-        assert_eq!(t.draft_len(8, 1, &dear), 1);
         for _ in 0..20 {
             t.record(8, 0);
         }
         assert_eq!(t.draft_len(8, 1, &unknown), 1); // still probes with one token
+                                                    // Known costs, each token as dear as a step: drafts that are rarely accepted do not
+                                                    // pay; one token every PROBE_EVERY steps keeps measuring.
+        let mut dear = StepCost::default();
+        for n in [1, 2, 5, 9, 1, 3] {
+            dear.record_step(n, 0.01 * n as f64);
+        }
+        let lens: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| t.draft_len(8, 1, &dear)).collect();
+        assert_eq!(lens.iter().filter(|&&k| k == 1).count(), 2, "{lens:?}");
+        assert_eq!(lens.iter().filter(|&&k| k == 0).count(), 2 * PROBE_EVERY as usize - 2);
     }
 
     #[test]

@@ -59,10 +59,9 @@ impl StepCost {
         }
     }
 
-    /// The draft length in `1..=max` giving a row among `batch` the most expected tokens
-    /// per second when each draft is accepted with probability `acceptance`; None until
-    /// the costs are known. (At least one token is drafted so that acceptance keeps being
-    /// measured.)
+    /// The draft length in `0..=max` giving a row among `batch` the most expected tokens
+    /// per second when each draft is accepted with probability `acceptance` (0: plain
+    /// decoding pays better); None until the costs are known.
     pub fn best_draft_len(&self, acceptance: f64, max: usize, batch: usize) -> Option<usize> {
         let (fixed, per_token) = self.fit()?;
         let (b, a) = (batch.max(1) as f64, acceptance.clamp(0.0, 0.999));
@@ -72,7 +71,7 @@ impl StepCost {
             let seconds = fixed + per_token * b * (k + 1) as f64 + self.draft_per_token() * b * k as f64;
             expected / seconds.max(1e-12)
         };
-        (1..=max).max_by(|&x, &y| rate(x).total_cmp(&rate(y)))
+        (0..=max).max_by(|&x, &y| rate(x).total_cmp(&rate(y)))
     }
 }
 
@@ -103,10 +102,12 @@ mod tests {
         // GPU-like: 9 tokens cost ~2.7 decode steps.
         let gpu = measured(6.4e-3, 1.2e-3, 0.3e-3);
         assert!(gpu.best_draft_len(0.8, 8, 1).unwrap() >= 3);
-        assert_eq!(gpu.best_draft_len(0.2, 8, 1), Some(1));
-        // CPU-like: every token costs nearly as much as the step.
-        let cpu = measured(2e-3, 25e-3, 0.0);
-        assert_eq!(cpu.best_draft_len(0.8, 8, 1), Some(1));
+        assert_eq!(gpu.best_draft_len(0.1, 8, 1), Some(0));
+        // Every token costs nearly as much as the step: a draft pays only when it is
+        // almost always accepted, and then one token.
+        let proportional = measured(2e-3, 25e-3, 0.0);
+        assert_eq!(proportional.best_draft_len(0.97, 8, 1), Some(1));
+        assert_eq!(proportional.best_draft_len(0.8, 8, 1), Some(0));
         // Free verification (no per-token cost): draft as far as allowed.
         assert_eq!(measured(5e-3, 0.0, 0.0).best_draft_len(0.5, 8, 1), Some(8));
     }

@@ -121,6 +121,24 @@ pub fn verify(
     accept_sampled(&draft.tokens, &q, &p, sampler.rng())
 }
 
+/// Whether the target's greedy ids decide the step: greedy sampling whose logits nothing
+/// rewrites (no repetition penalty).
+pub fn ids_suffice(sampler: &Sampler) -> bool {
+    sampler.params.is_greedy() && sampler.params.repetition_penalty == 1.0
+}
+
+/// `spec::verify` when `ids_suffice`, from the target's greedy id after the last token and
+/// after each draft (`ids`, k + 1 of them): the same tokens, the same random draws.
+pub fn verify_ids(draft: &Draft, ids: &[u32], sampler: &mut Sampler, synthetic_acceptance: Option<f64>) -> Vec<u32> {
+    let accepted = match synthetic_acceptance {
+        Some(rate) => draft.tokens.iter().take_while(|_| rand::Rng::random::<f64>(sampler.rng()) < rate).count(),
+        None => return accept_greedy(&draft.tokens, ids),
+    };
+    let mut out = draft.tokens[..accepted].to_vec();
+    out.push(ids[accepted]);
+    out
+}
+
 /// Why speculation could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
