@@ -105,9 +105,13 @@ impl Default for AcceptanceTracker {
 }
 
 impl AcceptanceTracker {
+    /// Acceptance stops at the first rejection, so accepted ÷ drafted would understate the
+    /// per-token rate of long drafts; accepted ÷ (accepted + the one rejection, if any) is
+    /// its maximum-likelihood estimate.
     pub fn record(&mut self, drafted: usize, accepted: usize) {
         if drafted > 0 {
-            self.rate = 0.7 * self.rate + 0.3 * (accepted as f64 / drafted as f64);
+            let trials = accepted + usize::from(accepted < drafted);
+            self.rate = 0.7 * self.rate + 0.3 * (accepted as f64 / trials as f64);
         }
     }
 

@@ -22,9 +22,13 @@ pub struct StepCost {
 }
 
 impl StepCost {
-    /// A forward step over `tokens` query tokens took `seconds`.
+    /// A forward step over `tokens` query tokens took `seconds`. A step far slower than
+    /// predicted (a GPU capturing a graph, a stall) is left out.
     pub fn record_step(&mut self, tokens: usize, seconds: f64) {
         let (n, t) = (tokens as f64, seconds);
+        if self.fit().is_some_and(|(fixed, per_token)| t > 4.0 * (fixed + per_token * n) + 1e-3) {
+            return;
+        }
         self.weight = FORGET * self.weight + 1.0;
         self.sum_n = FORGET * self.sum_n + n;
         self.sum_t = FORGET * self.sum_t + t;
@@ -92,6 +96,9 @@ mod tests {
     fn the_fit_recovers_a_line() {
         let (fixed, per_token) = measured(6.4e-3, 1.2e-3, 0.0).fit().unwrap();
         assert!((fixed - 6.4e-3).abs() < 1e-9 && (per_token - 1.2e-3).abs() < 1e-9);
+        let mut with_outlier = measured(6.4e-3, 1.2e-3, 0.0);
+        with_outlier.record_step(9, 0.2);
+        assert_eq!(with_outlier.fit(), measured(6.4e-3, 1.2e-3, 0.0).fit(), "a 200 ms step is an outlier");
         let mut same_size = StepCost::default();
         (0..10).for_each(|_| same_size.record_step(1, 0.01));
         assert_eq!(same_size.fit(), None, "one step size cannot separate the two costs");
