@@ -7,6 +7,8 @@
 
 /// Weight of the past at each new measurement (a memory of about 50 steps).
 const FORGET: f64 = 0.98;
+/// Steps measured before the fit is trusted.
+const MIN_STEPS: f64 = 16.0;
 
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepCost {
@@ -47,7 +49,8 @@ impl StepCost {
     /// `(fixed, per_token)` seconds, once steps of different sizes have been seen.
     pub fn fit(&self) -> Option<(f64, f64)> {
         let spread = self.weight * self.sum_nn - self.sum_n * self.sum_n;
-        if self.weight < 4.0 || spread <= 1e-9 * self.weight * self.sum_nn.max(1.0) {
+        // A few early steps (new shapes, warm-up) are no basis for turning speculation off.
+        if self.weight < MIN_STEPS || spread <= 1e-9 * self.weight * self.sum_nn.max(1.0) {
             return None;
         }
         let per_token = ((self.weight * self.sum_nt - self.sum_n * self.sum_t) / spread).max(0.0);
@@ -85,7 +88,7 @@ mod tests {
 
     fn measured(fixed: f64, per_token: f64, draft: f64) -> StepCost {
         let mut c = StepCost::default();
-        for n in [1, 5, 9, 2, 17, 3, 1, 9] {
+        for n in [1, 5, 9, 2, 17, 3, 1, 9].repeat(3) {
             c.record_step(n, fixed + per_token * n as f64);
         }
         c.record_draft(10, 10.0 * draft);
