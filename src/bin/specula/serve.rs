@@ -53,7 +53,12 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut builder = Runtime::builder().max_batch(args.max_batch).max_waiting(args.max_waiting);
     if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
         args.spec.warn_if_synthetic();
-        eprintln!("specula: speculative decoding with {:?}, up to {} draft tokens", args.spec.spec, spec.max_draft);
+        let method = clap::ValueEnum::to_possible_value(&args.spec.spec).map(|v| v.get_name().to_string());
+        eprintln!(
+            "specula: speculative decoding with --spec {}, up to {} draft tokens",
+            method.unwrap_or_default(),
+            spec.max_draft
+        );
         builder = builder.speculation(spec);
     }
     let handle = builder.build(backend, model, loaded.tokenizer)?;
