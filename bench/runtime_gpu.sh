@@ -30,7 +30,7 @@ run() { # name, prompts file, extra args...
     shift 2
     "$BIN" "${common[@]}" --prompts-file "$file" --timeline "$LOG_DIR/$name.timeline.json" "$@" \
         >"$LOG_DIR/$name.jsonl" 2>"$LOG_DIR/$name.log"
-    echo "$name: $(tail -n 2 "$LOG_DIR/$name.log" | tr '\n' ' ')"
+    echo "$name: $(tail -n 3 "$LOG_DIR/$name.log" | grep "^\[" | tr '\n' ' ')"
 }
 status=0
 run plain-b1 "$LOG_DIR/prompts1.txt" || status=1

@@ -145,6 +145,7 @@ impl Intake {
                     running: self.sched.num_running(),
                     waiting: self.sched.num_waiting(),
                     preemptions: self.sched.num_preemptions(),
+                    step_cost: self.sched.step_cost(),
                     steps: self.steps,
                     kv,
                 });
@@ -162,8 +163,10 @@ impl Intake {
     async fn step_done(&mut self, done: Option<StepDone>) {
         let rows = self.in_flight.take().unwrap_or_default();
         match done {
-            Some(StepDone { result: Ok(outcomes), tokens, seconds, drafted, draft_seconds, .. }) => {
-                self.sched.record_timing(tokens, seconds, drafted, draft_seconds);
+            Some(StepDone { result: Ok(outcomes), tokens, decode_only, seconds, drafted, draft_seconds, .. }) => {
+                if decode_only {
+                    self.sched.record_timing(tokens, seconds, drafted, draft_seconds);
+                }
                 self.sched.update(&outcomes);
             }
             Some(StepDone { result: Err(e), .. }) => {

@@ -73,8 +73,10 @@ pub struct KvPoolStats {
 pub struct StepDone {
     pub step: u64,
     pub result: Result<Vec<RowOutcome>, String>,
-    /// The plan's query tokens (drafts included) and the seconds its forward took.
+    /// The plan's query tokens (drafts included) and the seconds its forward took; whether
+    /// every row decoded (no prompt chunks, whose cost per token is another matter).
     pub tokens: usize,
+    pub decode_only: bool,
     pub seconds: f64,
     /// Draft tokens in the plan, and the seconds spent drafting them.
     pub drafted: usize,
@@ -103,11 +105,14 @@ pub enum EndReason {
 pub type VerifyMsg = StepPlan;
 
 /// A snapshot of the runtime.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RuntimeStats {
     pub running: usize,
     pub waiting: usize,
     pub preemptions: u64,
     pub steps: u64,
     pub kv: KvPoolStats,
+    /// What decoding steps cost, as the scheduler has measured them: `(fixed, per_token)`
+    /// seconds of `fixed + per_token · tokens` (None until enough steps were seen).
+    pub step_cost: Option<(f64, f64)>,
 }

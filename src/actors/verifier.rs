@@ -249,6 +249,7 @@ impl<E: Executor> Verifier<E> {
                 step: plan.step,
                 result,
                 tokens: plan.num_tokens(),
+                decode_only: plan.rows.iter().all(|r| r.tokens.len() == 1),
                 seconds,
                 drafted: plan.rows.iter().map(|r| r.draft.tokens.len()).sum(),
                 draft_seconds: plan.draft_seconds,

@@ -246,6 +246,10 @@ impl Scheduler {
     pub fn num_preemptions(&self) -> u64 {
         self.preemptions
     }
+    /// `(fixed, per_token)` seconds per step, once measured.
+    pub fn step_cost(&self) -> Option<(f64, f64)> {
+        self.cost.fit()
+    }
     /// Every request known, running first.
     pub fn ids(&self) -> Vec<RequestId> {
         self.running.iter().chain(&self.waiting).copied().collect()

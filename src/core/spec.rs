@@ -91,6 +91,9 @@ pub struct AcceptanceTracker {
     pub rate: f64,
     /// Steps in a row without drafts because they would not pay.
     idle: u32,
+    /// Flips every step while costs are unknown: half-length drafts on alternate steps give
+    /// the cost fit steps of different sizes to learn from.
+    halve: bool,
 }
 
 /// Without drafts for this many steps, a row drafts one token to measure its acceptance
@@ -100,7 +103,7 @@ const PROBE_EVERY: u32 = 16;
 impl Default for AcceptanceTracker {
     /// Optimistic at first, so that a new request drafts and learns.
     fn default() -> Self {
-        AcceptanceTracker { rate: 0.7, idle: 0 }
+        AcceptanceTracker { rate: 0.7, idle: 0, halve: false }
     }
 }
 
@@ -138,7 +141,13 @@ impl AcceptanceTracker {
         }
         let by_acceptance =
             if self.rate >= 0.99 { max } else { (0.1f64.ln() / self.rate.max(0.01).ln()).ceil() as usize };
-        by_acceptance.clamp(1, cap)
+        let k = by_acceptance.clamp(1, cap);
+        self.halve = !self.halve;
+        if self.halve {
+            k.div_ceil(2)
+        } else {
+            k
+        }
     }
 }
 
@@ -193,21 +202,23 @@ mod tests {
 
     #[test]
     fn draft_length_follows_acceptance_and_batch() {
+        // Costs unknown: by acceptance, every other step half as long (to measure costs).
         let unknown = StepCost::default();
+        let two = |t: &mut AcceptanceTracker, batch| [t.draft_len(8, batch, &unknown), t.draft_len(8, batch, &unknown)];
         let mut t = AcceptanceTracker::default();
-        assert_eq!(t.draft_len(8, 1, &unknown), 7); // 0.7⁷ ≈ 0.08
+        assert_eq!(two(&mut t, 1), [4, 7]); // 0.7⁷ ≈ 0.08
         for _ in 0..20 {
             t.record(8, 8);
         }
-        assert_eq!(t.draft_len(8, 1, &unknown), 8);
-        assert_eq!(t.draft_len(8, 16, &unknown), 5);
-        assert_eq!(t.draft_len(8, SPECULATION_OFF_AT_BATCH, &unknown), 0);
+        assert_eq!(two(&mut t, 1), [4, 8]);
+        assert_eq!(two(&mut t, 16), [3, 5]);
+        assert_eq!(two(&mut t, SPECULATION_OFF_AT_BATCH), [0, 0]);
         for _ in 0..20 {
             t.record(8, 0);
         }
-        assert_eq!(t.draft_len(8, 1, &unknown), 1); // still probes with one token
-                                                    // Known costs, each token as dear as a step: drafts that are rarely accepted do not
-                                                    // pay; one token every PROBE_EVERY steps keeps measuring.
+        assert_eq!(two(&mut t, 1), [1, 1]); // still probes with one token
+                                            // Known costs, each token as dear as a step: drafts that are rarely accepted do not
+                                            // pay; one token every PROBE_EVERY steps keeps measuring.
         let mut dear = StepCost::default();
         for n in [1, 2, 5, 9, 1, 3].repeat(4) {
             dear.record_step(n, 0.01 * n as f64);

@@ -82,6 +82,9 @@ pub fn run<B: Backend>(
         generated as f64 / elapsed
     );
     if spec.steps > 0 {
+        if let Some((fixed, per_token)) = futures::executor::block_on(handle.stats()).ok().and_then(|s| s.step_cost) {
+            eprintln!("[decode step cost: {:.2} ms + {:.3} ms per token]", fixed * 1e3, per_token * 1e3);
+        }
         let o = timeline.summary();
         eprintln!(
             "[speculative: {} drafted, {} accepted ({:.0}%), {:.2} tokens per step{}; drafting {:.0} ms + pre-drafting {:.0} ms, verifying {:.0} ms, overlapped {:.0} ms]",
