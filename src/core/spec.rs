@@ -123,7 +123,7 @@ impl AcceptanceTracker {
     /// expected tokens per second once `cost` knows what steps cost (0 when drafting does
     /// not pay, but one token every `PROBE_EVERY` steps to keep measuring); before that,
     /// draft position i is accepted with probability about rateⁱ, so drafting stops where
-    /// that falls below 10%.
+    /// that falls below 10%, and every other step goes half as far.
     pub fn draft_len(&mut self, max: usize, batch: usize, cost: &StepCost) -> usize {
         let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
         let cap = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1).min(max);
