@@ -4,42 +4,15 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use common::runtime::{assert_all_blocks_free, shared, Shared};
 use futures::executor::block_on;
 use futures::StreamExt;
 use specula::actors::{collect, Event, Runtime, RuntimeBuilder, RuntimeHandle};
 use specula::backend::cpu::CpuBackend;
 use specula::core::sampling::SamplingParams;
-use specula::engine::Engine;
-use specula::model::{load_model, Llama, ModelSource, Tokenizer};
 use specula::request::{FinishReason, GenerateRequest, Prompt, RequestError};
-
-struct Shared {
-    model: Arc<Llama<CpuBackend>>,
-    tokenizer: Arc<Tokenizer>,
-    /// A second copy of the model in the single-request engine: the reference.
-    engine: Engine<CpuBackend>,
-}
-
-/// The default model, loaded once per test binary; `None` when it is unavailable.
-fn shared() -> Option<&'static Shared> {
-    static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
-    SHARED
-        .get_or_init(|| {
-            let path = common::default_model_path()?;
-            let load =
-                || load_model(&ModelSource::Path(path.clone()), &CpuBackend::new()).expect("default model loads");
-            let (a, b) = (load(), load());
-            Some(Shared {
-                model: Arc::new(a.model),
-                tokenizer: Arc::new(a.tokenizer.expect("tokenizer")),
-                engine: Engine::new(CpuBackend::new(), b.model, b.tokenizer),
-            })
-        })
-        .as_ref()
-}
 
 type Configure = fn(RuntimeBuilder) -> RuntimeBuilder;
 
@@ -50,18 +23,6 @@ fn runtime(s: &Shared, configure: Configure) -> RuntimeHandle {
 /// Greedy ids of `req` run alone in the single-request engine (an independent code path).
 fn alone(s: &Shared, req: &GenerateRequest) -> Vec<u32> {
     s.engine.generate(req, |_, _| {}).expect("engine generates").token_ids
-}
-
-/// Polls until the runtime is idle and every KV block is free again.
-fn assert_all_blocks_free(h: &RuntimeHandle) {
-    for _ in 0..200 {
-        let st = block_on(h.stats()).unwrap();
-        if st.running == 0 && st.waiting == 0 && st.kv.target.used == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("blocks still in use: {:?}", block_on(h.stats()));
 }
 
 fn text_req(prompt: &str, max_tokens: usize) -> GenerateRequest {

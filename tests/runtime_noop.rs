@@ -1,13 +1,17 @@
 //! The actor runtime around executors that need no model: many requests, a tiny KV pool
 //! and random cancellations through the whole actor topology; a dying executor.
 
+mod common;
+
 use std::time::Duration;
+
+use common::runtime::assert_all_blocks_free;
 
 use futures::executor::block_on;
 use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use specula::actors::{collect, Event, Executor, ModelInfo, NoopExecutor, Runtime, RuntimeHandle};
+use specula::actors::{collect, Event, Executor, ModelInfo, NoopExecutor, Runtime};
 use specula::backend::BatchMeta;
 use specula::request::{FinishReason, GenerateRequest, Prompt, RequestError};
 
@@ -30,17 +34,6 @@ fn expected(prompt: &[u32], max_tokens: usize) -> (Vec<u32>, FinishReason) {
         out.push(last);
     }
     (out, FinishReason::Length)
-}
-
-fn wait_idle(h: &RuntimeHandle) {
-    for _ in 0..500 {
-        let st = block_on(h.stats()).unwrap();
-        if st.running == 0 && st.waiting == 0 && st.kv.target.used == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    panic!("not idle: {:?}", block_on(h.stats()));
 }
 
 #[test]
@@ -84,7 +77,7 @@ fn many_requests_through_a_tiny_pool_with_random_cancellations() {
         assert_eq!((got.token_ids, got.finish_reason), (ids, finish), "prompt {prompt:?}");
         assert_eq!(got.usage.prompt_tokens, prompt.len());
     }
-    wait_idle(&h);
+    assert_all_blocks_free(&h);
     let st = block_on(h.stats()).unwrap();
     assert!(st.preemptions > 0, "a pool this small should preempt: {st:?}");
     h.shutdown_blocking(Duration::from_secs(1));

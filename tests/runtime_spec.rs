@@ -6,10 +6,11 @@
 
 mod common;
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::random_llama::tiny;
+use common::runtime::{assert_all_blocks_free, shared, Shared};
 use futures::executor::block_on;
 use futures::StreamExt;
 use specula::actors::{collect, Event, Executor, ModelInfo, NoopExecutor, Runtime, RuntimeBuilder, RuntimeHandle};
@@ -19,33 +20,9 @@ use specula::backend::{BackendError, BatchMeta};
 use specula::core::sampling::SamplingParams;
 use specula::engine::{Completion, Engine};
 use specula::model::chat::ChatMessage;
-use specula::model::{load_model, Llama, ModelSource, Tokenizer};
+use specula::model::{Llama, Tokenizer};
 use specula::request::{FinishReason, GenerateRequest, Prompt};
 use specula::spec::{Draft, ModelProposer, NgramProposer, Proposer, SeqId, Speculation};
-
-struct Shared {
-    model: Arc<Llama<CpuBackend>>,
-    tokenizer: Arc<Tokenizer>,
-    /// The single-request engine on a second copy of the model: the reference.
-    engine: Engine<CpuBackend>,
-}
-
-fn shared() -> Option<&'static Shared> {
-    static SHARED: OnceLock<Option<Shared>> = OnceLock::new();
-    SHARED
-        .get_or_init(|| {
-            let path = common::default_model_path()?;
-            let load =
-                || load_model(&ModelSource::Path(path.clone()), &CpuBackend::new()).expect("default model loads");
-            let (a, b) = (load(), load());
-            Some(Shared {
-                model: Arc::new(a.model),
-                tokenizer: Arc::new(a.tokenizer.expect("tokenizer")),
-                engine: Engine::new(CpuBackend::new(), b.model, b.tokenizer),
-            })
-        })
-        .as_ref()
-}
 
 #[derive(Clone, Copy, Debug)]
 enum Method {
@@ -87,19 +64,6 @@ const PROMPTS: [&str; 8] = [
     "Once upon a time",
     "Hi",
 ];
-
-/// Polls until nothing runs and both pools are free again.
-fn assert_all_blocks_free(h: &RuntimeHandle) {
-    for _ in 0..300 {
-        let st = block_on(h.stats()).unwrap();
-        let draft_used = st.kv.draft.map_or(0, |d| d.used);
-        if st.running == 0 && st.waiting == 0 && st.kv.target.used == 0 && draft_used == 0 {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    panic!("blocks still in use: {:?}", block_on(h.stats()));
-}
 
 /// Runs `reqs` all at once and checks each against its plain solo run.
 fn check_batch(s: &Shared, h: &RuntimeHandle, reqs: &[GenerateRequest], what: &str) -> (u64, u64) {

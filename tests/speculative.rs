@@ -172,52 +172,66 @@ fn sampled_speculation_follows_the_target_distribution() {
             let stats = out.speculative.unwrap();
             (drafted, accepted) = (drafted + stats.drafted, accepted + stats.accepted);
         }
-        let (stat, dof) = chi_square(&counts, &expected, samples);
-        eprintln!("T={temperature} top_p={top_p}: chi2 {stat:.1} on {dof} dof; acceptance {accepted}/{drafted}");
-        assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
-        assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
+        assert_follows(&format!("T={temperature} top_p={top_p}"), &counts, &expected, (drafted, accepted));
     }
 }
 
-/// The same through the runtime: the Drafter's draft probabilities travel with the plan,
-/// many requests share each verification step, and the second token (the first one drafted
-/// and verified) still follows the target's distribution.
-#[test]
-fn sampled_speculation_in_the_runtime_follows_the_target_distribution() {
+/// Asserts that `counts` follow `expected` (chi-square, p = 0.01) and that the drafts behind
+/// them were both accepted and rejected (`drafted`, `accepted`).
+fn assert_follows(label: &str, counts: &[usize], expected: &[f64], (drafted, accepted): (u64, u64)) {
+    let (stat, dof) = chi_square(counts, expected, counts.iter().sum());
+    eprintln!("{label}: chi2 {stat:.3} on {dof} dof; acceptance {accepted}/{drafted}");
+    assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
+    assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
+}
+
+/// Runs 20,000 seeded requests of `max_tokens` tokens through a runtime where `draft`
+/// drafts up to `max_draft` tokens for `target`, 16 requests per step (below the batch
+/// size where speculation turns off); counts the token at `position` and sums the drafts.
+fn runtime_samples(
+    target: Llama<CpuBackend>,
+    draft: Llama<CpuBackend>,
+    prompt: &[u32],
+    params: &SamplingParams,
+    (max_draft, max_tokens, position): (usize, usize, usize),
+) -> (Vec<usize>, (u64, u64)) {
     use specula::actors::{collect, Runtime};
     use specula::spec::Speculation;
-    let vocab = 48;
-    let target = Arc::new(tiny(vocab, 11, 0.7));
-    let draft = Arc::new(tiny(vocab, 11, 0.5));
-    let prompt = vec![3u32, 9, 27];
-    let samples = 20_000;
-    let params = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
-    let expected = second_token_distribution(&target, &prompt, &params);
-    let proposer = Box::new(ModelProposer::new(CpuBackend::new(), draft, 2, 1024, 4).unwrap());
+    let vocab = target.config.vocab_size;
+    let proposer = Box::new(ModelProposer::new(CpuBackend::new(), Arc::new(draft), 2, 1024, 4).unwrap());
     let h = Runtime::builder()
-        .speculation(Speculation { proposer, max_draft: 3, synthetic_acceptance: None })
-        .max_batch(16) // below the batch size where speculation turns off
+        .speculation(Speculation { proposer, max_draft, synthetic_acceptance: None })
+        .max_batch(16)
         .build(CpuBackend::new(), target, None::<specula::model::Tokenizer>)
         .unwrap();
-    let mut counts = vec![0usize; vocab];
-    let (mut drafted, mut accepted) = (0, 0);
-    for chunk in (0..samples).collect::<Vec<_>>().chunks(512) {
+    let (mut counts, mut drafted, mut accepted) = (vec![0usize; vocab], 0, 0);
+    for chunk in (0..20_000u64).collect::<Vec<_>>().chunks(512) {
         let outs = futures::executor::block_on(futures::future::join_all(chunk.iter().map(|&i| {
-            // Three tokens: the second step drafts (the output limit leaves room for one).
-            let sampling = SamplingParams { seed: Some(i as u64), ..params.clone() };
-            collect(h.generate(request(prompt.clone(), 3, sampling)))
+            let sampling = SamplingParams { seed: Some(i), ..params.clone() };
+            collect(h.generate(request(prompt.to_vec(), max_tokens, sampling)))
         })));
         for out in outs {
             let out = out.unwrap();
-            counts[out.token_ids[1] as usize] += 1;
+            counts[out.token_ids[position] as usize] += 1;
             let stats = out.speculative.unwrap();
             (drafted, accepted) = (drafted + stats.drafted, accepted + stats.accepted);
         }
     }
-    let (stat, dof) = chi_square(&counts, &expected, samples);
-    eprintln!("runtime: chi2 {stat:.3} on {dof} dof; acceptance {accepted}/{drafted}");
-    assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
-    assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
+    (counts, (drafted, accepted))
+}
+
+/// The same through the runtime: the Drafter's draft probabilities travel with the plan,
+/// many requests share each verification step, and the second token (the first one drafted
+/// and verified; three tokens leave the second step room for one draft) still follows the
+/// target's distribution.
+#[test]
+fn sampled_speculation_in_the_runtime_follows_the_target_distribution() {
+    let (target, draft) = (tiny(48, 11, 0.7), tiny(48, 11, 0.5));
+    let prompt = [3u32, 9, 27];
+    let params = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
+    let expected = second_token_distribution(&target, &prompt, &params);
+    let (counts, drafts) = runtime_samples(target, draft, &prompt, &params, (3, 3, 1));
+    assert_follows("runtime", &counts, &expected, drafts);
 }
 
 /// The fourth token of five through the runtime: it is drafted from the tokens the Drafter
@@ -225,37 +239,10 @@ fn sampled_speculation_in_the_runtime_follows_the_target_distribution() {
 /// and the target's token matched the guess), with their recorded probabilities.
 #[test]
 fn sampled_tokens_drafted_ahead_follow_the_target_distribution() {
-    use specula::actors::{collect, Runtime};
-    use specula::spec::Speculation;
-    let vocab = 16;
-    let target = Arc::new(tiny(vocab, 5, 0.9));
-    let draft = Arc::new(tiny(vocab, 5, 0.7));
-    let prompt = vec![1u32, 4, 9];
-    let samples = 20_000;
+    let (target, draft) = (tiny(16, 5, 0.9), tiny(16, 5, 0.7));
+    let prompt = [1u32, 4, 9];
     let params = SamplingParams { temperature: 1.0, ..Default::default() };
     let expected = nth_token_distribution(&target, &prompt, &params, 4);
-    let proposer = Box::new(ModelProposer::new(CpuBackend::new(), draft, 2, 1024, 4).unwrap());
-    let h = Runtime::builder()
-        .speculation(Speculation { proposer, max_draft: 1, synthetic_acceptance: None })
-        .max_batch(16)
-        .build(CpuBackend::new(), target, None::<specula::model::Tokenizer>)
-        .unwrap();
-    let mut counts = vec![0usize; vocab];
-    let (mut drafted, mut accepted) = (0, 0);
-    for chunk in (0..samples).collect::<Vec<_>>().chunks(512) {
-        let outs = futures::executor::block_on(futures::future::join_all(chunk.iter().map(|&i| {
-            let sampling = SamplingParams { seed: Some(i as u64), ..params.clone() };
-            collect(h.generate(request(prompt.clone(), 5, sampling)))
-        })));
-        for out in outs {
-            let out = out.unwrap();
-            counts[out.token_ids[3] as usize] += 1;
-            let stats = out.speculative.unwrap();
-            (drafted, accepted) = (drafted + stats.drafted, accepted + stats.accepted);
-        }
-    }
-    let (stat, dof) = chi_square(&counts, &expected, samples);
-    eprintln!("drafted ahead: chi2 {stat:.3} on {dof} dof; acceptance {accepted}/{drafted}");
-    assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
-    assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
+    let (counts, drafts) = runtime_samples(target, draft, &prompt, &params, (1, 5, 3));
+    assert_follows("drafted ahead", &counts, &expected, drafts);
 }

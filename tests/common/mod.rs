@@ -6,6 +6,7 @@ pub mod engine;
 pub mod gguf_writer;
 pub mod random_llama;
 pub mod reference;
+pub mod runtime;
 pub mod tiny;
 pub mod vocab;
 
