@@ -59,7 +59,7 @@ use crate::core::scheduler::{Scheduler, SchedulerConfig};
 use crate::engine::{Completion, Timings};
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
-use crate::spec::{SpecError, SpecStats, Speculation, MAX_DRAFT_LEN};
+use crate::spec::{check_settings, SpecError, SpecStats, Speculation};
 use messages::{Control, Submit};
 
 /// Tokens per KV block.
@@ -204,7 +204,7 @@ impl RuntimeBuilder {
             )));
         }
         if let Some(s) = &speculation {
-            check_speculation(s)?;
+            check_settings(s.max_draft, s.synthetic_acceptance)?;
         }
         // Submissions wait in the mailbox until Intake has validated them: as many as the
         // admission queue holds, so that a burst is refused only when the queue would be.
@@ -282,17 +282,6 @@ impl RuntimeBuilder {
                 actors: std::sync::Mutex::new(Some(actors)),
             }),
         })
-    }
-}
-
-/// Refuses speculation settings that cannot work, before any thread starts.
-fn check_speculation(s: &Speculation) -> Result<(), SpecError> {
-    if !(1..=MAX_DRAFT_LEN).contains(&s.max_draft) {
-        return Err(SpecError::DraftLen(s.max_draft));
-    }
-    match s.synthetic_acceptance {
-        Some(rate) if !(0.0..=1.0).contains(&rate) => Err(SpecError::SyntheticRate(rate)),
-        _ => Ok(()),
     }
 }
 

@@ -132,7 +132,9 @@ impl<B: Backend> Proposer for ModelProposer<B> {
             .iter()
             .map(|r| Draft { tokens: Vec::with_capacity(r.k), probs: (!r.sampling.is_greedy()).then(Vec::new) })
             .collect();
-        let mut contexts: Vec<Vec<u32>> = reqs.iter().map(|r| r.history.to_vec()).collect();
+        // Only sampling rows need the context (for penalties); greedy rows skip the copy.
+        let mut contexts: Vec<Vec<u32>> =
+            reqs.iter().map(|r| if r.sampling.is_greedy() { vec![] } else { r.history.to_vec() }).collect();
         let mut rows = vec![];
         let mut start = vec![0; reqs.len()];
         for (i, r) in reqs.iter().enumerate().filter(|(_, r)| r.k > 0 && !r.history.is_empty()) {

@@ -161,6 +161,17 @@ pub enum SpecError {
 /// The longest draft a step may carry.
 pub const MAX_DRAFT_LEN: usize = 16;
 
+/// Refuses a maximum draft length or a synthetic acceptance rate that cannot work.
+pub fn check_settings(max_draft: usize, synthetic_acceptance: Option<f64>) -> Result<(), SpecError> {
+    if !(1..=MAX_DRAFT_LEN).contains(&max_draft) {
+        return Err(SpecError::DraftLen(max_draft));
+    }
+    match synthetic_acceptance {
+        Some(rate) if !(0.0..=1.0).contains(&rate) => Err(SpecError::SyntheticRate(rate)),
+        _ => Ok(()),
+    }
+}
+
 /// A draft model must speak the target's language: same vocabulary, token for token.
 pub fn check_draft_compatible(
     target: Option<&crate::model::Tokenizer>,

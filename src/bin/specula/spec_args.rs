@@ -7,7 +7,7 @@ use clap::Args;
 
 use specula::backend::{Backend, BackendError};
 use specula::model::{Llama, ModelSource, Tokenizer};
-use specula::spec::{Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
+use specula::spec::{check_settings, Proposer, ProposerChoice, SpecMethod, Speculation};
 
 /// Speculative decoding options.
 #[derive(Args)]
@@ -42,12 +42,7 @@ impl SpecArgs {
         tokenizer: Option<&Tokenizer>,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Box<dyn Proposer>>, Box<dyn std::error::Error>> {
-        if !(1..=MAX_DRAFT_LEN).contains(&self.draft_len) {
-            return Err(SpecError::DraftLen(self.draft_len).into());
-        }
-        if let Some(rate) = self.synthetic_acceptance.filter(|r| !(0.0..=1.0).contains(r)) {
-            return Err(SpecError::SyntheticRate(rate).into());
-        }
+        check_settings(self.draft_len, self.synthetic_acceptance)?;
         if self.synthetic_acceptance.is_some() && self.spec == SpecMethod::None {
             return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit)".into());
         }
