@@ -217,7 +217,7 @@ extern "C" __global__ void attn_split_hd128(ATTN_ARGS) { attn_split<128>(ATTN_PA
 
 // out[t, h * head_dim + d] from the splits that token t used. grid: (heads, tokens), block: head_dim.
 extern "C" __global__ void attn_merge(const float* __restrict__ partial, const uint32_t* __restrict__ positions,
-                                      float* __restrict__ out, int heads, int head_dim, int max_splits,
+                                      __nv_bfloat16* __restrict__ out, int heads, int head_dim, int max_splits,
                                       int min_split) {
     pdl_start();
     const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
@@ -233,5 +233,5 @@ extern "C" __global__ void attn_merge(const float* __restrict__ partial, const u
         sum = fmaf(p[1], c, sum);
         acc = fmaf(p[2 + d], c, acc);
     }
-    out[((size_t)t * heads + h) * head_dim + d] = acc / sum;
+    out[((size_t)t * heads + h) * head_dim + d] = __float2bfloat16_rn(acc / sum);  // o's input: bf16
 }

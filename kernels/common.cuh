@@ -7,6 +7,7 @@
 #pragma once
 #include <cuda_bf16.h>
 // NVRTC has no libc headers; these are the only fixed-width types we use.
+typedef unsigned char uint8_t;
 typedef unsigned int uint32_t;
 typedef unsigned long long uint64_t;
 
@@ -33,13 +34,6 @@ __device__ __forceinline__ void pdl_wait() {
 __device__ __forceinline__ void pdl_start() {
     pdl_trigger();
     pdl_wait();
-}
-
-// Pulls the first `bytes` of a weight row into L2 (one 128-byte line per lane and step):
-// issued before pdl_wait, so a GEMV's first weight reads overlap the previous kernel.
-__device__ __forceinline__ void prefetch_l2(const void* p, int bytes, int lane) {
-    for (int off = lane * 128; off < bytes; off += WARP * 128)
-        asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + off));
 }
 
 __device__ __forceinline__ float warp_sum(float v) {

@@ -10,16 +10,17 @@ extern "C" __global__ void embed_rows(const __nv_bfloat16* __restrict__ table, c
         out[(size_t)blockIdx.x * hidden + i] = bf16_to_f32(table[row * hidden + i]);
 }
 
-// out[r, :] = x[index[r], :] (the rows whose logits a step returns). grid: rows, block: 1024.
-extern "C" __global__ void gather_rows(const float* __restrict__ x, const uint32_t* __restrict__ index,
-                                       float* __restrict__ out, int width) {
+// out[r, :] = x[index[r], :] (the rows whose logits a step returns), rows of `width` 16-bit
+// halves (bf16 values, or f32 values as two halves each). grid: rows, block: 1024.
+extern "C" __global__ void gather_rows(const unsigned short* __restrict__ x, const uint32_t* __restrict__ index,
+                                       unsigned short* __restrict__ out, int width) {
     pdl_start();
     const size_t src = index[blockIdx.x];
     for (int i = threadIdx.x; i < width; i += blockDim.x)
         out[(size_t)blockIdx.x * width + i] = x[src * width + i];
 }
 
-// Round f32 activations to bf16 for cuBLAS (its bf16 GEMM wants both operands in bf16).
+// Round f32 activations to bf16 for the tensor cores.
 extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, __nv_bfloat16* __restrict__ out, size_t n) {
     pdl_start();
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)

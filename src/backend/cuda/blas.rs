@@ -1,4 +1,4 @@
-//! cuBLAS for the GEMMs of prefill (more tokens than the GEMV kernels take).
+//! cuBLAS for the GEMMs of bf16 prefill (more tokens than the tensor-core matmul takes at once).
 
 use std::sync::Mutex;
 

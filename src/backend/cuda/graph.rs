@@ -21,7 +21,7 @@ use cudarc::driver::{sys, CudaGraph};
 
 use super::batch::{blocks_needed, pack};
 use super::device::{driver_err, GraphArena};
-use super::{CudaBackend, CudaTensor, GEMV_MAX_TOKENS};
+use super::{CudaBackend, CudaTensor, MATMUL_MAX_TOKENS};
 use crate::backend::{BackendError, BatchMeta, Result};
 use crate::model::{KvCache, Llama};
 
@@ -35,9 +35,8 @@ struct Key {
     max_blocks: usize,
     /// Captured with programmatic dependent launch or without.
     pdl: bool,
-    /// Captured with the sub-layer seams fused or not, RoPE inside attention or not, and
-    /// the attention split length.
-    fused: (bool, bool, usize),
+    /// Captured with RoPE inside attention or not, and the attention split length.
+    attention: (bool, usize),
 }
 
 struct Captured {
@@ -62,7 +61,7 @@ const MIN_BLOCKS: usize = 64;
 
 impl CudaBackend {
     /// Runs `model.forward_layers(meta)` on `kv`, through a captured graph when the step is
-    /// decode-sized (at most `GEMV_MAX_TOKENS` tokens). The returned logits live in the
+    /// decode-sized (at most `MATMUL_MAX_TOKENS` tokens). The returned logits live in the
     /// graph's output buffer: read them before the next step of the same shape.
     pub fn forward_graphed(
         &self,
@@ -95,7 +94,7 @@ impl CudaBackend {
         meta: &BatchMeta,
         forward: impl FnOnce() -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
-        if meta.num_tokens() > GEMV_MAX_TOKENS || self.graphs.disabled.load(std::sync::atomic::Ordering::Relaxed) {
+        if meta.num_tokens() > MATMUL_MAX_TOKENS || self.graphs.disabled.load(std::sync::atomic::Ordering::Relaxed) {
             return forward();
         }
         let max_blocks = blocks_needed(meta).next_power_of_two().max(MIN_BLOCKS);
@@ -107,7 +106,7 @@ impl CudaBackend {
             logits: meta.logits_for.len(),
             max_blocks,
             pdl: self.device().pdl(),
-            fused: (self.fused_seams(), self.fused_rope(), self.attn_split()),
+            attention: (self.fused_rope(), self.attn_split()),
         };
         let packed = pack(meta, max_blocks)?;
         let mut map = self.graphs.captured.lock().expect("graphs lock");

@@ -24,7 +24,8 @@ pub const FILES: &[KernelFile] = &[
     KernelFile { name: "norm.cu", source: include_str!("../../../kernels/norm.cu") },
     KernelFile { name: "rope.cu", source: include_str!("../../../kernels/rope.cu") },
     KernelFile { name: "activation.cu", source: include_str!("../../../kernels/activation.cu") },
-    KernelFile { name: "gemv.cu", source: include_str!("../../../kernels/gemv.cu") },
+    KernelFile { name: "matmul.cu", source: include_str!("../../../kernels/matmul.cu") },
+    KernelFile { name: "fp8.cu", source: include_str!("../../../kernels/fp8.cu") },
     KernelFile { name: "attention.cu", source: include_str!("../../../kernels/attention.cu") },
     KernelFile { name: "sample.cu", source: include_str!("../../../kernels/sample.cu") },
 ];
@@ -41,7 +42,8 @@ impl KernelFile {
         let text = self.source.split_whitespace().collect::<Vec<_>>().join(" ");
         text.split("extern \"C\" __global__ void ")
             .skip(1)
-            .filter_map(|rest| rest.split('(').next().map(|n| n.trim().to_string()))
+            // The name is the last word before the parameters (after a bounds macro, if any).
+            .filter_map(|rest| rest.split('(').next()?.split_whitespace().last().map(str::to_string))
             .collect()
     }
 }
@@ -191,16 +193,6 @@ pub fn arch_for(major: i32, minor: i32) -> String {
     }
 }
 
-/// Which of a GEMV family's four kernels serves a group of `tokens` (1 to 16) tokens.
-pub fn token_group(tokens: usize) -> usize {
-    match tokens {
-        1 => 0,
-        2..=4 => 1,
-        5..=8 => 2,
-        _ => 3,
-    }
-}
-
 /// Every kernel function, loaded once per context and shared by the backends on it.
 pub struct Kernels {
     pub embed_rows: CudaFunction,
@@ -211,12 +203,13 @@ pub struct Kernels {
     pub add_rms_norm: CudaFunction,
     pub rope: CudaFunction,
     pub silu_mul: CudaFunction,
-    /// The GEMV kernels by token group (1, ≤4, ≤8, ≤16 tokens; see `token_group`), plain
-    /// and with the RMSNorm of their input fused in (`_norm`).
-    pub gemv: [CudaFunction; 4],
-    pub gemv_norm: [CudaFunction; 4],
-    pub swiglu: [CudaFunction; 4],
-    pub swiglu_norm: [CudaFunction; 4],
+    pub quantize_rows_fp8: CudaFunction,
+    /// The tensor-core matmul by weight type and token group (≤ 8, 16, 32, 64 tokens; see
+    /// `matmul::token_group`), plain and with the SwiGLU epilogue.
+    pub mm_bf16: [CudaFunction; 4],
+    pub mm_fp8: [CudaFunction; 4],
+    pub swiglu_bf16: [CudaFunction; 4],
+    pub swiglu_fp8: [CudaFunction; 4],
     pub attn_split_hd64: CudaFunction,
     pub attn_split_hd128: CudaFunction,
     pub attn_merge: CudaFunction,
@@ -245,7 +238,7 @@ impl Kernels {
                 .ok_or_else(|| BackendError::Device(format!("kernel {name} not found in any module")))
         };
         let by_group = |prefix: &str| -> Result<[CudaFunction; 4]> {
-            Ok([1, 4, 8, 16]
+            Ok([8, 16, 32, 64]
                 .map(|t| get(&format!("{prefix}_t{t}")))
                 .into_iter()
                 .collect::<Result<Vec<_>>>()?
@@ -261,10 +254,11 @@ impl Kernels {
             add_rms_norm: get("add_rms_norm")?,
             rope: get("rope")?,
             silu_mul: get("silu_mul")?,
-            gemv: by_group("gemv")?,
-            gemv_norm: by_group("gemv_norm")?,
-            swiglu: by_group("swiglu")?,
-            swiglu_norm: by_group("swiglu_norm")?,
+            quantize_rows_fp8: get("quantize_rows_fp8")?,
+            mm_bf16: by_group("mm_bf16")?,
+            mm_fp8: by_group("mm_fp8")?,
+            swiglu_bf16: by_group("swiglu_bf16")?,
+            swiglu_fp8: by_group("swiglu_fp8")?,
             attn_split_hd64: get("attn_split_hd64")?,
             attn_split_hd128: get("attn_split_hd128")?,
             attn_merge: get("attn_merge")?,
@@ -286,9 +280,10 @@ mod tests {
             "rms_norm",
             "add_rms_norm",
             "rope",
-            "gemv_t8",
-            "gemv_norm_t16",
-            "swiglu_norm_t1",
+            "mm_bf16_t8",
+            "mm_fp8_t64",
+            "swiglu_fp8_t16",
+            "quantize_rows_fp8",
             "attn_merge",
             "argmax_rows",
         ] {

@@ -1,6 +1,7 @@
-//! The CUDA backend (feature `cuda`): bf16 weights and KV cache, f32 activations,
-//! kernels from `kernels/*.cu` compiled by NVRTC at start-up, cuBLAS for prefill GEMMs,
-//! CUDA graphs for decode-sized steps (see `graph.rs`).
+//! The CUDA backend (feature `cuda`): bf16 or FP8 weights, a bf16 KV cache, f32 residual
+//! stream, kernels from `kernels/*.cu` compiled by NVRTC at start-up, one tensor-core matmul
+//! for every step of up to 64 tokens (`matmul.rs`), cuBLAS for longer bf16 steps, CUDA
+//! graphs for decode-sized steps (see `graph.rs`).
 //!
 //! One `CudaBackend` owns one stream. The draft and target models each get their own
 //! backend (`CudaBackend::sibling` shares the context and kernels) so that their work runs
@@ -11,9 +12,9 @@ pub mod blas;
 pub mod device;
 pub mod graph;
 pub mod kernels;
+pub mod matmul;
 pub mod tensor;
 
-use std::borrow::Cow;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -23,29 +24,22 @@ use self::batch::{blocks_needed, pack, packed_len, splits_at, CudaBatch};
 use self::blas::Blas;
 use self::device::{driver_err, launch, Device, DeviceBuf};
 use self::graph::Graphs;
-use self::kernels::{token_group, Kernels};
-use self::tensor::PendingNorm;
+use self::kernels::Kernels;
+pub use self::matmul::MATMUL_MAX_TOKENS;
+use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
 use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
 use crate::model::HostTensor;
-
-/// Up to this many tokens a matmul runs on the GEMV kernels (batch-invariant, one weight
-/// pass per 16 tokens); above it, cuBLAS. Verification of up to 31 drafts stays on GEMV.
-pub const GEMV_MAX_TOKENS: usize = 32;
-const GEMV_WARPS: u32 = 4;
-/// Output rows per warp in the several-token GEMV kernels (their ROWS in kernels/gemv.cu);
-/// every matrix on the GEMV path has a multiple of it as rows.
-const GEMV_ROWS: u32 = 4;
 
 pub struct CudaBackend {
     dev: Device,
     kernels: Arc<Kernels>,
     blas: Blas,
+    /// Partial sums of the matmuls that split K (one workspace per stream).
+    split: SplitWorkspace,
     graphs: Graphs,
     /// Set while `graph::Graphs` captures a step: the batch buffer `prepare` must use.
     capture_batch: Mutex<Option<(Arc<DeviceBuf>, usize)>>,
-    /// Whether `matmul_add_rms_norm` fuses (off by default: measured slower, see bench/NOTES.md).
-    fuse_seams: AtomicBool,
     /// Whether `rope_attention` rotates inside the attention kernel (on by default).
     fuse_rope: AtomicBool,
     /// Positions per attention split (fixed per step whatever the batch: batch invariance).
@@ -77,13 +71,17 @@ impl CudaBackend {
         let dev = Device::new(ctx.clone())?;
         let blas = Blas::new(&dev.stream)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let sms = ctx
+            .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
+            .map_err(driver_err("reading the SM count"))? as usize;
+        let split = SplitWorkspace::new(&dev, sms)?;
         Ok(CudaBackend {
             dev,
             kernels,
             blas,
+            split,
             graphs: Graphs::default(),
             capture_batch: Mutex::new(None),
-            fuse_seams: AtomicBool::new(false),
             fuse_rope: AtomicBool::new(true),
             attn_split: AtomicUsize::new(batch::ATTN_SPLIT),
             device_name,
@@ -114,17 +112,6 @@ impl CudaBackend {
     /// kernel is scheduled while the previous one drains and prefetches its weights.
     pub fn set_pdl(&self, on: bool) {
         self.dev.set_pdl(on);
-    }
-
-    /// The residual add and RMSNorm between sub-layers fused into the GEMVs around them, or
-    /// run as their own kernel (the default: the fused GEMVs measured slower in a CUDA
-    /// graph, see bench/NOTES.md); same results within f32 rounding.
-    pub fn set_fused_seams(&self, on: bool) {
-        self.fuse_seams.store(on, Ordering::Relaxed);
-    }
-
-    pub fn fused_seams(&self) -> bool {
-        self.fuse_seams.load(Ordering::Relaxed)
     }
 
     /// RoPE inside the attention kernel (on by default), or as its own launch (for
@@ -161,26 +148,21 @@ impl CudaBackend {
         Ok(CudaTensor::new(self.dev.alloc(bytes)?, shape, dtype))
     }
 
-    /// Checks an input's type; an input with a norm still pending must go through `dense`
-    /// first (only the GEMVs apply it themselves).
     fn expect(t: &CudaTensor, dtype: DType, what: &str) -> Result<()> {
         if t.dtype != dtype {
             return Err(BackendError::Invalid(format!("{what}: expected {dtype:?}, got {:?}", t.dtype)));
         }
-        if t.norm.is_some() {
-            return Err(BackendError::Invalid(format!("{what}: a pending norm reached an op that cannot apply it")));
-        }
         Ok(())
     }
 
-    /// `x` with its pending norm applied (a fresh tensor), or `x` itself when it has none.
-    fn dense<'a>(&self, x: &'a CudaTensor) -> Result<Cow<'a, CudaTensor>> {
-        let Some(norm) = &x.norm else { return Ok(Cow::Borrowed(x)) };
-        let (rows, d) = x.dims();
-        let out = self.alloc(x.shape.clone(), DType::F32)?;
-        launch!(self.dev, &self.kernels.rms_norm, (rows as u32, 1, 1), norm_block(d)?;
-            x.ptr(), norm.weight.ptr(), out.ptr(), d as i32, norm.eps)?;
-        Ok(Cow::Owned(out))
+    /// An f32 tensor rounded to bf16.
+    fn to_bf16(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        Self::expect(x, DType::F32, "bf16 conversion")?;
+        let out = self.alloc(x.shape.clone(), DType::Bf16)?;
+        let count = x.numel();
+        let grid = (count.div_ceil(256).clamp(1, 1 << 16) as u32, 1, 1);
+        launch!(self.dev, &self.kernels.f32_to_bf16, grid, (256, 1, 1); x.ptr(), out.ptr(), count)?;
+        Ok(out)
     }
 
     /// An activation (f32, any shape) with the host tensor's values; `upload` is for
@@ -198,6 +180,39 @@ impl CudaBackend {
         Ok(out)
     }
 
+    /// FP8 E4M3 weights `[rows, cols]`, row-major as in a checkpoint, with one scale per row
+    /// (value = e4m3(byte) × scale). Needs `cols` a multiple of 64 and `rows` of 16.
+    pub fn upload_fp8(&self, shape: [usize; 2], bytes: &[u8], scales: &[f32]) -> Result<CudaTensor> {
+        let [rows, cols] = shape;
+        if bytes.len() != rows * cols || scales.len() != rows || cols % 64 != 0 || rows % 16 != 0 {
+            return Err(BackendError::Invalid(format!(
+                "FP8 weight {shape:?}: {} bytes, {} scales (need rows ÷ 16, columns ÷ 64)",
+                bytes.len(),
+                scales.len()
+            )));
+        }
+        let data = self.dev.alloc(bytes.len())?;
+        self.dev.htod(data.ptr(), bytes)?;
+        // Stored times 2^56: kernels/matmul.cu multiplies by the other 2^56 of its 2^112.
+        let scaled: Vec<f32> = scales.iter().map(|&s| s * 2f32.powi(56)).collect();
+        let sc = self.dev.alloc(4 * rows)?;
+        self.dev.htod(sc.ptr(), &scaled)?;
+        Ok(CudaTensor::fp8(data, sc, vec![rows, cols]))
+    }
+
+    /// Random FP8 weights: normal values of standard deviation `std` (as `random`),
+    /// quantized per row on the GPU (scale = the row's largest magnitude / 448).
+    pub fn random_fp8(&self, shape: &[usize], std: f32, seed: u64) -> Result<CudaTensor> {
+        let &[rows, cols] = shape else {
+            return Err(BackendError::Invalid(format!("FP8 weights are matrices, not {shape:?}")));
+        };
+        let dense = self.random(shape, std, seed)?;
+        let (data, sc) = (self.dev.alloc(rows * cols)?, self.dev.alloc(4 * rows)?);
+        launch!(self.dev, &self.kernels.quantize_rows_fp8, (rows as u32, 1, 1), (256, 1, 1);
+            dense.ptr(), data.ptr(), sc.ptr(), cols as i32)?;
+        Ok(CudaTensor::fp8(data, sc, vec![rows, cols]))
+    }
+
     /// Device-to-device copy of `bytes` bytes between two fresh buffers, `reps` times,
     /// timed with events: milliseconds per copy (for the bandwidth ceiling).
     pub fn time_copy(&self, bytes: usize, reps: usize) -> Result<Vec<f32>> {
@@ -212,54 +227,6 @@ impl CudaBackend {
             times.push(start.elapsed_ms(&end).map_err(driver_err("event time"))?);
         }
         Ok(times)
-    }
-
-    /// `outs[i] = x · ws[i]ᵀ` (or `+=` with `accumulate`) for up to three weights in one
-    /// launch per group of up to 16 tokens (the kernel is picked by the group's size:
-    /// registers grow with it). A norm pending on `x` is applied as the kernel loads it. Each
-    /// token's arithmetic is the same in every kernel: see kernels/gemv.cu.
-    fn gemv(&self, x: &CudaTensor, ws: &[&CudaTensor], outs: &[&CudaTensor], accumulate: bool) -> Result<()> {
-        let (n, k) = x.dims();
-        let total: usize = ws.iter().map(|w| w.dims().0).sum();
-        // The norm kernels need every warp of every block to own rows (kernels/gemv.cu).
-        if x.norm.is_some() && !total.is_multiple_of((GEMV_WARPS * GEMV_ROWS) as usize) {
-            let x = self.dense(x)?;
-            return self.gemv(&x, ws, outs, accumulate);
-        }
-        let (family, gamma, eps, t1_rows) = match &x.norm {
-            Some(norm) => (&self.kernels.gemv_norm, norm.weight.ptr(), norm.eps, 2),
-            None => (&self.kernels.gemv, 0u64, 0f32, 1),
-        };
-        let ptr = |i: usize, t: usize| -> (u64, u64, i32) {
-            ws.get(i).map_or((0, 0, 0), |w| {
-                let m = w.dims().0;
-                (w.ptr(), outs[i].ptr() + (t * m * 4) as u64, m as i32)
-            })
-        };
-        let mut t = 0;
-        while t < n {
-            let group = (n - t).min(16);
-            let g = token_group(group);
-            let rows = if g == 0 { t1_rows } else { GEMV_ROWS };
-            let grid = ((total as u32).div_ceil(GEMV_WARPS * rows), 1, 1);
-            let ((w0, y0, m0), (w1, y1, m1), (w2, y2, m2)) = (ptr(0, t), ptr(1, t), ptr(2, t));
-            let xp = x.ptr() + (t * k * 4) as u64;
-            launch!(self.dev, &family[g], grid, (32 * GEMV_WARPS, 1, 1);
-                w0, w1, w2, y0, y1, y2, m0, m1, m2, k as i32, xp, group as i32, gamma, eps, accumulate as i32)?;
-            t += group;
-        }
-        Ok(())
-    }
-
-    /// Whether weights can share one GEMV launch: bf16, same K, rows a multiple of the
-    /// rows a warp owns, at most three, few enough tokens.
-    fn gemv_fits(x: &CudaTensor, ws: &[&CudaTensor]) -> bool {
-        let (n, k) = x.dims();
-        x.dtype == DType::F32
-            && n <= GEMV_MAX_TOKENS
-            && k % 8 == 0
-            && ws.len() <= 3
-            && ws.iter().all(|w| w.dtype == DType::Bf16 && w.dims().1 == k && w.dims().0 % GEMV_ROWS as usize == 0)
     }
 
     /// Attention through the split and merge kernels (kernels/attention.cu); with
@@ -303,19 +270,25 @@ impl CudaBackend {
             batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
             batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
             inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32)?;
-        let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::F32)?;
+        let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::Bf16)?; // o's input
         launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
             partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
             batch.min_split as i32)?;
         Ok(out)
     }
 
-    fn gemm(&self, x: &CudaTensor, w: &CudaTensor, out: &CudaTensor, n: usize, k: usize, m: usize) -> Result<()> {
-        let xb = self.alloc(vec![n, k], DType::Bf16)?;
-        let count = n * k;
-        let grid = (count.div_ceil(256).min(1 << 16) as u32, 1, 1);
-        launch!(self.dev, &self.kernels.f32_to_bf16, grid, (256, 1, 1); x.ptr(), xb.ptr(), count)?;
-        self.blas.gemm_bf16_f32(xb.ptr(), w.ptr(), out.ptr(), n, k, m)
+    /// Whether `x` (`n` tokens, `k` wide) times these weights runs on the tensor-core matmul:
+    /// always for steps of up to 64 tokens and for FP8 weights; bf16 prefill goes to cuBLAS.
+    fn on_tensor_cores(&self, n: usize, ws: &[&CudaTensor], k: usize) -> bool {
+        let fp8 = ws.iter().any(|w| w.dtype == DType::Fp8);
+        ws.iter().all(|w| matmul::fits(w, k)) && (n <= MATMUL_MAX_TOKENS || fp8)
+    }
+
+    /// cuBLAS for bf16 steps longer than the tensor-core matmul takes at once.
+    fn gemm(&self, x: &CudaTensor, w: &CudaTensor, out: &CudaTensor) -> Result<()> {
+        let ((n, k), m) = (x.dims(), w.dims().0);
+        let x = self.bf16_input(x)?;
+        self.blas.gemm_bf16_f32(x.ptr(), w.ptr(), out.ptr(), n, k, m)
     }
 }
 
@@ -344,7 +317,7 @@ fn to_bf16_bits(data: &[f32]) -> Vec<u16> {
 /// Threads for a norm over rows `d` wide: one float4 per thread where the block allows
 /// (kernels/norm.cu holds up to 4 per thread).
 fn norm_block(d: usize) -> Result<(u32, u32, u32)> {
-    if d % 4 != 0 || d > 4 * 4 * 1024 {
+    if !d.is_multiple_of(4) || d > 4 * 4 * 1024 {
         return Err(BackendError::Invalid(format!("rms_norm: width {d} must be a multiple of 4, at most 16384")));
     }
     Ok(((d / 4).div_ceil(32).clamp(1, 32) as u32 * 32, 1, 1))
@@ -422,7 +395,7 @@ impl Backend for CudaBackend {
         Self::expect(weight, DType::F32, "rms_norm weight")?;
         let (rows, d) = x.dims();
         let block = norm_block(d)?;
-        let out = self.alloc(x.shape.clone(), DType::F32)?;
+        let out = self.alloc(x.shape.clone(), DType::Bf16)?; // a matmul's input
         launch!(self.dev, &self.kernels.rms_norm, (rows as u32, 1, 1), block;
             x.ptr(), weight.ptr(), out.ptr(), d as i32, eps)?;
         Ok(out)
@@ -442,93 +415,50 @@ impl Backend for CudaBackend {
         }
         let (rows, d) = residual.dims();
         let block = norm_block(d)?;
-        let out = self.alloc(residual.shape.clone(), DType::F32)?;
+        let out = self.alloc(residual.shape.clone(), DType::Bf16)?; // a matmul's input
         launch!(self.dev, &self.kernels.add_rms_norm, (rows as u32, 1, 1), block;
             residual.ptr(), delta.ptr(), weight.ptr(), out.ptr(), d as i32, eps)?;
         Ok(out)
     }
 
     fn matmul(&self, x: &CudaTensor, w: &CudaTensor) -> Result<CudaTensor> {
-        Self::expect(w, DType::Bf16, "matmul weight")?;
         let ((n, k), (m, wk)) = (x.dims(), w.dims());
-        if k != wk || k % 8 != 0 {
-            return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk} (need equal, ÷8)")));
+        if k != wk {
+            return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk}")));
         }
         let out = self.alloc(vec![n, m], DType::F32)?;
-        if x.dtype == DType::F32 && n <= GEMV_MAX_TOKENS && m % GEMV_ROWS as usize == 0 {
-            self.gemv(x, &[w], &[&out], false)?;
+        if n == 0 {
+            return Ok(out);
+        }
+        if self.on_tensor_cores(n, &[w], k) {
+            self.tc_matmul(x, &[w], &[&out], Epilogue::Store)?;
         } else {
-            let x = self.dense(x)?;
-            Self::expect(&x, DType::F32, "matmul input")?;
-            self.gemm(&x, w, &out, n, k, m)?;
+            Self::expect(w, DType::Bf16, "matmul weight")?;
+            self.gemm(x, w, &out)?;
         }
         Ok(out)
     }
 
     fn matmul_many(&self, x: &CudaTensor, ws: &[&CudaTensor]) -> Result<Vec<CudaTensor>> {
-        if !Self::gemv_fits(x, ws) {
-            let x = self.dense(x)?;
-            return ws.iter().map(|w| self.matmul(&x, w)).collect();
+        let (n, k) = x.dims();
+        let same_type = ws.iter().all(|w| w.dtype == ws[0].dtype);
+        if n == 0 || ws.len() > 3 || !same_type || !self.on_tensor_cores(n, ws, k) {
+            return ws.iter().map(|w| self.matmul(x, w)).collect();
         }
-        let n = x.dims().0;
         let outs = ws.iter().map(|w| self.alloc(vec![n, w.dims().0], DType::F32)).collect::<Result<Vec<_>>>()?;
-        self.gemv(x, ws, &outs.iter().collect::<Vec<_>>(), false)?;
+        self.tc_matmul(x, ws, &outs.iter().collect::<Vec<_>>(), Epilogue::Store)?;
         Ok(outs)
     }
 
     fn swiglu(&self, x: &CudaTensor, w_gate: &CudaTensor, w_up: &CudaTensor) -> Result<CudaTensor> {
-        // The norm kernels need every warp of every block to own rows (kernels/gemv.cu).
-        let whole_blocks = w_gate.dims().0.is_multiple_of(2 * GEMV_WARPS as usize);
-        if !Self::gemv_fits(x, &[w_gate, w_up]) || w_gate.shape != w_up.shape || (x.norm.is_some() && !whole_blocks) {
-            let x = self.dense(x)?;
-            return self.silu_mul(&self.matmul(&x, w_gate)?, &self.matmul(&x, w_up)?);
+        let (n, k) = x.dims();
+        let paired = w_gate.shape == w_up.shape && w_gate.dtype == w_up.dtype;
+        if n == 0 || !paired || !self.on_tensor_cores(n, &[w_gate, w_up], k) {
+            return self.silu_mul(&self.matmul(x, w_gate)?, &self.matmul(x, w_up)?);
         }
-        let ((n, k), m) = (x.dims(), w_gate.dims().0);
-        let (family, gamma, eps) = match &x.norm {
-            Some(norm) => (&self.kernels.swiglu_norm, norm.weight.ptr(), norm.eps),
-            None => (&self.kernels.swiglu, 0u64, 0f32),
-        };
-        let out = self.alloc(vec![n, m], DType::F32)?;
-        let mut t = 0;
-        while t < n {
-            let group = (n - t).min(16);
-            let g = token_group(group);
-            let pairs = if g == 0 { 1 } else { 2 };
-            let grid = ((m as u32).div_ceil(GEMV_WARPS * pairs), 1, 1);
-            let (xp, yp) = (x.ptr() + (t * k * 4) as u64, out.ptr() + (t * m * 4) as u64);
-            launch!(self.dev, &family[g], grid, (32 * GEMV_WARPS, 1, 1);
-                w_gate.ptr(), w_up.ptr(), yp, m as i32, k as i32, xp, group as i32, gamma, eps)?;
-            t += group;
-        }
+        let out = self.alloc(vec![n, w_gate.dims().0], DType::Bf16)?;
+        self.tc_matmul(x, &[w_gate, w_up], &[&out], Epilogue::SwiGlu)?;
         Ok(out)
-    }
-
-    /// On the GEMV path the add happens in the projection's epilogue and the norm is left
-    /// pending on the residual for the next projections to apply: no launch of its own.
-    fn matmul_add_rms_norm(
-        &self,
-        x: &CudaTensor,
-        w: &CudaTensor,
-        residual: &mut CudaTensor,
-        weight: &CudaTensor,
-        eps: f32,
-    ) -> Result<CudaTensor> {
-        Self::expect(residual, DType::F32, "residual")?;
-        Self::expect(weight, DType::F32, "rms_norm weight")?;
-        let (n, m) = (x.dims().0, w.dims().0);
-        // Reading the residual while adding into it would race between blocks.
-        let fused = self.fused_seams()
-            && Self::gemv_fits(x, &[w])
-            && residual.dims() == (n, m)
-            && weight.numel() == m
-            && x.ptr() != residual.ptr();
-        if !fused {
-            let delta = self.matmul(x, w)?;
-            return self.add_rms_norm(residual, &delta, weight, eps);
-        }
-        norm_block(m)?;
-        self.gemv(x, &[w], &[residual], true)?;
-        Ok(residual.with_norm(PendingNorm { weight: weight.buf.clone(), eps }))
     }
 
     fn rope_qk(
@@ -603,35 +533,32 @@ impl Backend for CudaBackend {
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         Self::expect(gate, DType::F32, "silu_mul gate")?;
         Self::expect(up, DType::F32, "silu_mul up")?;
-        let out = self.alloc(gate.shape.clone(), DType::F32)?;
+        let out = self.alloc(gate.shape.clone(), DType::Bf16)?; // the down projection's input
         let n = out.numel();
         launch!(self.dev, &self.kernels.silu_mul, grid_for(n), (256, 1, 1); gate.ptr(), up.ptr(), out.ptr(), n)?;
         Ok(out)
     }
 
-    /// A norm pending on `x` is row-wise, so it stays pending on the gathered rows (the
-    /// LM head's GEMV applies it).
     fn gather_logit_rows(&self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
         let (rows, width) = (batch.meta.logits_for.len(), x.dims().1);
-        let out = self.alloc(vec![rows, width], DType::F32)?;
+        let out = self.alloc(vec![rows, width], x.dtype)?;
         if rows > 0 {
+            // Copied as 16-bit halves: any element type of 2 or 4 bytes.
+            let halves = width * x.dtype.size() / 2;
             launch!(self.dev, &self.kernels.gather_rows, (rows as u32, 1, 1), (1024, 1, 1);
-                x.ptr(), batch.logits_for(), out.ptr(), width as i32)?;
+                x.ptr(), batch.logits_for(), out.ptr(), halves as i32)?;
         }
-        Ok(match &x.norm {
-            Some(norm) => out.with_norm(norm.clone()),
-            None => out,
-        })
+        Ok(out)
     }
 
     fn to_host(&self, x: &CudaTensor) -> Result<Vec<f32>> {
-        let x = self.dense(x)?;
         match x.dtype {
             DType::F32 => self.dev.dtoh::<f32>(x.ptr(), x.numel()),
             DType::Bf16 => {
                 let bits = self.dev.dtoh::<u16>(x.ptr(), x.numel())?;
                 Ok(bits.into_iter().map(|b| half::bf16::from_bits(b).to_f32()).collect())
             }
+            DType::Fp8 => Err(BackendError::Invalid("to_host: FP8 weights are not read back".into())),
         }
     }
 

@@ -5,13 +5,16 @@ use std::sync::Arc;
 
 use super::device::DeviceBuf;
 
-/// Weights are bf16 (half the bytes a decode step must stream); activations are f32,
-/// which keeps every op within rounding of the f32 CPU reference; 1-D weights (norms,
-/// RoPE frequencies) stay f32 because they are tiny and RoPE needs the precision.
+/// Weights are bf16 or FP8 E4M3 (what a decode step must stream); the residual stream, the
+/// matmul outputs and attention's inputs are f32; what feeds a matmul (normed rows, the
+/// attention output, the SwiGLU product) is bf16, the tensor cores' input; 1-D weights
+/// (norms, RoPE frequencies) stay f32 because they are tiny and RoPE needs the precision.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DType {
     F32,
     Bf16,
+    /// E4M3 with one f32 scale per row (`CudaTensor::scales`), in kernels/matmul.cu's layout.
+    Fp8,
 }
 
 impl DType {
@@ -19,6 +22,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::Bf16 => 2,
+            DType::Fp8 => 1,
         }
     }
 }
@@ -29,30 +33,26 @@ pub struct CudaTensor {
     pub(crate) buf: Arc<DeviceBuf>,
     pub shape: Vec<usize>,
     pub dtype: DType,
-    /// Set on what `matmul_add_rms_norm` returns: this is the residual stream itself, and
-    /// its value is `rms_norm(self) * weight`, applied by the GEMVs as they load it (no
-    /// launch of its own); every other op materialises it first (`CudaBackend::dense`).
-    pub(crate) norm: Option<PendingNorm>,
+    /// FP8 weights: one f32 per row, the row's scale times 2^120 (see kernels/matmul.cu).
+    pub(crate) scales: Option<Arc<DeviceBuf>>,
     id: u64,
-}
-
-/// An RMSNorm not yet applied: the norm's weight (f32 `[width]`) and epsilon.
-#[derive(Clone)]
-pub struct PendingNorm {
-    pub(crate) weight: Arc<DeviceBuf>,
-    pub(crate) eps: f32,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl CudaTensor {
     pub(crate) fn new(buf: DeviceBuf, shape: Vec<usize>, dtype: DType) -> Self {
-        CudaTensor { buf: Arc::new(buf), shape, dtype, norm: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) }
+        CudaTensor { buf: Arc::new(buf), shape, dtype, scales: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) }
     }
 
-    /// This tensor (sharing its buffer) with `norm` pending on it.
-    pub(crate) fn with_norm(&self, norm: PendingNorm) -> Self {
-        CudaTensor { norm: Some(norm), ..self.clone() }
+    /// FP8 weights: the E4M3 bytes and their per-row scales.
+    pub(crate) fn fp8(buf: DeviceBuf, scales: DeviceBuf, shape: Vec<usize>) -> Self {
+        CudaTensor { scales: Some(Arc::new(scales)), ..Self::new(buf, shape, DType::Fp8) }
+    }
+
+    /// The per-row scales' address (0 for other types).
+    pub fn scales_ptr(&self) -> u64 {
+        self.scales.as_ref().map_or(0, |s| s.ptr())
     }
 
     /// Never reused within a process: graphs use it to know which KV cache they captured.

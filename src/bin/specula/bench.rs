@@ -19,7 +19,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 128)]
     decode_tokens: usize,
     /// Draft lengths k whose verification step (k + 1 tokens) is timed on the first model.
-    #[arg(long, default_value = "4,8,16", value_delimiter = ',')]
+    #[arg(long, default_value = "1,2,4,8,10,16", value_delimiter = ',')]
     verify: Vec<usize>,
     /// Draft steps run on the second model's stream while the first model runs one step,
     /// for the overlap timeline (0 skips it).
@@ -67,39 +67,19 @@ mod gpu {
         label: &'static str,
         graphs: bool,
         pdl: bool,
-        /// Residual add and RMSNorm fused into the GEMVs (`CudaBackend::set_fused_seams`).
-        seams: bool,
-        /// RoPE inside the attention kernel (`CudaBackend::set_fused_rope`).
-        rope: bool,
-        /// Positions per attention split (`CudaBackend::set_attn_split`).
-        split: usize,
     }
 
     impl Variant {
         fn apply(&self, gpu: &CudaBackend) {
             gpu.set_pdl(self.pdl);
-            gpu.set_fused_seams(self.seams);
-            gpu.set_fused_rope(self.rope);
-            gpu.set_attn_split(self.split);
         }
     }
 
-    /// The first is the default configuration, the second the one of run 6 (no fusion).
-    const VARIANTS: [Variant; 7] = [
-        Variant { label: "graphs (default)", graphs: true, pdl: true, seams: false, rope: true, split: 16 },
-        Variant {
-            label: "graphs, as run 6 (rope apart, splits of 64)",
-            graphs: true,
-            pdl: true,
-            seams: false,
-            rope: false,
-            split: 64,
-        },
-        Variant { label: "graphs, seams fused", graphs: true, pdl: true, seams: true, rope: true, split: 16 },
-        Variant { label: "graphs, rope apart", graphs: true, pdl: true, seams: false, rope: false, split: 16 },
-        Variant { label: "graphs, attention splits of 8", graphs: true, pdl: true, seams: false, rope: true, split: 8 },
-        Variant { label: "graphs, no PDL", graphs: true, pdl: false, seams: false, rope: true, split: 16 },
-        Variant { label: "eager", graphs: false, pdl: true, seams: false, rope: true, split: 16 },
+    /// The first is the default configuration.
+    const VARIANTS: [Variant; 3] = [
+        Variant { label: "graphs (default)", graphs: true, pdl: true },
+        Variant { label: "graphs, no PDL", graphs: true, pdl: false },
+        Variant { label: "eager", graphs: false, pdl: true },
     ];
 
     fn median(mut v: Vec<f64>) -> f64 {
@@ -188,7 +168,7 @@ mod gpu {
         let bandwidth = 2.0 * (1u64 << 30) as f64 / (copy_ms / 1e3); // read + write
         println!("device-to-device copy: 1 GiB in {copy_ms:.3} ms = {:.2} TB/s (read + write)", bandwidth / 1e12);
 
-        let kernel_rows = kernel_times(&gpu, bandwidth)?;
+        let kernel_rows = kernel_times(&gpu)?;
 
         let capacity = args.prompt_tokens
             + 2 * VARIANTS.len() * (args.decode_tokens / 2 + 4)
@@ -226,15 +206,11 @@ mod gpu {
             );
             decode_rows.push((name.clone(), run.weight_bytes(), best, ceiling));
             if i == 0 {
-                for variant in [&VARIANTS[0], &VARIANTS[1], &VARIANTS[2], &VARIANTS[4]] {
-                    variant.apply(backend);
-                    let decode_ms = run.time_step(1, 30)?;
-                    for &k in &args.verify {
-                        let ms = run.time_step(k + 1, 30)?;
-                        verify_rows.push((variant.label, k, ms, ms / decode_ms, decode_ms));
-                    }
+                let decode_ms = run.time_step(1, 30)?;
+                for &k in &args.verify {
+                    let ms = run.time_step(k + 1, 30)?;
+                    verify_rows.push((VARIANTS[0].label, k, ms, ms / decode_ms, decode_ms));
                 }
-                VARIANTS[0].apply(backend);
             }
             runs.push(run);
         }
@@ -245,24 +221,12 @@ mod gpu {
             None
         };
 
-        println!(
-            "\n== kernels alone at llama-3.1-8b shapes (CUDA events, median of 20; GB/s = weight bytes / time) =="
-        );
-        println!("{:<40} {:>10} {:>10} {:>9}", "op", "us", "GB/s", "of copy");
-        for (op, us, bytes) in &kernel_rows {
-            let gbs = bytes / (us * 1e-6) / 1e9;
-            let (gbs, frac) = if *bytes > 0.0 {
-                (format!("{gbs:.0}"), format!("{:.1}%", 100.0 * gbs * 1e9 / bandwidth))
-            } else {
-                ("-".into(), "-".into())
-            };
-            println!("{op:<40} {us:>10.1} {gbs:>10} {frac:>9}");
-        }
+        print_kernel_rows(&kernel_rows, bandwidth);
         println!(
             "\n== batch-1 greedy decode (dummy weights, bf16; ceiling = weight bytes / copy bandwidth {:.2} TB/s) ==",
             bandwidth / 1e12
         );
-        println!("{:<24} {:<40} {:>9} {:>9} {:>9}", "model (GB, ceiling)", "variant", "tok/s", "fraction", "vs run 6");
+        println!("{:<24} {:<40} {:>9} {:>9} {:>9}", "model (GB, ceiling)", "variant", "tok/s", "fraction", "vs eager");
         for (name, bytes, best, ceiling) in &decode_rows {
             for (variant, tok_s) in VARIANTS.iter().zip(best) {
                 println!(
@@ -270,7 +234,7 @@ mod gpu {
                     format!("{} ({:.2}, {ceiling:.0})", name.trim_start_matches("dummy:"), bytes / 1e9),
                     variant.label,
                     100.0 * tok_s / ceiling,
-                    tok_s / best[1]
+                    tok_s / best[2]
                 );
             }
         }
@@ -335,9 +299,45 @@ mod gpu {
         Ok(())
     }
 
-    /// Each op alone at the 8B shapes: microseconds per call and the weight bytes it reads.
-    fn kernel_times(gpu: &CudaBackend, _bandwidth: f64) -> Res<Vec<(String, f64, f64)>> {
-        use specula::backend::AttnShape;
+    /// Per op: the fraction of the copy bandwidth its weight stream reached at each token
+    /// count, and its time at the most tokens over its time at one.
+    fn print_kernel_rows(rows: &[KernelRow], bandwidth: f64) {
+        println!("\n== one layer's matmuls alone: weight bytes / time as a fraction of the copy bandwidth (CUDA events, median of 20) ==");
+        let ns: Vec<usize> = rows
+            .iter()
+            .filter(|r| r.model == rows[0].model && r.op == rows[0].op && r.kind == rows[0].kind)
+            .map(|r| r.n)
+            .collect();
+        print!("{:<22} {:>8}", "op", "us n=1");
+        for n in &ns {
+            print!(" {:>6}", format!("n={n}"));
+        }
+        println!(" {:>9}", "t(64)/t(1)");
+        for chunk in rows.chunks(ns.len() * 4) {
+            for op in ["q+k+v", "o", "gate+up", "down"] {
+                let r: Vec<&KernelRow> = chunk.iter().filter(|r| r.op == op).collect();
+                print!("{:<22} {:>8.1}", format!("{} {} {}", r[0].model, r[0].kind, op), r[0].us);
+                for k in &r {
+                    print!(" {:>5.1}%", 100.0 * k.bytes / (k.us * 1e-6) / bandwidth);
+                }
+                println!(" {:>9.2}", r[r.len() - 1].us / r[0].us);
+            }
+        }
+    }
+
+    struct KernelRow {
+        model: &'static str,
+        kind: &'static str,
+        op: &'static str,
+        n: usize,
+        us: f64,
+        bytes: f64,
+    }
+
+    /// The projections of one layer at the 8B and 70B shapes, bf16 and FP8,
+    /// alone: microseconds per call for 1 to 64 tokens and the weight bytes each reads.
+    fn kernel_times(gpu: &CudaBackend) -> Res<Vec<KernelRow>> {
+        use specula::backend::cuda::CudaTensor;
         use specula::model::HostTensor;
         let time = |f: &mut dyn FnMut() -> Res<()>| -> Res<f64> {
             f()?;
@@ -351,134 +351,30 @@ mod gpu {
             }
             Ok(median(v))
         };
-        let act = |n: usize, d: usize| -> Res<specula::backend::cuda::CudaTensor> {
+        let act = |n: usize, d: usize| -> Res<CudaTensor> {
             let data: Vec<f32> = (0..n * d).map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0).collect();
             Ok(gpu.upload_f32(&HostTensor::new(vec![n, d], data))?)
         };
         let mut rows = vec![];
-        let shapes = [
-            ("gate/up", 14336, 4096),
-            ("down", 4096, 14336),
-            ("q/o", 4096, 4096),
-            ("k/v", 1024, 4096),
-            ("lm_head", 128256, 4096),
-        ];
-        for (name, m, k) in shapes {
-            let w = gpu.random(&[m, k], 0.02, 1)?;
-            for n in [1usize, 5, 9, 17] {
-                if n > 1 && name != "gate/up" {
-                    continue;
+        for (model, h, kv, inter) in [("8B", 4096, 1024, 14336), ("70B", 8192, 1024, 28672)] {
+            for fp8 in [false, true] {
+                let (kind, bytes_per) = if fp8 { ("fp8", 1) } else { ("bf16", 2) };
+                let w = |m: usize, k: usize, seed: u64| -> Res<CudaTensor> {
+                    Ok(if fp8 { gpu.random_fp8(&[m, k], 0.02, seed)? } else { gpu.random(&[m, k], 0.02, seed)? })
+                };
+                let (wq, wk, wv, wo) = (w(h, h, 1)?, w(kv, h, 2)?, w(kv, h, 3)?, w(h, h, 4)?);
+                let (wg, wu, wd) = (w(inter, h, 5)?, w(inter, h, 6)?, w(h, inter, 7)?);
+                for n in [1usize, 2, 5, 9, 11, 17, 33, 64] {
+                    let (x, xi) = (act(n, h)?, act(n, inter)?);
+                    let mut row = |op: &'static str, us: f64, weights: usize| {
+                        rows.push(KernelRow { model, kind, op, n, us, bytes: (weights * bytes_per) as f64 })
+                    };
+                    row("q+k+v", time(&mut || Ok(gpu.matmul_many(&x, &[&wq, &wk, &wv]).map(drop)?))?, (h + 2 * kv) * h);
+                    row("o", time(&mut || Ok(gpu.matmul(&x, &wo).map(drop)?))?, h * h);
+                    row("gate+up", time(&mut || Ok(gpu.swiglu(&x, &wg, &wu).map(drop)?))?, 2 * inter * h);
+                    row("down", time(&mut || Ok(gpu.matmul(&xi, &wd).map(drop)?))?, h * inter);
                 }
-                let x = act(n, k)?;
-                let us = time(&mut || {
-                    gpu.matmul(&x, &w)?;
-                    Ok(())
-                })?;
-                rows.push((format!("matmul {name} [{n},{k}]x[{m},{k}]"), us, (m * k * 2) as f64));
             }
-        }
-        let (h, i) = (4096, 14336);
-        {
-            let (wq, wk, wv) =
-                (gpu.random(&[h, h], 0.02, 2)?, gpu.random(&[1024, h], 0.02, 3)?, gpu.random(&[1024, h], 0.02, 4)?);
-            let (wg, wu) = (gpu.random(&[i, h], 0.02, 5)?, gpu.random(&[i, h], 0.02, 6)?);
-            for n in [1usize, 5, 9, 17] {
-                let x = act(n, h)?;
-                let us = time(&mut || {
-                    gpu.matmul_many(&x, &[&wq, &wk, &wv])?;
-                    Ok(())
-                })?;
-                rows.push((format!("matmul_many q+k+v [{n},4096] (one launch)"), us, (6144 * h * 2) as f64));
-                let us = time(&mut || {
-                    gpu.swiglu(&x, &wg, &wu)?;
-                    Ok(())
-                })?;
-                rows.push((format!("swiglu gate+up [{n},4096] (one launch)"), us, (2 * i * h * 2) as f64));
-            }
-            // The seam fused (off by default): o-proj adding into the residual, the norm
-            // left to the consumers.
-            gpu.set_fused_seams(true);
-            let (wo, gamma) = (gpu.random(&[h, h], 0.02, 7)?, gpu.upload(&HostTensor::new(vec![h], vec![1.0; h]))?);
-            for n in [1usize, 9] {
-                let (attn, mut res) = (act(n, h)?, act(n, h)?);
-                let us = time(&mut || {
-                    gpu.matmul_add_rms_norm(&attn, &wo, &mut res, &gamma, 1e-5)?;
-                    Ok(())
-                })?;
-                rows.push((format!("o-proj += into residual [{n},4096]"), us, (h * h * 2) as f64));
-                let normed = gpu.matmul_add_rms_norm(&attn, &wo, &mut res, &gamma, 1e-5)?;
-                let us = time(&mut || {
-                    gpu.matmul_many(&normed, &[&wq, &wk, &wv])?;
-                    Ok(())
-                })?;
-                rows.push((format!("norm + q+k+v [{n},4096] (one launch)"), us, (6144 * h * 2) as f64));
-                let us = time(&mut || {
-                    gpu.swiglu(&normed, &wg, &wu)?;
-                    Ok(())
-                })?;
-                rows.push((format!("norm + swiglu gate+up [{n},4096]"), us, (2 * i * h * 2) as f64));
-            }
-            gpu.set_fused_seams(false);
-        }
-        let (x, d, wn) = (act(1, h)?, act(1, h)?, gpu.upload(&HostTensor::new(vec![h], vec![1.0; h]))?);
-        rows.push((
-            "rms_norm [1,4096]".into(),
-            time(&mut || {
-                gpu.rms_norm(&x, &wn, 1e-5)?;
-                Ok(())
-            })?,
-            0.0,
-        ));
-        let mut r = act(1, h)?;
-        rows.push((
-            "add_rms_norm [1,4096]".into(),
-            time(&mut || {
-                gpu.add_rms_norm(&mut r, &d, &wn, 1e-5)?;
-                Ok(())
-            })?,
-            0.0,
-        ));
-        let (g, u) = (act(1, i)?, act(1, i)?);
-        rows.push((
-            "silu_mul [1,14336]".into(),
-            time(&mut || {
-                gpu.silu_mul(&g, &u)?;
-                Ok(())
-            })?,
-            0.0,
-        ));
-        let cfg = specula::model::Preset::Llama31_8b.config();
-        let freq = gpu.upload(&HostTensor::new(vec![64], cfg.rope_inv_freq()))?;
-        for ctx in [300usize, 4000] {
-            let mut meta = BatchMeta::new(BLOCK as u32);
-            let table: Vec<u32> = (0..(ctx.div_ceil(BLOCK)) as u32).collect();
-            meta.push_row(&[1], ctx as u32 - 1, &table, 1);
-            let batch = gpu.prepare(&meta)?;
-            let mut q = act(1, h)?;
-            if ctx == 300 {
-                rows.push((
-                    "rope q [1,4096]".into(),
-                    time(&mut || {
-                        gpu.rope(&mut q, &batch, &freq, 128)?;
-                        Ok(())
-                    })?,
-                    0.0,
-                ));
-            }
-            let (k, v) = (act(1, 1024)?, act(1, 1024)?);
-            let (mut kc, mut vc) = (gpu.kv_cache(table.len() * BLOCK, 1024)?, gpu.kv_cache(table.len() * BLOCK, 1024)?);
-            let s = AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128 };
-            let us = time(&mut || {
-                gpu.attention(&q, &k, &v, &mut kc, &mut vc, &batch, s)?;
-                Ok(())
-            })?;
-            rows.push((format!("attention 1 token, context {ctx}"), us, (ctx * 2 * 1024 * 2) as f64));
-            let mut k = act(1, 1024)?;
-            let us = time(&mut || {
-                gpu.rope_attention(&mut q, &mut k, &v, &mut kc, &mut vc, &batch, &freq, s)?;
-                Ok(())
-            })?;
-            rows.push((format!("rope inside attention, context {ctx}"), us, (ctx * 2 * 1024 * 2) as f64));
         }
         Ok(rows)
     }

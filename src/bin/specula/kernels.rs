@@ -182,6 +182,8 @@ mod ops {
     use specula::model::{HostTensor, Preset};
 
     pub const TOLERANCE: f64 = 1e-2;
+    /// The same values on both sides, only the order of f32 sums differs.
+    const EXACT: f64 = 1e-4;
 
     pub struct Row {
         pub op: String,
@@ -230,13 +232,13 @@ mod ops {
         for (n, d) in [(7, 576), (3, 4096), (1, 8192)] {
             norms(&mut c, n, d)?;
         }
-        for (n, m, k) in
-            [(1, 1536, 576), (5, 576, 1536), (9, 1024, 2048), (17, 512, 4096), (1, 4096, 14336), (40, 1536, 576)]
-        {
-            matmul(&mut c, n, m, k)?;
-        }
-        for n in [1, 9, 17] {
-            fused(&mut c, n)?;
+        for fp8 in [false, true] {
+            for (m, k) in [(1536, 576), (576, 1536), (1024, 2048), (4096, 14336), (8192, 4096)] {
+                matmul(&mut c, m, k, fp8)?;
+            }
+            for n in [1, 9, 17, 64] {
+                fused(&mut c, n, fp8)?;
+            }
         }
         for preset in [Preset::SmolLm2_135m, Preset::Llama31_8b] {
             rope(&mut c, preset)?;
@@ -276,67 +278,103 @@ mod ops {
         gpu.upload_f32(t)
     }
 
-    fn matmul(c: &mut Ctx, n: usize, m: usize, k: usize) -> Result<()> {
-        let x = HostTensor::new(vec![n, k], c.values(n * k, 1.0));
-        let v = c.values(m * k, 0.05);
-        let w = HostTensor::new(vec![m, k], bf16_round(v));
-        let (xc, xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
-        let (wc, wg) = c.both(&w)?;
-        let want = c.cpu.to_host(&c.cpu.matmul(&xc, &wc)?)?;
-        let out = c.gpu.matmul(&xg, &wg)?;
-        let got = c.gpu.to_host(&out)?;
-        let path = if n <= specula::backend::cuda::GEMV_MAX_TOKENS { "gemv" } else { "cuBLAS" };
-        c.push(&format!("matmul ({path})"), format!("[{n},{k}]x[{m},{k}]"), &got, &want);
-        if n > 1 && n <= specula::backend::cuda::GEMV_MAX_TOKENS {
-            // Batch invariance: each token alone gives the same bits as inside the batch.
-            let mut same = true;
-            for t in 0..n {
-                let one = HostTensor::new(vec![1, k], x.data[t * k..(t + 1) * k].to_vec());
-                let alone = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &one)?, &wg)?)?;
-                same &= alone.iter().zip(&got[t * m..(t + 1) * m]).all(|(a, b)| a.to_bits() == b.to_bits());
+    /// Exact value of an E4M3 byte (NaN codes never occur in our weights).
+    fn e4m3(b: u8) -> f32 {
+        let (sign, exp, man) = (if b & 0x80 != 0 { -1.0 } else { 1.0 }, ((b >> 3) & 15) as i32, (b & 7) as f32);
+        sign * if exp == 0 { man / 8.0 * 2f32.powi(-6) } else { (1.0 + man / 8.0) * 2f32.powi(exp - 7) }
+    }
+
+    /// A weight `[m, k]` in bf16 or FP8 on the GPU, and its exact f32 values on the CPU.
+    fn weight(c: &mut Ctx, m: usize, k: usize, fp8: bool) -> Result<Pair> {
+        if !fp8 {
+            let w = HostTensor::new(vec![m, k], bf16_round(c.values(m * k, 0.05)));
+            return c.both(&w);
+        }
+        let bytes: Vec<u8> =
+            (0..m * k).map(|_| c.rng.random_range(0..0x7fu8) | (c.rng.random::<u8>() & 0x80)).collect();
+        let scales: Vec<f32> = (0..m).map(|_| c.rng.random_range(0.5e-3..2e-3)).collect();
+        let values = bytes.iter().enumerate().map(|(i, &b)| e4m3(b) * scales[i / k]).collect();
+        Ok((c.cpu.upload(&HostTensor::new(vec![m, k], values))?, c.gpu.upload_fp8([m, k], &bytes, &scales)?))
+    }
+
+    /// The tensor-core matmul against the CPU's f32 matmul of the same values (activations
+    /// rounded to bf16, as the GPU rounds them) for 64 tokens, then batch invariance: every
+    /// window of 1 to 64 of those tokens gives each token's row bitwise as in the 64.
+    fn matmul(c: &mut Ctx, m: usize, k: usize, fp8: bool) -> Result<()> {
+        let kind = if fp8 { "fp8" } else { "bf16" };
+        let x = HostTensor::new(vec![64, k], bf16_round(c.values(64 * k, 1.0)));
+        let (wc, wg) = weight(c, m, k, fp8)?;
+        let want = c.cpu.to_host(&c.cpu.matmul(&c.cpu.upload(&x)?, &wc)?)?;
+        let all = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &x)?, &wg)?)?;
+        let err = rel_err(&all, &want);
+        let shape = format!("[64,{k}]x[{m},{k}]");
+        c.rows.push(Row { op: format!("matmul tensor cores {kind}"), shape, err, pass: err <= EXACT });
+        let mut differ = vec![];
+        for n in 1..=64 {
+            let start = (n * 7) % (65 - n);
+            let window = HostTensor::new(vec![n, k], x.data[start * k..(start + n) * k].to_vec());
+            let got = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &window)?, &wg)?)?;
+            if got.iter().zip(&all[start * m..]).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                differ.push(n);
             }
-            c.rows.push(Row {
-                op: "matmul batch invariance".into(),
-                shape: format!("{n} tokens vs 1"),
-                err: if same { 0.0 } else { f64::INFINITY },
-                pass: same,
-            });
+        }
+        c.rows.push(Row {
+            op: format!("matmul {kind} batch invariance"),
+            shape: format!("n=1..64 vs 64, {} differ {differ:?}", differ.len()),
+            err: if differ.is_empty() { 0.0 } else { f64::INFINITY },
+            pass: differ.is_empty(),
+        });
+        if !fp8 {
+            // Prefill: past 64 tokens bf16 goes to cuBLAS.
+            let x = HostTensor::new(vec![100, k], bf16_round(c.values(100 * k, 1.0)));
+            let want = c.cpu.to_host(&c.cpu.matmul(&c.cpu.upload(&x)?, &wc)?)?;
+            let got = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &x)?, &wg)?)?;
+            c.push("matmul cuBLAS bf16", format!("[100,{k}]x[{m},{k}]"), &got, &want);
         }
         Ok(())
     }
 
     /// The fused entry points (q/k/v in one launch, gate/up with SwiGLU, RoPE on q and k)
-    /// against the CPU's unfused default implementations.
-    fn fused(c: &mut Ctx, n: usize) -> Result<()> {
+    /// against the CPU's unfused default implementations, bf16 and FP8 weights.
+    fn fused(c: &mut Ctx, n: usize, fp8: bool) -> Result<()> {
         let (h, kv, inter) = (576, 192, 1536);
-        let x = HostTensor::new(vec![n, h], c.values(n * h, 1.0));
+        let kind = if fp8 { "fp8" } else { "bf16" };
+        let x = HostTensor::new(vec![n, h], bf16_round(c.values(n * h, 1.0)));
         let (xc, xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
         let mut ws = vec![];
         for m in [h, kv, kv, inter, inter] {
-            let v = c.values(m * h, 0.05);
-            ws.push(c.both(&HostTensor::new(vec![m, h], bf16_round(v)))?);
+            ws.push(weight(c, m, h, fp8)?);
         }
         let want = c.cpu.matmul_many(&xc, &[&ws[0].0, &ws[1].0, &ws[2].0])?;
         let got = c.gpu.matmul_many(&xg, &[&ws[0].1, &ws[1].1, &ws[2].1])?;
         for (i, (w, g)) in want.iter().zip(&got).enumerate() {
             let (w, g) = (c.cpu.to_host(w)?, c.gpu.to_host(g)?);
-            c.push(&format!("matmul_many (q/k/v {i})"), format!("[{n},{h}]"), &g, &w);
+            let err = rel_err(&g, &w);
+            c.rows.push(Row {
+                op: format!("matmul_many {kind} (q/k/v {i})"),
+                shape: format!("[{n},{h}]"),
+                err,
+                pass: err <= EXACT,
+            });
         }
-        let want = c.cpu.to_host(&c.cpu.swiglu(&xc, &ws[3].0, &ws[4].0)?)?;
+        // The GPU writes SwiGLU's product in bf16 (the down projection's input).
+        let want = bf16_round(c.cpu.to_host(&c.cpu.swiglu(&xc, &ws[3].0, &ws[4].0)?)?);
         let got = c.gpu.to_host(&c.gpu.swiglu(&xg, &ws[3].1, &ws[4].1)?)?;
-        c.push("swiglu (gate/up + silu)", format!("[{n},{h}]x2[{inter},{h}]"), &got, &want);
+        c.push(&format!("swiglu {kind} (gate/up + silu)"), format!("[{n},{h}]x2[{inter},{h}]"), &got, &want);
         if n > 1 {
             let one = f32_tensor(c.gpu, &HostTensor::new(vec![1, h], x.data[(n - 1) * h..].to_vec()))?;
             let alone = c.gpu.to_host(&c.gpu.swiglu(&one, &ws[3].1, &ws[4].1)?)?;
             let same = alone.iter().zip(&got[(n - 1) * inter..]).all(|(a, b)| a.to_bits() == b.to_bits());
             c.rows.push(Row {
-                op: "swiglu batch invariance".into(),
+                op: format!("swiglu {kind} batch invariance"),
                 shape: format!("{n} tokens vs 1"),
                 err: if same { 0.0 } else { f64::INFINITY },
                 pass: same,
             });
         }
-        seams(c, n, &xc, &xg, &ws)?;
+        if fp8 {
+            return Ok(());
+        }
         let cfg = Preset::Llama31_8b.config();
         let mut meta = BatchMeta::new(16);
         meta.push_row(&vec![1; n], 3000, &(0..200).collect::<Vec<u32>>(), 1);
@@ -355,50 +393,6 @@ mod ops {
     }
 
     type Pair = (<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor);
-
-    /// The seam between sub-layers: an output projection added into the residual, then the
-    /// norm, consumed by the next projections (on the GPU, fused: the add in the GEMV's
-    /// epilogue, the norm applied by the consuming GEMVs as they load the residual).
-    /// `ws` are q, k, v, gate, up for a hidden size of 576; the projection reads `x` as if it
-    /// were the attention output.
-    fn seams(
-        c: &mut Ctx,
-        n: usize,
-        xc: &<CpuBackend as Backend>::Tensor,
-        xg: &<CudaBackend as Backend>::Tensor,
-        ws: &[Pair],
-    ) -> Result<()> {
-        let h = 576;
-        let res = HostTensor::new(vec![n, h], c.values(n * h, 3.0));
-        let wo = HostTensor::new(vec![h, h], bf16_round(c.values(h * h, 0.05)));
-        let gamma = HostTensor::new(vec![h], c.values(h, 1.0));
-        let (mut rc, mut rg) = (c.cpu.upload(&res)?, f32_tensor(c.gpu, &res)?);
-        let ((woc, wog), (gc, gg)) = (c.both(&wo)?, c.both(&gamma)?);
-        let hc = c.cpu.matmul_add_rms_norm(xc, &woc, &mut rc, &gc, 1e-5)?;
-        let fused = c.gpu.fused_seams();
-        c.gpu.set_fused_seams(true); // off by default: test the fused kernels all the same
-        let hg = c.gpu.matmul_add_rms_norm(xg, &wog, &mut rg, &gg, 1e-5);
-        c.gpu.set_fused_seams(fused);
-        let hg = hg?;
-        let shape = format!("[{n},{h}]");
-        let (want, got) = (c.cpu.to_host(&hc)?, c.gpu.to_host(&hg)?);
-        c.push("matmul_add_rms_norm (normed)", shape.clone(), &got, &want);
-        let (want, got) = (c.cpu.to_host(&rc)?, c.gpu.to_host(&rg)?);
-        c.push("matmul_add_rms_norm (residual)", shape.clone(), &got, &want);
-        let want = c.cpu.matmul_many(&hc, &[&ws[0].0, &ws[1].0, &ws[2].0])?;
-        let got = c.gpu.matmul_many(&hg, &[&ws[0].1, &ws[1].1, &ws[2].1])?;
-        for (i, (w, g)) in want.iter().zip(&got).enumerate() {
-            let (w, g) = (c.cpu.to_host(w)?, c.gpu.to_host(g)?);
-            c.push(&format!("norm + matmul_many (q/k/v {i})"), shape.clone(), &g, &w);
-        }
-        let want = c.cpu.to_host(&c.cpu.swiglu(&hc, &ws[3].0, &ws[4].0)?)?;
-        let got = c.gpu.to_host(&c.gpu.swiglu(&hg, &ws[3].1, &ws[4].1)?)?;
-        c.push("norm + swiglu", shape.clone(), &got, &want);
-        let want = c.cpu.to_host(&c.cpu.matmul(&hc, &woc)?)?;
-        let got = c.gpu.to_host(&c.gpu.matmul(&hg, &wog)?)?;
-        c.push("norm + matmul", shape, &got, &want);
-        Ok(())
-    }
 
     fn rope(c: &mut Ctx, preset: Preset) -> Result<()> {
         let cfg = preset.config();

@@ -1,0 +1,176 @@
+//! The host side of kernels/matmul.cu: the tensor-core matmul that serves every step of 1 to
+//! 64 tokens (decode, verification, small batches), and the split of K chosen per weight
+//! shape. Longer steps (prefill) stream the weights once per 64 tokens, or go to cuBLAS
+//! when the weights are bf16.
+
+use super::device::{launch, Device, DeviceBuf};
+use super::kernels::Kernels;
+use super::{CudaBackend, CudaTensor, DType};
+use crate::backend::{BackendError, Result};
+
+/// Most tokens one launch of the tensor-core matmul takes (8 mma column tiles of 8).
+pub const MATMUL_MAX_TOKENS: usize = 64;
+/// Warps per block (MM_WARPS in kernels/matmul.cu).
+const WARPS: usize = 4;
+/// Warps per SM that the K split aims for: enough weight bytes in flight to cover the
+/// memory latency on every SM.
+const WARPS_PER_SM: usize = 16;
+/// Fewest k-blocks (16 bytes of each of a tile's rows per lane) a K slice keeps.
+const MIN_KBLOCKS_PER_SLICE: usize = 4;
+const MAX_SLICES: usize = 16;
+/// Ticket counters in the workspace: one per row block of a split launch.
+const TICKETS: usize = 8192;
+
+/// What the kernel does with each result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    /// `y = W x`
+    Store,
+    /// `y += W x` (a residual add)
+    Add,
+    /// Two weights, gate and up: `y = silu(gate x) * (up x)`, bf16.
+    SwiGlu,
+}
+
+/// Where split-K blocks leave their partial sums; one per backend (per stream), allocated
+/// once so that captured graphs keep its address.
+pub struct SplitWorkspace {
+    partial: DeviceBuf,
+    /// Floats `partial` holds.
+    capacity: usize,
+    tickets: DeviceBuf,
+    sms: usize,
+}
+
+impl SplitWorkspace {
+    pub fn new(dev: &Device, sms: usize) -> Result<Self> {
+        // A split launch has fewer tiles than the target (else it would not split), so it
+        // writes fewer than 2 x target x 16 rows per token.
+        let capacity = 2 * sms * WARPS_PER_SM * 16 * MATMUL_MAX_TOKENS;
+        let partial = dev.alloc(4 * capacity)?;
+        let tickets = dev.alloc(4 * TICKETS)?;
+        dev.memset_zero(tickets.ptr(), tickets.bytes())?;
+        Ok(SplitWorkspace { partial, capacity, tickets, sms })
+    }
+}
+
+/// The K slices for a launch over `tiles` tiles' worth of rows (16 rows each) and `kblocks`
+/// k-blocks: enough blocks to fill the GPU, never fewer than four k-blocks per slice. A
+/// function of the weights' shape only, so every token count sums in the same order.
+pub fn k_slices(tiles: usize, kblocks: usize, sms: usize) -> usize {
+    let wanted = (sms * WARPS_PER_SM).div_ceil(tiles.max(1));
+    wanted.min(MAX_SLICES).min(kblocks / MIN_KBLOCKS_PER_SLICE).max(1)
+}
+
+/// Units of 16 rows each warp takes (R in kernels/matmul.cu, by kernel).
+fn units_per_warp(group: usize, epi: Epilogue) -> usize {
+    if epi == Epilogue::SwiGlu || group > 1 {
+        1
+    } else {
+        2
+    }
+}
+
+/// Whether `w` can go through the tensor-core matmul with input width `k`.
+pub fn fits(w: &CudaTensor, k: usize) -> bool {
+    let (m, wk) = w.dims();
+    let kblock = if w.dtype == DType::Fp8 { 64 } else { 32 };
+    wk == k && m.is_multiple_of(16) && k.is_multiple_of(kblock) && matches!(w.dtype, DType::Bf16 | DType::Fp8)
+}
+
+impl CudaBackend {
+    /// `outs[i] = x · ws[i]ᵀ` (`Add`: `+=`) for up to three weights of one type sharing `x`,
+    /// or `outs[0] = silu(x · ws[0]ᵀ) * (x · ws[1]ᵀ)` (`SwiGlu`), any number of tokens: one
+    /// launch per 64. Every weight must `fits`.
+    pub(super) fn tc_matmul(
+        &self,
+        x: &CudaTensor,
+        ws: &[&CudaTensor],
+        outs: &[&CudaTensor],
+        epi: Epilogue,
+    ) -> Result<()> {
+        let (n, k) = x.dims();
+        let fp8 = ws[0].dtype == DType::Fp8;
+        if ws.len() > 3 || ws.iter().any(|w| !fits(w, k) || (w.dtype == DType::Fp8) != fp8) {
+            return Err(BackendError::Invalid(format!("tensor-core matmul: unsupported weights for input width {k}")));
+        }
+        let x = self.bf16_input(x)?;
+        let ms: Vec<usize> = ws.iter().map(|w| w.dims().0).collect();
+        let total_rows: usize = if epi == Epilogue::SwiGlu { 2 * ms[0] } else { ms.iter().sum() };
+        let kblocks = k / if fp8 { 64 } else { 32 };
+        let ws_ = &self.split;
+        let slices = k_slices(total_rows / 16, kblocks, ws_.sms);
+        let units = if epi == Epilogue::SwiGlu { ms[0] / 16 } else { total_rows / 16 };
+        let (out_elem, kernels) = (if epi == Epilogue::SwiGlu { 2 } else { 4 }, &self.kernels);
+        let mut t = 0;
+        while t < n {
+            let chunk = (n - t).min(MATMUL_MAX_TOKENS);
+            let group = token_group(chunk);
+            let blocks = units.div_ceil(WARPS * units_per_warp(group, epi));
+            if slices > 1 && (blocks > TICKETS || slices * chunk * total_rows > ws_.capacity) {
+                return Err(BackendError::Invalid("tensor-core matmul: split workspace too small".into()));
+            }
+            let f = kernel(kernels, fp8, epi, group);
+            let w = |i: usize| ws.get(i).map_or(0, |w| w.ptr());
+            let s = |i: usize| ws.get(i).map_or(0, |w| w.scales_ptr());
+            let y = |i: usize| outs.get(i).map_or(0, |o| o.ptr() + (t * o.dims().1 * out_elem) as u64);
+            let m = |i: usize| ms.get(i).map_or(0, |&m| m as i32);
+            let xp = x.ptr() + (t * k * 2) as u64;
+            launch!(self.dev, f, (blocks as u32, slices as u32, 1), ((WARPS * 32) as u32, 1, 1);
+                w(0), w(1), w(2), s(0), s(1), s(2), y(0), y(1), y(2), m(0), m(1), m(2), k as i32, xp,
+                chunk as i32, (epi == Epilogue::Add) as i32, ws_.partial.ptr(), ws_.tickets.ptr())?;
+            t += chunk;
+        }
+        Ok(())
+    }
+
+    /// `x` as bf16 (the tensor cores' input): itself, or converted from f32.
+    pub(super) fn bf16_input<'a>(&self, x: &'a CudaTensor) -> Result<std::borrow::Cow<'a, CudaTensor>> {
+        match x.dtype {
+            DType::Bf16 => Ok(std::borrow::Cow::Borrowed(x)),
+            DType::F32 => Ok(std::borrow::Cow::Owned(self.to_bf16(x)?)),
+            DType::Fp8 => Err(BackendError::Invalid("matmul input: FP8 activations are not supported".into())),
+        }
+    }
+}
+
+/// Which of a family's kernels serves `tokens` (1 to 64): 8, 16, 32 or 64 tokens at most.
+pub fn token_group(tokens: usize) -> usize {
+    match tokens {
+        0..=8 => 0,
+        9..=16 => 1,
+        17..=32 => 2,
+        _ => 3,
+    }
+}
+
+fn kernel(k: &Kernels, fp8: bool, epi: Epilogue, group: usize) -> &cudarc::driver::CudaFunction {
+    match (fp8, epi == Epilogue::SwiGlu) {
+        (false, false) => &k.mm_bf16[group],
+        (true, false) => &k.mm_fp8[group],
+        (false, true) => &k.swiglu_bf16[group],
+        (true, true) => &k.swiglu_fp8[group],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn k_splits_fill_the_gpu_and_keep_whole_kblocks() {
+        // 8B shapes on 132 SMs: o (256 tiles, 128 k-blocks) splits, gate/up does not.
+        assert_eq!(k_slices(256, 128, 132), 9);
+        assert_eq!(k_slices(1792, 128, 132), 2);
+        assert_eq!(k_slices(8016, 128, 132), 1);
+        // Short rows keep at least four k-blocks per slice.
+        assert_eq!(k_slices(60, 18, 132), 4);
+        assert_eq!(k_slices(60, 3, 132), 1);
+    }
+
+    #[test]
+    fn token_groups_cover_one_to_sixty_four() {
+        let groups: Vec<usize> = [1, 8, 9, 16, 17, 32, 33, 64].map(token_group).to_vec();
+        assert_eq!(groups, vec![0, 0, 1, 1, 2, 2, 3, 3]);
+    }
+}
