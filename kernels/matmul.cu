@@ -39,6 +39,13 @@
 #ifndef MM_UNROLL
 #define MM_UNROLL 4  // k-blocks of weights in flight per warp
 #endif
+#ifndef MM_SMALL_UNITS
+#define MM_SMALL_UNITS 2  // 16-row units per warp up to 16 tokens
+#endif
+#ifndef MM_L2_256
+#define MM_L2_256 0  // weight loads fetch their whole 256-byte L2 segment
+#endif
+// (The host's MatmulTuning sets these; its grid depends on them.)
 
 #define EPI_STORE 0   // y = acc (or y += acc when `accumulate`: a residual add)
 #define EPI_SWIGLU 1  // W0 = gate, W1 = up: y = silu(gate) * up
@@ -122,11 +129,23 @@ __device__ __forceinline__ Tile tile_at(const MmArgs& a, int tile, int which) {
     return t;
 }
 
+__device__ __forceinline__ uint4 load_weights(const uint4* p) {
+#if MM_L2_256
+    uint4 r;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+                 : "l"(p));
+    return r;
+#else
+    return load_stream(p);
+#endif
+}
+
 // The 16 bytes of each of the tile's two rows at k-block kb (64 bytes per row per k-block).
 __device__ __forceinline__ void load_tile(const Tile& t, int kb, bool ok, uint4 (&dst)[2]) {
     const size_t off = (size_t)kb * 64 + (threadIdx.x % 4) * 16;
-    dst[0] = ok && t.live ? load_stream(reinterpret_cast<const uint4*>(t.lo + off)) : zero4();
-    dst[1] = ok && t.live ? load_stream(reinterpret_cast<const uint4*>(t.hi + off)) : zero4();
+    dst[0] = ok && t.live ? load_weights(reinterpret_cast<const uint4*>(t.lo + off)) : zero4();
+    dst[1] = ok && t.live ? load_weights(reinterpret_cast<const uint4*>(t.hi + off)) : zero4();
 }
 
 // acc[nt] += tile . x over one k-block whose weights this lane holds in w. bf16: two mma
@@ -325,14 +344,15 @@ __device__ void matmul_block(const MmArgs& a) {
 #define MM_ARGS MmArgs{{w0, w1, w2}, {s0, s1, s2}, {y0, y1, y2}, {m0, m1, m2}, K, x, n, accumulate, partial, tickets}
 #define MM_BOUNDS __launch_bounds__(MM_WARPS * WARP)
 
-// Two units per warp up to 16 tokens (more weight bytes in flight per activation load),
-// one beyond (the accumulators grow with the tokens). SwiGLU's units are pairs already.
-extern "C" __global__ void MM_BOUNDS mm_bf16_t8(MM_PARAMS) { matmul_block<false, 1, 2, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS mm_bf16_t16(MM_PARAMS) { matmul_block<false, 2, 2, EPI_STORE>(MM_ARGS); }
+// MM_SMALL_UNITS units per warp up to 16 tokens (more weight bytes in flight per activation
+// load), one beyond (the accumulators grow with the tokens). SwiGLU's units are pairs already.
+#define SMALL MM_SMALL_UNITS
+extern "C" __global__ void MM_BOUNDS mm_bf16_t8(MM_PARAMS) { matmul_block<false, 1, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS mm_bf16_t16(MM_PARAMS) { matmul_block<false, 2, SMALL, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_bf16_t32(MM_PARAMS) { matmul_block<false, 4, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_bf16_t64(MM_PARAMS) { matmul_block<false, 8, 1, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS mm_fp8_t8(MM_PARAMS) { matmul_block<true, 1, 2, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS mm_fp8_t16(MM_PARAMS) { matmul_block<true, 2, 2, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS mm_fp8_t8(MM_PARAMS) { matmul_block<true, 1, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS mm_fp8_t16(MM_PARAMS) { matmul_block<true, 2, SMALL, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_fp8_t32(MM_PARAMS) { matmul_block<true, 4, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_fp8_t64(MM_PARAMS) { matmul_block<true, 8, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS swiglu_bf16_t8(MM_PARAMS) { matmul_block<false, 1, 1, EPI_SWIGLU>(MM_ARGS); }

@@ -161,18 +161,22 @@ fn cache_dir() -> PathBuf {
     crate::model::default_model::cache_dir().join("kernels")
 }
 
-/// The cubin of `file` for `arch`, from the disk cache or freshly compiled (and then cached).
-pub fn cubin_cached(file: &KernelFile, arch: &str, include: &Path) -> Result<Vec<u8>> {
+/// The cubin of `file` for `arch` (with `extra` NVRTC options), from the disk cache or
+/// freshly compiled (and then cached).
+pub fn cubin_cached(file: &KernelFile, arch: &str, include: &Path, extra: &[String]) -> Result<Vec<u8>> {
     let (major, minor) = nvrtc_version()?;
     let source = file.full_source();
-    let opts = options(arch, include).join(" ");
+    let mut opts = options(arch, include);
+    opts.extend(extra.iter().cloned());
+    let opts = opts.join(" ");
     let version = format!("{major}.{minor}");
     let key = fnv64(&[source.as_bytes(), arch.as_bytes(), opts.as_bytes(), version.as_bytes()]);
     let path = cache_dir().join(format!("{}-{arch}-{key:016x}.cubin", file.name.trim_end_matches(".cu")));
     if let Ok(bytes) = std::fs::read(&path) {
         return Ok(bytes);
     }
-    let bytes = compile(file, arch, include)?;
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let (bytes, _) = compile_with(file, arch, include, &extra)?;
     // A failed cache write only costs a recompile next time.
     if std::fs::create_dir_all(cache_dir()).is_ok() {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -218,14 +222,30 @@ pub struct Kernels {
     pub arch: String,
 }
 
+/// The cubins of every file for each set of matmul defines, compiled in parallel (NVRTC is
+/// single-threaded per program) into the disk cache, in file order per set.
+pub fn compile_all(arch: &str, matmul_defines: &[Vec<String>]) -> Result<Vec<Vec<Vec<u8>>>> {
+    use rayon::prelude::*;
+    let include = cuda_include_dir()?;
+    matmul_defines
+        .par_iter()
+        .map(|defines| {
+            FILES
+                .par_iter()
+                .map(|file| cubin_cached(file, arch, &include, if file.name == "matmul.cu" { defines } else { &[] }))
+                .collect()
+        })
+        .collect()
+}
+
 impl Kernels {
-    pub fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+    /// Every kernel; `matmul_defines` (e.g. `-DMM_UNROLL=8`) tune kernels/matmul.cu.
+    pub fn load(ctx: &Arc<CudaContext>, matmul_defines: &[String]) -> Result<Self> {
         let (major, minor) = ctx.compute_capability().map_err(|e| BackendError::Device(e.to_string()))?;
         let arch = arch_for(major, minor);
-        let include = cuda_include_dir()?;
+        let cubins = compile_all(&arch, &[matmul_defines.to_vec()])?.remove(0);
         let mut modules = Vec::new();
-        for file in FILES {
-            let cubin = cubin_cached(file, &arch, &include)?;
+        for (file, cubin) in FILES.iter().zip(cubins) {
             let module = ctx
                 .load_module(Ptx::from_binary(cubin))
                 .map_err(|e| BackendError::Device(format!("loading {}: {e}", file.name)))?;

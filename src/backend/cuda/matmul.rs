@@ -10,11 +10,42 @@ use crate::backend::{BackendError, Result};
 
 /// Most tokens one launch of the tensor-core matmul takes (8 mma column tiles of 8).
 pub const MATMUL_MAX_TOKENS: usize = 64;
-/// Warps per block (MM_WARPS in kernels/matmul.cu).
-const WARPS: usize = 4;
-/// Warps per SM that the K split aims for: enough weight bytes in flight to cover the
-/// memory latency on every SM.
-const WARPS_PER_SM: usize = 16;
+
+/// The knobs of the tensor-core matmul that trade registers, occupancy and memory access
+/// patterns; the kernel's `MM_*` macros and the host's grid must agree, so both come from
+/// here. Changing them changes the K split, hence the bits, but never batch invariance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MatmulTuning {
+    /// Warps per block (MM_WARPS).
+    pub warps: usize,
+    /// k-blocks of weights in flight per warp (MM_UNROLL).
+    pub unroll: usize,
+    /// 16-row units per warp for steps of up to 16 tokens (MM_SMALL_UNITS).
+    pub small_units: usize,
+    /// Weight loads ask L2 for the whole 256-byte segment (MM_L2_256).
+    pub l2_256: bool,
+    /// Warps per SM that the K split aims for.
+    pub warps_per_sm: usize,
+}
+
+impl Default for MatmulTuning {
+    fn default() -> Self {
+        MatmulTuning { warps: 4, unroll: 4, small_units: 2, l2_256: false, warps_per_sm: 16 }
+    }
+}
+
+impl MatmulTuning {
+    /// The NVRTC options that build kernels/matmul.cu for these settings.
+    pub fn defines(&self) -> Vec<String> {
+        vec![
+            format!("-DMM_WARPS={}", self.warps),
+            format!("-DMM_UNROLL={}", self.unroll),
+            format!("-DMM_SMALL_UNITS={}", self.small_units),
+            format!("-DMM_L2_256={}", self.l2_256 as u8),
+        ]
+    }
+}
+
 /// Fewest k-blocks (16 bytes of each of a tile's rows per lane) a K slice keeps.
 const MIN_KBLOCKS_PER_SLICE: usize = 4;
 const MAX_SLICES: usize = 16;
@@ -43,10 +74,10 @@ pub struct SplitWorkspace {
 }
 
 impl SplitWorkspace {
-    pub fn new(dev: &Device, sms: usize) -> Result<Self> {
+    pub fn new(dev: &Device, sms: usize, tuning: &MatmulTuning) -> Result<Self> {
         // A split launch has fewer tiles than the target (else it would not split), so it
         // writes fewer than 2 x target x 16 rows per token.
-        let capacity = 2 * sms * WARPS_PER_SM * 16 * MATMUL_MAX_TOKENS;
+        let capacity = 2 * sms * tuning.warps_per_sm * 16 * MATMUL_MAX_TOKENS;
         let partial = dev.alloc(4 * capacity)?;
         let tickets = dev.alloc(4 * TICKETS)?;
         dev.memset_zero(tickets.ptr(), tickets.bytes())?;
@@ -57,17 +88,17 @@ impl SplitWorkspace {
 /// The K slices for a launch over `tiles` tiles' worth of rows (16 rows each) and `kblocks`
 /// k-blocks: enough blocks to fill the GPU, never fewer than four k-blocks per slice. A
 /// function of the weights' shape only, so every token count sums in the same order.
-pub fn k_slices(tiles: usize, kblocks: usize, sms: usize) -> usize {
-    let wanted = (sms * WARPS_PER_SM).div_ceil(tiles.max(1));
+pub fn k_slices(tiles: usize, kblocks: usize, sms: usize, warps_per_sm: usize) -> usize {
+    let wanted = (sms * warps_per_sm).div_ceil(tiles.max(1));
     wanted.min(MAX_SLICES).min(kblocks / MIN_KBLOCKS_PER_SLICE).max(1)
 }
 
 /// Units of 16 rows each warp takes (R in kernels/matmul.cu, by kernel).
-fn units_per_warp(group: usize, epi: Epilogue) -> usize {
+fn units_per_warp(group: usize, epi: Epilogue, tuning: &MatmulTuning) -> usize {
     if epi == Epilogue::SwiGlu || group > 1 {
         1
     } else {
-        2
+        tuning.small_units
     }
 }
 
@@ -99,14 +130,15 @@ impl CudaBackend {
         let total_rows: usize = if epi == Epilogue::SwiGlu { 2 * ms[0] } else { ms.iter().sum() };
         let kblocks = k / if fp8 { 64 } else { 32 };
         let ws_ = &self.split;
-        let slices = k_slices(total_rows / 16, kblocks, ws_.sms);
+        let tuning = &self.tuning;
+        let slices = k_slices(total_rows / 16, kblocks, ws_.sms, tuning.warps_per_sm);
         let units = if epi == Epilogue::SwiGlu { ms[0] / 16 } else { total_rows / 16 };
         let (out_elem, kernels) = (if epi == Epilogue::SwiGlu { 2 } else { 4 }, &self.kernels);
         let mut t = 0;
         while t < n {
             let chunk = (n - t).min(MATMUL_MAX_TOKENS);
             let group = token_group(chunk);
-            let blocks = units.div_ceil(WARPS * units_per_warp(group, epi));
+            let blocks = units.div_ceil(tuning.warps * units_per_warp(group, epi, tuning));
             if slices > 1 && (blocks > TICKETS || slices * chunk * total_rows > ws_.capacity) {
                 return Err(BackendError::Invalid("tensor-core matmul: split workspace too small".into()));
             }
@@ -116,7 +148,7 @@ impl CudaBackend {
             let y = |i: usize| outs.get(i).map_or(0, |o| o.ptr() + (t * o.dims().1 * out_elem) as u64);
             let m = |i: usize| ms.get(i).map_or(0, |&m| m as i32);
             let xp = x.ptr() + (t * k * 2) as u64;
-            launch!(self.dev, f, (blocks as u32, slices as u32, 1), ((WARPS * 32) as u32, 1, 1);
+            launch!(self.dev, f, (blocks as u32, slices as u32, 1), ((tuning.warps * 32) as u32, 1, 1);
                 w(0), w(1), w(2), s(0), s(1), s(2), y(0), y(1), y(2), m(0), m(1), m(2), k as i32, xp,
                 chunk as i32, (epi == Epilogue::Add) as i32, ws_.partial.ptr(), ws_.tickets.ptr())?;
             t += chunk;
@@ -160,12 +192,12 @@ mod tests {
     #[test]
     fn k_splits_fill_the_gpu_and_keep_whole_kblocks() {
         // 8B shapes on 132 SMs: o (256 tiles, 128 k-blocks) splits, gate/up does not.
-        assert_eq!(k_slices(256, 128, 132), 9);
-        assert_eq!(k_slices(1792, 128, 132), 2);
-        assert_eq!(k_slices(8016, 128, 132), 1);
+        assert_eq!(k_slices(256, 128, 132, 16), 9);
+        assert_eq!(k_slices(1792, 128, 132, 16), 2);
+        assert_eq!(k_slices(8016, 128, 132, 16), 1);
         // Short rows keep at least four k-blocks per slice.
-        assert_eq!(k_slices(60, 18, 132), 4);
-        assert_eq!(k_slices(60, 3, 132), 1);
+        assert_eq!(k_slices(60, 18, 132, 16), 4);
+        assert_eq!(k_slices(60, 3, 132, 16), 1);
     }
 
     #[test]

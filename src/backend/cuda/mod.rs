@@ -26,6 +26,7 @@ use self::device::{driver_err, launch, Device, DeviceBuf};
 use self::graph::Graphs;
 use self::kernels::Kernels;
 pub use self::matmul::MATMUL_MAX_TOKENS;
+pub use self::matmul::MatmulTuning;
 use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
 use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
@@ -37,6 +38,8 @@ pub struct CudaBackend {
     blas: Blas,
     /// Partial sums of the matmuls that split K (one workspace per stream).
     split: SplitWorkspace,
+    /// How the matmul kernels in `kernels` were built (and how to launch them).
+    tuning: MatmulTuning,
     graphs: Graphs,
     /// Set while `graph::Graphs` captures a step: the batch buffer `prepare` must use.
     capture_batch: Mutex<Option<(Arc<DeviceBuf>, usize)>>,
@@ -57,35 +60,48 @@ impl CudaBackend {
         // SAFETY: no cudarc buffers exist yet on this context.
         unsafe { ctx.disable_event_tracking() };
         keep_pool_memory(&ctx)?;
-        let kernels = Arc::new(Kernels::load(&ctx)?);
-        Self::on(ctx, kernels)
+        let tuning = MatmulTuning::default();
+        let kernels = Arc::new(Kernels::load(&ctx, &tuning.defines())?);
+        Self::on(ctx, kernels, tuning)
+    }
+
+    /// A sibling whose matmul kernels are built with other settings (for comparisons).
+    pub fn tuned(&self, tuning: MatmulTuning) -> Result<Self> {
+        let kernels = Arc::new(Kernels::load(&self.dev.ctx, &tuning.defines())?);
+        Self::on(self.dev.ctx.clone(), kernels, tuning)
     }
 
     /// Another backend on the same GPU and kernels, with a stream of its own (for the draft
     /// model while this one runs the target).
     pub fn sibling(&self) -> Result<Self> {
-        Self::on(self.dev.ctx.clone(), self.kernels.clone())
+        Self::on(self.dev.ctx.clone(), self.kernels.clone(), self.tuning)
     }
 
-    fn on(ctx: Arc<CudaContext>, kernels: Arc<Kernels>) -> Result<Self> {
+    fn on(ctx: Arc<CudaContext>, kernels: Arc<Kernels>, tuning: MatmulTuning) -> Result<Self> {
         let dev = Device::new(ctx.clone())?;
         let blas = Blas::new(&dev.stream)?;
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let sms = ctx
             .attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)
             .map_err(driver_err("reading the SM count"))? as usize;
-        let split = SplitWorkspace::new(&dev, sms)?;
+        let split = SplitWorkspace::new(&dev, sms, &tuning)?;
         Ok(CudaBackend {
             dev,
             kernels,
             blas,
             split,
+            tuning,
             graphs: Graphs::default(),
             capture_batch: Mutex::new(None),
             fuse_rope: AtomicBool::new(true),
             attn_split: AtomicUsize::new(batch::ATTN_SPLIT),
             device_name,
         })
+    }
+
+    /// The architecture the kernels were compiled for (e.g. `sm_90a`).
+    pub fn arch(&self) -> &str {
+        &self.kernels.arch
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {

@@ -33,6 +33,9 @@ pub struct BenchArgs {
     synthetic_acceptance: f64,
     #[arg(long, default_value_t = 8)]
     draft_len: usize,
+    /// Also time the matmul kernels built with other settings (`MatmulTuning`), side by side.
+    #[arg(long)]
+    tune: bool,
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -168,7 +171,10 @@ mod gpu {
         let bandwidth = 2.0 * (1u64 << 30) as f64 / (copy_ms / 1e3); // read + write
         println!("device-to-device copy: 1 GiB in {copy_ms:.3} ms = {:.2} TB/s (read + write)", bandwidth / 1e12);
 
-        let kernel_rows = kernel_times(&gpu)?;
+        if args.tune {
+            tune(&gpu, bandwidth)?;
+        }
+        let kernel_rows = kernel_times(&gpu, &[1, 2, 5, 9, 11, 17, 33, 64])?;
 
         let capacity = args.prompt_tokens
             + 2 * VARIANTS.len() * (args.decode_tokens / 2 + 4)
@@ -299,6 +305,30 @@ mod gpu {
         Ok(())
     }
 
+    /// The matmul kernels built with each of a few settings, compiled in parallel first.
+    fn tune(gpu: &CudaBackend, bandwidth: f64) -> Res<()> {
+        use specula::backend::cuda::MatmulTuning;
+        let base = MatmulTuning::default();
+        let variants = [
+            ("default", base),
+            ("L2 256B", MatmulTuning { l2_256: true, ..base }),
+            ("unroll 8, 1 unit", MatmulTuning { unroll: 8, small_units: 1, ..base }),
+            ("unroll 8, 1 unit, L2 256B", MatmulTuning { unroll: 8, small_units: 1, l2_256: true, ..base }),
+            ("8 warps, L2 256B", MatmulTuning { warps: 8, l2_256: true, ..base }),
+            ("32 warps/SM split, L2 256B", MatmulTuning { warps_per_sm: 32, l2_256: true, ..base }),
+            ("unroll 2, 4 units, L2 256B", MatmulTuning { unroll: 2, small_units: 4, l2_256: true, ..base }),
+        ];
+        let start = Instant::now();
+        let defines: Vec<Vec<String>> = variants.iter().map(|(_, t)| t.defines()).collect();
+        specula::backend::cuda::kernels::compile_all(gpu.arch(), &defines)?;
+        println!("\n== matmul settings ({} variants compiled in {:.1} s) ==", variants.len(), start.elapsed().as_secs_f64());
+        for (label, tuning) in variants {
+            println!("-- {label}: {tuning:?}");
+            print_kernel_rows(&kernel_times(&gpu.tuned(tuning)?, &[1, 11, 17])?, bandwidth);
+        }
+        Ok(())
+    }
+
     /// Per op: the fraction of the copy bandwidth its weight stream reached at each token
     /// count, and its time at the most tokens over its time at one.
     fn print_kernel_rows(rows: &[KernelRow], bandwidth: f64) {
@@ -336,7 +366,7 @@ mod gpu {
 
     /// The projections of one layer at the 8B and 70B shapes, bf16 and FP8,
     /// alone: microseconds per call for 1 to 64 tokens and the weight bytes each reads.
-    fn kernel_times(gpu: &CudaBackend) -> Res<Vec<KernelRow>> {
+    fn kernel_times(gpu: &CudaBackend, ns: &[usize]) -> Res<Vec<KernelRow>> {
         use specula::backend::cuda::CudaTensor;
         use specula::model::HostTensor;
         let time = |f: &mut dyn FnMut() -> Res<()>| -> Res<f64> {
@@ -364,7 +394,7 @@ mod gpu {
                 };
                 let (wq, wk, wv, wo) = (w(h, h, 1)?, w(kv, h, 2)?, w(kv, h, 3)?, w(h, h, 4)?);
                 let (wg, wu, wd) = (w(inter, h, 5)?, w(inter, h, 6)?, w(h, inter, 7)?);
-                for n in [1usize, 2, 5, 9, 11, 17, 33, 64] {
+                for &n in ns {
                     let (x, xi) = (act(n, h)?, act(n, inter)?);
                     let mut row = |op: &'static str, us: f64, weights: usize| {
                         rows.push(KernelRow { model, kind, op, n, us, bytes: (weights * bytes_per) as f64 })

@@ -20,6 +20,9 @@ enum KernelsCommand {
         /// Also print each kernel's registers, shared memory and spills.
         #[arg(long)]
         resources: bool,
+        /// Also write each file's cubin here (for `cuobjdump -sass`).
+        #[arg(long)]
+        cubin_dir: Option<std::path::PathBuf>,
     },
     /// On a GPU: every op against the CPU reference on fresh random inputs, then the model's
     /// greedy tokens and logits on both backends.
@@ -42,13 +45,13 @@ pub struct ParityArgs {
 
 pub fn run(args: KernelsArgs) -> Result<(), Box<dyn std::error::Error>> {
     match args.command {
-        KernelsCommand::Check { arch, resources } => check(&arch, resources),
+        KernelsCommand::Check { arch, resources, cubin_dir } => check(&arch, resources, cubin_dir),
         KernelsCommand::Parity(p) => parity(p),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn check(_arch: &str, _resources: bool) -> Result<(), Box<dyn std::error::Error>> {
+fn check(_arch: &str, _resources: bool, _: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     Err("this binary was built without the `cuda` feature (cargo build --features cuda)".into())
 }
 
@@ -58,7 +61,7 @@ fn parity(_: ParityArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 #[cfg(feature = "cuda")]
-fn check(arch: &str, resources: bool) -> Result<(), Box<dyn std::error::Error>> {
+fn check(arch: &str, resources: bool, cubin_dir: Option<std::path::PathBuf>) -> Result<(), Box<dyn std::error::Error>> {
     use specula::backend::cuda::kernels::{compile_with, cuda_include_dir, nvrtc_version, FILES};
     let (major, minor) = nvrtc_version()?;
     let include = cuda_include_dir()?;
@@ -79,6 +82,10 @@ fn check(arch: &str, resources: bool) -> Result<(), Box<dyn std::error::Error>> 
         }
         if let (Ok((_, log)), true) = (&result, resources) {
             println!("{}", log.trim_end());
+        }
+        if let (Ok((cubin, _)), Some(dir)) = (&result, &cubin_dir) {
+            std::fs::create_dir_all(dir)?;
+            std::fs::write(dir.join(file.name.replace(".cu", ".cubin")), cubin)?;
         }
         if let Err(e) = result {
             failed += 1;
