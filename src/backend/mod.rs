@@ -98,13 +98,22 @@ pub trait Backend: Send + Sync + 'static {
     /// Stores a weight (the CPU keeps f32; CUDA converts to bf16).
     fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
     /// Stores a quantized matrix as is, if this backend's matmul computes on it; `None`
-    /// makes the loader dequantize and call `upload` instead.
+    /// makes the loader dequantize and call `upload` instead. An FP8 matrix
+    /// (`QuantWeight::Fp8`) brings its E4M3 codes row-major `[rows, cols]`, one f32 scale
+    /// per row and the scheme its matmul applies to the input activations.
     fn upload_quantized(&self, _w: &QuantWeight) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }
     /// Random normal weights with standard deviation `std` (the dummy load format), made
     /// where they will live so that large shapes need no host memory.
     fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<Self::Tensor>;
+    /// A random `[rows, cols]` matrix as `random` makes it, stored as FP8 (E4M3, one scale
+    /// per row, activations unquantized): the dummy load format with `--dtype fp8`. `None`
+    /// makes the loader generate the values on the host, quantize them there and call
+    /// `upload_quantized`.
+    fn random_fp8(&self, _shape: [usize; 2], _std: f32, _seed: u64) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
     /// A zeroed KV cache tensor for one layer: `[slots, kv_dim]`.
     fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<Self::Tensor>;
     fn prepare(&self, meta: &BatchMeta) -> Result<Self::Batch>;

@@ -4,7 +4,7 @@
 //! additions depends only on the vector length, never on how many tokens share the
 //! weight load (`dot_tile` runs the same per-token sequence of fused multiply-adds).
 
-use crate::model::quant::{QuantFormat, BLOCK};
+use crate::model::quant::{e4m3, QuantFormat, BLOCK};
 
 /// Dots of one weight row `w` with up to `T` activation rows at once (the weight is read once).
 pub fn dot_tile<const T: usize>(w: &[f32], xs: [&[f32]; T]) -> [f32; T] {
@@ -32,6 +32,18 @@ pub fn dot_tile_quant<const T: usize>(format: QuantFormat, row: &[u8], xs: [&[f3
         }
     }
     acc
+}
+
+/// Dots of one row of E4M3 codes (their values, unscaled) with up to `T` activation rows,
+/// in `dot_tile`'s order of additions.
+pub fn dot_tile_fp8<const T: usize>(codes: &[u8], xs: [&[f32]; T]) -> [f32; T] {
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: AVX2, FMA and F16C are present (checked above); lengths are asserted inside.
+        return unsafe { avx::dot_tile_fp8::<T>(codes, xs) };
+    }
+    let w: Vec<f32> = codes.iter().map(|&c| e4m3::to_f32(c)).collect();
+    std::array::from_fn(|t| scalar_dot(&w, xs[t]))
 }
 
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
@@ -87,7 +99,7 @@ fn horizontal(l: [f32; 8]) -> f32 {
 mod avx {
     use std::arch::x86_64::*;
 
-    use crate::model::quant::{QuantFormat, BLOCK};
+    use crate::model::quant::{e4m3, QuantFormat, BLOCK};
 
     /// The 32 values of a quantized block as four vectors of 8. (No closures here: they
     /// would not inherit the target features, and every intrinsic would become a call.)
@@ -157,6 +169,65 @@ mod avx {
         let mut out = [0f32; T];
         for t in 0..T {
             out[t] = reduce(&acc[t]);
+        }
+        out
+    }
+
+    /// Eight E4M3 codes as f32. Shifting the code's low 7 bits left by 7 makes an f16 with
+    /// the same exponent and mantissa fields, worth the E4M3 value times 2⁻⁸ (the biases
+    /// are 15 and 7; subnormals line up too), so F16C converts it and × 256 is exact. The
+    /// two NaN codes would read 480: they get an f16 NaN exponent instead.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn decode_e4m3(p: *const u8) -> __m256 {
+        let w = _mm_cvtepu8_epi16(_mm_loadl_epi64(p as *const __m128i));
+        let magnitude = _mm_and_si128(w, _mm_set1_epi16(0x7f));
+        let sign = _mm_slli_epi16(_mm_and_si128(w, _mm_set1_epi16(0x80)), 8);
+        let h = _mm_or_si128(sign, _mm_slli_epi16(magnitude, 7));
+        let nan = _mm_cmpeq_epi16(magnitude, _mm_set1_epi16(0x7f));
+        let h = _mm_or_si128(h, _mm_and_si128(nan, _mm_set1_epi16(0x7e00)));
+        _mm256_mul_ps(_mm256_cvtph_ps(h), _mm256_set1_ps(256.0))
+    }
+
+    /// `dot_tile` with the weights decoded from E4M3 codes as they are loaded.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_tile_fp8<const T: usize>(codes: &[u8], xs: [&[f32]; T]) -> [f32; T] {
+        let n = codes.len();
+        for x in &xs {
+            assert_eq!(x.len(), n);
+        }
+        let cp = codes.as_ptr();
+        let mut acc = [[_mm256_setzero_ps(); 4]; T];
+        let mut i = 0;
+        while i + 32 <= n {
+            let wv = [
+                decode_e4m3(cp.add(i)),
+                decode_e4m3(cp.add(i + 8)),
+                decode_e4m3(cp.add(i + 16)),
+                decode_e4m3(cp.add(i + 24)),
+            ];
+            for t in 0..T {
+                let xp = xs[t].as_ptr().add(i);
+                for j in 0..4 {
+                    acc[t][j] = _mm256_fmadd_ps(wv[j], _mm256_loadu_ps(xp.add(8 * j)), acc[t][j]);
+                }
+            }
+            i += 32;
+        }
+        while i + 8 <= n {
+            let wv = decode_e4m3(cp.add(i));
+            for t in 0..T {
+                acc[t][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(xs[t].as_ptr().add(i)), acc[t][0]);
+            }
+            i += 8;
+        }
+        let mut out = [0f32; T];
+        for t in 0..T {
+            let mut sum = reduce(&acc[t]);
+            for k in i..n {
+                sum = e4m3::to_f32(codes[k]).mul_add(xs[t][k], sum);
+            }
+            out[t] = sum;
         }
         out
     }
@@ -264,6 +335,35 @@ mod tests {
                 );
                 assert_eq!(got[t].to_bits(), dot_tile_quant::<1>(format, &row, [&xs[t]])[0].to_bits());
             }
+        }
+    }
+
+    #[test]
+    fn fp8_dots_are_the_dots_of_the_decoded_codes() {
+        for n in [1, 8, 31, 32, 33, 77, 256] {
+            // Every code but the NaNs, in a scrambled order.
+            let codes: Vec<u8> =
+                (0..n).map(|i| (i * 113 % 256) as u8).map(|c| if c & 0x7f == 0x7f { 0 } else { c }).collect();
+            let w: Vec<f32> = codes.iter().map(|&c| e4m3::to_f32(c)).collect();
+            let xs: Vec<Vec<f32>> = (0..3).map(|s| data(n, 30 + s)).collect();
+            let got = dot_tile_fp8::<3>(&codes, [&xs[0], &xs[1], &xs[2]]);
+            for t in 0..3 {
+                assert_eq!(got[t].to_bits(), scalar_dot(&w, &xs[t]).to_bits(), "n = {n}");
+                assert_eq!(got[t].to_bits(), dot_tile_fp8::<1>(&codes, [&xs[t]])[0].to_bits());
+            }
+        }
+    }
+
+    #[test]
+    fn fp8_decoding_matches_the_table_for_every_code() {
+        // Code c alone at position c (every lane of every vector), the rest zero.
+        let x = vec![1f32; 256];
+        for c in 0..=255u8 {
+            let mut codes = vec![0u8; 256];
+            codes[c as usize] = c;
+            let got = dot_tile_fp8::<1>(&codes, [&x])[0];
+            let want = e4m3::to_f32(c);
+            assert!(got == want || (got.is_nan() && want.is_nan()), "code {c:#04x}: {got} vs {want}");
         }
     }
 

@@ -4,15 +4,17 @@
 
 mod kernels;
 
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
-use crate::model::quant::{QuantFormat, QuantWeight};
+use crate::model::quant::{ActivationScheme, QuantFormat, QuantWeight};
 use crate::model::HostTensor;
-use kernels::{dot, dot_tile, dot_tile_quant};
+use kernels::{dot, dot_tile, dot_tile_fp8, dot_tile_quant};
 
-/// Activations and most weights are dense f32; matrices from GGUF files may stay in their
-/// quantized blocks, which only `matmul` and `embed` read.
+/// Activations and most weights are dense f32; quantized matrices (GGML blocks, FP8) stay
+/// as stored, and only `matmul` and `embed` read them.
 pub enum CpuTensor {
     Dense(HostTensor),
     Quant(QuantWeight),
@@ -37,7 +39,7 @@ impl CpuTensor {
     fn dims(&self) -> (usize, usize) {
         match self {
             CpuTensor::Dense(t) => rows(t),
-            CpuTensor::Quant(q) => (q.shape[0], q.shape[1]),
+            CpuTensor::Quant(q) => (q.shape()[0], q.shape()[1]),
         }
     }
 }
@@ -101,7 +103,7 @@ impl Backend for CpuBackend {
             }
             match table {
                 CpuTensor::Dense(d) => data.extend_from_slice(&d.data[t * hidden..(t + 1) * hidden]),
-                CpuTensor::Quant(q) => data.extend(q.format.dequantize(q.row(t))),
+                CpuTensor::Quant(q) => data.extend(q.dequantize_row(t)),
             }
         }
         Ok(dense(vec![batch.tokens.len(), hidden], data))
@@ -126,8 +128,8 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuTensor) -> Result<CpuTensor> {
-        let x = x.dense();
-        let (n, k) = rows(x);
+        let x = quantize_input(x.dense(), w);
+        let (n, k) = rows(&x);
         let (m, wk) = w.dims();
         if k != wk {
             return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk}")));
@@ -145,7 +147,8 @@ impl Backend for CpuBackend {
                     let dst = &mut vals[(r - lo) * n..(r - lo + 1) * n];
                     let row = match w {
                         CpuTensor::Dense(w) => WeightRow::Dense(&w.data[r * k..(r + 1) * k]),
-                        CpuTensor::Quant(q) => WeightRow::Quant(q.format, q.row(r)),
+                        CpuTensor::Quant(QuantWeight::Blocks(b)) => WeightRow::Blocks(b.format, b.row(r)),
+                        CpuTensor::Quant(QuantWeight::Fp8(f)) => WeightRow::Fp8(f.row(r), f.scales[r]),
                     };
                     matvec_row(row, &x.data, k, dst);
                 }
@@ -244,18 +247,37 @@ impl Backend for CpuBackend {
     }
 }
 
-/// One row of a weight matrix, dense or quantized.
+/// The matmul's input as an FP8 weight's activation scheme has it: each token's row
+/// quantized (dynamic per token, or with the static input scale), or `x` itself.
+fn quantize_input<'a>(x: &'a HostTensor, w: &CpuTensor) -> Cow<'a, HostTensor> {
+    let scheme = match w {
+        CpuTensor::Quant(QuantWeight::Fp8(f)) => f.activations,
+        _ => ActivationScheme::WeightOnly,
+    };
+    if scheme == ActivationScheme::WeightOnly {
+        return Cow::Borrowed(x);
+    }
+    let mut q = x.clone();
+    let k = rows(x).1.max(1);
+    q.data.par_chunks_mut(k).for_each(|row| scheme.apply(row));
+    Cow::Owned(q)
+}
+
+/// One row of a weight matrix: dense, GGML blocks, or E4M3 codes with the row's scale.
 #[derive(Clone, Copy)]
 enum WeightRow<'a> {
     Dense(&'a [f32]),
-    Quant(QuantFormat, &'a [u8]),
+    Blocks(QuantFormat, &'a [u8]),
+    Fp8(&'a [u8], f32),
 }
 
 impl WeightRow<'_> {
     fn dots<const T: usize>(self, xs: [&[f32]; T]) -> [f32; T] {
         match self {
             WeightRow::Dense(w) => dot_tile(w, xs),
-            WeightRow::Quant(format, row) => dot_tile_quant(format, row, xs),
+            WeightRow::Blocks(format, row) => dot_tile_quant(format, row, xs),
+            // The row's scale applies once to the whole dot: Σ (q·s)·x = s · Σ q·x.
+            WeightRow::Fp8(codes, scale) => dot_tile_fp8(codes, xs).map(|d| d * scale),
         }
     }
 }

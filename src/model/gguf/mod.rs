@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::quant::QuantWeight;
+use super::quant::{BlockWeight, QuantWeight};
 use super::{HostTensor, LoadError, ModelConfig, RopeScaling, WeightSource};
 pub use dtype::GgmlType;
 pub use parse::{GgufValue, TensorInfo};
@@ -387,7 +387,7 @@ impl WeightSource for GgufFile {
         let (gguf, heads) = self.resolve(name, shape)?;
         let (ty, bytes) = self.tensor_bytes(&gguf, shape)?;
         let Some(format) = ty.quant_format() else { return Ok(None) };
-        let w = QuantWeight { format, shape: [shape[0], shape[1]], blocks: bytes.to_vec() };
+        let w = QuantWeight::Blocks(BlockWeight { format, shape: [shape[0], shape[1]], blocks: bytes.to_vec() });
         Ok(Some(if heads == 0 { w } else { w.permute_rows(&unpermuted_order(shape[0], heads)) }))
     }
 }

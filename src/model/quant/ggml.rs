@@ -1,5 +1,5 @@
-//! GGML block quantization formats, kept as stored so that a backend can compute on them
-//! directly (the CPU's matmul does: a quarter of the bytes to read per token).
+//! GGML block quantization formats (from GGUF files), kept as stored so that a backend can
+//! compute on them directly (the CPU's matmul does: a quarter of the bytes to read per token).
 //!
 //! Every format packs 32 consecutive values of a row into one block:
 //! - Q8_0: f16 scale d, 32 × i8 q;            value = q · d
@@ -56,13 +56,13 @@ fn nibble(q: &[u8], i: usize) -> u8 {
 
 /// A matrix `[rows, cols]` of quantized blocks, row-major; `cols` is a multiple of 32.
 #[derive(Debug, Clone, PartialEq)]
-pub struct QuantWeight {
+pub struct BlockWeight {
     pub format: QuantFormat,
     pub shape: [usize; 2],
     pub blocks: Vec<u8>,
 }
 
-impl QuantWeight {
+impl BlockWeight {
     pub fn row_bytes(&self) -> usize {
         self.shape[1] / BLOCK * self.format.block_bytes()
     }
@@ -73,9 +73,9 @@ impl QuantWeight {
     }
 
     /// Reorders whole rows: row `i` of the result is row `from[i]` of `self`.
-    pub fn permute_rows(&self, from: &[usize]) -> QuantWeight {
+    pub fn permute_rows(&self, from: &[usize]) -> BlockWeight {
         let blocks = from.iter().flat_map(|&r| self.row(r).iter().copied()).collect();
-        QuantWeight { blocks, ..self.clone() }
+        BlockWeight { blocks, ..self.clone() }
     }
 
     pub fn to_f32(&self) -> Vec<f32> {
