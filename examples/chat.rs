@@ -17,7 +17,7 @@ use specula::actors::{Event, Runtime, RuntimeHandle};
 use specula::backend::cpu::CpuBackend;
 use specula::core::sampling::SamplingParams;
 use specula::model::chat::ChatMessage;
-use specula::model::{load_model, ModelSource};
+use specula::model::{load_model_with, LoadOptions, ModelSource, WeightDtype};
 use specula::request::{GenerateRequest, Prompt, RequestError};
 use specula::spec::{ProposerChoice, SpecMethod, SpecStats, Speculation};
 
@@ -27,6 +27,10 @@ struct Args {
     /// `default`, a .gguf file or a Hugging Face folder (a model with a chat template).
     #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
     model: ModelSource,
+    /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
+    /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: WeightDtype,
     /// Longest answer, in tokens.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -89,7 +93,7 @@ impl Answer {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
     let backend = CpuBackend::new();
-    let loaded = load_model(&args.model, &backend)?;
+    let loaded = load_model_with(&args.model, &LoadOptions::dtype(args.dtype), &backend)?;
     if loaded.tokenizer.as_ref().is_none_or(|t| t.chat_template.is_none()) {
         return Err(format!("{} has no chat template; chat needs an instruction-tuned model", loaded.name).into());
     }

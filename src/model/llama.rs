@@ -3,7 +3,7 @@
 
 use indicatif::ProgressBar;
 
-use super::dummy::{seed_for, DUMMY_STD};
+use super::weight_loader::{load_weight, LoadOptions};
 use super::{HostTensor, LoadError, ModelConfig, WeightSource};
 use crate::backend::{AttnShape, Backend, BackendError, BatchMeta, Result};
 
@@ -63,30 +63,28 @@ impl<B: Backend> KvCache<B> {
 }
 
 impl<B: Backend> Llama<B> {
+    /// Loads the weights as the checkpoint stores them.
     pub fn load(
         config: ModelConfig,
         weights: Weights,
         backend: &B,
         progress: &ProgressBar,
     ) -> std::result::Result<Self, LoadError> {
+        Self::load_with(config, weights, &LoadOptions::default(), backend, progress)
+    }
+
+    /// Loads the weights as `options` ask (FP8 projections with `WeightDtype::Fp8`).
+    pub fn load_with(
+        config: ModelConfig,
+        weights: Weights,
+        options: &LoadOptions,
+        backend: &B,
+        progress: &ProgressBar,
+    ) -> std::result::Result<Self, LoadError> {
         let c = &config;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         progress.set_length(c.num_layers as u64 + 2);
-        let get = |name: &str, shape: &[usize]| -> std::result::Result<B::Tensor, LoadError> {
-            Ok(match &weights {
-                Weights::Source(src) => match src.quantized(name, shape)? {
-                    Some(q) => match backend.upload_quantized(&q)? {
-                        Some(t) => t,
-                        None => backend.upload(&HostTensor::new(shape.to_vec(), q.to_f32()))?,
-                    },
-                    None => backend.upload(&src.tensor(name, shape)?)?,
-                },
-                Weights::Dummy { seed } if shape.len() == 1 => {
-                    backend.upload(&HostTensor::new(shape.to_vec(), vec![1.0; shape[0]]))?
-                }
-                Weights::Dummy { seed } => backend.random(shape, DUMMY_STD, seed_for(name, *seed))?,
-            })
-        };
+        let get = |name: &str, shape: &[usize]| load_weight(&weights, options, backend, name, shape);
         let embed = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress.inc(1);
         let mut layers = Vec::with_capacity(c.num_layers);

@@ -8,7 +8,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::gguf::GgufFile;
 use super::llama::Weights;
 use super::safetensors::SafetensorsWeights;
-use super::{default_model, Llama, LoadError, ModelConfig, Preset, Tokenizer};
+use super::{default_model, Llama, LoadError, LoadOptions, ModelConfig, Preset, Tokenizer};
 use crate::backend::Backend;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -43,38 +43,49 @@ pub struct LoadedModel<B: Backend> {
     pub name: String,
 }
 
+/// Loads the model `source` names, with the weights as the checkpoint stores them.
 pub fn load_model<B: Backend>(source: &ModelSource, backend: &B) -> Result<LoadedModel<B>, LoadError> {
+    load_model_with(source, &LoadOptions::default(), backend)
+}
+
+/// Loads the model `source` names, as `options` ask (`--dtype`).
+pub fn load_model_with<B: Backend>(
+    source: &ModelSource,
+    options: &LoadOptions,
+    backend: &B,
+) -> Result<LoadedModel<B>, LoadError> {
     match source {
-        ModelSource::Default => load_path(&default_model::ensure_default_model()?, backend),
-        ModelSource::Path(p) => load_path(p, backend),
+        ModelSource::Default => load_path(&default_model::ensure_default_model()?, options, backend),
+        ModelSource::Path(p) => load_path(p, options, backend),
         ModelSource::Dummy(preset) => {
             let config = preset.config();
-            let model =
-                with_progress("dummy weights", |bar| Llama::load(config, Weights::Dummy { seed: 0 }, backend, bar))?;
+            let weights = Weights::Dummy { seed: 0 };
+            let model = with_progress("dummy weights", |bar| Llama::load_with(config, weights, options, backend, bar))?;
             Ok(LoadedModel { model, tokenizer: None, name: format!("dummy:{preset:?}") })
         }
     }
 }
 
-fn load_path<B: Backend>(path: &Path, backend: &B) -> Result<LoadedModel<B>, LoadError> {
+fn load_path<B: Backend>(path: &Path, options: &LoadOptions, backend: &B) -> Result<LoadedModel<B>, LoadError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let load = |config, weights, bar: &ProgressBar| Llama::load_with(config, weights, options, backend, bar);
     if path.is_dir() {
         let config = ModelConfig::from_hf_json(&path.join("config.json"))?;
         let weights = SafetensorsWeights::open_dir(path)?;
         let tokenizer = Tokenizer::from_hf_dir(path)?;
-        let model = with_progress(&name, |bar| Llama::load(config, Weights::Source(&weights), backend, bar))?;
+        let model = with_progress(&name, |bar| load(config, Weights::Source(&weights), bar))?;
         return Ok(LoadedModel { model, tokenizer: Some(tokenizer), name });
     }
     if !path.exists() {
         return Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
     }
     if path.extension().is_some_and(|e| e == "safetensors") {
-        return load_path(path.parent().unwrap_or(Path::new(".")), backend);
+        return load_path(path.parent().unwrap_or(Path::new(".")), options, backend);
     }
     let gguf = GgufFile::open(path)?;
     let config = gguf.config()?;
     let tokenizer = gguf.tokenizer()?;
-    let model = with_progress(&name, |bar| Llama::load(config, Weights::Source(&gguf), backend, bar))?;
+    let model = with_progress(&name, |bar| load(config, Weights::Source(&gguf), bar))?;
     Ok(LoadedModel { model, tokenizer: Some(tokenizer), name })
 }
 

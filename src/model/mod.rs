@@ -5,18 +5,21 @@ pub mod chat;
 pub mod config;
 pub mod default_model;
 pub mod dummy;
+pub mod fp8_checkpoint;
 pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod quant;
 pub mod safetensors;
 pub mod tokenizer;
+pub mod weight_loader;
 
 pub use config::{ModelConfig, Preset, RopeScaling};
 pub use llama::{KvCache, Llama, Weights};
 
-pub use loader::{load_model, LoadedModel, ModelSource};
+pub use loader::{load_model, load_model_with, LoadedModel, ModelSource};
 pub use tokenizer::Tokenizer;
+pub use weight_loader::{LoadOptions, WeightDtype};
 
 use std::path::{Path, PathBuf};
 
@@ -45,8 +48,9 @@ pub trait WeightSource {
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError>;
     /// Whether the source holds `name` (used for optional tensors such as `lm_head.weight`).
     fn contains(&self, name: &str) -> bool;
-    /// The tensor's quantized blocks, if the file stores it quantized (GGUF Q8_0/Q4_0/Q4_1),
-    /// for backends that compute on them. Row order as in `tensor`.
+    /// The tensor as the file stores it, if quantized (GGUF Q8_0/Q4_0/Q4_1 blocks, FP8
+    /// E4M3 with its scales and activation scheme), for backends that compute on it. Row
+    /// order as in `tensor`.
     fn quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<quant::QuantWeight>, LoadError> {
         Ok(None)
     }
@@ -65,6 +69,8 @@ pub enum LoadError {
     Shape { path: PathBuf, tensor: String, expected: Vec<usize>, found: Vec<usize> },
     #[error("{path}: tensor `{tensor}` has unsupported type {dtype}")]
     Dtype { path: PathBuf, tensor: String, dtype: String },
+    #[error("{path}: unsupported quantization: {scheme}")]
+    UnsupportedQuantization { path: PathBuf, scheme: String },
     #[error("{path}: unsupported architecture `{arch}`; Specula runs Llama-family models")]
     Architecture { path: PathBuf, arch: String },
     #[error(
@@ -88,6 +94,9 @@ impl LoadError {
     }
     pub fn missing(path: &Path, tensor: &str) -> Self {
         LoadError::MissingTensor { path: path.to_path_buf(), tensor: tensor.to_string() }
+    }
+    pub fn unsupported_quantization(path: &Path, scheme: impl Into<String>) -> Self {
+        LoadError::UnsupportedQuantization { path: path.to_path_buf(), scheme: scheme.into() }
     }
     pub fn shape(path: &Path, tensor: &str, expected: &[usize], found: &[usize]) -> Self {
         LoadError::Shape {

@@ -1,20 +1,25 @@
 //! Hugging Face safetensors weights: one `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`, memory-mapped, in f32, f16 or bf16.
+//! `model.safetensors.index.json`, memory-mapped, in f32, f16 or bf16, or FP8 E4M3 with the
+//! scales and scheme of the checkpoint's quantization config (`fp8_checkpoint`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
+use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
+use super::fp8_checkpoint::{Fp8Checkpoint, InputQuant};
+use super::quant::{ActivationScheme, Fp8Weight, QuantWeight};
 use super::{HostTensor, LoadError, WeightSource};
 
 pub struct SafetensorsWeights {
     shards: Vec<(PathBuf, Mmap)>,
     /// Tensor name → index into `shards`.
     index: HashMap<String, usize>,
+    /// How FP8 weights are scaled and used, for a pre-quantized checkpoint.
+    fp8: Option<Fp8Checkpoint>,
 }
-
 impl SafetensorsWeights {
     /// Opens the weights of a Hugging Face model folder.
     pub fn open_dir(dir: &Path) -> Result<Self, LoadError> {
@@ -33,7 +38,8 @@ impl SafetensorsWeights {
         } else {
             vec![dir.join("model.safetensors")]
         };
-        Self::open_files(&files)
+        let fp8 = Fp8Checkpoint::from_dir(dir)?;
+        Ok(SafetensorsWeights { fp8, ..Self::open_files(&files)? })
     }
 
     pub fn open_files(files: &[PathBuf]) -> Result<Self, LoadError> {
@@ -50,8 +56,63 @@ impl SafetensorsWeights {
             }
             shards.push((path.clone(), mmap));
         }
-        Ok(SafetensorsWeights { shards, index })
+        Ok(SafetensorsWeights { shards, index, fp8: None })
     }
+
+    /// The tensor `name` and the file holding it.
+    fn view(&self, name: &str) -> Result<(&Path, TensorView<'_>), LoadError> {
+        let first = &self.shards[0].0;
+        let &i = self.index.get(name).ok_or_else(|| LoadError::missing(first, name))?;
+        let (path, mmap) = &self.shards[i];
+        let st = SafeTensors::deserialize(mmap).map_err(|e| LoadError::format(path, e.to_string()))?;
+        let view = st.tensor(name).map_err(|e| LoadError::format(path, format!("tensor `{name}`: {e}")))?;
+        Ok((path, view))
+    }
+
+    /// An FP8 weight with its scales, as the quantization config says to use it.
+    fn fp8_weight(&self, path: &Path, name: &str, rows_cols: [usize; 2], codes: &[u8]) -> Result<Fp8Weight, LoadError> {
+        let module = name.strip_suffix(".weight").unwrap_or(name);
+        let scheme = self.fp8.as_ref().and_then(|c| c.scheme_for(module)).ok_or_else(|| {
+            LoadError::format(
+                path,
+                format!(
+                    "tensor `{name}` is F8_E4M3 but the checkpoint's quantization config does not quantize `{module}`"
+                ),
+            )
+        })?;
+        let scales = self.floats(&format!("{module}.weight_scale"))?;
+        let activations = match scheme.inputs {
+            InputQuant::None => ActivationScheme::WeightOnly,
+            InputQuant::DynamicPerToken => ActivationScheme::DynamicPerToken,
+            InputQuant::StaticPerTensor => match self.floats(&format!("{module}.input_scale"))?[..] {
+                [input_scale] => ActivationScheme::Static { input_scale },
+                ref other => {
+                    let msg = format!("tensor `{module}.input_scale` has {} values, expected 1", other.len());
+                    return Err(LoadError::format(path, msg));
+                }
+            },
+        };
+        Fp8Weight::from_parts(rows_cols, codes.to_vec(), &scales, scheme.weights, activations)
+            .map_err(|msg| LoadError::format(path, format!("tensor `{name}`: {msg}")))
+    }
+
+    /// A floating-point tensor of any shape, as f32.
+    fn floats(&self, name: &str) -> Result<Vec<f32>, LoadError> {
+        let (path, view) = self.view(name)?;
+        to_f32(path, name, &view)
+    }
+}
+
+fn to_f32(path: &Path, name: &str, view: &TensorView) -> Result<Vec<f32>, LoadError> {
+    let bytes = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        other => {
+            return Err(LoadError::Dtype { path: path.to_path_buf(), tensor: name.into(), dtype: format!("{other:?}") })
+        }
+    })
 }
 
 impl WeightSource for SafetensorsWeights {
@@ -60,23 +121,27 @@ impl WeightSource for SafetensorsWeights {
     }
 
     fn tensor(&self, name: &str, shape: &[usize]) -> Result<HostTensor, LoadError> {
-        let first = &self.shards[0].0;
-        let &i = self.index.get(name).ok_or_else(|| LoadError::missing(first, name))?;
-        let (path, mmap) = &self.shards[i];
-        let st = SafeTensors::deserialize(mmap).map_err(|e| LoadError::format(path, e.to_string()))?;
-        let view = st.tensor(name).map_err(|e| LoadError::format(path, format!("tensor `{name}`: {e}")))?;
+        if let Some(q) = self.quantized(name, shape)? {
+            return Ok(HostTensor::new(shape.to_vec(), q.to_f32()));
+        }
+        let (path, view) = self.view(name)?;
         if view.shape() != shape {
             return Err(LoadError::shape(path, name, shape, view.shape()));
         }
-        let bytes = view.data();
-        let data: Vec<f32> = match view.dtype() {
-            Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => bytes.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            other => {
-                return Err(LoadError::Dtype { path: path.clone(), tensor: name.into(), dtype: format!("{other:?}") })
-            }
+        Ok(HostTensor::new(shape.to_vec(), to_f32(path, name, &view)?))
+    }
+
+    fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QuantWeight>, LoadError> {
+        let (path, view) = self.view(name)?;
+        if view.dtype() != Dtype::F8_E4M3 {
+            return Ok(None);
+        }
+        let &[rows, cols] = shape else {
+            return Err(LoadError::format(path, format!("tensor `{name}`: FP8 is for matrices, not shape {shape:?}")));
         };
-        Ok(HostTensor::new(shape.to_vec(), data))
+        if view.shape() != shape {
+            return Err(LoadError::shape(path, name, shape, view.shape()));
+        }
+        Ok(Some(QuantWeight::Fp8(self.fp8_weight(path, name, [rows, cols], view.data())?)))
     }
 }

@@ -68,7 +68,12 @@ pub fn three_ways(model: &Llama<CpuBackend>, tokens: &[u32], table: &[u32]) -> [
 /// Checks every way of running `tokens` through `engine` against the f64 reference forward of
 /// `stored` (the weights exactly as the file holds them), to `tol` relative to the largest logit.
 pub fn assert_matches_reference(engine: &Llama<CpuBackend>, stored: &TinyModel, tokens: &[u32], tol: f64, what: &str) {
-    let want: Vec<f64> = reference::forward(stored, tokens).concat();
+    assert_matches(engine, &reference::forward(stored, tokens), tokens, tol, what);
+}
+
+/// Checks every way of running `tokens` through `engine` against the logits `want`.
+pub fn assert_matches(engine: &Llama<CpuBackend>, want: &[Vec<f64>], tokens: &[u32], tol: f64, what: &str) {
+    let want = want.concat();
     for (way, got) in ["prefill", "decode", "chunked prefill"].iter().zip(three_ways(engine, tokens, &BLOCK_TABLE)) {
         let err = relative_error(&got, &want);
         assert!(err <= tol, "{what}, {way}: relative error {err:e} > {tol:e}");

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod engine;
+pub mod fp8;
 pub mod gguf_writer;
 pub mod random_llama;
 pub mod reference;

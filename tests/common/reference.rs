@@ -5,8 +5,22 @@ use super::tiny::{Llama3Rope, TinyModel, TinySpec};
 
 /// Logits `[tokens.len()][vocab]` for every position of `tokens`.
 pub fn forward(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
-    let s = &model.spec;
-    let w = |name: &str| -> Vec<f64> { model.get(name).iter().map(|&x| x as f64).collect() };
+    let weight = |name: &str| -> Vec<f64> { model.get(name).iter().map(|&x| x as f64).collect() };
+    forward_with(&model.spec, &weight, &|_, x| x.to_vec(), tokens)
+}
+
+/// The forward with weights given by name in f64 (`weight`), and `input(name, x)` being what
+/// the projection `name` (a weight's name) computes with in place of its input `x`: `x`
+/// itself for a plain model, its quantization for an FP8 one that quantizes activations.
+pub fn forward_with(
+    s: &TinySpec,
+    weight: &dyn Fn(&str) -> Vec<f64>,
+    input: &dyn Fn(&str, &[f64]) -> Vec<f64>,
+    tokens: &[u32],
+) -> Vec<Vec<f64>> {
+    let w = weight;
+    // `w · input(x)` for the projection named `name`.
+    let project = |name: &str, m: &[f64], x: &[f64]| matvec(m, &input(name, x));
     let embed = w("model.embed_tokens.weight");
     let n = tokens.len();
     let mut x: Vec<Vec<f64>> = tokens.iter().map(|&t| embed[t as usize * s.hidden..][..s.hidden].to_vec()).collect();
@@ -15,16 +29,17 @@ pub fn forward(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
     let scale = 1.0 / (s.head_dim as f64).sqrt();
 
     for l in 0..s.layers {
-        let p = |name: &str| w(&format!("model.layers.{l}.{name}.weight"));
+        let name = |part: &str| format!("model.layers.{l}.{part}.weight");
+        let p = |part: &str| w(&name(part));
         let (wq, wk, wv, wo) =
             (p("self_attn.q_proj"), p("self_attn.k_proj"), p("self_attn.v_proj"), p("self_attn.o_proj"));
         let (wg, wu, wd) = (p("mlp.gate_proj"), p("mlp.up_proj"), p("mlp.down_proj"));
         let (norm1, norm2) = (p("input_layernorm"), p("post_attention_layernorm"));
 
         let h: Vec<Vec<f64>> = x.iter().map(|xi| rms_norm(xi, &norm1, s.eps)).collect();
-        let mut q: Vec<Vec<f64>> = h.iter().map(|hi| matvec(&wq, hi)).collect();
-        let mut k: Vec<Vec<f64>> = h.iter().map(|hi| matvec(&wk, hi)).collect();
-        let v: Vec<Vec<f64>> = h.iter().map(|hi| matvec(&wv, hi)).collect();
+        let mut q: Vec<Vec<f64>> = h.iter().map(|hi| project(&name("self_attn.q_proj"), &wq, hi)).collect();
+        let mut k: Vec<Vec<f64>> = h.iter().map(|hi| project(&name("self_attn.k_proj"), &wk, hi)).collect();
+        let v: Vec<Vec<f64>> = h.iter().map(|hi| project(&name("self_attn.v_proj"), &wv, hi)).collect();
         for pos in 0..n {
             rope(&mut q[pos], s.head_dim, pos, &inv_freq);
             rope(&mut k[pos], s.head_dim, pos, &inv_freq);
@@ -46,18 +61,19 @@ pub fn forward(model: &TinyModel, tokens: &[u32]) -> Vec<Vec<f64>> {
                     }
                 }
             }
-            let o = matvec(&wo, &attn);
+            let o = project(&name("self_attn.o_proj"), &wo, &attn);
             x[t].iter_mut().zip(&o).for_each(|(a, b)| *a += b);
             let h2 = rms_norm(&x[t], &norm2, s.eps);
-            let (g, u) = (matvec(&wg, &h2), matvec(&wu, &h2));
+            let (g, u) = (project(&name("mlp.gate_proj"), &wg, &h2), project(&name("mlp.up_proj"), &wu, &h2));
             let act: Vec<f64> = g.iter().zip(&u).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
-            let down = matvec(&wd, &act);
+            let down = project(&name("mlp.down_proj"), &wd, &act);
             x[t].iter_mut().zip(&down).for_each(|(a, b)| *a += b);
         }
     }
     let norm = w("model.norm.weight");
-    let head = if s.tied { embed } else { w("lm_head.weight") };
-    x.iter().map(|xi| matvec(&head, &rms_norm(xi, &norm, s.eps))).collect()
+    let (head_name, head) =
+        if s.tied { ("model.embed_tokens.weight", embed) } else { ("lm_head.weight", w("lm_head.weight")) };
+    x.iter().map(|xi| project(head_name, &head, &rms_norm(xi, &norm, s.eps))).collect()
 }
 
 /// Inverse frequency of each rotated pair, llama3-scaled when the spec says so.

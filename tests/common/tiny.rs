@@ -199,7 +199,7 @@ impl StDtype {
         }
     }
 
-    fn encode(self, data: &[f32]) -> (Dtype, Vec<u8>) {
+    pub fn encode(self, data: &[f32]) -> (Dtype, Vec<u8>) {
         match self {
             StDtype::F32 => (Dtype::F32, data.iter().flat_map(|x| x.to_le_bytes()).collect()),
             StDtype::F16 => (Dtype::F16, data.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect()),

@@ -11,7 +11,7 @@ use serde_json::json;
 
 use specula::actors::{collect, Runtime, Timeline};
 use specula::backend::{Backend, BackendError};
-use specula::model::load_model;
+use specula::model::load_model_with;
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::SpecStats;
 
@@ -29,7 +29,7 @@ pub fn run<B: Backend>(
     }
     let concurrency = args.concurrency.unwrap_or(prompts.len()).max(1);
     let backend = new_backend()?;
-    let loaded = load_model(&args.model, &backend)?;
+    let loaded = load_model_with(&args.model, &args.load_options(), &backend)?;
     let model = Arc::new(loaded.model);
     let mut builder = Runtime::builder().max_batch(concurrency.min(prompts.len())).max_waiting(prompts.len().max(1024));
     let timeline = Arc::new(Timeline::default());

@@ -39,6 +39,10 @@ pub struct BenchArgs {
     /// Write the results as JSON here too.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Weight precision of every model loaded: `auto` (bf16 for dummy weights) or `fp8`
+    /// (projection matrices in FP8 E4M3, one scale per output channel).
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: specula::model::WeightDtype,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -58,7 +62,7 @@ mod gpu {
     use serde_json::json;
     use specula::backend::cuda::CudaBackend;
     use specula::backend::{Backend, BatchMeta};
-    use specula::model::{load_model, KvCache, Llama, ModelSource};
+    use specula::model::{load_model_with, KvCache, Llama, LoadOptions, ModelSource, WeightDtype};
 
     use super::BenchArgs;
 
@@ -85,6 +89,14 @@ mod gpu {
         Variant { label: "eager", graphs: false, pdl: true },
     ];
 
+    /// How the GPU stores the dummy weights' projections under `dtype`.
+    fn dtype_label(dtype: WeightDtype) -> &'static str {
+        match dtype {
+            WeightDtype::Auto => "bf16",
+            WeightDtype::Fp8 => "fp8-e4m3",
+        }
+    }
+
     fn median(mut v: Vec<f64>) -> f64 {
         v.sort_by(|a, b| a.total_cmp(b));
         v[v.len() / 2]
@@ -97,20 +109,35 @@ mod gpu {
         kv: KvCache<CudaBackend>,
         table: Vec<u32>,
         tokens: Vec<u32>,
+        dtype: WeightDtype,
     }
 
     impl<'a> Run<'a> {
-        fn load(gpu: &'a CudaBackend, name: &str, capacity: usize) -> Res<Self> {
+        fn load(gpu: &'a CudaBackend, name: &str, dtype: WeightDtype, capacity: usize) -> Res<Self> {
             let source: ModelSource = name.parse()?;
-            let loaded = load_model(&source, gpu)?;
+            let loaded = load_model_with(&source, &LoadOptions::dtype(dtype), gpu)?;
             let blocks = capacity.div_ceil(BLOCK);
             let kv = KvCache::new(gpu, &loaded.model.config, blocks, BLOCK)?;
             gpu.synchronize()?;
-            Ok(Run { gpu, model: loaded.model, kv, table: (0..blocks as u32).collect(), tokens: vec![] })
+            Ok(Run { gpu, model: loaded.model, kv, table: (0..blocks as u32).collect(), tokens: vec![], dtype })
         }
 
+        /// Bytes of weights one decode step reads: bf16, or with `fp8` one byte for each
+        /// projection (and untied head) value; the embedding table and norms stay bf16.
         fn weight_bytes(&self) -> f64 {
-            self.model.config.parameter_count() as f64 * 2.0
+            let c = &self.model.config;
+            let all = c.parameter_count() as f64;
+            match self.dtype {
+                WeightDtype::Auto => all * 2.0,
+                WeightDtype::Fp8 => {
+                    let kept = (c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) as f64;
+                    (all - kept) + kept * 2.0
+                }
+            }
+        }
+
+        fn dtype_label(&self) -> &'static str {
+            dtype_label(self.dtype)
         }
 
         /// One step over `new` tokens after the sequence; returns the greedy ids (one per
@@ -188,7 +215,7 @@ mod gpu {
             // The second model lives on its own stream: it plays the draft in the overlap test.
             let backend = if i == 0 { &gpu } else { &sibling };
             let load = Instant::now();
-            let mut run = Run::load(backend, name, capacity)?;
+            let mut run = Run::load(backend, name, args.dtype, capacity)?;
             let load_s = load.elapsed().as_secs_f64();
             let mut next = run.prefill(args.prompt_tokens)?;
             (_, next) = run.decode(next, 8, false)?; // warm-up
@@ -206,11 +233,12 @@ mod gpu {
             VARIANTS[0].apply(backend);
             let ceiling = bandwidth / run.weight_bytes();
             println!(
-                "{name}: loaded in {load_s:.1} s, {:.2} GB of bf16 weights; decode {:.1} tok/s; ceiling {ceiling:.1} tok/s",
+                "{name}: loaded in {load_s:.1} s, {:.2} GB of {} weights; decode {:.1} tok/s; ceiling {ceiling:.1} tok/s",
                 run.weight_bytes() / 1e9,
+                run.dtype_label(),
                 best[0]
             );
-            decode_rows.push((name.clone(), run.weight_bytes(), best, ceiling));
+            decode_rows.push((name.clone(), run.dtype_label(), run.weight_bytes(), best, ceiling));
             if i == 0 {
                 let decode_ms = run.time_step(1, 30)?;
                 for &k in &args.verify {
@@ -229,11 +257,12 @@ mod gpu {
 
         print_kernel_rows(&kernel_rows, bandwidth);
         println!(
-            "\n== batch-1 greedy decode (dummy weights, bf16; ceiling = weight bytes / copy bandwidth {:.2} TB/s) ==",
+            "\n== batch-1 greedy decode (dummy weights, {}; ceiling = weight bytes / copy bandwidth {:.2} TB/s) ==",
+            dtype_label(args.dtype),
             bandwidth / 1e12
         );
         println!("{:<24} {:<40} {:>9} {:>9} {:>9}", "model (GB, ceiling)", "variant", "tok/s", "fraction", "vs eager");
-        for (name, bytes, best, ceiling) in &decode_rows {
+        for (name, _, bytes, best, ceiling) in &decode_rows {
             for (variant, tok_s) in VARIANTS.iter().zip(best) {
                 println!(
                     "{:<24} {:<40} {tok_s:>9.1} {:>8.1}% {:>8.3}x",
@@ -294,8 +323,9 @@ mod gpu {
         if let Some(path) = args.json {
             let out = json!({
                 "device": gpu.name(),
+                "weight_dtype": dtype_label(args.dtype),
                 "copy_bandwidth_bytes_per_s": bandwidth,
-                "decode": decode_rows.iter().map(|(n, b, best, c)| json!({"model": n, "weight_bytes": b, "ceiling_tok_s": c, "tok_s": VARIANTS.iter().zip(best).map(|(v, t)| json!({"variant": v.label, "tok_s": t})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+                "decode": decode_rows.iter().map(|(n, d, b, best, c)| json!({"model": n, "weight_dtype": d, "weight_bytes": b, "ceiling_tok_s": c, "tok_s": VARIANTS.iter().zip(best).map(|(v, t)| json!({"variant": v.label, "tok_s": t})).collect::<Vec<_>>()})).collect::<Vec<_>>(),
                 "verify": verify_rows.iter().map(|(l, k, ms, r, d)| json!({"variant": l, "k": k, "ms": ms, "ratio": r, "decode_ms": d})).collect::<Vec<_>>(),
                 "speculative": spec.as_ref().map(|sp| json!({"greedy_equal": sp.greedy_equal, "greedy_accepted_drafted": sp.greedy_accepted, "plain_tok_s": sp.plain, "synthetic_acceptance": args.synthetic_acceptance, "tokens": args.spec_tokens, "rows": sp.rows.iter().map(|r| json!({"max_draft": r.max_draft, "tok_s": r.tok_s, "steps": r.steps, "tokens_per_step": r.tokens_per_step, "acceptance": r.acceptance})).collect::<Vec<_>>()})),
                 "overlap": overlap.as_ref().map(|o| json!({"target": o.target, "draft": o.draft, "overlap_ms": o.overlap_ms, "concurrent_ms": o.concurrent_ms, "target_alone_ms": o.target_alone, "draft_alone_ms": o.draft_alone})),
@@ -437,8 +467,9 @@ mod gpu {
         use specula::spec::ModelProposer;
         use std::sync::Arc;
         let (tb, db) = (gpu.sibling()?, gpu.sibling()?);
-        let target = load_model(&args.models[0].parse()?, &tb)?;
-        let draft = load_model(&args.models[1].parse()?, &db)?;
+        let options = LoadOptions::dtype(args.dtype);
+        let target = load_model_with(&args.models[0].parse()?, &options, &tb)?;
+        let draft = load_model_with(&args.models[1].parse()?, &options, &db)?;
         tb.synchronize()?;
         db.synchronize()?;
         let vocab = target.model.config.vocab_size as u32;

@@ -10,7 +10,7 @@ use specula::backend::{Backend, BackendError};
 use specula::core::sampling::SamplingParams;
 use specula::engine::{Completion, Engine, SpecOptions};
 use specula::model::chat::ChatMessage;
-use specula::model::{load_model, ModelSource};
+use specula::model::{load_model_with, LoadOptions, ModelSource, WeightDtype};
 use specula::request::{GenerateRequest, Prompt};
 
 use crate::spec_args::SpecArgs;
@@ -21,6 +21,10 @@ pub struct GenerateArgs {
     /// folder, or `dummy:<shape>` (random weights: llama-3.2-1b, llama-3.1-8b, ...).
     #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
     model: ModelSource,
+    /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
+    /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: WeightDtype,
     /// The prompt text.
     #[arg(long, required_unless_present = "prompts_file")]
     prompt: Option<String>,
@@ -122,7 +126,7 @@ fn generate<B: Backend>(
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let backend = new_backend()?;
-    let loaded = load_model(&args.model, &backend)?;
+    let loaded = load_model_with(&args.model, &args.load_options(), &backend)?;
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
     let request = args.request(args.prompt.as_deref().unwrap_or_default());
     let mut proposer = args.spec.proposer(&engine.model, engine.tokenizer.as_ref(), new_backend)?;
@@ -167,6 +171,10 @@ fn generate<B: Backend>(
 }
 
 impl GenerateArgs {
+    fn load_options(&self) -> LoadOptions {
+        LoadOptions::dtype(self.dtype)
+    }
+
     /// The request these options describe, for one prompt.
     fn request(&self, text: &str) -> GenerateRequest {
         let prompt = if self.chat {

@@ -7,7 +7,7 @@ use clap::Args;
 
 use specula::actors::Runtime;
 use specula::backend::cpu::CpuBackend;
-use specula::model::{load_model, ModelSource};
+use specula::model::{load_model_with, LoadOptions, ModelSource, WeightDtype};
 use specula::server::{self, ServerConfig};
 
 use crate::spec_args::SpecArgs;
@@ -18,6 +18,10 @@ pub struct ServeArgs {
     /// folder, or `dummy:<shape>`.
     #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
     model: ModelSource,
+    /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
+    /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
+    #[arg(long, value_enum, default_value = "auto")]
+    dtype: WeightDtype,
     /// Address to listen on; the default serves this machine only.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -47,7 +51,7 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     // The recorder first, so that the runtime's metrics are kept from its first moment.
     server::metrics::install();
     let backend = CpuBackend::new();
-    let loaded = load_model(&args.model, &backend)?;
+    let loaded = load_model_with(&args.model, &LoadOptions::dtype(args.dtype), &backend)?;
     let model_name = args.served_model_name.clone().unwrap_or_else(|| served_name(&loaded.name));
     let model = Arc::new(loaded.model);
     let mut builder = Runtime::builder().max_batch(args.max_batch).max_waiting(args.max_waiting);
