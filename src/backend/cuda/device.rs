@@ -143,11 +143,15 @@ impl KernelArg for f32 {
     }
 }
 
-/// `launch!(device, kernel, grid, block; arg, arg, ...)` with every argument a `KernelArg`.
+/// `launch!(device, kernel, grid, block; arg, arg, ...)` with every argument a `KernelArg`;
+/// `launch!(device, kernel, grid, block, shared_bytes; ...)` with dynamic shared memory.
 macro_rules! launch {
-    ($dev:expr, $f:expr, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {{
+    ($dev:expr, $f:expr, $grid:expr, $block:expr; $($arg:expr),* $(,)?) => {
+        launch!($dev, $f, $grid, $block, 0; $($arg),*)
+    };
+    ($dev:expr, $f:expr, $grid:expr, $block:expr, $smem:expr; $($arg:expr),* $(,)?) => {{
         let mut vals = [$($crate::backend::cuda::device::KernelArg::bits($arg)),*];
-        $dev.launch($f, $grid, $block, &mut vals)
+        $dev.launch($f, $grid, $block, $smem, &mut vals)
     }};
 }
 pub(crate) use launch;
@@ -240,6 +244,7 @@ impl Device {
         f: &CudaFunction,
         grid: (u32, u32, u32),
         block: (u32, u32, u32),
+        shared_bytes: u32,
         args: &mut [u64],
     ) -> Result<()> {
         self.bind()?;
@@ -248,7 +253,7 @@ impl Device {
             // SAFETY: the kernel's parameter list matches `args` (each kernel has one call
             // site, beside its signature's description); every pointer is a live allocation.
             return unsafe {
-                result::launch_kernel(f.cu_function(), grid, block, 0, self.stream.cu_stream(), &mut params)
+                result::launch_kernel(f.cu_function(), grid, block, shared_bytes, self.stream.cu_stream(), &mut params)
             }
             .map_err(driver_err("kernel launch"));
         }
@@ -263,7 +268,7 @@ impl Device {
             blockDimX: block.0,
             blockDimY: block.1,
             blockDimZ: block.2,
-            sharedMemBytes: 0,
+            sharedMemBytes: shared_bytes,
             hStream: self.stream.cu_stream(),
             attrs: &mut attr,
             numAttrs: 1,

@@ -26,13 +26,21 @@ pub struct MatmulTuning {
     pub l2_256: bool,
     /// Warps per SM that the K split aims for.
     pub warps_per_sm: usize,
+    /// Weights through a shared-memory ring of `stages` stages per warp (MM_STAGED,
+    /// MM_STAGES) instead of straight into registers.
+    pub staged: bool,
+    pub stages: usize,
 }
 
 impl Default for MatmulTuning {
     fn default() -> Self {
-        MatmulTuning { warps: 4, unroll: 4, small_units: 2, l2_256: false, warps_per_sm: 16 }
+        MatmulTuning { warps: 4, unroll: 4, small_units: 2, l2_256: false, warps_per_sm: 16, staged: false, stages: 4 }
     }
 }
+
+/// Bytes of each row a stage holds, and its pitch in shared memory (MM_CHUNK, MM_PITCH).
+const STAGE_ROW_BYTES: usize = 256;
+const STAGE_PITCH: usize = STAGE_ROW_BYTES + 16;
 
 impl MatmulTuning {
     /// The NVRTC options that build kernels/matmul.cu for these settings.
@@ -42,12 +50,33 @@ impl MatmulTuning {
             format!("-DMM_UNROLL={}", self.unroll),
             format!("-DMM_SMALL_UNITS={}", self.small_units),
             format!("-DMM_L2_256={}", self.l2_256 as u8),
+            format!("-DMM_STAGED={}", self.staged as u8),
+            format!("-DMM_STAGES={}", self.stages),
         ]
+    }
+
+    /// Bytes per row of the kernel's unit of K: a k-block (register variant) or a k-step
+    /// (staged variant). Slices of K hold whole units.
+    fn k_unit_bytes(&self) -> usize {
+        if self.staged {
+            32
+        } else {
+            64
+        }
+    }
+
+    /// Dynamic shared memory per block for `rows` weight rows per warp.
+    fn shared_bytes(&self, rows: usize) -> usize {
+        if self.staged {
+            self.warps * self.stages * rows * STAGE_PITCH
+        } else {
+            0
+        }
     }
 }
 
-/// Fewest k-blocks (16 bytes of each of a tile's rows per lane) a K slice keeps.
-const MIN_KBLOCKS_PER_SLICE: usize = 4;
+/// Fewest bytes of each row a K slice keeps.
+const MIN_SLICE_BYTES: usize = 256;
 const MAX_SLICES: usize = 16;
 /// Ticket counters in the workspace: one per row block of a split launch.
 const TICKETS: usize = 8192;
@@ -71,6 +100,8 @@ pub struct SplitWorkspace {
     capacity: usize,
     tickets: DeviceBuf,
     sms: usize,
+    /// Most dynamic shared memory a block may have on this device.
+    max_shared: usize,
 }
 
 impl SplitWorkspace {
@@ -81,16 +112,21 @@ impl SplitWorkspace {
         let partial = dev.alloc(4 * capacity)?;
         let tickets = dev.alloc(4 * TICKETS)?;
         dev.memset_zero(tickets.ptr(), tickets.bytes())?;
-        Ok(SplitWorkspace { partial, capacity, tickets, sms })
+        let max_shared = dev
+            .ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| BackendError::Device(e.to_string()))? as usize;
+        Ok(SplitWorkspace { partial, capacity, tickets, sms, max_shared })
     }
 }
 
-/// The K slices for a launch over `tiles` tiles' worth of rows (16 rows each) and `kblocks`
-/// k-blocks: enough blocks to fill the GPU, never fewer than four k-blocks per slice. A
-/// function of the weights' shape only, so every token count sums in the same order.
-pub fn k_slices(tiles: usize, kblocks: usize, sms: usize, warps_per_sm: usize) -> usize {
+/// The K slices for a launch over `tiles` tiles' worth of rows (16 rows each) of
+/// `row_bytes` bytes: enough blocks to fill the GPU, never fewer than 256 bytes of each row
+/// per slice. A function of the weights' shape only, so every token count sums in the same
+/// order.
+pub fn k_slices(tiles: usize, row_bytes: usize, sms: usize, warps_per_sm: usize) -> usize {
     let wanted = (sms * warps_per_sm).div_ceil(tiles.max(1));
-    wanted.min(MAX_SLICES).min(kblocks / MIN_KBLOCKS_PER_SLICE).max(1)
+    wanted.min(MAX_SLICES).min(row_bytes / MIN_SLICE_BYTES).max(1)
 }
 
 /// Units of 16 rows each warp takes (R in kernels/matmul.cu, by kernel).
@@ -100,6 +136,11 @@ fn units_per_warp(group: usize, epi: Epilogue, tuning: &MatmulTuning) -> usize {
     } else {
         tuning.small_units
     }
+}
+
+/// Whether an FP8 matrix `[rows, cols]` can be stored as FP8 for the tensor-core matmul.
+pub fn fp8_fits([rows, cols]: [usize; 2]) -> bool {
+    rows.is_multiple_of(16) && cols.is_multiple_of(64)
 }
 
 /// Whether `w` can go through the tensor-core matmul with input width `k`.
@@ -128,17 +169,28 @@ impl CudaBackend {
         let x = self.bf16_input(x)?;
         let ms: Vec<usize> = ws.iter().map(|w| w.dims().0).collect();
         let total_rows: usize = if epi == Epilogue::SwiGlu { 2 * ms[0] } else { ms.iter().sum() };
-        let kblocks = k / if fp8 { 64 } else { 32 };
+        let row_bytes = k * if fp8 { 1 } else { 2 };
         let ws_ = &self.split;
         let tuning = &self.tuning;
-        let slices = k_slices(total_rows / 16, kblocks, ws_.sms, tuning.warps_per_sm);
+        let slices = k_slices(total_rows / 16, row_bytes, ws_.sms, tuning.warps_per_sm);
+        debug_assert!(row_bytes.is_multiple_of(tuning.k_unit_bytes()));
         let units = if epi == Epilogue::SwiGlu { ms[0] / 16 } else { total_rows / 16 };
         let (out_elem, kernels) = (if epi == Epilogue::SwiGlu { 2 } else { 4 }, &self.kernels);
         let mut t = 0;
         while t < n {
             let chunk = (n - t).min(MATMUL_MAX_TOKENS);
             let group = token_group(chunk);
-            let blocks = units.div_ceil(tuning.warps * units_per_warp(group, epi, tuning));
+            let per_warp = units_per_warp(group, epi, tuning);
+            let blocks = units.div_ceil(tuning.warps * per_warp);
+            let rows_per_warp = per_warp * 16 * if epi == Epilogue::SwiGlu { 2 } else { 1 };
+            let shared = tuning.shared_bytes(rows_per_warp);
+            if shared > ws_.max_shared {
+                return Err(BackendError::Invalid(format!(
+                    "tensor-core matmul: {shared} bytes of shared memory per block, the device allows {}",
+                    ws_.max_shared
+                )));
+            }
+            let shared = shared as u32;
             if slices > 1 && (blocks > TICKETS || slices * chunk * total_rows > ws_.capacity) {
                 return Err(BackendError::Invalid("tensor-core matmul: split workspace too small".into()));
             }
@@ -148,7 +200,7 @@ impl CudaBackend {
             let y = |i: usize| outs.get(i).map_or(0, |o| o.ptr() + (t * o.dims().1 * out_elem) as u64);
             let m = |i: usize| ms.get(i).map_or(0, |&m| m as i32);
             let xp = x.ptr() + (t * k * 2) as u64;
-            launch!(self.dev, f, (blocks as u32, slices as u32, 1), ((tuning.warps * 32) as u32, 1, 1);
+            launch!(self.dev, f, (blocks as u32, slices as u32, 1), ((tuning.warps * 32) as u32, 1, 1), shared;
                 w(0), w(1), w(2), s(0), s(1), s(2), y(0), y(1), y(2), m(0), m(1), m(2), k as i32, xp,
                 chunk as i32, (epi == Epilogue::Add) as i32, ws_.partial.ptr(), ws_.tickets.ptr())?;
             t += chunk;
@@ -192,12 +244,12 @@ mod tests {
     #[test]
     fn k_splits_fill_the_gpu_and_keep_whole_kblocks() {
         // 8B shapes on 132 SMs: o (256 tiles, 128 k-blocks) splits, gate/up does not.
-        assert_eq!(k_slices(256, 128, 132, 16), 9);
-        assert_eq!(k_slices(1792, 128, 132, 16), 2);
-        assert_eq!(k_slices(8016, 128, 132, 16), 1);
-        // Short rows keep at least four k-blocks per slice.
-        assert_eq!(k_slices(60, 18, 132, 16), 4);
-        assert_eq!(k_slices(60, 3, 132, 16), 1);
+        assert_eq!(k_slices(256, 8192, 132, 16), 9);
+        assert_eq!(k_slices(1792, 8192, 132, 16), 2);
+        assert_eq!(k_slices(8016, 8192, 132, 16), 1);
+        // Short rows keep at least 256 bytes per slice.
+        assert_eq!(k_slices(60, 1152, 132, 16), 4);
+        assert_eq!(k_slices(60, 192, 132, 16), 1);
     }
 
     #[test]

@@ -25,11 +25,12 @@ use self::blas::Blas;
 use self::device::{driver_err, launch, Device, DeviceBuf};
 use self::graph::Graphs;
 use self::kernels::Kernels;
-pub use self::matmul::MATMUL_MAX_TOKENS;
 pub use self::matmul::MatmulTuning;
+pub use self::matmul::MATMUL_MAX_TOKENS;
 use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
 use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
+use crate::model::quant::QuantWeight;
 use crate::model::HostTensor;
 
 pub struct CudaBackend {
@@ -218,11 +219,8 @@ impl CudaBackend {
 
     /// Random FP8 weights: normal values of standard deviation `std` (as `random`),
     /// quantized per row on the GPU (scale = the row's largest magnitude / 448).
-    pub fn random_fp8(&self, shape: &[usize], std: f32, seed: u64) -> Result<CudaTensor> {
-        let &[rows, cols] = shape else {
-            return Err(BackendError::Invalid(format!("FP8 weights are matrices, not {shape:?}")));
-        };
-        let dense = self.random(shape, std, seed)?;
+    pub fn random_fp8_matrix(&self, [rows, cols]: [usize; 2], std: f32, seed: u64) -> Result<CudaTensor> {
+        let dense = self.random(&[rows, cols], std, seed)?;
         let (data, sc) = (self.dev.alloc(rows * cols)?, self.dev.alloc(4 * rows)?);
         launch!(self.dev, &self.kernels.quantize_rows_fp8, (rows as u32, 1, 1), (256, 1, 1);
             dense.ptr(), data.ptr(), sc.ptr(), cols as i32)?;
@@ -361,6 +359,22 @@ impl Backend for CudaBackend {
             self.dev.htod(out.ptr(), &to_bf16_bits(&t.data))?;
         }
         Ok(out)
+    }
+
+    /// FP8 matrices the tensor-core matmul can take stay FP8 (their activations stay bf16
+    /// whatever the checkpoint's scheme: at least as precise as quantizing them to E4M3);
+    /// GGML blocks and other shapes are dequantized by the loader.
+    fn upload_quantized(&self, w: &QuantWeight) -> Result<Option<CudaTensor>> {
+        match w {
+            QuantWeight::Fp8(f) if matmul::fp8_fits(f.shape) => {
+                Ok(Some(self.upload_fp8(f.shape, &f.codes, &f.scales)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn random_fp8(&self, shape: [usize; 2], std: f32, seed: u64) -> Result<Option<CudaTensor>> {
+        Ok(matmul::fp8_fits(shape).then(|| self.random_fp8_matrix(shape, std, seed)).transpose()?)
     }
 
     fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<CudaTensor> {

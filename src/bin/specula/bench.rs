@@ -339,19 +339,25 @@ mod gpu {
     fn tune(gpu: &CudaBackend, bandwidth: f64) -> Res<()> {
         use specula::backend::cuda::MatmulTuning;
         let base = MatmulTuning::default();
+        let staged = MatmulTuning { staged: true, small_units: 1, ..base };
         let variants = [
             ("default", base),
-            ("L2 256B", MatmulTuning { l2_256: true, ..base }),
-            ("unroll 8, 1 unit", MatmulTuning { unroll: 8, small_units: 1, ..base }),
-            ("unroll 8, 1 unit, L2 256B", MatmulTuning { unroll: 8, small_units: 1, l2_256: true, ..base }),
-            ("8 warps, L2 256B", MatmulTuning { warps: 8, l2_256: true, ..base }),
-            ("32 warps/SM split, L2 256B", MatmulTuning { warps_per_sm: 32, l2_256: true, ..base }),
-            ("unroll 2, 4 units, L2 256B", MatmulTuning { unroll: 2, small_units: 4, l2_256: true, ..base }),
+            ("registers, 8 warps, L2 256B", MatmulTuning { warps: 8, l2_256: true, ..base }),
+            ("staged 4", staged),
+            ("staged 4, L2 256B", MatmulTuning { l2_256: true, ..staged }),
+            ("staged 3, L2 256B", MatmulTuning { l2_256: true, stages: 3, ..staged }),
+            ("staged 6, L2 256B", MatmulTuning { l2_256: true, stages: 6, ..staged }),
+            ("staged 4, 2 units, L2 256B", MatmulTuning { l2_256: true, small_units: 2, ..staged }),
+            ("staged 4, L2 256B, 32 warps/SM", MatmulTuning { l2_256: true, warps_per_sm: 32, ..staged }),
         ];
         let start = Instant::now();
         let defines: Vec<Vec<String>> = variants.iter().map(|(_, t)| t.defines()).collect();
         specula::backend::cuda::kernels::compile_all(gpu.arch(), &defines)?;
-        println!("\n== matmul settings ({} variants compiled in {:.1} s) ==", variants.len(), start.elapsed().as_secs_f64());
+        println!(
+            "\n== matmul settings ({} variants compiled in {:.1} s) ==",
+            variants.len(),
+            start.elapsed().as_secs_f64()
+        );
         for (label, tuning) in variants {
             println!("-- {label}: {tuning:?}");
             print_kernel_rows(&kernel_times(&gpu.tuned(tuning)?, &[1, 11, 17])?, bandwidth);
@@ -420,7 +426,7 @@ mod gpu {
             for fp8 in [false, true] {
                 let (kind, bytes_per) = if fp8 { ("fp8", 1) } else { ("bf16", 2) };
                 let w = |m: usize, k: usize, seed: u64| -> Res<CudaTensor> {
-                    Ok(if fp8 { gpu.random_fp8(&[m, k], 0.02, seed)? } else { gpu.random(&[m, k], 0.02, seed)? })
+                    Ok(if fp8 { gpu.random_fp8_matrix([m, k], 0.02, seed)? } else { gpu.random(&[m, k], 0.02, seed)? })
                 };
                 let (wq, wk, wv, wo) = (w(h, h, 1)?, w(kv, h, 2)?, w(kv, h, 3)?, w(h, h, 4)?);
                 let (wg, wu, wd) = (w(inter, h, 5)?, w(inter, h, 6)?, w(h, inter, 7)?);

@@ -214,6 +214,8 @@ mod ops {
     struct Ctx<'a> {
         cpu: &'a CpuBackend,
         gpu: &'a CudaBackend,
+        /// The matmul built with other settings, checked too (by label).
+        variants: Vec<(&'static str, CudaBackend)>,
         rng: StdRng,
         rows: Vec<Row>,
     }
@@ -235,7 +237,10 @@ mod ops {
     }
 
     pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<Row>> {
-        let mut c = Ctx { cpu, gpu, rng: StdRng::seed_from_u64(seed), rows: vec![] };
+        use specula::backend::cuda::MatmulTuning;
+        let staged = MatmulTuning { staged: true, small_units: 1, l2_256: true, ..MatmulTuning::default() };
+        let variants = vec![("staged", gpu.tuned(staged)?)];
+        let mut c = Ctx { cpu, gpu, variants, rng: StdRng::seed_from_u64(seed), rows: vec![] };
         for (n, d) in [(7, 576), (3, 4096), (1, 8192)] {
             norms(&mut c, n, d)?;
         }
@@ -308,29 +313,35 @@ mod ops {
     /// rounded to bf16, as the GPU rounds them) for 64 tokens, then batch invariance: every
     /// window of 1 to 64 of those tokens gives each token's row bitwise as in the 64.
     fn matmul(c: &mut Ctx, m: usize, k: usize, fp8: bool) -> Result<()> {
-        let kind = if fp8 { "fp8" } else { "bf16" };
         let x = HostTensor::new(vec![64, k], bf16_round(c.values(64 * k, 1.0)));
         let (wc, wg) = weight(c, m, k, fp8)?;
         let want = c.cpu.to_host(&c.cpu.matmul(&c.cpu.upload(&x)?, &wc)?)?;
-        let all = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &x)?, &wg)?)?;
-        let err = rel_err(&all, &want);
-        let shape = format!("[64,{k}]x[{m},{k}]");
-        c.rows.push(Row { op: format!("matmul tensor cores {kind}"), shape, err, pass: err <= EXACT });
-        let mut differ = vec![];
-        for n in 1..=64 {
-            let start = (n * 7) % (65 - n);
-            let window = HostTensor::new(vec![n, k], x.data[start * k..(start + n) * k].to_vec());
-            let got = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &window)?, &wg)?)?;
-            if got.iter().zip(&all[start * m..]).any(|(a, b)| a.to_bits() != b.to_bits()) {
-                differ.push(n);
+        let gpus: Vec<(&str, &CudaBackend)> =
+            [("", c.gpu)].into_iter().chain(c.variants.iter().map(|(l, g)| (*l, g))).collect();
+        let mut rows = vec![];
+        for (label, gpu) in gpus {
+            let kind = format!("{}{label}", if fp8 { "fp8 " } else { "bf16 " });
+            let all = gpu.to_host(&gpu.matmul(&f32_tensor(gpu, &x)?, &wg)?)?;
+            let err = rel_err(&all, &want);
+            let shape = format!("[64,{k}]x[{m},{k}]");
+            rows.push(Row { op: format!("matmul tensor cores {kind}"), shape, err, pass: err <= EXACT });
+            let mut differ = vec![];
+            for n in 1..=64 {
+                let start = (n * 7) % (65 - n);
+                let window = HostTensor::new(vec![n, k], x.data[start * k..(start + n) * k].to_vec());
+                let got = gpu.to_host(&gpu.matmul(&f32_tensor(gpu, &window)?, &wg)?)?;
+                if got.iter().zip(&all[start * m..]).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                    differ.push(n);
+                }
             }
+            rows.push(Row {
+                op: format!("matmul {kind} batch invariance"),
+                shape: format!("n=1..64 vs 64, {} differ {differ:?}", differ.len()),
+                err: if differ.is_empty() { 0.0 } else { f64::INFINITY },
+                pass: differ.is_empty(),
+            });
         }
-        c.rows.push(Row {
-            op: format!("matmul {kind} batch invariance"),
-            shape: format!("n=1..64 vs 64, {} differ {differ:?}", differ.len()),
-            err: if differ.is_empty() { 0.0 } else { f64::INFINITY },
-            pass: differ.is_empty(),
-        });
+        c.rows.extend(rows);
         if !fp8 {
             // Prefill: past 64 tokens bf16 goes to cuBLAS.
             let x = HostTensor::new(vec![100, k], bf16_round(c.values(100 * k, 1.0)));
