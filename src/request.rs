@@ -85,3 +85,23 @@ pub enum RequestError {
     #[error("internal error: {0}")]
     Internal(String),
 }
+
+impl RequestError {
+    /// A stable, machine-readable name: the `reason` of the failed-requests metric, and the
+    /// `code` the servers send.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::EmptyPrompt => "empty_prompt",
+            RequestError::PromptTooLong { .. } => "context_length_exceeded",
+            RequestError::InvalidSampling(_) => "invalid_sampling",
+            RequestError::ZeroMaxTokens => "invalid_max_tokens",
+            RequestError::NoTokenizer => "no_tokenizer",
+            RequestError::BadTokenId(_) => "bad_token_id",
+            RequestError::ChatTemplate(_) => "chat_template",
+            RequestError::ExceedsKvCapacity { .. } => "kv_capacity_exceeded",
+            RequestError::Overloaded(_) => "overloaded",
+            RequestError::ShuttingDown => "shutting_down",
+            RequestError::Internal(_) => "internal_error",
+        }
+    }
+}

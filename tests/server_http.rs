@@ -388,6 +388,7 @@ async fn python_openai_client() {
 /// the server goes on. A server of its own: one running request, one waiting, no more.
 #[actix_rt::test]
 async fn overload_is_refused_and_then_passes() {
+    let _one_at_a_time = exclusive().await; // the metrics are the process's
     let srv = server_support::start(specula::actors::Runtime::builder().max_batch(1).max_waiting(1), None);
     let long = || {
         let mut r = specula::request::GenerateRequest::new(specula::request::Prompt::Text("Once upon a time".into()));
@@ -426,4 +427,37 @@ async fn overload_is_refused_and_then_passes() {
     let (status, json) =
         post_raw(&srv, "/v1/completions", json!({"prompt": "Hi", "max_tokens": 2}).to_string(), None).await;
     assert_eq!(status, StatusCode::OK, "{json}");
+}
+
+/// `specula_requests_failed_total{reason}` in `/metrics`.
+async fn failed_total(srv: &TestServer, reason: &str) -> u64 {
+    let mut res = client().get(srv.http("/metrics")).send().await.unwrap();
+    let text = String::from_utf8(res.body().limit(1 << 22).await.unwrap().to_vec()).unwrap();
+    let name = format!("specula_requests_failed_total{{reason=\"{reason}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&name)).map_or(0, |n| n.parse().unwrap())
+}
+
+/// Every refusal is counted by its code, the 503s of a full submit queue included: a burst
+/// far faster than the runtime takes submissions, into a queue of one.
+#[actix_rt::test]
+async fn refusals_are_counted_by_reason() {
+    use server_support::paced;
+    use specula::actors::Event;
+    use specula::request::{GenerateRequest, Prompt};
+    let _one_at_a_time = exclusive().await;
+    let srv = server_support::start_with(server_support::config(), || paced::runtime(Duration::from_millis(20), 1, 1));
+    let before = failed_total(&srv, "overloaded").await;
+    let request = GenerateRequest { max_tokens: 2, ..GenerateRequest::new(Prompt::Tokens(vec![1, 2])) };
+    let mut streams: Vec<_> = (0..200).map(|_| srv.handle.generate(request.clone())).collect();
+    let mut overloaded = 0;
+    for events in &mut streams {
+        while let Some(event) = events.next().await {
+            if let Event::Error(e) = event {
+                assert_eq!(e.code(), "overloaded", "{e}");
+                overloaded += 1;
+            }
+        }
+    }
+    assert!(overloaded > 100, "only {overloaded} of 200 refused");
+    assert_eq!(failed_total(&srv, "overloaded").await - before, overloaded);
 }

@@ -83,7 +83,7 @@ impl Intake {
 
     async fn submit(&mut self, s: Submit) {
         let refuse = |e: RequestError| {
-            counter!(m::REQUESTS_FAILED, "reason" => "refused").increment(1);
+            counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
             let _ = s.events.try_send(Event::Error(e));
         };
         if self.closing.is_some() {

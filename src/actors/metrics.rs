@@ -30,8 +30,10 @@ pub const E2E_LATENCY: &str = "specula_e2e_request_latency_seconds";
 pub const PROMPT_TOKENS: &str = "specula_prompt_tokens_total";
 /// Generated tokens of finished requests (counter).
 pub const GENERATION_TOKENS: &str = "specula_generation_tokens_total";
-/// Requests refused or failed, labelled `reason` (counter).
+/// Requests refused or failed, labelled `reason` = the error's code (`overloaded`,
+/// `context_length_exceeded`, `shutting_down`, ...: `RequestError::code`) (counter).
 pub const REQUESTS_FAILED: &str = "specula_requests_failed_total";
+pub const REASON_LABEL: &str = "reason";
 /// Forward steps run (counter).
 pub const STEPS: &str = "specula_steps_total";
 /// Verifications of a row that carried drafts (counter).

@@ -52,6 +52,7 @@ pub use messages::{Event, KvPoolStats, RuntimeStats};
 pub use timeline::{Overlap, Span, Timeline, Work};
 pub use verifier::{Executor, ModelExecutor, NoopExecutor};
 
+use self::metrics as m;
 use crate::backend::Backend;
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvManager;
@@ -323,6 +324,7 @@ impl RuntimeHandle {
             Err(mpsc::error::TrySendError::Closed(_)) => Some(RequestError::ShuttingDown),
         };
         if let Some(e) = refused {
+            ::metrics::counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
             let _ = tx.try_send(Event::Error(e));
         }
         EventStream { id, rx, control: self.inner.control.clone(), ended: false }

@@ -70,7 +70,7 @@ impl Streamer {
                             speculative: sub.speculative,
                         },
                         EndReason::Failed(e) => {
-                            counter!(m::REQUESTS_FAILED, "reason" => "failed").increment(1);
+                            counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
                             Event::Error(e)
                         }
                     };

@@ -13,6 +13,31 @@ use super::AppState;
 /// Routes that answer without a key.
 const OPEN_PATHS: [&str; 1] = ["/health"];
 
+/// An API key no client could send: refused at start rather than locking everyone out (or,
+/// empty, silently serving without a key).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KeyError {
+    #[error("the API key (--api-key or SPECULA_API_KEY) is empty; leave it unset to serve without a key")]
+    Empty,
+    #[error(
+        "the API key (--api-key or SPECULA_API_KEY) has a space, a control or a non-ASCII character \
+         at byte {0}; clients could never send it in an `Authorization: Bearer` header"
+    )]
+    Unsendable(usize),
+}
+
+/// Refuses a key that is empty or that an `Authorization` header cannot carry as sent
+/// (whitespace is trimmed from the header, non-visible ASCII is not a header value).
+pub fn check_key(key: &str) -> Result<(), KeyError> {
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    match key.bytes().position(|b| !b.is_ascii_graphic()) {
+        Some(at) => Err(KeyError::Unsendable(at)),
+        None => Ok(()),
+    }
+}
+
 /// Whether the request's `Authorization` header carries `key`.
 pub fn is_authorized(authorization: Option<&str>, key: &str) -> bool {
     let Some(value) = authorization else { return false };
@@ -61,5 +86,15 @@ mod tests {
         assert!(!is_authorized(Some("s3cret"), "s3cret"));
         assert!(!is_authorized(Some("Basic s3cret"), "s3cret"));
         assert!(!is_authorized(None, "s3cret"));
+    }
+
+    #[test]
+    fn keys_no_client_could_send_are_refused() {
+        assert_eq!(check_key("s3cret-KEY_0.9~+/="), Ok(()));
+        assert_eq!(check_key(""), Err(KeyError::Empty));
+        assert_eq!(check_key(" "), Err(KeyError::Unsendable(0)));
+        assert_eq!(check_key("abc "), Err(KeyError::Unsendable(3)));
+        assert_eq!(check_key("a\tb"), Err(KeyError::Unsendable(1)));
+        assert_eq!(check_key("clé"), Err(KeyError::Unsendable(2)));
     }
 }

@@ -25,6 +25,13 @@ pub enum ServerError {
     /// A WebSocket `cancel` for an id with nothing in flight (it may have just finished).
     #[error("no request with id {0} is in flight on this connection")]
     UnknownId(String),
+    /// A WebSocket `generate` beyond the requests one connection may have in flight.
+    #[error("at most {0} requests may be in flight on one connection; wait for one to finish")]
+    TooManyInFlight(usize),
+    #[error("the request body is larger than the limit of {0} bytes")]
+    PayloadTooLarge(usize),
+    #[error("the request body did not arrive within {} s", .0.as_secs_f64())]
+    BodyTimeout(std::time::Duration),
     #[error("missing or invalid API key: send `Authorization: Bearer <key>`")]
     Unauthorized,
     #[error("no route for {0}")]
@@ -43,21 +50,12 @@ impl ServerError {
             ServerError::UnknownType(_) => "unknown_type",
             ServerError::DuplicateId(_) => "duplicate_id",
             ServerError::UnknownId(_) => "unknown_id",
+            ServerError::TooManyInFlight(_) => "too_many_in_flight",
+            ServerError::PayloadTooLarge(_) => "payload_too_large",
+            ServerError::BodyTimeout(_) => "request_timeout",
             ServerError::Unauthorized => "invalid_api_key",
             ServerError::NotFound(_) => "not_found",
-            ServerError::Request(e) => match e {
-                RequestError::EmptyPrompt => "empty_prompt",
-                RequestError::PromptTooLong { .. } => "context_length_exceeded",
-                RequestError::InvalidSampling(_) => "invalid_sampling",
-                RequestError::ZeroMaxTokens => "invalid_max_tokens",
-                RequestError::NoTokenizer => "no_tokenizer",
-                RequestError::BadTokenId(_) => "bad_token_id",
-                RequestError::ChatTemplate(_) => "chat_template",
-                RequestError::ExceedsKvCapacity { .. } => "kv_capacity_exceeded",
-                RequestError::Overloaded(_) => "overloaded",
-                RequestError::ShuttingDown => "shutting_down",
-                RequestError::Internal(_) => "internal_error",
-            },
+            ServerError::Request(e) => e.code(),
         }
     }
 
@@ -82,6 +80,8 @@ impl ResponseError for ServerError {
         match self {
             ServerError::Unauthorized => StatusCode::UNAUTHORIZED,
             ServerError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServerError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ServerError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ServerError::Request(RequestError::Overloaded(_) | RequestError::ShuttingDown) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -94,6 +94,10 @@ impl ResponseError for ServerError {
         let mut response = HttpResponse::build(self.status_code());
         if matches!(self, ServerError::Unauthorized) {
             response.insert_header((header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        if matches!(self, ServerError::PayloadTooLarge(_) | ServerError::BodyTimeout(_)) {
+            // The rest of the body is not read: the connection cannot carry another request.
+            response.force_close();
         }
         response.json(self.openai_json())
     }

@@ -9,11 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use actix_web::web::{self, Bytes};
-use actix_web::HttpResponse;
+use actix_web::{HttpRequest, HttpResponse};
 use futures::{stream, StreamExt};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::body::read_body;
 use super::error::{from_serde, ServerError};
 use super::params::{SamplingFields, StopField, WireMessage};
 use super::sse;
@@ -396,13 +397,23 @@ fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ServerError>
 }
 
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(state: web::Data<AppState>, body: Bytes) -> Result<HttpResponse, ServerError> {
+pub async fn chat_completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ServerError> {
+    let body = read_body(&req, payload, &state.limits).await?;
     let (request, options) = parse::<ChatCompletionRequest>(&body)?.into_generate(&state.model_name)?;
     respond(&state, request, options).await
 }
 
 /// `POST /v1/completions`.
-pub async fn completions(state: web::Data<AppState>, body: Bytes) -> Result<HttpResponse, ServerError> {
+pub async fn completions(
+    req: HttpRequest,
+    payload: web::Payload,
+    state: web::Data<AppState>,
+) -> Result<HttpResponse, ServerError> {
+    let body = read_body(&req, payload, &state.limits).await?;
     let (request, options) = parse::<CompletionRequest>(&body)?.into_generate(&state.model_name)?;
     respond(&state, request, options).await
 }

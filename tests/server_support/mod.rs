@@ -4,6 +4,10 @@
 
 #![allow(dead_code)]
 
+pub mod paced;
+pub mod process;
+pub mod raw;
+
 use std::net::SocketAddr;
 use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
@@ -19,6 +23,7 @@ pub const MODEL: &str = "smollm2-test";
 pub struct TestServer {
     pub addr: SocketAddr,
     pub handle: RuntimeHandle,
+    pub stopper: server::Stopper,
 }
 
 impl TestServer {
@@ -53,21 +58,37 @@ pub fn server() -> &'static TestServer {
     SERVER.get_or_init(|| start(Runtime::builder().max_batch(8), Some(API_KEY)))
 }
 
-/// Starts a server of its own around a runtime built by `runtime`, on a free loopback port.
+/// Starts a server of its own around a runtime built by `runtime` on the default model, on a
+/// free loopback port.
 pub fn start(runtime: RuntimeBuilder, api_key: Option<&str>) -> TestServer {
-    let (tx, rx) = mpsc::channel();
-    let api_key = api_key.map(str::to_string);
-    std::thread::spawn(move || {
-        server::metrics::install();
+    let config = ServerConfig { api_key: api_key.map(str::to_string), ..config() };
+    start_with(config, move || {
         let backend = CpuBackend::new();
         let loaded = load_model(&ModelSource::Default, &backend).expect("the default model loads");
-        let handle = runtime.build(backend, loaded.model, loaded.tokenizer).expect("runtime");
-        let config =
-            ServerConfig { host: "127.0.0.1".into(), port: 0, api_key, model_name: MODEL.into(), workers: Some(1) };
+        runtime.build(backend, loaded.model, loaded.tokenizer).expect("runtime")
+    })
+}
+
+/// A server around the paced runtime (no model; `step` per step, 8 rows, 64 waiting).
+pub fn start_paced(step: Duration, config: ServerConfig) -> TestServer {
+    start_with(config, move || paced::runtime(step, 8, 64))
+}
+
+/// The test servers' configuration: loopback, a free port, one worker.
+pub fn config() -> ServerConfig {
+    ServerConfig { host: "127.0.0.1".into(), port: 0, model_name: MODEL.into(), workers: Some(1), ..Default::default() }
+}
+
+/// Starts a server with `config` around the runtime `runtime` builds, in a thread of its own.
+pub fn start_with(config: ServerConfig, runtime: impl FnOnce() -> RuntimeHandle + Send + 'static) -> TestServer {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        server::metrics::install();
+        let handle = runtime();
         actix_web::rt::System::new().block_on(async move {
-            let (srv, addrs) = server::bind(handle.clone(), &config).expect("bind");
-            tx.send(TestServer { addr: addrs[0], handle }).unwrap();
-            srv.await.unwrap();
+            let running = server::bind(handle.clone(), &config).expect("bind");
+            tx.send(TestServer { addr: running.addrs[0], handle, stopper: running.stopper }).unwrap();
+            running.server.await.unwrap();
         });
     });
     rx.recv_timeout(Duration::from_secs(300)).expect("the test server starts")

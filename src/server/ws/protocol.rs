@@ -1,30 +1,14 @@
-//! The WebSocket protocol at `/v1/ws`: JSON text frames, several requests multiplexed on
-//! one connection by a client-chosen id. See `docs/websocket.md` for the protocol with
-//! examples.
-//!
-//! One task per connection owns the connection's event streams, keyed by id. A `cancel`
-//! cancels that request (its stream then ends with a `done` whose finish reason is
-//! `cancelled`); a closed connection drops every stream, and the runtime cancels a request
-//! whose stream is dropped and frees its KV blocks.
+//! The WebSocket protocol's messages: client frames parsed and checked into typed requests,
+//! runtime events written as server frames. No I/O here (and so it can be fuzzed).
 
-use std::collections::HashMap;
-
-use actix_web::{web, HttpRequest, HttpResponse};
-use actix_ws::{AggregatedMessage, AggregatedMessageStream, CloseCode, CloseReason, Session};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio_stream::StreamMap;
 
-use super::error::{from_serde, ServerError};
-use super::params::{SamplingFields, StopField, WireMessage};
-use super::AppState;
-use crate::actors::{Event, EventStream};
+use crate::actors::Event;
 use crate::request::{FinishReason, GenerateRequest, Prompt, Usage};
+use crate::server::error::{from_serde, ServerError};
+use crate::server::params::{SamplingFields, StopField, WireMessage};
 use crate::spec::SpecStats;
-
-/// Largest frame (and message, continuations aggregated) a client may send.
-pub const MAX_FRAME_BYTES: usize = 4 << 20;
 
 /// A parsed client frame.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,8 +31,13 @@ impl FrameId {
     }
 
     /// The key the connection files the request under (the id's JSON text).
-    fn key(&self) -> String {
+    pub fn key(&self) -> String {
         self.0.to_string()
+    }
+
+    /// The id as the client sent it.
+    pub fn value(&self) -> &Value {
+        &self.0
     }
 }
 
@@ -167,104 +156,6 @@ pub fn event_frame(id: &FrameId, event: &Event) -> String {
 
 pub fn error_frame(id: Option<&Value>, error: &ServerError) -> String {
     to_text(&ServerFrame::Error { id, code: error.code(), message: error.to_string() })
-}
-
-/// `GET /v1/ws`: upgrades and hands the connection to its own task.
-pub async fn route(
-    req: HttpRequest,
-    body: web::Payload,
-    state: web::Data<AppState>,
-) -> Result<HttpResponse, actix_web::Error> {
-    let (response, session, messages) = actix_ws::handle(&req, body)?;
-    let messages =
-        messages.max_frame_size(MAX_FRAME_BYTES).aggregate_continuations().max_continuation_size(MAX_FRAME_BYTES);
-    actix_web::rt::spawn(
-        Connection { state: state.into_inner(), session, streams: StreamMap::new(), ids: HashMap::new() }.run(messages),
-    );
-    Ok(response)
-}
-
-struct Connection {
-    state: std::sync::Arc<AppState>,
-    session: Session,
-    /// In-flight requests' event streams, by id key; dropping one cancels its request.
-    streams: StreamMap<String, EventStream>,
-    ids: HashMap<String, FrameId>,
-}
-
-impl Connection {
-    async fn run(mut self, mut messages: AggregatedMessageStream) {
-        loop {
-            let sent = tokio::select! {
-                msg = messages.next() => match msg {
-                    None => break,
-                    Some(Ok(AggregatedMessage::Text(text))) => self.on_text(&text).await,
-                    Some(Ok(AggregatedMessage::Binary(_))) => {
-                        let e = ServerError::InvalidRequest("send JSON in text frames, not binary".into());
-                        self.send(error_frame(None, &e)).await
-                    }
-                    Some(Ok(AggregatedMessage::Ping(bytes))) => self.session.pong(&bytes).await.is_ok(),
-                    Some(Ok(AggregatedMessage::Pong(_))) => true,
-                    Some(Ok(AggregatedMessage::Close(reason))) => {
-                        let _ = self.session.close(reason).await;
-                        return; // dropping `self` cancels every request of the connection
-                    }
-                    Some(Err(e)) => {
-                        // A protocol violation (bad UTF-8, oversized frame): say why and close.
-                        let reason = CloseReason { code: CloseCode::Protocol, description: Some(e.to_string()) };
-                        let _ = self.session.close(Some(reason)).await;
-                        return;
-                    }
-                },
-                Some((key, event)) = self.streams.next(), if !self.streams.is_empty() => self.on_event(key, event).await,
-            };
-            if !sent {
-                break; // the client is gone
-            }
-        }
-        let _ = self.session.close(None).await;
-    }
-
-    /// Acts on one client frame; false when the connection is closed.
-    async fn on_text(&mut self, text: &str) -> bool {
-        match parse_client_frame(text) {
-            Err(FrameError { id, error }) => self.send(error_frame(id.as_ref(), &error)).await,
-            Ok(ClientFrame::Generate { id, request }) => {
-                let key = id.key();
-                if self.ids.contains_key(&key) {
-                    let error = ServerError::DuplicateId(key);
-                    return self.send(error_frame(Some(&id.0), &error)).await;
-                }
-                self.streams.insert(key.clone(), self.state.handle.generate(request));
-                self.ids.insert(key, id);
-                true
-            }
-            Ok(ClientFrame::Cancel { id }) => {
-                let key = id.key();
-                // The stream stays: it ends with the runtime's `done` (finish_reason
-                // `cancelled`, with the usage so far), forwarded like any other.
-                if let Some((_, stream)) = self.streams.iter_mut().find(|(k, _)| *k == key) {
-                    stream.cancel();
-                    return true;
-                }
-                self.send(error_frame(Some(&id.0), &ServerError::UnknownId(key))).await
-            }
-        }
-    }
-
-    async fn on_event(&mut self, key: String, event: Event) -> bool {
-        let Some(id) = self.ids.get(&key) else { return true };
-        let frame = event_frame(id, &event);
-        if matches!(event, Event::Done { .. } | Event::Error(_)) {
-            self.streams.remove(&key);
-            self.ids.remove(&key);
-        }
-        self.send(frame).await
-    }
-
-    async fn send(&mut self, frame: String) -> bool {
-        self.session.text(frame).await.is_ok()
-    }
 }
 
 #[cfg(test)]
