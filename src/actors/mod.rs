@@ -76,9 +76,12 @@ pub struct RuntimeConfig {
     /// Most requests waiting for admission before new ones are refused as overloaded.
     pub max_waiting: usize,
     pub block_size: usize,
-    /// The KV pool: a memory budget in bytes, or an exact block count (wins if set).
+    /// The KV pool: an exact block count (wins if set); else on a GPU what
+    /// `gpu_memory_fraction` of its memory leaves free once the model is loaded, counted in
+    /// the backend's bytes per value; else (CPU) a budget of `kv_bytes`.
     pub kv_bytes: usize,
     pub kv_blocks: Option<usize>,
+    pub gpu_memory_fraction: f64,
     /// Capacity of every actor mailbox.
     pub mailbox: usize,
 }
@@ -92,9 +95,30 @@ impl Default for RuntimeConfig {
             block_size: BLOCK_SIZE,
             kv_bytes: 512 << 20,
             kv_blocks: None,
+            gpu_memory_fraction: 0.90,
             mailbox: 64,
         }
     }
+}
+
+/// Bytes for the KV pool: on a device with memory of its own, what `gpu_memory_fraction` of
+/// it leaves after everything already there (weights, a draft model and its pool,
+/// workspaces); elsewhere `kv_bytes`.
+fn kv_budget<B: Backend>(c: &RuntimeConfig, backend: &B) -> Result<usize, RuntimeError> {
+    let Some(mem) = backend.memory()? else { return Ok(c.kv_bytes) };
+    if !(c.gpu_memory_fraction > 0.0 && c.gpu_memory_fraction <= 1.0) {
+        return Err(RuntimeError::Config(format!("gpu memory fraction {} is not in (0, 1]", c.gpu_memory_fraction)));
+    }
+    let allowed = (c.gpu_memory_fraction * mem.total as f64) as usize;
+    let used = mem.total - mem.free;
+    allowed.checked_sub(used).filter(|&b| b > 0).ok_or_else(|| {
+        RuntimeError::Config(format!(
+            "no device memory left for the KV cache: {:.1} GiB of {:.1} GiB already in use, the memory fraction is {}",
+            used as f64 / (1u64 << 30) as f64,
+            mem.total as f64 / (1u64 << 30) as f64,
+            c.gpu_memory_fraction
+        ))
+    })
 }
 
 /// Why the runtime could not start.
@@ -158,6 +182,11 @@ impl RuntimeBuilder {
         self.config.kv_blocks = Some(n);
         self
     }
+    /// The share of a GPU's memory the runtime may fill (weights, KV pools, workspaces).
+    pub fn gpu_memory_fraction(mut self, fraction: f64) -> Self {
+        self.config.gpu_memory_fraction = fraction;
+        self
+    }
     /// Speculative decoding: a Drafter actor drafts for every decoding row.
     pub fn speculation(mut self, spec: Speculation) -> Self {
         self.speculation = Some(spec);
@@ -179,9 +208,13 @@ impl RuntimeBuilder {
     ) -> Result<RuntimeHandle, RuntimeError> {
         let (model, tokenizer) = (model.into(), tokenizer.map(Into::into));
         let c = &self.config;
-        let num_blocks = c.kv_blocks.unwrap_or_else(|| {
-            BlockPool::blocks_for_budget(c.kv_bytes, KvCache::<B>::bytes_per_token(&model.config, 4), c.block_size)
-        });
+        let num_blocks = match c.kv_blocks {
+            Some(n) => n,
+            None => {
+                let per_token = KvCache::<B>::bytes_per_token(&model.config, backend.kv_bytes_per_value());
+                BlockPool::blocks_for_budget(kv_budget(c, &backend)?, per_token, c.block_size)
+            }
+        };
         let kv = KvCache::new(&backend, &model.config, num_blocks, c.block_size)?;
         let eos = tokenizer.as_ref().map(|t| t.eos_ids.clone()).unwrap_or_default();
         let info = ModelInfo { vocab: model.config.vocab_size, context: model.config.max_position_embeddings, eos };

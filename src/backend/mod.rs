@@ -78,6 +78,13 @@ impl BatchMeta {
     }
 }
 
+/// A device's memory in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: usize,
+    pub total: usize,
+}
+
 /// Attention geometry of one layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
@@ -112,6 +119,15 @@ pub trait Backend: Send + Sync + 'static {
     /// makes the loader generate the values on the host, quantize them there and call
     /// `upload_quantized`.
     fn random_fp8(&self, _shape: [usize; 2], _std: f32, _seed: u64) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
+    /// Bytes one cached key or value element takes (f32 on the CPU, bf16 on a GPU): what
+    /// the KV pool is sized in.
+    fn kv_bytes_per_value(&self) -> usize {
+        4
+    }
+    /// The device's own memory, free and total, where it has one (a GPU; `None` on the CPU).
+    fn memory(&self) -> Result<Option<DeviceMemory>> {
         Ok(None)
     }
     /// A zeroed KV cache tensor for one layer: `[slots, kv_dim]`.

@@ -384,6 +384,19 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    fn kv_bytes_per_value(&self) -> usize {
+        DType::Bf16.size()
+    }
+
+    /// After everything queued so far has run (freed buffers back in the pool count as
+    /// used: the pool keeps them for the next step).
+    fn memory(&self) -> Result<Option<super::DeviceMemory>> {
+        self.synchronize()?;
+        self.dev.bind()?;
+        let (free, total) = cudarc::driver::result::mem_get_info().map_err(driver_err("reading free memory"))?;
+        Ok(Some(super::DeviceMemory { free, total }))
+    }
+
     fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<CudaTensor> {
         let out = self.alloc(vec![slots, kv_dim], DType::Bf16)?;
         self.dev.memset_zero(out.ptr(), out.bytes())?;

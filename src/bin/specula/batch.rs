@@ -31,7 +31,10 @@ pub fn run<B: Backend>(
     let backend = new_backend()?;
     let loaded = load_model_with(&args.model, &args.load_options(), &backend)?;
     let model = Arc::new(loaded.model);
-    let mut builder = Runtime::builder().max_batch(concurrency.min(prompts.len())).max_waiting(prompts.len().max(1024));
+    let mut builder = Runtime::builder()
+        .max_batch(concurrency.min(prompts.len()))
+        .max_waiting(prompts.len().max(1024))
+        .gpu_memory_fraction(args.gpu_memory_fraction);
     let timeline = Arc::new(Timeline::default());
     if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
         args.spec.warn_if_synthetic();

@@ -71,6 +71,10 @@ pub struct GenerateArgs {
     /// `--features cuda`).
     #[arg(long, value_enum, default_value = "cpu")]
     backend: BackendKind,
+    /// The share of the GPU's memory to fill: the KV pool gets what the weights (and a draft
+    /// model) leave of it (`--prompts-file` on CUDA).
+    #[arg(long, default_value_t = 0.90)]
+    gpu_memory_fraction: f64,
     #[command(flatten)]
     spec: SpecArgs,
 }
