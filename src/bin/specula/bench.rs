@@ -368,7 +368,7 @@ mod gpu {
     /// Per op: the fraction of the copy bandwidth its weight stream reached at each token
     /// count, and its time at the most tokens over its time at one.
     fn print_kernel_rows(rows: &[KernelRow], bandwidth: f64) {
-        println!("\n== one layer's matmuls alone: weight bytes / time as a fraction of the copy bandwidth (CUDA events, median of 20) ==");
+        println!("\n== one layer's matmuls alone: weight bytes / time as a fraction of the copy bandwidth (CUDA events around 10 calls back to back, median of 5; bf16 activations) ==");
         let ns: Vec<usize> = rows
             .iter()
             .filter(|r| r.model == rows[0].model && r.op == rows[0].op && r.kind == rows[0].kind)
@@ -405,21 +405,26 @@ mod gpu {
     fn kernel_times(gpu: &CudaBackend, ns: &[usize]) -> Res<Vec<KernelRow>> {
         use specula::backend::cuda::CudaTensor;
         use specula::model::HostTensor;
+        // Ten calls back to back between two events, as in a step: the host queues ahead,
+        // so launch latency does not count, and each kernel starts as the last drains (PDL).
         let time = |f: &mut dyn FnMut() -> Res<()>| -> Res<f64> {
             f()?;
             let mut v = vec![];
-            for _ in 0..20 {
+            for _ in 0..5 {
                 let a = gpu.record()?;
-                f()?;
+                for _ in 0..10 {
+                    f()?;
+                }
                 let b = gpu.record()?;
                 b.synchronize()?;
-                v.push(a.elapsed_ms(&b)? as f64 * 1e3);
+                v.push(a.elapsed_ms(&b)? as f64 * 1e3 / 10.0);
             }
             Ok(median(v))
         };
+        // Activations as the forward hands them to a matmul: bf16.
         let act = |n: usize, d: usize| -> Res<CudaTensor> {
             let data: Vec<f32> = (0..n * d).map(|i| ((i * 2654435761usize) % 1000) as f32 / 500.0 - 1.0).collect();
-            Ok(gpu.upload_f32(&HostTensor::new(vec![n, d], data))?)
+            Ok(gpu.upload(&HostTensor::new(vec![n, d], data))?)
         };
         let mut rows = vec![];
         for (model, h, kv, inter) in [("8B", 4096, 1024, 14336), ("70B", 8192, 1024, 28672)] {
