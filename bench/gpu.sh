@@ -11,7 +11,8 @@
 #   CUDA_HOME   CUDA toolkit (default /usr/local/cuda): NVRTC, cuBLAS and the headers
 #   BENCH_ARGS  extra arguments for `specula bench`
 #   STEPS       which steps to run (default "parity bench bench70"; bench70 is the reference
-#               configuration: llama-3.3-70b in FP8 with llama-3.2-1b drafting, k up to 10)
+#               configuration: llama-3.3-70b in FP8 with llama-3.2-1b drafting, k up to 10;
+#               tune times the matmul kernels built with other settings)
 set -uo pipefail
 BIN=${1:-target/release/specula}
 LOG_DIR=${LOG_DIR:-/tmp/specula-bench}
@@ -32,6 +33,10 @@ for step in $STEPS; do
     case $step in
     parity) "$BIN" kernels parity --model "$model_arg" >"$LOG_DIR/parity.txt" 2>&1 || status=1 ;;
     bench) "$BIN" bench --json "$LOG_DIR/bench.json" ${BENCH_ARGS:-} >"$LOG_DIR/bench.txt" 2>&1 || status=1 ;;
+    tune)
+        "$BIN" bench --tune --models dummy:llama-3.2-1b --spec-tokens 0 --overlap-draft-steps 0 --verify 1 \
+            >"$LOG_DIR/tune.txt" 2>&1 || status=1
+        ;;
     bench70)
         "$BIN" bench --models dummy:llama-3.3-70b,dummy:llama-3.2-1b --dtype fp8 --verify 1,2,4,8,10,16 \
             --draft-len 10 --json "$LOG_DIR/bench70.json" ${BENCH_ARGS:-} >"$LOG_DIR/bench70.txt" 2>&1 || status=1
@@ -45,6 +50,7 @@ for step in $STEPS; do
     parity) echo "== $BIN kernels parity --model $model_arg" && tail -n 80 "$LOG_DIR/parity.txt" ;;
     bench) echo "== $BIN bench ${BENCH_ARGS:-}" && tail -n 50 "$LOG_DIR/bench.txt" ;;
     bench70) echo "== $BIN bench (70B FP8 + 1B) ${BENCH_ARGS:-}" && tail -n 40 "$LOG_DIR/bench70.txt" ;;
+    tune) echo "== $BIN bench --tune" && grep -E "^--|n=1 " -A17 "$LOG_DIR/tune.txt" | grep -E "^--|^[0-9]+B " ;;
     esac
     echo
 done

@@ -34,7 +34,7 @@ pub struct MatmulTuning {
 
 impl Default for MatmulTuning {
     fn default() -> Self {
-        MatmulTuning { warps: 4, unroll: 4, small_units: 2, l2_256: false, warps_per_sm: 16, staged: false, stages: 4 }
+        MatmulTuning { warps: 4, unroll: 4, small_units: 1, l2_256: true, warps_per_sm: 16, staged: true, stages: 4 }
     }
 }
 

@@ -339,16 +339,17 @@ mod gpu {
     fn tune(gpu: &CudaBackend, bandwidth: f64) -> Res<()> {
         use specula::backend::cuda::MatmulTuning;
         let base = MatmulTuning::default();
-        let staged = MatmulTuning { staged: true, small_units: 1, ..base };
+        let registers = MatmulTuning { staged: false, small_units: 2, ..base };
         let variants = [
-            ("default", base),
-            ("registers, 8 warps, L2 256B", MatmulTuning { warps: 8, l2_256: true, ..base }),
-            ("staged 4", staged),
-            ("staged 4, L2 256B", MatmulTuning { l2_256: true, ..staged }),
-            ("staged 3, L2 256B", MatmulTuning { l2_256: true, stages: 3, ..staged }),
-            ("staged 6, L2 256B", MatmulTuning { l2_256: true, stages: 6, ..staged }),
-            ("staged 4, 2 units, L2 256B", MatmulTuning { l2_256: true, small_units: 2, ..staged }),
-            ("staged 4, L2 256B, 32 warps/SM", MatmulTuning { l2_256: true, warps_per_sm: 32, ..staged }),
+            ("default (staged 4, L2 256B)", base),
+            ("registers, L2 256B", registers),
+            ("registers, 8 warps, L2 256B", MatmulTuning { warps: 8, ..registers }),
+            ("staged 4, no L2 hint", MatmulTuning { l2_256: false, ..base }),
+            ("staged 3", MatmulTuning { stages: 3, ..base }),
+            ("staged 6", MatmulTuning { stages: 6, ..base }),
+            ("staged 4, 2 units", MatmulTuning { small_units: 2, ..base }),
+            ("staged 4, 32 warps/SM", MatmulTuning { warps_per_sm: 32, ..base }),
+            ("staged 4, 8 warps/SM", MatmulTuning { warps_per_sm: 8, ..base }),
         ];
         let start = Instant::now();
         let defines: Vec<Vec<String>> = variants.iter().map(|(_, t)| t.defines()).collect();
