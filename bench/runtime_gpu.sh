@@ -8,15 +8,17 @@
 #   bench/runtime_gpu.sh [SPECULA_BINARY]
 #
 # Environment: LOG_DIR (default /tmp/specula-runtime), CUDA_HOME (default /usr/local/cuda),
-# MAX_TOKENS (default 256), TARGET (default dummy:llama-3.1-8b), DTYPE (auto or fp8, for
-# both models), DRAFT_LENS (default "8 4": the batch-1 runs), BATCH8 (default 1: also run
-# 8 requests at once, with the first draft length).
+# MAX_TOKENS (default 256), TARGET (default dummy:llama-3.1-8b), DTYPE (auto or fp8, the
+# target's weights), DRAFT_DTYPE (the draft's, default DTYPE), DRAFT_LENS (default "8 4":
+# the batch-1 runs), BATCH8 (default 1: also run 8 requests at once, with the first draft
+# length).
 set -uo pipefail
 BIN=${1:-target/release/specula}
 LOG_DIR=${LOG_DIR:-/tmp/specula-runtime}
 MAX_TOKENS=${MAX_TOKENS:-256}
 TARGET=${TARGET:-dummy:llama-3.1-8b}
 DTYPE=${DTYPE:-auto}
+DRAFT_DTYPE=${DRAFT_DTYPE:-$DTYPE}
 DRAFT_LENS=${DRAFT_LENS:-8 4}
 BATCH8=${BATCH8:-1}
 mkdir -p "$LOG_DIR"
@@ -30,7 +32,7 @@ for r in range(8):
 head -n 1 "$LOG_DIR/prompts8.txt" >"$LOG_DIR/prompts1.txt"
 
 common=(generate --backend cuda --model "$TARGET" --dtype "$DTYPE" --max-tokens "$MAX_TOKENS" --ignore-eos --json)
-spec=(--spec draft --draft-model dummy:llama-3.2-1b --synthetic-acceptance 0.8)
+spec=(--spec draft --draft-model dummy:llama-3.2-1b --draft-dtype "$DRAFT_DTYPE" --synthetic-acceptance 0.8)
 run() { # name, prompts file, extra args...
     local name=$1 file=$2
     shift 2

@@ -105,6 +105,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         draft_model: args.draft_model.clone(),
         draft_layers: args.draft_layers,
         draft_kv_blocks: 1024,
+        draft_dtype: specula::model::WeightDtype::Auto,
     };
     if let Some(proposer) = choice.build(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
         builder = builder.speculation(Speculation { proposer, max_draft: args.draft_len, synthetic_acceptance: None });

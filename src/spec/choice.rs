@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::{check_draft_compatible, ModelProposer, NgramProposer, Proposer, SpecError, SpecMethod};
 use crate::backend::{Backend, BackendError};
-use crate::model::{load_model, Llama, ModelSource, Tokenizer};
+use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
 
 /// What to draft with.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,6 +16,8 @@ pub struct ProposerChoice {
     pub draft_layers: usize,
     /// KV blocks of 16 tokens in a drafting model's own cache.
     pub draft_kv_blocks: usize,
+    /// How the draft model's weights are stored (`Fp8`: quantized at load).
+    pub draft_dtype: WeightDtype,
 }
 
 impl ProposerChoice {
@@ -42,7 +44,8 @@ impl ProposerChoice {
             SpecMethod::Draft => {
                 let source = self.draft_model.as_ref().ok_or(SpecError::MissingDraftModel)?;
                 let backend = new_backend()?;
-                let draft = load_model(source, &backend).map_err(|e| SpecError::DraftModel(e.to_string()))?;
+                let draft = load_model_with(source, &LoadOptions::dtype(self.draft_dtype), &backend)
+                    .map_err(|e| SpecError::DraftModel(e.to_string()))?;
                 check_draft_compatible(
                     tokenizer,
                     draft.tokenizer.as_ref(),

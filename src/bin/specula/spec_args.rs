@@ -6,7 +6,7 @@ use std::sync::Arc;
 use clap::Args;
 
 use specula::backend::{Backend, BackendError};
-use specula::model::{Llama, ModelSource, Tokenizer};
+use specula::model::{Llama, ModelSource, Tokenizer, WeightDtype};
 use specula::spec::{check_settings, Proposer, ProposerChoice, SpecMethod, Speculation};
 
 /// Speculative decoding options.
@@ -27,6 +27,9 @@ pub struct SpecArgs {
     /// KV blocks of 16 tokens in the draft model's cache (`draft` and `early-exit`).
     #[arg(long, default_value_t = 1024)]
     pub draft_kv_blocks: usize,
+    /// How the draft model's weights are stored: its own precision (`auto`) or FP8.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub draft_dtype: WeightDtype,
     /// Benchmarks only: accept each draft token with this probability whatever its value.
     /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
     #[arg(long)]
@@ -51,6 +54,7 @@ impl SpecArgs {
             draft_model: self.draft_model.clone(),
             draft_layers: self.draft_layers,
             draft_kv_blocks: self.draft_kv_blocks,
+            draft_dtype: self.draft_dtype,
         };
         Ok(choice.build(target, tokenizer, new_backend)?)
     }
