@@ -251,3 +251,34 @@ async fn health_answers_while_many_requests_are_half_sent() {
     }
     ws_still_serves(&srv).await;
 }
+
+/// A client that asks for tokens and never reads them: once the server's buffers for it are
+/// full it is disconnected after the send deadline, and its requests are cancelled (they
+/// would otherwise run to their end and the connection stay open for good).
+#[tokio::test]
+async fn a_websocket_client_that_stops_reading_is_disconnected() {
+    let limits = Limits { send_timeout: Duration::from_secs(1), ..Limits::default() };
+    let srv = start_paced(Duration::from_millis(3), ServerConfig { limits, ..server_support::config() });
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(srv.addr).await.unwrap();
+    let mut tcp = raw::ws_upgrade(tcp, srv.addr, None).await;
+    for id in 0..8 {
+        let frame = json!({"type": "generate", "id": id, "prompt": "w1", "max_tokens": 100000});
+        tcp.write_all(&text_frame(&frame.to_string())).await.unwrap();
+    }
+    // 8 rows of 4095 tokens at 3 ms a step would take over 12 s.
+    let start = Instant::now();
+    while srv.handle.stats().await.unwrap().running < 8 {
+        assert!(start.elapsed() < Duration::from_secs(5), "the requests never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    srv.wait_idle(Duration::from_secs(8)).await;
+    // What the client finds when it looks: a reset connection.
+    let mut buf = vec![0u8; 1 << 20];
+    let mut outcome = Ok(1);
+    while matches!(outcome, Ok(n) if n > 0) {
+        outcome = tokio::io::AsyncReadExt::read(&mut tcp, &mut buf).await;
+    }
+    assert!(start.elapsed() < Duration::from_secs(10), "{:?}", start.elapsed());
+}

@@ -9,6 +9,7 @@
 //! | `ws_max_frame_bytes` | 4 MiB | close 1009, at the frame's header |
 //! | `ws_max_in_flight` | 64 | an `error` frame `too_many_in_flight` |
 //! | `max_connections` | 1024, fewer if file descriptors are short | new connections wait to be accepted |
+//! | `send_timeout` | 30 s | a client that reads nothing of what it is sent: disconnected |
 
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ pub struct Limits {
     pub ws_max_in_flight: usize,
     /// Most connections open at once, WebSocket ones included.
     pub max_connections: usize,
+    /// A client that takes none of what it is sent for this long is disconnected.
+    pub send_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +47,7 @@ impl Default for Limits {
             ws_max_frame_bytes: 4 << 20,
             ws_max_in_flight: 64,
             max_connections: DEFAULT_MAX_CONNECTIONS,
+            send_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -73,7 +77,11 @@ impl Limits {
         if let Some((_, name)) = sizes.iter().find(|(n, _)| *n == 0) {
             return Err(LimitError::Zero(name));
         }
-        let times = [(self.header_timeout, "--header-timeout"), (self.body_timeout, "--body-timeout")];
+        let times = [
+            (self.header_timeout, "--header-timeout"),
+            (self.body_timeout, "--body-timeout"),
+            (self.send_timeout, "--send-timeout"),
+        ];
         if let Some((_, name)) = times.iter().find(|(t, _)| t.is_zero()) {
             return Err(LimitError::Zero(name));
         }
@@ -99,6 +107,21 @@ pub fn default_max_connections(fd_limit: Option<u64>) -> usize {
         Some(fds) => (connection_fds(fds) as usize).clamp(1, DEFAULT_MAX_CONNECTIONS),
         None => DEFAULT_MAX_CONNECTIONS,
     }
+}
+
+/// Sets the send deadline on an accepted connection (`HttpServer::on_connect`): with
+/// `TCP_USER_TIMEOUT` the kernel drops a connection whose sent data stays unacknowledged, or
+/// whose receiver keeps its window shut, for longer. actix has no write deadline of its own,
+/// so without this a client that stops reading holds its connection, a WebSocket's task and
+/// an SSE response forever. Linux only; elsewhere a no-op.
+pub fn set_send_timeout(connection: &dyn std::any::Any, timeout: Duration) {
+    #[cfg(target_os = "linux")]
+    if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+        // A failure leaves the system's own (much longer) timeouts: nothing to report to anyone.
+        let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(timeout));
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (connection, timeout);
 }
 
 /// Raises this process's soft limit on open files to its hard limit (as most servers do)

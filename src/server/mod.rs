@@ -149,6 +149,7 @@ pub fn bind(handle: RuntimeHandle, config: &ServerConfig) -> Result<Running, Sta
         stopping: stopping.clone(),
     });
     let workers = config.workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let send_timeout = limits.send_timeout;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
@@ -161,6 +162,7 @@ pub fn bind(handle: RuntimeHandle, config: &ServerConfig) -> Result<Running, Sta
     // drops its handler and with it the request's event stream (cancelling the request),
     // even while a non-streamed answer is still being generated.
     .h1_allow_half_closed(false)
+    .on_connect(move |connection, _| limits::set_send_timeout(connection, send_timeout))
     .keep_alive(KeepAlive::Disabled)
     .client_request_timeout(limits.header_timeout)
     .workers(workers)

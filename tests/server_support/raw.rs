@@ -47,7 +47,11 @@ pub async fn connect(addr: SocketAddr) -> TcpStream {
 
 /// Opens a WebSocket at `/v1/ws` by hand; returns the stream after the 101 response.
 pub async fn ws_handshake(addr: SocketAddr, auth: Option<&str>) -> TcpStream {
-    let mut tcp = connect(addr).await;
+    ws_upgrade(connect(addr).await, addr, auth).await
+}
+
+/// The WebSocket handshake on a connection of the caller's making.
+pub async fn ws_upgrade(mut tcp: TcpStream, addr: SocketAddr, auth: Option<&str>) -> TcpStream {
     let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
     let request = format!(
         "GET /v1/ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

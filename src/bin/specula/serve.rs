@@ -78,6 +78,10 @@ struct LimitArgs {
     /// `ulimit -n`, is lower); beyond it new connections wait to be accepted.
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Seconds a client may leave what it is sent unread (once the buffers for it are full)
+    /// before it is disconnected.
+    #[arg(long, default_value = "30", value_parser = seconds)]
+    send_timeout: Duration,
 }
 
 impl LimitArgs {
@@ -89,6 +93,7 @@ impl LimitArgs {
             ws_max_frame_bytes: self.ws_max_frame_bytes,
             ws_max_in_flight: self.ws_max_in_flight,
             max_connections: self.max_connections.unwrap_or_else(|| limits::default_max_connections(fd_limit)),
+            send_timeout: self.send_timeout,
         }
     }
 }
