@@ -264,12 +264,13 @@ impl Kernels {
         let by_group = |prefix: &str| -> Result<[CudaFunction; 4]> {
             let fs: Vec<CudaFunction> =
                 [8, 16, 32, 64].map(|t| get(&format!("{prefix}_t{t}"))).into_iter().collect::<Result<_>>()?;
+            use cudarc::driver::sys::CUfunction_attribute as Attr;
             for f in &fs {
-                f.set_attribute(
-                    cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                    optin,
-                )
-                .map_err(|e| BackendError::Device(e.to_string()))?;
+                // The dynamic part may take what the kernel's static shared memory leaves.
+                let fixed = f.get_attribute(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
+                let fixed = fixed.map_err(|e| BackendError::Device(e.to_string()))?;
+                f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin - fixed)
+                    .map_err(|e| BackendError::Device(format!("allowing shared memory for {prefix}: {e}")))?;
             }
             Ok(fs.try_into().unwrap_or_else(|_| unreachable!("four kernels")))
         };
