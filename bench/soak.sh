@@ -8,7 +8,8 @@
 #   bench/soak.sh [MINUTES]        (default 10; or SOAK_MINUTES, or SOAK_SECONDS)
 #
 # SOAK_CLIENTS (6: WebSocket clients, and as many SSE clients), SOAK_RSS_SLACK_MB (150),
-# SOAK_SEED (1), SPECULA (the binary; default: built here with --release).
+# SOAK_SEED (1), SOAK_LONG_PROMPTS (0; 1 adds prompts of 513 tokens up to the context),
+# SPECULA (the binary; default: built here with --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,9 @@ done
 [ -n "$port" ] || { cat "$log"; echo "FAIL: the server did not start in time"; exit 1; }
 
 status=0
-python3 bench/soak_client.py --port "$port" --pid "$server" --seconds "$seconds" \
+long=()
+[ "${SOAK_LONG_PROMPTS:-0}" = 1 ] && long=(--long-prompts)
+python3 bench/soak_client.py "${long[@]}" --port "$port" --pid "$server" --seconds "$seconds" \
     --clients "${SOAK_CLIENTS:-6}" --rss-slack-mb "${SOAK_RSS_SLACK_MB:-150}" --seed "${SOAK_SEED:-1}" || status=1
 
 kill -TERM "$server"
