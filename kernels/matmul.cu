@@ -34,7 +34,7 @@
 #include "common.cuh"
 
 #ifndef MM_WARPS
-#define MM_WARPS 4  // warps per block; they walk the same k-blocks, so x is read once per SM
+#define MM_WARPS 8  // warps per block; they walk the same k-blocks, so x is read once per SM
 #endif
 #ifndef MM_UNROLL
 #define MM_UNROLL 4  // k-blocks of weights in flight per warp
@@ -43,16 +43,8 @@
 #define MM_SMALL_UNITS 2  // 16-row units per warp up to 16 tokens
 #endif
 #ifndef MM_L2_256
-#define MM_L2_256 0  // weight loads fetch their whole 256-byte L2 segment
+#define MM_L2_256 1  // weight loads fetch their whole 256-byte L2 segment
 #endif
-#ifndef MM_STAGED
-#define MM_STAGED 0  // weights through a shared-memory ring (cp.async) instead of registers
-#endif
-#ifndef MM_STAGES
-#define MM_STAGES 4  // ring stages per warp (MM_STAGES - 1 chunks in flight)
-#endif
-#define MM_CHUNK 256             // bytes of each row per stage
-#define MM_PITCH (MM_CHUNK + 16)  // a stage's row pitch: ldmatrix's eight rows in distinct banks
 // (The host's MatmulTuning sets these; its grid depends on them.)
 
 #define EPI_STORE 0   // y = acc (or y += acc when `accumulate`: a residual add)
@@ -120,9 +112,8 @@ __device__ __forceinline__ int global_row(const MmArgs& a, int weight, int row) 
 
 // One 16-row tile of one weight as this lane sees it.
 struct Tile {
-    const uint8_t* base;  // row 0 of the tile
-    const uint8_t* lo;    // row g of the tile
-    const uint8_t* hi;    // row g + 8
+    const uint8_t* lo;  // row g of the tile
+    const uint8_t* hi;  // row g + 8
     int weight, row;    // which weight, first row of the tile in it
     bool live;
 };
@@ -133,8 +124,7 @@ __device__ __forceinline__ Tile tile_at(const MmArgs& a, int tile, int which) {
     t.live = locate(a, tile, which, t.weight, t.row);
     const size_t row_bytes = (size_t)a.K * (FP8 ? 1 : 2);
     const int g = (threadIdx.x % WARP) / 4;
-    t.base = t.live ? pick(a.w, t.weight) + (size_t)t.row * row_bytes : nullptr;
-    t.lo = t.live ? t.base + (size_t)g * row_bytes : nullptr;
+    t.lo = t.live ? pick(a.w, t.weight) + (size_t)(t.row + g) * row_bytes : nullptr;
     t.hi = t.live ? t.lo + 8 * row_bytes : nullptr;
     return t;
 }
@@ -301,109 +291,6 @@ __device__ void stream_registers(const MmArgs& a, const Tile (&tiles)[R][NW], fl
 
 }
 
-// ---- The staged variant: each warp streams its rows through its own shared-memory ring.
-// cp.async copies put 256 contiguous bytes of two rows in flight per instruction (full
-// cache lines, few requests per byte), MM_STAGES - 1 chunks ahead; ldmatrix then reads the
-// mma fragments. The physical k of each fragment element is the logical one (bf16); for
-// FP8, lane (g, q) holds bytes 4q..4q+3 of a 16-byte row piece: the pairs (4q, 4q+1) and
-// (4q+2, 4q+3) stand for logical k (2q, 2q+1) and (2q+8, 2q+9), and x follows suit.
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
-#if MM_L2_256
-    asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#else
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_stages() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(MM_STAGES - 2) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(const uint8_t* smem, uint32_t (&r)[4]) {
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(s));
-}
-
-// acc += the tile's 32 bytes per row at `frag` (this lane's ldmatrix address) . x, the
-// token's activations from element k0 of the k-step.
-template <bool FP8, int NT>
-__device__ __forceinline__ void mma_kstep(float (&acc)[NT][4], const uint8_t* frag, const MmArgs& a, size_t k0) {
-    const int g = (threadIdx.x % WARP) / 4, q = threadIdx.x % 4;
-    uint32_t m[4];
-    ldmatrix_x4(frag, m);
-    if (!FP8) {
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const int t = nt * 8 + g;
-            const uint32_t* x = reinterpret_cast<const uint32_t*>(a.x + (size_t)t * a.K + k0 + 2 * q);
-            const uint32_t b0 = t < a.n ? x[0] : 0u, b1 = t < a.n ? x[4] : 0u;
-            mma_bf16(acc[nt], m[0], m[1], m[2], m[3], b0, b1);
-        }
-        return;
-    }
-#pragma unroll
-    for (int s = 0; s < 2; s++) {
-        const uint32_t a0 = e4m3x2_to_bf16x2(m[2 * s]), a1 = e4m3x2_to_bf16x2(m[2 * s + 1]);
-        const uint32_t a2 = e4m3x2_to_bf16x2(m[2 * s] >> 16), a3 = e4m3x2_to_bf16x2(m[2 * s + 1] >> 16);
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const int t = nt * 8 + g;
-            const uint2 x = t < a.n ? *reinterpret_cast<const uint2*>(a.x + (size_t)t * a.K + k0 + 16 * s + 4 * q)
-                                    : make_uint2(0, 0);
-            mma_bf16(acc[nt], a0, a1, a2, a3, x.x, x.y);
-        }
-    }
-}
-
-template <bool FP8, int NT, int R, int NW>
-__device__ void stream_staged(const MmArgs& a, const Tile (&tiles)[R][NW], float (&acc)[R][NW][NT][4]) {
-    constexpr int ROWS = R * NW * 16, STAGE = ROWS * MM_PITCH;
-    extern __shared__ __align__(16) uint8_t smem[];
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    uint8_t* ring = smem + (size_t)warp * MM_STAGES * STAGE;
-    const int row_bytes = a.K * (FP8 ? 1 : 2), ksteps = row_bytes / 32;
-    const int b0 = 32 * (blockIdx.y * ksteps / gridDim.y), b1 = 32 * ((blockIdx.y + 1) * ksteps / gridDim.y);
-    const int chunks = (b1 - b0 + MM_CHUNK - 1) / MM_CHUNK;
-    // Chunk c into its stage: 16 lanes per row, two rows per instruction.
-    auto issue = [&](int c) {
-        if (c < chunks) {
-            const int off = b0 + c * MM_CHUNK, col = (lane % 16) * 16;
-            uint8_t* st = ring + (c % MM_STAGES) * STAGE;
-            if (col < b1 - off)
-#pragma unroll
-                for (int m = 0; m < ROWS / 2; m++) {
-                    const Tile& t = tiles[(m / 8) / NW][(m / 8) % NW];
-                    const int r = 2 * (m % 8) + lane / 16;
-                    if (t.live) cp_async16(st + (m / 8 * 16 + r) * MM_PITCH + col, t.base + (size_t)r * row_bytes + off + col);
-                }
-        }
-        cp_async_commit();  // an empty group past the end keeps the count uniform
-    };
-#pragma unroll
-    for (int c = 0; c < MM_STAGES - 1; c++) issue(c);  // weights only: before the wait
-    pdl_wait();
-    const int frag_row = (lane & 7) + ((lane >> 3) & 1) * 8, frag_col = (lane >> 4) * 16;
-    for (int c = 0; c < chunks; c++) {
-        cp_async_wait_stages();  // chunk c has landed (for this lane)
-        __syncwarp();            // ... for every lane, and chunk c - 1's stage is free
-        issue(c + MM_STAGES - 1);
-        const uint8_t* st = ring + (c % MM_STAGES) * STAGE + frag_row * MM_PITCH + frag_col;
-        const int off = b0 + c * MM_CHUNK, len = min(MM_CHUNK, b1 - off);
-        for (int o = 0; o < len; o += 32) {
-            const size_t k0 = FP8 ? off + o : (off + o) / 2;
-#pragma unroll
-            for (int r = 0; r < R; r++)
-#pragma unroll
-                for (int w = 0; w < NW; w++) mma_kstep<FP8, NT>(acc[r][w], st + (r * NW + w) * 16 * MM_PITCH + o, a, k0);
-        }
-    }
-    asm volatile("cp.async.wait_all;" ::: "memory");
-}
-
 // One block: MM_WARPS warps x R units (a unit is one 16-row tile, or a gate and an up tile
 // with EPI_SWIGLU) over K slice blockIdx.y of gridDim.y.
 template <bool FP8, int NT, int R, int EPI>
@@ -429,11 +316,7 @@ __device__ void matmul_block(const MmArgs& a) {
 #pragma unroll
                 for (int i = 0; i < 4; i++) acc[r][w][nt][i] = 0.f;
 
-#if MM_STAGED
-    stream_staged<FP8, NT, R, NW>(a, tiles, acc);
-#else
     stream_registers<FP8, NT, R, NW>(a, tiles, acc);
-#endif
 
     if (slices > 1) {
         split_k_finish<FP8, NT, R, EPI, NW>(a, tiles, acc);

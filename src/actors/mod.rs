@@ -101,16 +101,20 @@ impl Default for RuntimeConfig {
     }
 }
 
+/// Device memory kept out of the KV pool for what steps allocate later: activations and the
+/// CUDA graphs captured per step shape (each with an arena of its own).
+const STEP_MEMORY_RESERVE: usize = 6 << 30;
+
 /// Bytes for the KV pool: on a device with memory of its own, what `gpu_memory_fraction` of
 /// it leaves after everything already there (weights, a draft model and its pool,
-/// workspaces); elsewhere `kv_bytes`.
+/// workspaces) and a reserve for the steps; elsewhere `kv_bytes`.
 fn kv_budget<B: Backend>(c: &RuntimeConfig, backend: &B) -> Result<usize, RuntimeError> {
     let Some(mem) = backend.memory()? else { return Ok(c.kv_bytes) };
     if !(c.gpu_memory_fraction > 0.0 && c.gpu_memory_fraction <= 1.0) {
         return Err(RuntimeError::Config(format!("gpu memory fraction {} is not in (0, 1]", c.gpu_memory_fraction)));
     }
     let allowed = (c.gpu_memory_fraction * mem.total as f64) as usize;
-    let used = mem.total - mem.free;
+    let used = mem.total - mem.free + STEP_MEMORY_RESERVE;
     allowed.checked_sub(used).filter(|&b| b > 0).ok_or_else(|| {
         RuntimeError::Config(format!(
             "no device memory left for the KV cache: {:.1} GiB of {:.1} GiB already in use, the memory fraction is {}",
@@ -212,7 +216,9 @@ impl RuntimeBuilder {
             Some(n) => n,
             None => {
                 let per_token = KvCache::<B>::bytes_per_token(&model.config, backend.kv_bytes_per_value());
-                BlockPool::blocks_for_budget(kv_budget(c, &backend)?, per_token, c.block_size)
+                // Never more than every row at the full context needs.
+                let most = c.max_batch * model.config.max_position_embeddings.div_ceil(c.block_size);
+                BlockPool::blocks_for_budget(kv_budget(c, &backend)?, per_token, c.block_size).min(most)
             }
         };
         let kv = KvCache::new(&backend, &model.config, num_blocks, c.block_size)?;

@@ -257,21 +257,9 @@ impl Kernels {
                 .find_map(|m| m.load_function(name).ok())
                 .ok_or_else(|| BackendError::Device(format!("kernel {name} not found in any module")))
         };
-        // The staged matmul keeps a shared-memory ring per warp: allow it all the device has.
-        let optin = ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(|e| BackendError::Device(e.to_string()))?;
         let by_group = |prefix: &str| -> Result<[CudaFunction; 4]> {
             let fs: Vec<CudaFunction> =
                 [8, 16, 32, 64].map(|t| get(&format!("{prefix}_t{t}"))).into_iter().collect::<Result<_>>()?;
-            use cudarc::driver::sys::CUfunction_attribute as Attr;
-            for f in &fs {
-                // The dynamic part may take what the kernel's static shared memory leaves.
-                let fixed = f.get_attribute(Attr::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES);
-                let fixed = fixed.map_err(|e| BackendError::Device(e.to_string()))?;
-                f.set_attribute(Attr::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, optin - fixed)
-                    .map_err(|e| BackendError::Device(format!("allowing shared memory for {prefix}: {e}")))?;
-            }
             Ok(fs.try_into().unwrap_or_else(|_| unreachable!("four kernels")))
         };
         Ok(Kernels {

@@ -26,21 +26,14 @@ pub struct MatmulTuning {
     pub l2_256: bool,
     /// Warps per SM that the K split aims for.
     pub warps_per_sm: usize,
-    /// Weights through a shared-memory ring of `stages` stages per warp (MM_STAGED,
-    /// MM_STAGES) instead of straight into registers.
-    pub staged: bool,
-    pub stages: usize,
 }
 
+/// The best of the settings measured on an H200 (bench/NOTES.md, runs 24–26).
 impl Default for MatmulTuning {
     fn default() -> Self {
-        MatmulTuning { warps: 4, unroll: 4, small_units: 1, l2_256: true, warps_per_sm: 16, staged: true, stages: 4 }
+        MatmulTuning { warps: 8, unroll: 4, small_units: 2, l2_256: true, warps_per_sm: 16 }
     }
 }
-
-/// Bytes of each row a stage holds, and its pitch in shared memory (MM_CHUNK, MM_PITCH).
-const STAGE_ROW_BYTES: usize = 256;
-const STAGE_PITCH: usize = STAGE_ROW_BYTES + 16;
 
 impl MatmulTuning {
     /// The NVRTC options that build kernels/matmul.cu for these settings.
@@ -50,28 +43,7 @@ impl MatmulTuning {
             format!("-DMM_UNROLL={}", self.unroll),
             format!("-DMM_SMALL_UNITS={}", self.small_units),
             format!("-DMM_L2_256={}", self.l2_256 as u8),
-            format!("-DMM_STAGED={}", self.staged as u8),
-            format!("-DMM_STAGES={}", self.stages),
         ]
-    }
-
-    /// Bytes per row of the kernel's unit of K: a k-block (register variant) or a k-step
-    /// (staged variant). Slices of K hold whole units.
-    fn k_unit_bytes(&self) -> usize {
-        if self.staged {
-            32
-        } else {
-            64
-        }
-    }
-
-    /// Dynamic shared memory per block for `rows` weight rows per warp.
-    fn shared_bytes(&self, rows: usize) -> usize {
-        if self.staged {
-            self.warps * self.stages * rows * STAGE_PITCH
-        } else {
-            0
-        }
     }
 }
 
@@ -100,8 +72,6 @@ pub struct SplitWorkspace {
     capacity: usize,
     tickets: DeviceBuf,
     sms: usize,
-    /// Most dynamic shared memory a block may have on this device.
-    max_shared: usize,
 }
 
 impl SplitWorkspace {
@@ -112,11 +82,7 @@ impl SplitWorkspace {
         let partial = dev.alloc(4 * capacity)?;
         let tickets = dev.alloc(4 * TICKETS)?;
         dev.memset_zero(tickets.ptr(), tickets.bytes())?;
-        let max_shared = dev
-            .ctx
-            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-            .map_err(|e| BackendError::Device(e.to_string()))? as usize;
-        Ok(SplitWorkspace { partial, capacity, tickets, sms, max_shared })
+        Ok(SplitWorkspace { partial, capacity, tickets, sms })
     }
 }
 
@@ -173,24 +139,13 @@ impl CudaBackend {
         let ws_ = &self.split;
         let tuning = &self.tuning;
         let slices = k_slices(total_rows / 16, row_bytes, ws_.sms, tuning.warps_per_sm);
-        debug_assert!(row_bytes.is_multiple_of(tuning.k_unit_bytes()));
         let units = if epi == Epilogue::SwiGlu { ms[0] / 16 } else { total_rows / 16 };
         let (out_elem, kernels) = (if epi == Epilogue::SwiGlu { 2 } else { 4 }, &self.kernels);
         let mut t = 0;
         while t < n {
             let chunk = (n - t).min(MATMUL_MAX_TOKENS);
             let group = token_group(chunk);
-            let per_warp = units_per_warp(group, epi, tuning);
-            let blocks = units.div_ceil(tuning.warps * per_warp);
-            let rows_per_warp = per_warp * 16 * if epi == Epilogue::SwiGlu { 2 } else { 1 };
-            let shared = tuning.shared_bytes(rows_per_warp);
-            if shared > ws_.max_shared {
-                return Err(BackendError::Invalid(format!(
-                    "tensor-core matmul: {shared} bytes of shared memory per block, the device allows {}",
-                    ws_.max_shared
-                )));
-            }
-            let shared = shared as u32;
+            let blocks = units.div_ceil(tuning.warps * units_per_warp(group, epi, tuning));
             if slices > 1 && (blocks > TICKETS || slices * chunk * total_rows > ws_.capacity) {
                 return Err(BackendError::Invalid("tensor-core matmul: split workspace too small".into()));
             }
@@ -200,7 +155,7 @@ impl CudaBackend {
             let y = |i: usize| outs.get(i).map_or(0, |o| o.ptr() + (t * o.dims().1 * out_elem) as u64);
             let m = |i: usize| ms.get(i).map_or(0, |&m| m as i32);
             let xp = x.ptr() + (t * k * 2) as u64;
-            launch!(self.dev, f, (blocks as u32, slices as u32, 1), ((tuning.warps * 32) as u32, 1, 1), shared;
+            launch!(self.dev, f, (blocks as u32, slices as u32, 1), ((tuning.warps * 32) as u32, 1, 1);
                 w(0), w(1), w(2), s(0), s(1), s(2), y(0), y(1), y(2), m(0), m(1), m(2), k as i32, xp,
                 chunk as i32, (epi == Epilogue::Add) as i32, ws_.partial.ptr(), ws_.tickets.ptr())?;
             t += chunk;

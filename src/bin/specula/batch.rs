@@ -17,6 +17,10 @@ use specula::spec::SpecStats;
 
 use super::{completion_json, GenerateArgs};
 
+fn gib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 pub fn run<B: Backend>(
     args: &GenerateArgs,
     file: &Path,
@@ -42,7 +46,13 @@ pub fn run<B: Backend>(
     }
     // A model without a tokenizer (dummy weights) takes each line as token ids.
     let ids_only = loaded.tokenizer.is_none();
+    if let Some(m) = backend.memory()? {
+        eprintln!("device memory before the KV pool: {:.1} of {:.1} GiB free", gib(m.free), gib(m.total));
+    }
     let handle = builder.build(backend, model, loaded.tokenizer)?;
+    if let Ok(stats) = futures::executor::block_on(handle.stats()) {
+        eprintln!("KV pool: {} blocks of {} tokens", stats.kv.target.num_blocks, specula::actors::BLOCK_SIZE);
+    }
     let requests = prompts
         .iter()
         .enumerate()

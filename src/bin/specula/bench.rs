@@ -339,17 +339,13 @@ mod gpu {
     fn tune(gpu: &CudaBackend, bandwidth: f64) -> Res<()> {
         use specula::backend::cuda::MatmulTuning;
         let base = MatmulTuning::default();
-        let registers = MatmulTuning { staged: false, small_units: 2, ..base };
         let variants = [
-            ("default (staged 4, L2 256B)", base),
-            ("registers, L2 256B", registers),
-            ("registers, 8 warps, L2 256B", MatmulTuning { warps: 8, ..registers }),
-            ("staged 4, no L2 hint", MatmulTuning { l2_256: false, ..base }),
-            ("staged 3", MatmulTuning { stages: 3, ..base }),
-            ("staged 6", MatmulTuning { stages: 6, ..base }),
-            ("staged 4, 2 units", MatmulTuning { small_units: 2, ..base }),
-            ("staged 4, 32 warps/SM", MatmulTuning { warps_per_sm: 32, ..base }),
-            ("staged 4, 8 warps/SM", MatmulTuning { warps_per_sm: 8, ..base }),
+            ("default", base),
+            ("4 warps", MatmulTuning { warps: 4, ..base }),
+            ("unroll 6", MatmulTuning { unroll: 6, ..base }),
+            ("1 unit", MatmulTuning { small_units: 1, ..base }),
+            ("8 warps/SM split", MatmulTuning { warps_per_sm: 8, ..base }),
+            ("32 warps/SM split", MatmulTuning { warps_per_sm: 32, ..base }),
         ];
         let start = Instant::now();
         let defines: Vec<Vec<String>> = variants.iter().map(|(_, t)| t.defines()).collect();
