@@ -32,17 +32,17 @@ struct Args {
     #[arg(long, value_enum, default_value = "auto")]
     dtype: WeightDtype,
     /// Longest answer, in tokens.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// Above 1 discourages repeating what was said; small models loop without it.
-    #[arg(long, default_value_t = 1.1)]
+    #[arg(long, default_value_t = 1.1, allow_negative_numbers = true)]
     repetition_penalty: f32,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// Speculative decoding: how to draft tokens for the model to verify.
     #[arg(long, value_enum, default_value = "none")]

@@ -8,6 +8,7 @@ use serde::Serialize;
 
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
+use crate::core::lengths::Lengths;
 use crate::core::sampling::Sampler;
 use crate::core::spec::AcceptanceTracker;
 use crate::core::step_cost::StepCost;
@@ -47,13 +48,9 @@ pub struct Completion {
     pub speculative: Option<SpecStats>,
 }
 
-/// Tokenizes and checks a prompt against the model; shared by every entry point.
-pub fn tokenize_prompt(
-    tokenizer: Option<&Tokenizer>,
-    prompt: &Prompt,
-    vocab: usize,
-    context: usize,
-) -> Result<Vec<u32>, RequestError> {
+/// Tokenizes a prompt (chat template applied) and checks its ids against the vocabulary;
+/// shared by every entry point. Its length is checked by `Lengths::admit`.
+pub fn tokenize_prompt(tokenizer: Option<&Tokenizer>, prompt: &Prompt, vocab: usize) -> Result<Vec<u32>, RequestError> {
     let ids = match prompt {
         Prompt::Tokens(ids) => ids.clone(),
         Prompt::Text(text) => tokenizer.ok_or(RequestError::NoTokenizer)?.encode(text, true),
@@ -72,9 +69,6 @@ pub fn tokenize_prompt(
     }
     if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
         return Err(RequestError::BadTokenId(bad));
-    }
-    if ids.len() >= context {
-        return Err(RequestError::PromptTooLong { tokens: ids.len(), context });
     }
     Ok(ids)
 }
@@ -113,12 +107,11 @@ impl<B: Backend> Engine<B> {
         mut on_delta: impl FnMut(&[u32], &str),
     ) -> Result<Completion, EngineError> {
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
-        if req.max_tokens == 0 {
-            return Err(RequestError::ZeroMaxTokens.into());
-        }
         let config = &self.model.config;
-        let prompt = tokenize_prompt(self.tokenizer.as_ref(), &req.prompt, config.vocab_size, self.context_len())?;
-        let budget = (prompt.len() + req.max_tokens).min(self.context_len());
+        let prompt = tokenize_prompt(self.tokenizer.as_ref(), &req.prompt, config.vocab_size)?;
+        // The engine sizes its own cache for the request: only the context limits it.
+        let lengths = Lengths { context: self.context_len(), kv_tokens: usize::MAX };
+        let budget = lengths.admit(prompt.len(), req.max_tokens)?.max_len;
         let num_blocks = budget.div_ceil(BLOCK_SIZE);
         let mut kv = KvCache::new(&self.backend, config, num_blocks, BLOCK_SIZE)?;
         let table: Vec<u32> = (0..num_blocks as u32).collect();

@@ -14,6 +14,7 @@ use super::messages::{
 };
 use super::metrics as m;
 use crate::core::kv_manager::KvStats;
+use crate::core::lengths::Lengths;
 use crate::core::scheduler::{QueueFull, Scheduler, SeqParams};
 use crate::engine::tokenize_prompt;
 use crate::model::Tokenizer;
@@ -23,9 +24,8 @@ use crate::request::{RequestError, RequestId};
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub vocab: usize,
-    pub context: usize,
-    /// Tokens the whole KV pool holds: a request needing more could never run.
-    pub kv_tokens: usize,
+    /// The context and the KV pool (`core::lengths` holds every length rule).
+    pub lengths: Lengths,
 }
 
 pub struct Intake {
@@ -61,23 +61,10 @@ impl Intake {
     fn admit(&self, s: &Submit) -> Result<(Vec<u32>, Arc<SeqParams>), RequestError> {
         let req = &s.req;
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
-        if req.max_tokens == 0 {
-            return Err(RequestError::ZeroMaxTokens);
-        }
         let l = &self.limits;
-        let prompt = tokenize_prompt(self.tokenizer.as_deref(), &req.prompt, l.vocab, l.context)?;
-        let max_len = (prompt.len() + req.max_tokens).min(l.context);
-        if max_len > l.kv_tokens {
-            // It could never run, even alone.
-            return Err(RequestError::ExceedsKvCapacity { tokens: max_len, capacity: l.kv_tokens });
-        }
-        let params = SeqParams {
-            sampling: req.sampling.clone(),
-            prompt_len: prompt.len(),
-            max_tokens: req.max_tokens,
-            ignore_eos: req.ignore_eos,
-            max_len,
-        };
+        let prompt = tokenize_prompt(self.tokenizer.as_deref(), &req.prompt, l.vocab)?;
+        let limits = l.lengths.admit(prompt.len(), req.max_tokens)?;
+        let params = SeqParams { sampling: req.sampling.clone(), limits, ignore_eos: req.ignore_eos };
         Ok((prompt, Arc::new(params)))
     }
 

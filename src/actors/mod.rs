@@ -56,6 +56,7 @@ use self::metrics as m;
 use crate::backend::Backend;
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvManager;
+use crate::core::lengths::Lengths;
 use crate::core::scheduler::{Scheduler, SchedulerConfig};
 use crate::engine::{Completion, Timings};
 use crate::model::{KvCache, Llama, Tokenizer};
@@ -265,7 +266,8 @@ impl RuntimeBuilder {
             block_size: c.block_size,
             max_draft: speculation.as_ref().map_or(0, |s| s.max_draft),
         });
-        let limits = intake::Limits { vocab: info.vocab, context: info.context, kv_tokens: num_blocks * c.block_size };
+        let lengths = Lengths { context: info.context, kv_tokens: num_blocks * c.block_size };
+        let limits = intake::Limits { vocab: info.vocab, lengths };
         let draft_pool = Arc::new(std::sync::Mutex::new(None));
         let intake = intake::Intake::new(
             sched,
@@ -355,7 +357,7 @@ impl RuntimeHandle {
     pub fn generate(&self, req: GenerateRequest) -> EventStream {
         let id = RequestId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
         // Room for every event the request can produce: one per token, plus the end.
-        let (tx, rx) = mpsc::channel(req.max_tokens.clamp(1, 1 << 16) + 4);
+        let (tx, rx) = mpsc::channel(req.max_tokens.min(self.inner.info.context).max(1) + 4);
         let submit = Submit { id, req, events: tx.clone(), arrived: Instant::now() };
         let refused = match self.inner.submit.try_send(submit) {
             Ok(()) => None,

@@ -216,7 +216,7 @@ impl<E: Executor> Verifier<E> {
                 break;
             }
             o.new_tokens.push(t);
-            if len - p.prompt_len >= p.max_tokens || len >= p.max_len {
+            if p.limits.reached(len) {
                 o.finish = Some(FinishReason::Length);
                 break;
             }

@@ -3,6 +3,7 @@
 pub mod block_pool;
 pub mod detokenizer;
 pub mod kv_manager;
+pub mod lengths;
 pub mod ngram;
 pub mod sampling;
 pub mod scheduler;

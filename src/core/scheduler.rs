@@ -24,6 +24,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
+use crate::core::lengths::{row_tokens, SeqLimits};
 use crate::core::sampling::SamplingParams;
 use crate::core::spec::{AcceptanceTracker, Draft};
 use crate::core::step_cost::StepCost;
@@ -33,11 +34,9 @@ use crate::request::{FinishReason, RequestId};
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqParams {
     pub sampling: SamplingParams,
-    pub prompt_len: usize,
-    pub max_tokens: usize,
+    /// Prompt length, output limit and the length the sequence never grows past.
+    pub limits: SeqLimits,
     pub ignore_eos: bool,
-    /// The sequence may not grow past this many tokens (the model's context).
-    pub max_len: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,18 +179,14 @@ struct Seq {
 }
 
 /// Draft positions to reserve for a running row: only when it is decoding (its last token
-/// is its only uncomputed one), never past its output limit or the context.
+/// is its only uncomputed one), never past its length limit (`SeqLimits::draft_room`).
 fn draft_len(seq: &mut Seq, max_draft: usize, batch: usize, cost: &StepCost) -> usize {
-    let p = &seq.params;
-    let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > p.prompt_len;
+    let limits = seq.params.limits;
+    let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > limits.prompt_len;
     if max_draft == 0 || !decoding {
         return 0;
     }
-    let generated = seq.tokens.len() - p.prompt_len;
-    // The verification emits one token beyond the accepted drafts.
-    let output_room = p.max_tokens.saturating_sub(generated + 1);
-    let context_room = p.max_len.saturating_sub(seq.tokens.len() + 1);
-    seq.acceptance.draft_len(max_draft, batch, cost).min(output_room).min(context_room)
+    seq.acceptance.draft_len(max_draft, batch, cost).min(limits.draft_room(seq.tokens.len()))
 }
 
 /// The queue is full: the caller gets an overload error.
@@ -328,8 +323,8 @@ impl Scheduler {
             }
             // A row left without budget still asks (for nothing): it holds blocks, so it
             // stays a preemption candidate for the rows before it.
-            let n =
-                (seq.tokens.len() - seq.computed + draft_len(seq, self.cfg.max_draft, batch, &self.cost)).min(budget);
+            let drafts = draft_len(seq, self.cfg.max_draft, batch, &self.cost);
+            let n = row_tokens(seq.tokens.len() - seq.computed, drafts, budget);
             budget -= n;
             asks.push(Ask { id, computed: seq.computed, new_tokens: n, lookup: None, running: true });
         }
@@ -338,7 +333,7 @@ impl Scheduler {
                 break;
             }
             let seq = &self.seqs[&id];
-            let n = seq.tokens.len().min(budget);
+            let n = row_tokens(seq.tokens.len(), 0, budget);
             budget -= n;
             asks.push(Ask { id, computed: 0, new_tokens: n, lookup: Some(seq.tokens.clone()), running: false });
         }
@@ -486,10 +481,8 @@ mod tests {
     fn params(prompt_len: usize, max_tokens: usize) -> Arc<SeqParams> {
         Arc::new(SeqParams {
             sampling: SamplingParams::default(),
-            prompt_len,
-            max_tokens,
+            limits: SeqLimits { prompt_len, max_tokens, max_len: 1 << 20 },
             ignore_eos: true,
-            max_len: 1 << 20,
         })
     }
 

@@ -141,6 +141,11 @@ impl<B: Backend> Llama<B> {
             let next_norm = self.layers.get(l + 1).filter(|_| l + 1 < num_layers).map_or(&self.norm, |n| &n.attn_norm);
             h = b.matmul_add_rms_norm(&mlp, &layer.w_down, &mut x, next_norm, eps)?;
         }
+        if meta.logits_for.is_empty() {
+            // Prompt chunks only (a prompt longer than the step): the KV is written, and
+            // nothing is projected onto the vocabulary. The logits are `[0, vocab]`.
+            return b.upload(&HostTensor::new(vec![0, c.vocab_size], vec![]));
+        }
         let h = b.gather_logit_rows(&h, &batch)?;
         b.matmul(&h, self.lm_head.as_ref().unwrap_or(&self.embed))
     }

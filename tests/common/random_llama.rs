@@ -44,6 +44,11 @@ pub fn tiny_config(vocab: usize) -> ModelConfig {
 }
 
 pub fn tiny(vocab: usize, seed: u64, std: f32) -> Llama<CpuBackend> {
+    tiny_with(tiny_config(vocab), seed, std)
+}
+
+/// A tiny model of any configuration (a shorter context, say) with random weights.
+pub fn tiny_with(config: ModelConfig, seed: u64, std: f32) -> Llama<CpuBackend> {
     let src = RandomWeights { seed, std };
-    Llama::load(tiny_config(vocab), Weights::Source(&src), &CpuBackend::new(), &ProgressBar::hidden()).unwrap()
+    Llama::load(config, Weights::Source(&src), &CpuBackend::new(), &ProgressBar::hidden()).unwrap()
 }

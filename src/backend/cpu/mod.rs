@@ -134,6 +134,10 @@ impl Backend for CpuBackend {
         if k != wk {
             return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk}")));
         }
+        if n == 0 || m == 0 {
+            // Nothing to compute (and the bands below would be split into chunks of 0).
+            return Ok(dense(vec![n, m], vec![]));
+        }
         let mut out = vec![0f32; n * m];
         // Each task owns a band of output columns (weight rows) for every token; the
         // band is written back after, so tasks never share memory.

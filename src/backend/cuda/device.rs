@@ -205,7 +205,12 @@ impl Device {
         *self.capture.lock().expect("capture lock") = None;
     }
 
+    /// Copies of nothing return at once: an empty step has no bytes to move, and a copy
+    /// from host memory would break a graph capture.
     pub fn htod<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: dst holds at least size_of_val(src) bytes (callers allocate it so).
         // From pageable memory the copy is staged before the call returns, so `src` may go.
@@ -213,8 +218,11 @@ impl Device {
     }
 
     pub fn dtoh<T: Copy + Default>(&self, src: u64, len: usize) -> Result<Vec<T>> {
-        self.bind()?;
         let mut out = vec![T::default(); len];
+        if len == 0 {
+            return Ok(out);
+        }
+        self.bind()?;
         // SAFETY: src holds len values of T; we wait for the copy before returning.
         unsafe { result::memcpy_dtoh_async(&mut out, src, self.stream.cu_stream()) }
             .map_err(driver_err("copy to host"))?;
@@ -223,12 +231,18 @@ impl Device {
     }
 
     pub fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: both hold `bytes` bytes.
         unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }.map_err(driver_err("copy"))
     }
 
     pub fn memset_zero(&self, dst: u64, bytes: usize) -> Result<()> {
+        if bytes == 0 {
+            return Ok(());
+        }
         self.bind()?;
         // SAFETY: dst holds `bytes` bytes.
         unsafe { result::memset_d8_async(dst, 0, bytes, self.stream.cu_stream()) }.map_err(driver_err("memset"))
@@ -247,6 +261,11 @@ impl Device {
         shared_bytes: u32,
         args: &mut [u64],
     ) -> Result<()> {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            // No rows (a step of prompt chunks has no logits, say): no block would have work,
+            // and the driver refuses an empty grid.
+            return Ok(());
+        }
         self.bind()?;
         let mut params: Vec<*mut c_void> = args.iter_mut().map(|a| a as *mut u64 as *mut c_void).collect();
         if !self.pdl.load(std::sync::atomic::Ordering::Relaxed) {

@@ -55,6 +55,7 @@ impl CudaBackend {
     /// A backend on GPU `ordinal`, with its own stream; compiles (or loads from the disk
     /// cache) every kernel for the device's architecture.
     pub fn new(ordinal: usize) -> Result<Self> {
+        check_libraries()?;
         let ctx = CudaContext::new(ordinal).map_err(driver_err("opening the GPU"))?;
         // We order work ourselves (one stream per backend, events between them); cudarc's
         // per-buffer event tracking would only add calls to every launch.
@@ -306,6 +307,25 @@ impl CudaBackend {
     }
 }
 
+/// Fails cleanly where cudarc would panic at its first call: on a machine without an NVIDIA
+/// driver (no GPU) or without cuBLAS. NVRTC is checked where kernels are compiled.
+fn check_libraries() -> Result<()> {
+    // SAFETY: these only try to open the shared libraries.
+    let (driver, cublas) =
+        unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
+    if !driver {
+        return Err(BackendError::Device(
+            "no CUDA driver (libcuda.so) on this machine: is there an NVIDIA GPU? Use --backend cpu".into(),
+        ));
+    }
+    if !cublas {
+        return Err(BackendError::Device(
+            "cuBLAS (libcublas.so) could not be loaded: install the CUDA toolkit or put it on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Keep freed memory in the stream-ordered pool instead of returning it to the driver at
 /// every synchronisation: every step allocates the same sizes again.
 fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
@@ -470,8 +490,8 @@ impl Backend for CudaBackend {
             return Err(BackendError::Invalid(format!("matmul: x has {k} columns, weight {wk}")));
         }
         let out = self.alloc(vec![n, m], DType::F32)?;
-        if n == 0 {
-            return Ok(out);
+        if n == 0 || m == 0 {
+            return Ok(out); // nothing to compute; cuBLAS is not asked for an empty product
         }
         if self.on_tensor_cores(n, &[w], k) {
             self.tc_matmul(x, &[w], &[&out], Epilogue::Store)?;

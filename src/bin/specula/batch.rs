@@ -71,6 +71,7 @@ pub fn run<B: Backend>(
             .collect(),
     );
     let elapsed = start.elapsed().as_secs_f64();
+    let failed = results.iter().filter(|r| r.is_err()).count();
     let (mut generated, mut spec) = (0, SpecStats::default());
     for (i, r) in results.iter().enumerate() {
         match r {
@@ -117,6 +118,10 @@ pub fn run<B: Backend>(
         std::fs::write(path, spans).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     handle.shutdown_blocking(std::time::Duration::from_secs(1));
+    // Every line has its result printed above; a run where any failed is not a success.
+    if failed > 0 {
+        return Err(format!("{failed} of {} requests failed", results.len()).into());
+    }
     Ok(())
 }
 

@@ -11,7 +11,7 @@ use specula::core::sampling::SamplingParams;
 use specula::engine::{Completion, Engine, SpecOptions};
 use specula::model::chat::ChatMessage;
 use specula::model::{load_model_with, LoadOptions, ModelSource, WeightDtype};
-use specula::request::{GenerateRequest, Prompt};
+use specula::request::{GenerateRequest, Prompt, RequestError};
 
 use crate::spec_args::SpecArgs;
 
@@ -33,7 +33,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
     prompts_file: Option<std::path::PathBuf>,
     /// With --prompts-file: the most requests in flight at once (default: all of them).
-    #[arg(long, requires = "prompts_file")]
+    #[arg(long, requires = "prompts_file", allow_negative_numbers = true)]
     concurrency: Option<usize>,
     /// With --prompts-file and --spec: write when the drafter and the verifier worked (JSON
     /// spans) to FILE, and print how long they overlapped.
@@ -42,21 +42,23 @@ pub struct GenerateArgs {
     /// Wrap the prompt as one user message in the model's chat template.
     #[arg(long)]
     chat: bool,
-    #[arg(long, default_value_t = 128)]
+    // Numeric flags take negative numbers as values (`--temperature -1`), so that they are
+    // refused by the same validation as a request over the network, not by the parser.
+    #[arg(long, default_value_t = 128, allow_negative_numbers = true)]
     max_tokens: usize,
     /// 0 is greedy.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
     /// 0 is off.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     top_k: usize,
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     min_p: f32,
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     repetition_penalty: f32,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
     /// Stop before this text (repeatable).
     #[arg(long)]
@@ -73,7 +75,7 @@ pub struct GenerateArgs {
     backend: BackendKind,
     /// The share of the GPU's memory to fill: the KV pool gets what the weights (and a draft
     /// model) leave of it (`--prompts-file` on CUDA).
-    #[arg(long, default_value_t = 0.90)]
+    #[arg(long, default_value_t = 0.90, allow_negative_numbers = true)]
     gpu_memory_fraction: f64,
     #[command(flatten)]
     spec: SpecArgs,
@@ -90,6 +92,8 @@ pub enum BackendKind {
 mod batch;
 
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
+    // Refused before the model loads, by the check every request meets.
+    args.request("").sampling.validate().map_err(RequestError::InvalidSampling)?;
     match args.backend {
         BackendKind::Cpu => run_on(&args, &|| Ok(CpuBackend::new())),
         BackendKind::Cuda => run_cuda(&args),

@@ -608,7 +608,7 @@ mod forward {
         let vocab = lc.model.config.vocab_size;
         let mut out = vec![];
         for (name, prompt) in prompts() {
-            let ids = specula::engine::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab, 8192)
+            let ids = specula::engine::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab)
                 .map_err(|e| specula::backend::BackendError::Invalid(e.to_string()))?;
             let blocks = (ids.len() + steps + 8).div_ceil(BLOCK as usize);
             let table: Vec<u32> = (0..blocks as u32).rev().collect(); // scrambled on purpose

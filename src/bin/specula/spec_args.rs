@@ -19,20 +19,20 @@ pub struct SpecArgs {
     #[arg(long)]
     pub draft_model: Option<ModelSource>,
     /// Layers of the target that draft for `--spec early-exit`.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 6, allow_negative_numbers = true)]
     pub draft_layers: usize,
     /// The most tokens drafted per step (each request's length adapts to its acceptance).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
     pub draft_len: usize,
     /// KV blocks of 16 tokens in the draft model's cache (`draft` and `early-exit`).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, allow_negative_numbers = true)]
     pub draft_kv_blocks: usize,
     /// How the draft model's weights are stored: its own precision (`auto`) or FP8.
     #[arg(long, value_enum, default_value = "auto")]
     pub draft_dtype: WeightDtype,
     /// Benchmarks only: accept each draft token with this probability whatever its value.
     /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub synthetic_acceptance: Option<f64>,
 }
 
