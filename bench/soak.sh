@@ -8,7 +8,8 @@
 #   bench/soak.sh [MINUTES]        (default 10; or SOAK_MINUTES, or SOAK_SECONDS)
 #
 # SOAK_CLIENTS (6: WebSocket clients, and as many SSE clients), SOAK_RSS_SLACK_MB (150),
-# SOAK_SEED (1), SOAK_LONG_PROMPTS (0; 1 adds prompts of 513 tokens up to the context),
+# SOAK_SEED (1), SOAK_LONG_PROMPTS (0; 1 adds a client of prompts from 513 tokens to past the
+# context: on a CPU a prefill runs at tens of tokens per second, hence not in the CI run),
 # SPECULA (the binary; default: built here with --release).
 set -euo pipefail
 cd "$(dirname "$0")/.."
