@@ -75,8 +75,7 @@ impl GraphArena {
     pub fn new(ctx: Arc<CudaContext>, reserve: usize) -> Result<Self> {
         let arena = GraphArena { slabs: Mutex::new(vec![]), ctx };
         let size = reserve.max(SLAB);
-        // SAFETY: plain device allocation, freed in Drop.
-        let base = unsafe { result::malloc_sync(size) }.map_err(|_| BackendError::OutOfMemory { bytes: size })?;
+        let base = arena.malloc(size)?;
         arena.slabs.lock().expect("arena lock").push((base, size, 0));
         Ok(arena)
     }
@@ -91,14 +90,24 @@ impl GraphArena {
             return Ok(slab.0 + (slab.2 - bytes) as u64);
         }
         let size = bytes.max(SLAB);
-        // SAFETY: plain device allocation, freed in Drop.
-        let base = unsafe { result::malloc_sync(size) }.map_err(|_| BackendError::OutOfMemory { bytes: size })?;
+        let base = self.malloc(size)?;
         slabs.push((base, size, bytes));
         Ok(base)
     }
 
     pub fn bytes(&self) -> usize {
         self.slabs.lock().expect("arena lock").iter().map(|s| s.1).sum()
+    }
+
+    /// A plain allocation in this arena's context, which must be current on the calling
+    /// thread (the runtime's Verifier and Drafter threads capture graphs too).
+    fn malloc(&self, bytes: usize) -> Result<sys::CUdeviceptr> {
+        self.ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+        // SAFETY: plain device allocation, freed in Drop.
+        unsafe { result::malloc_sync(bytes) }.map_err(|e| match e.0 {
+            sys::cudaError_enum::CUDA_ERROR_OUT_OF_MEMORY => BackendError::OutOfMemory { bytes },
+            _ => BackendError::Device(format!("allocating {bytes} bytes: {e}")),
+        })
     }
 }
 
