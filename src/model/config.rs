@@ -64,21 +64,55 @@ impl ModelConfig {
         self.vocab_size * h + self.num_layers * layer + h + head
     }
 
-    pub fn validate(&self) -> Result<(), String> {
-        let checks = [
-            (self.num_heads == 0 || self.num_kv_heads == 0, "head counts must be positive"),
-            (
-                !self.num_heads.is_multiple_of(self.num_kv_heads.max(1)),
-                "num_attention_heads must be a multiple of num_key_value_heads",
-            ),
-            (self.head_dim == 0 || !self.head_dim.is_multiple_of(2), "head_dim must be even and positive"),
-            (self.hidden_size == 0 || self.intermediate_size == 0, "sizes must be positive"),
-            (self.vocab_size == 0 || self.num_layers == 0, "vocab_size and num_hidden_layers must be positive"),
+    /// Checks every size against sane bounds (far beyond any real model, and small enough
+    /// that no product of them overflows or asks for an absurd allocation) and every
+    /// hyper-parameter for a value the forward can compute with. The error names the field.
+    pub fn validate(&self) -> Result<(), InvalidConfig> {
+        use ConfigField as F;
+        let sizes = [
+            (F::NumLayers, self.num_layers, 1, 1 << 10),
+            (F::HiddenSize, self.hidden_size, 1, 1 << 16),
+            (F::IntermediateSize, self.intermediate_size, 1, 1 << 20),
+            (F::NumHeads, self.num_heads, 1, 1 << 10),
+            (F::NumKvHeads, self.num_kv_heads, 1, self.num_heads.max(1)),
+            (F::HeadDim, self.head_dim, 2, 1 << 10),
+            (F::VocabSize, self.vocab_size, 1, 1 << 22),
+            // Two positions at least: a one-token prompt and its first generated token.
+            (F::MaxPositions, self.max_position_embeddings, 2, 1 << 24),
         ];
-        match checks.iter().find(|(bad, _)| *bad) {
-            Some((_, msg)) => Err(msg.to_string()),
-            None => Ok(()),
+        for (field, value, min, max) in sizes {
+            if !(min..=max).contains(&value) {
+                return Err(InvalidConfig::new(field, format!("is {value}, expected {min} to {max}")));
+            }
         }
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            let msg = format!("is {}, which does not divide the {} attention heads", self.num_kv_heads, self.num_heads);
+            return Err(InvalidConfig::new(F::NumKvHeads, msg));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return Err(InvalidConfig::new(F::HeadDim, format!("is {}, expected an even number", self.head_dim)));
+        }
+        // NaN, infinite, zero or negative values would make every logit NaN.
+        if !(self.rope_theta.is_finite() && self.rope_theta > 1.0) {
+            return Err(InvalidConfig::new(F::RopeTheta, format!("is {}, expected a number above 1", self.rope_theta)));
+        }
+        if !(self.rms_norm_eps > 0.0 && self.rms_norm_eps <= 1.0) {
+            let msg = format!("is {}, expected a number above 0 and at most 1", self.rms_norm_eps);
+            return Err(InvalidConfig::new(F::RmsNormEps, msg));
+        }
+        if let Some(s) = self.rope_scaling {
+            let factors = [s.factor, s.low_freq_factor, s.high_freq_factor];
+            if !factors.iter().all(|f| f.is_finite() && *f > 0.0)
+                || s.high_freq_factor <= s.low_freq_factor
+                || s.original_max_position_embeddings == 0
+            {
+                return Err(InvalidConfig::new(
+                    F::RopeScaling,
+                    format!("is {s:?}: expected positive factors, high_freq_factor above low_freq_factor, and a positive original context"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Reads a Hugging Face `config.json` (architecture `LlamaForCausalLM`).
@@ -87,6 +121,81 @@ impl ModelConfig {
         let raw: HfConfig =
             serde_json::from_str(&text).map_err(|e| LoadError::format(path, format!("invalid config.json: {e}")))?;
         raw.into_config().map_err(|msg| LoadError::format(path, msg))
+    }
+}
+
+/// A configuration value, named as each file format names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConfigField {
+    NumLayers,
+    HiddenSize,
+    IntermediateSize,
+    NumHeads,
+    NumKvHeads,
+    HeadDim,
+    VocabSize,
+    MaxPositions,
+    RopeTheta,
+    RmsNormEps,
+    RopeScaling,
+}
+
+impl ConfigField {
+    /// The key in a Hugging Face `config.json`.
+    pub fn hf_key(self) -> &'static str {
+        match self {
+            ConfigField::NumLayers => "num_hidden_layers",
+            ConfigField::HiddenSize => "hidden_size",
+            ConfigField::IntermediateSize => "intermediate_size",
+            ConfigField::NumHeads => "num_attention_heads",
+            ConfigField::NumKvHeads => "num_key_value_heads",
+            ConfigField::HeadDim => "head_dim",
+            ConfigField::VocabSize => "vocab_size",
+            ConfigField::MaxPositions => "max_position_embeddings",
+            ConfigField::RopeTheta => "rope_theta",
+            ConfigField::RmsNormEps => "rms_norm_eps",
+            ConfigField::RopeScaling => "rope_scaling",
+        }
+    }
+
+    /// The metadata key in a GGUF file (llama architecture).
+    pub fn gguf_key(self) -> &'static str {
+        match self {
+            ConfigField::NumLayers => "llama.block_count",
+            ConfigField::HiddenSize => "llama.embedding_length",
+            ConfigField::IntermediateSize => "llama.feed_forward_length",
+            ConfigField::NumHeads => "llama.attention.head_count",
+            ConfigField::NumKvHeads => "llama.attention.head_count_kv",
+            ConfigField::HeadDim => "llama.attention.key_length",
+            ConfigField::VocabSize => "llama.vocab_size",
+            ConfigField::MaxPositions => "llama.context_length",
+            ConfigField::RopeTheta => "llama.rope.freq_base",
+            ConfigField::RmsNormEps => "llama.attention.layer_norm_rms_epsilon",
+            ConfigField::RopeScaling => "rope_freqs.weight",
+        }
+    }
+}
+
+/// A configuration value out of bounds: which, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidConfig {
+    pub field: ConfigField,
+    pub msg: String,
+}
+
+impl InvalidConfig {
+    fn new(field: ConfigField, msg: String) -> Self {
+        InvalidConfig { field, msg }
+    }
+
+    /// The message with the field as a Hugging Face `config.json` names it.
+    pub fn hf(&self) -> String {
+        format!("invalid model configuration: `{}` {}", self.field.hf_key(), self.msg)
+    }
+
+    /// The message with the field as GGUF metadata names it.
+    pub fn gguf(&self) -> String {
+        format!("invalid model configuration: `{}` {}", self.field.gguf_key(), self.msg)
     }
 }
 
@@ -199,7 +308,7 @@ impl HfConfig {
             bos_token_id: ids(self.bos_token_id).first().copied(),
             eos_token_ids: ids(self.eos_token_id),
         };
-        config.validate()?;
+        config.validate().map_err(|e| e.hf())?;
         Ok(config)
     }
 }

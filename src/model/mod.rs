@@ -14,7 +14,7 @@ pub mod safetensors;
 pub mod tokenizer;
 pub mod weight_loader;
 
-pub use config::{ModelConfig, Preset, RopeScaling};
+pub use config::{ConfigField, InvalidConfig, ModelConfig, Preset, RopeScaling};
 pub use llama::{KvCache, Llama, Weights};
 
 pub use loader::{load_model, load_model_with, LoadedModel, ModelSource};

@@ -34,6 +34,10 @@ impl SafetensorsWeights {
             let mut names: Vec<&str> = map.values().filter_map(|v| v.as_str()).collect();
             names.sort_unstable();
             names.dedup();
+            // Shards are files of this folder: an index may not point anywhere else.
+            if let Some(bad) = names.iter().find(|n| !is_plain_file_name(n)) {
+                return Err(LoadError::format(&index_path, format!("shard `{bad}` is not a file name in this folder")));
+            }
             names.into_iter().map(|n| dir.join(n)).collect()
         } else {
             vec![dir.join("model.safetensors")]
@@ -113,6 +117,12 @@ fn to_f32(path: &Path, name: &str, view: &TensorView) -> Result<Vec<f32>, LoadEr
             return Err(LoadError::Dtype { path: path.to_path_buf(), tensor: name.into(), dtype: format!("{other:?}") })
         }
     })
+}
+
+/// A name without folders: no separator, not `.` or `..`.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) && !name.contains('\\')
 }
 
 impl WeightSource for SafetensorsWeights {

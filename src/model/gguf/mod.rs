@@ -147,10 +147,22 @@ impl GgufFile {
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids,
         };
+        // Checked before the RoPE tables are computed from it, and again with its scaling.
+        config.validate().map_err(|e| LoadError::format(&self.path, e.gguf()))?;
         let config = ModelConfig { rope_scaling: self.rope_scaling(&config)?, ..config };
-        config
-            .validate()
-            .map_err(|msg| LoadError::format(&self.path, format!("invalid model configuration: {msg}")))?;
+        config.validate().map_err(|e| LoadError::format(&self.path, e.gguf()))?;
+        // Each layer is 9 tensors: a layer count the file cannot hold is refused here,
+        // before anything is allocated for it.
+        if config.num_layers * 9 > self.tensors.len() {
+            return Err(LoadError::format(
+                &self.path,
+                format!(
+                    "invalid model configuration: `llama.block_count` is {}, but the file holds {} tensors (9 per layer)",
+                    config.num_layers,
+                    self.tensors.len()
+                ),
+            ));
+        }
         Ok(config)
     }
 
@@ -386,8 +398,9 @@ impl WeightSource for GgufFile {
     fn quantized(&self, name: &str, shape: &[usize]) -> Result<Option<QuantWeight>, LoadError> {
         let (gguf, heads) = self.resolve(name, shape)?;
         let (ty, bytes) = self.tensor_bytes(&gguf, shape)?;
-        let Some(format) = ty.quant_format() else { return Ok(None) };
-        let w = QuantWeight::Blocks(BlockWeight { format, shape: [shape[0], shape[1]], blocks: bytes.to_vec() });
-        Ok(Some(if heads == 0 { w } else { w.permute_rows(&unpermuted_order(shape[0], heads)) }))
+        // Only matrices stay in blocks; a vector stored quantized is dequantized by `tensor`.
+        let (Some(format), &[rows, cols]) = (ty.quant_format(), shape) else { return Ok(None) };
+        let w = QuantWeight::Blocks(BlockWeight { format, shape: [rows, cols], blocks: bytes.to_vec() });
+        Ok(Some(if heads == 0 { w } else { w.permute_rows(&unpermuted_order(rows, heads)) }))
     }
 }

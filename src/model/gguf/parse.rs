@@ -154,6 +154,20 @@ pub fn parse_header(bytes: &[u8]) -> Result<Header, String> {
     Ok(Header { version, metadata, tensors, data_start: data_start as usize })
 }
 
+/// The most elements a metadata array may hold (vocabularies and merges have ~10^5).
+const MAX_ARRAY_LEN: u64 = 1 << 24;
+
+/// The fewest bytes a value of GGUF type `ty` takes in the file (a string: its length).
+fn min_value_size(ty: u32) -> u64 {
+    match ty {
+        2 | 3 => 2,
+        4..=6 => 4,
+        8 | 10..=12 => 8,
+        9 => 12,
+        _ => 1,
+    }
+}
+
 struct Reader<'a> {
     bytes: &'a [u8],
     pos: usize,
@@ -221,11 +235,16 @@ impl<'a> Reader<'a> {
             9 => {
                 let elem = self.u32(&what())?;
                 let count = self.u64(&what())?;
-                // Every element takes at least one byte: a larger count means a corrupt file.
-                if count > self.remaining() as u64 {
+                // Refused before anything is allocated for it: a count the rest of the file
+                // cannot hold means a corrupt file, and beyond MAX_ARRAY_LEN (far more than
+                // any vocabulary) a valid file would still take too much memory to hold.
+                if count.saturating_mul(min_value_size(elem)) > self.remaining() as u64 {
                     return Err(format!(
                         "metadata `{key}`: array of {count} elements runs past the end of the file: the file is truncated or corrupt"
                     ));
+                }
+                if count > MAX_ARRAY_LEN {
+                    return Err(format!("metadata `{key}`: array of {count} elements, more than {MAX_ARRAY_LEN}"));
                 }
                 let items = (0..count).map(|_| self.value(elem, key, depth + 1)).collect::<Result<Vec<_>, _>>()?;
                 GgufValue::Array(items)
