@@ -44,7 +44,16 @@ struct Captured {
     batch: u64,
     output: CudaTensor,
     arena: Arc<GraphArena>,
+    /// When it last ran (a counter of graph launches): the least recent goes first when
+    /// the graphs hold more memory than `GRAPH_MEMORY`.
+    last_used: u64,
 }
+
+/// Device memory the captured graphs of one backend may hold together (their arenas): a
+/// server sees many step shapes (rows, tokens, drafts per row), and each graph keeps every
+/// activation of its step. Past it, the least recently used graphs are dropped (and
+/// captured again if their shape comes back). Within the runtime's step reserve.
+const GRAPH_MEMORY: usize = 4 << 30;
 
 // SAFETY: a graph is used only under the `Graphs` mutex, one call at a time.
 unsafe impl Send for Captured {}
@@ -52,6 +61,7 @@ unsafe impl Send for Captured {}
 #[derive(Default)]
 pub struct Graphs {
     captured: Mutex<HashMap<Key, Captured>>,
+    launches: std::sync::atomic::AtomicU64,
     /// Turned off, every step runs eagerly (for comparisons).
     disabled: std::sync::atomic::AtomicBool,
 }
@@ -109,19 +119,23 @@ impl CudaBackend {
             attention: (self.fused_rope(), self.attn_split()),
         };
         let packed = pack(meta, max_blocks)?;
+        let now = self.graphs.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mut map = self.graphs.captured.lock().expect("graphs lock");
-        if let Some(c) = map.get(&key) {
+        if let Some(c) = map.get_mut(&key) {
             self.device().htod(c.batch, &packed)?;
             c.graph.launch().map_err(driver_err("graph launch"))?;
+            c.last_used = now;
             return Ok(c.output.clone());
         }
         // Graphs of this model captured on another KV cache are dead (the engine makes one
         // cache per request, and ids are never reused): free their arenas.
         map.retain(|k, _| k.tag != key.tag || k.kv == key.kv);
-        let captured = self.capture(&packed, max_blocks, meta.num_tokens(), forward)?;
+        let mut captured = self.capture(&packed, max_blocks, forward)?;
         captured.graph.launch().map_err(driver_err("graph launch"))?;
+        captured.last_used = now;
         let output = captured.output.clone();
         map.insert(key, captured);
+        evict_least_recent(&mut map);
         Ok(output)
     }
 
@@ -129,12 +143,12 @@ impl CudaBackend {
         &self,
         packed: &[u32],
         max_blocks: usize,
-        tokens: usize,
         forward: impl FnOnce() -> Result<CudaTensor>,
     ) -> Result<Captured> {
         let dev = self.device();
-        // Activations of one step, generously: ~11 MB per token for llama-3.1-8b.
-        let arena = Arc::new(GraphArena::new(dev.ctx.clone(), (64 << 20) + tokens * (16 << 20))?);
+        // One slab to start with; the arena grows by slabs as the capture allocates
+        // (allowed in a relaxed-mode capture), so a graph holds what its step uses.
+        let arena = Arc::new(GraphArena::new(dev.ctx.clone(), 0)?);
         dev.begin_arena(arena.clone());
         let result = (|| {
             // The batch buffer is filled before capture: a copy from host memory cannot
@@ -152,10 +166,22 @@ impl CudaBackend {
             let graph = graph
                 .map_err(driver_err("end capture"))?
                 .ok_or_else(|| BackendError::Device("stream capture produced no graph".into()))?;
-            Ok(Captured { graph, batch: batch.ptr(), output, arena: arena.clone() })
+            Ok(Captured { graph, batch: batch.ptr(), output, arena: arena.clone(), last_used: 0 })
         })();
         *self.capture_batch.lock().expect("capture lock") = None;
         dev.end_arena();
         result
+    }
+}
+
+/// Drops the least recently launched graphs while all of them hold more than `GRAPH_MEMORY`
+/// (never the one just captured: it is the most recent).
+fn evict_least_recent(map: &mut HashMap<Key, Captured>) {
+    let mut held: usize = map.values().map(|c| c.arena.bytes()).sum();
+    while held > GRAPH_MEMORY && map.len() > 1 {
+        let Some(oldest) = map.iter().min_by_key(|(_, c)| c.last_used).map(|(k, _)| *k) else { break };
+        if let Some(c) = map.remove(&oldest) {
+            held -= c.arena.bytes();
+        }
     }
 }
