@@ -3,6 +3,7 @@
 pub mod actors;
 pub mod backend;
 pub mod core;
+pub mod device;
 pub mod engine;
 pub mod model;
 pub mod request;
