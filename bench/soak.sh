@@ -3,7 +3,8 @@
 # a while (random cancels, disconnects, malformed and over-long requests, oversized frames and
 # bodies, bodies sent in part; bench/soak_client.py), then SIGTERM. Fails unless, at the end,
 # no request runs or waits, no KV block is in use, memory (RSS) is within a bound of where it
-# stood after the warm-up, the log has no panic, and the server stopped cleanly.
+# stood half-way through (the KV pool's pages become resident as its blocks are first used),
+# the log has no panic, and the server stopped cleanly.
 #
 #   bench/soak.sh [MINUTES]        (default 10; or SOAK_MINUTES, or SOAK_SECONDS)
 #
