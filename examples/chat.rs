@@ -7,30 +7,24 @@
 //! were accepted.
 
 use std::io::{BufRead, Write};
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Parser;
 use futures::StreamExt;
 
 use specula::actors::{Event, Runtime, RuntimeHandle};
-use specula::backend::cpu::CpuBackend;
+use specula::cli::{start_runtime, ModelArgs, SpecArgs};
 use specula::core::sampling::SamplingParams;
 use specula::model::chat::ChatMessage;
-use specula::model::{load_model_with, LoadOptions, ModelSource, WeightDtype};
 use specula::request::{GenerateRequest, Prompt, RequestError};
-use specula::spec::{ProposerChoice, SpecMethod, SpecStats, Speculation};
+use specula::spec::SpecStats;
 
 #[derive(Parser)]
 #[command(about = "Chat with a model in the terminal")]
 struct Args {
-    /// `default`, a .gguf file or a Hugging Face folder (a model with a chat template).
-    #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
-    model: ModelSource,
-    /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
-    /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
-    #[arg(long, value_enum, default_value = "auto")]
-    dtype: WeightDtype,
+    /// The model (one with a chat template), its precision and device.
+    #[command(flatten)]
+    load: ModelArgs,
     /// Longest answer, in tokens.
     #[arg(long, default_value_t = 256, allow_negative_numbers = true)]
     max_tokens: usize,
@@ -44,18 +38,9 @@ struct Args {
     repetition_penalty: f32,
     #[arg(long, allow_negative_numbers = true)]
     seed: Option<u64>,
-    /// Speculative decoding: how to draft tokens for the model to verify.
-    #[arg(long, value_enum, default_value = "none")]
-    spec: SpecMethod,
-    /// The draft model for `--spec draft` (same tokenizer).
-    #[arg(long)]
-    draft_model: Option<ModelSource>,
-    /// Layers that draft for `--spec early-exit`.
-    #[arg(long, default_value_t = 6)]
-    draft_layers: usize,
-    /// The most tokens drafted per step.
-    #[arg(long, default_value_t = 4)]
-    draft_len: usize,
+    /// Speculative decoding, as `specula generate` and `serve` take it.
+    #[command(flatten)]
+    spec: SpecArgs,
 }
 
 /// How one answer went.
@@ -92,25 +77,12 @@ impl Answer {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
-    let backend = CpuBackend::new();
-    let loaded = load_model_with(&args.model, &LoadOptions::dtype(args.dtype), &backend)?;
-    if loaded.tokenizer.as_ref().is_none_or(|t| t.chat_template.is_none()) {
-        return Err(format!("{} has no chat template; chat needs an instruction-tuned model", loaded.name).into());
+    eprintln!("Running on the {}.", args.load.backend.resolve());
+    let started = start_runtime(&args.load, &args.spec, Runtime::builder())?;
+    if !started.chat_template {
+        return Err(format!("{} has no chat template; chat needs an instruction-tuned model", started.name).into());
     }
-    let name = loaded.name.clone();
-    let model = Arc::new(loaded.model);
-    let mut builder = Runtime::builder();
-    let choice = ProposerChoice {
-        method: args.spec,
-        draft_model: args.draft_model.clone(),
-        draft_layers: args.draft_layers,
-        draft_kv_blocks: 1024,
-        draft_dtype: specula::model::WeightDtype::Auto,
-    };
-    if let Some(proposer) = choice.build(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
-        builder = builder.speculation(Speculation { proposer, max_draft: args.draft_len, synthetic_acceptance: None });
-    }
-    let handle = builder.build(backend, model, loaded.tokenizer)?;
+    let (name, handle) = (started.name, started.handle);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let sampling = SamplingParams {
         temperature: args.temperature,

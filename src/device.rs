@@ -14,6 +14,16 @@ pub enum Device {
     Cuda,
 }
 
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Auto => "auto",
+            Device::Cpu => "CPU",
+            Device::Cuda => "GPU (CUDA)",
+        })
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("CUDA was asked for, but this binary was built without it (cargo build --release --features cuda)")]

@@ -2,6 +2,7 @@
 
 pub mod actors;
 pub mod backend;
+pub mod cli;
 pub mod core;
 pub mod device;
 pub mod engine;

@@ -33,12 +33,12 @@ pub fn run<B: Backend>(
     }
     let concurrency = args.concurrency.unwrap_or(prompts.len()).max(1);
     let backend = new_backend()?;
-    let loaded = load_model_with(&args.model, &args.load_options(), &backend)?;
+    let loaded = load_model_with(&args.load.model, &args.load.load_options(), &backend)?;
     let model = Arc::new(loaded.model);
     let mut builder = Runtime::builder()
         .max_batch(concurrency.min(prompts.len()))
         .max_waiting(prompts.len().max(1024))
-        .gpu_memory_fraction(args.gpu_memory_fraction);
+        .gpu_memory_fraction(args.load.gpu_memory_fraction);
     let timeline = Arc::new(Timeline::default());
     if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
         args.spec.warn_if_synthetic();

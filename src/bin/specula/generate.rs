@@ -5,26 +5,20 @@ use std::io::Write;
 use clap::Args;
 use serde_json::json;
 
-use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BackendError};
 use specula::core::sampling::SamplingParams;
+use specula::device::{Device, OnDevice};
 use specula::engine::{Completion, Engine, SpecOptions};
 use specula::model::chat::ChatMessage;
-use specula::model::{load_model_with, LoadOptions, ModelSource, WeightDtype};
+use specula::model::load_model_with;
 use specula::request::{GenerateRequest, Prompt, RequestError};
 
-use crate::spec_args::SpecArgs;
+use specula::cli::{ModelArgs, SpecArgs};
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// `default` (SmolLM2-135M-Instruct, fetched on first use), a .gguf file, a Hugging Face
-    /// folder, or `dummy:<shape>` (random weights: llama-3.2-1b, llama-3.1-8b, ...).
-    #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
-    model: ModelSource,
-    /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
-    /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
-    #[arg(long, value_enum, default_value = "auto")]
-    dtype: WeightDtype,
+    #[command(flatten)]
+    load: ModelArgs,
     /// The prompt text.
     #[arg(long, required_unless_present = "prompts_file")]
     prompt: Option<String>,
@@ -69,23 +63,8 @@ pub struct GenerateArgs {
     /// Print one JSON object (text, token_ids, usage, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
-    /// Where the model runs: `cpu`, or `cuda` (GPU 0; needs a binary built with
-    /// `--features cuda`).
-    #[arg(long, value_enum, default_value = "cpu")]
-    backend: BackendKind,
-    /// The share of the GPU's memory to fill: the KV pool gets what the weights (and a draft
-    /// model) leave of it (`--prompts-file` on CUDA).
-    #[arg(long, default_value_t = 0.90, allow_negative_numbers = true)]
-    gpu_memory_fraction: f64,
     #[command(flatten)]
     spec: SpecArgs,
-}
-
-/// The backend `specula generate` runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum BackendKind {
-    Cpu,
-    Cuda,
 }
 
 #[path = "batch.rs"]
@@ -94,9 +73,19 @@ mod batch;
 pub fn run(args: GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Refused before the model loads, by the check every request meets.
     args.request("").sampling.validate().map_err(RequestError::InvalidSampling)?;
-    match args.backend {
-        BackendKind::Cpu => run_on(&args, &|| Ok(CpuBackend::new())),
-        BackendKind::Cuda => run_cuda(&args),
+    if args.load.backend == Device::Auto {
+        eprintln!("specula: running on the {}", args.load.backend.resolve());
+    }
+    args.load.backend.run(OnBackend(&args))?
+}
+
+/// `run_on` as code generic over the backend the device picks.
+struct OnBackend<'a>(&'a GenerateArgs);
+
+impl OnDevice for OnBackend<'_> {
+    type Output = Result<(), Box<dyn std::error::Error>>;
+    fn run<B: Backend>(self, new_backend: &dyn Fn() -> Result<B, BackendError>) -> Self::Output {
+        run_on(self.0, new_backend)
     }
 }
 
@@ -112,29 +101,13 @@ fn run_on<B: Backend>(
     }
 }
 
-#[cfg(feature = "cuda")]
-fn run_cuda(args: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    use specula::backend::cuda::CudaBackend;
-    // Siblings share the context and compiled kernels; each has its own stream, so a
-    // draft model's work is ordered apart from the target's.
-    let gpu = CudaBackend::new(0)?;
-    run_on(args, &|| gpu.sibling())
-}
-
-#[cfg(not(feature = "cuda"))]
-fn run_cuda(_: &GenerateArgs) -> Result<(), Box<dyn std::error::Error>> {
-    Err("--backend cuda: this binary was built without the `cuda` feature \
-         (rebuild with `cargo build --release --features cuda`)"
-        .into())
-}
-
 /// One prompt on the backends `new_backend` makes (the first runs the target).
 fn generate<B: Backend>(
     args: &GenerateArgs,
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let backend = new_backend()?;
-    let loaded = load_model_with(&args.model, &args.load_options(), &backend)?;
+    let loaded = load_model_with(&args.load.model, &args.load.load_options(), &backend)?;
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
     let request = args.request(args.prompt.as_deref().unwrap_or_default());
     let mut proposer = args.spec.proposer(&engine.model, engine.tokenizer.as_ref(), new_backend)?;
@@ -179,10 +152,6 @@ fn generate<B: Backend>(
 }
 
 impl GenerateArgs {
-    fn load_options(&self) -> LoadOptions {
-        LoadOptions::dtype(self.dtype)
-    }
-
     /// The request these options describe, for one prompt.
     fn request(&self, text: &str) -> GenerateRequest {
         let prompt = if self.chat {

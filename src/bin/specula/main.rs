@@ -8,7 +8,6 @@ mod bench;
 mod generate;
 mod kernels;
 mod serve;
-mod spec_args;
 
 #[derive(Parser)]
 #[command(name = "specula", version, about = "LLM inference for Llama-family models, with speculative decoding")]

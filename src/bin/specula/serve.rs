@@ -1,29 +1,20 @@
 //! `specula serve`: the runtime behind the WebSocket and OpenAI-compatible HTTP servers,
 //! until SIGTERM or Ctrl-C stops it gracefully.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 
 use specula::actors::Runtime;
-use specula::backend::cpu::CpuBackend;
-use specula::model::{load_model_with, LoadOptions, ModelSource, WeightDtype};
+use specula::cli::{start_runtime, ModelArgs, SpecArgs};
 use specula::server::limits::{self, Limits};
 use specula::server::{self, ServerConfig};
-
-use crate::spec_args::SpecArgs;
+use specula::spec::SpecMethod;
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// `default` (SmolLM2-135M-Instruct, fetched on first use), a .gguf file, a Hugging Face
-    /// folder, or `dummy:<shape>`.
-    #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
-    model: ModelSource,
-    /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
-    /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
-    #[arg(long, value_enum, default_value = "auto")]
-    dtype: WeightDtype,
+    #[command(flatten)]
+    model: ModelArgs,
     /// Address to listen on; the default serves this machine only.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -131,22 +122,16 @@ pub fn run(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     // Before the model loads, so that a bad setting is reported at once.
     config.check()?;
-    let backend = CpuBackend::new();
-    let loaded = load_model_with(&args.model, &LoadOptions::dtype(args.dtype), &backend)?;
-    config.model_name = args.served_model_name.clone().unwrap_or_else(|| served_name(&loaded.name));
-    let model = Arc::new(loaded.model);
-    let mut builder = Runtime::builder().max_batch(args.max_batch).max_waiting(args.max_waiting);
-    if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), &|| Ok(CpuBackend::new()))? {
-        args.spec.warn_if_synthetic();
+    eprintln!("specula: running on the {}", args.model.backend.resolve());
+    let builder = Runtime::builder().max_batch(args.max_batch).max_waiting(args.max_waiting);
+    let started = start_runtime(&args.model, &args.spec, builder)?;
+    if args.spec.spec != SpecMethod::None {
         let method = clap::ValueEnum::to_possible_value(&args.spec.spec).map(|v| v.get_name().to_string());
-        eprintln!(
-            "specula: speculative decoding with --spec {}, up to {} draft tokens",
-            method.unwrap_or_default(),
-            spec.max_draft
-        );
-        builder = builder.speculation(spec);
+        let (method, k) = (method.unwrap_or_default(), args.spec.draft_len);
+        eprintln!("specula: speculative decoding with --spec {method}, up to {k} draft tokens");
     }
-    let handle = builder.build(backend, model, loaded.tokenizer)?;
+    let handle = started.handle;
+    config.model_name = args.served_model_name.clone().unwrap_or_else(|| served_name(&started.name));
     actix_web::rt::System::new().block_on(async move {
         let running = server::bind(handle.clone(), &config)?;
         for addr in &running.addrs {

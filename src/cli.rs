@@ -1,0 +1,155 @@
+//! The command-line options shared by `specula` and the chat example (which model, on which
+//! device, how to speculate), and the runtime they start.
+
+use std::sync::Arc;
+
+use clap::Args;
+
+use crate::actors::{RuntimeBuilder, RuntimeHandle};
+use crate::backend::{Backend, BackendError};
+use crate::device::{Device, OnDevice};
+use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
+use crate::spec::{check_settings, Proposer, ProposerChoice, SpecMethod, Speculation};
+
+/// Which model, stored how, on which device.
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// `default` (SmolLM2-135M-Instruct, fetched on first use), a .gguf file, a Hugging Face
+    /// folder, or `dummy:<shape>` (random weights at a real shape, for speed work).
+    #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
+    pub model: ModelSource,
+    /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
+    /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub dtype: WeightDtype,
+    /// Where the model runs: `auto` (the GPU when this binary has CUDA and a GPU is
+    /// present, else the CPU), `cpu`, or `cuda` (GPU 0).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub backend: Device,
+    /// On a GPU, the share of its memory to fill: the batching runtime's KV pool gets what
+    /// the weights (and a draft model) leave of it.
+    #[arg(long, default_value_t = 0.90, allow_negative_numbers = true)]
+    pub gpu_memory_fraction: f64,
+}
+
+impl ModelArgs {
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions::dtype(self.dtype)
+    }
+}
+
+/// A runtime started from the options.
+pub struct Started {
+    pub handle: RuntimeHandle,
+    /// The model's file (or shape) name.
+    pub name: String,
+    /// Whether its tokenizer has a chat template (chat requests need one).
+    pub chat_template: bool,
+}
+
+/// Loads the model on the device the options pick (a draft model on a backend of its own),
+/// and starts `builder`'s runtime around it, speculating as `spec` says.
+pub fn start_runtime(
+    model: &ModelArgs,
+    spec: &SpecArgs,
+    builder: RuntimeBuilder,
+) -> Result<Started, Box<dyn std::error::Error>> {
+    model.backend.run(StartRuntime { model, spec, builder })?
+}
+
+struct StartRuntime<'a> {
+    model: &'a ModelArgs,
+    spec: &'a SpecArgs,
+    builder: RuntimeBuilder,
+}
+
+impl OnDevice for StartRuntime<'_> {
+    type Output = Result<Started, Box<dyn std::error::Error>>;
+
+    fn run<B: Backend>(self, new_backend: &dyn Fn() -> Result<B, BackendError>) -> Self::Output {
+        let backend = new_backend()?;
+        let loaded = load_model_with(&self.model.model, &self.model.load_options(), &backend)?;
+        let chat_template = loaded.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
+        let model = Arc::new(loaded.model);
+        let mut builder = self.builder.gpu_memory_fraction(self.model.gpu_memory_fraction);
+        if let Some(spec) = self.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
+            self.spec.warn_if_synthetic();
+            builder = builder.speculation(spec);
+        }
+        let handle = builder.build(backend, model, loaded.tokenizer)?;
+        Ok(Started { handle, name: loaded.name, chat_template })
+    }
+}
+
+/// Speculative decoding options.
+#[derive(Args, Debug, Clone)]
+pub struct SpecArgs {
+    /// How to draft tokens for the target to verify.
+    #[arg(long, value_enum, default_value = "none")]
+    pub spec: SpecMethod,
+    /// The draft model for `--spec draft` (same tokenizer as the target).
+    #[arg(long)]
+    pub draft_model: Option<ModelSource>,
+    /// Layers of the target that draft for `--spec early-exit`.
+    #[arg(long, default_value_t = 6, allow_negative_numbers = true)]
+    pub draft_layers: usize,
+    /// The most tokens drafted per step (each request's length adapts to its acceptance).
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
+    pub draft_len: usize,
+    /// KV blocks of 16 tokens in the draft model's cache (`draft` and `early-exit`).
+    #[arg(long, default_value_t = 1024, allow_negative_numbers = true)]
+    pub draft_kv_blocks: usize,
+    /// How the draft model's weights are stored: its own precision (`auto`) or FP8.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub draft_dtype: WeightDtype,
+    /// Benchmarks only: accept each draft token with this probability whatever its value.
+    /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
+    #[arg(long, allow_negative_numbers = true)]
+    pub synthetic_acceptance: Option<f64>,
+}
+
+impl SpecArgs {
+    /// The proposer the options ask for, or None for plain decoding. A drafting model runs
+    /// on a backend of its own from `new_backend` (on a GPU: its own stream).
+    pub fn proposer<B: Backend>(
+        &self,
+        target: &Arc<Llama<B>>,
+        tokenizer: Option<&Tokenizer>,
+        new_backend: &dyn Fn() -> Result<B, BackendError>,
+    ) -> Result<Option<Box<dyn Proposer>>, Box<dyn std::error::Error>> {
+        check_settings(self.draft_len, self.synthetic_acceptance)?;
+        if self.synthetic_acceptance.is_some() && self.spec == SpecMethod::None {
+            return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit)".into());
+        }
+        let choice = ProposerChoice {
+            method: self.spec,
+            draft_model: self.draft_model.clone(),
+            draft_layers: self.draft_layers,
+            draft_kv_blocks: self.draft_kv_blocks,
+            draft_dtype: self.draft_dtype,
+        };
+        Ok(choice.build(target, tokenizer, new_backend)?)
+    }
+
+    /// Speculation for the runtime, or None for plain decoding.
+    pub fn speculation<B: Backend>(
+        &self,
+        target: &Arc<Llama<B>>,
+        tokenizer: Option<&Tokenizer>,
+        new_backend: &dyn Fn() -> Result<B, BackendError>,
+    ) -> Result<Option<Speculation>, Box<dyn std::error::Error>> {
+        let proposer = self.proposer(target, tokenizer, new_backend)?;
+        Ok(proposer.map(|proposer| Speculation {
+            proposer,
+            max_draft: self.draft_len,
+            synthetic_acceptance: self.synthetic_acceptance,
+        }))
+    }
+
+    /// Says on stderr that the output will not be the model's.
+    pub fn warn_if_synthetic(&self) {
+        if self.synthetic_acceptance.is_some() {
+            eprintln!("warning: synthetic acceptance is on: the output is not the model's (benchmark mode)");
+        }
+    }
+}
