@@ -6,6 +6,7 @@ pub mod cli;
 pub mod core;
 pub mod device;
 pub mod engine;
+pub mod harness;
 pub mod model;
 pub mod request;
 pub mod server;

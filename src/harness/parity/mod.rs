@@ -1,0 +1,58 @@
+//! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, then the
+//! whole forward of a real model against the CPU backend, then speculative decoding against
+//! plain decoding on the GPU.
+
+#[cfg(feature = "cuda")]
+mod forward;
+#[cfg(feature = "cuda")]
+mod ops;
+mod report;
+#[cfg(feature = "cuda")]
+mod speculative;
+
+use std::io::Write;
+
+pub use self::report::{ForwardRow, OpRow, ParityFailures, ParityReport, SpeculativeRow};
+use super::Result;
+
+/// Largest error an op may show: max |gpu - cpu| / max |cpu|.
+pub const TOLERANCE: f64 = 1e-2;
+
+#[derive(clap::Args)]
+pub struct ParityOptions {
+    /// The model for the whole-forward comparison (`default`, a .gguf file, a folder, or
+    /// `none` to compare the ops only).
+    #[arg(long, default_value = "default")]
+    pub model: String,
+    /// Greedy tokens compared per prompt.
+    #[arg(long, default_value_t = 64)]
+    pub tokens: usize,
+    /// Seed of the random inputs (default: from the clock, so each run draws fresh ones).
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn run(_: &ParityOptions, _out: &mut dyn Write) -> Result<ParityReport> {
+    Err(super::HarnessError::NoCuda)
+}
+
+/// Runs every comparison; first writes to `out` which backends and which seed. A comparison
+/// that does not hold is in the report ([`ParityReport::check`]), not an error.
+#[cfg(feature = "cuda")]
+pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
+    use crate::backend::cpu::CpuBackend;
+    use crate::backend::cuda::CudaBackend;
+    use crate::backend::Backend;
+    let seed = opts.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1)
+    });
+    let gpu = CudaBackend::new(0)?;
+    let cpu = CpuBackend::new();
+    writeln!(out, "parity: {} against {}, seed {seed}", gpu.name(), cpu.name())?;
+    let ops = ops::all(&cpu, &gpu, seed)?;
+    let with_model = opts.model != "none";
+    let forward = if with_model { forward::compare(&cpu, &gpu, &opts.model, opts.tokens)? } else { vec![] };
+    let speculative = if with_model { speculative::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
+    Ok(ParityReport { seed, model: opts.model.clone(), tokens: opts.tokens, ops, forward, speculative })
+}

@@ -1,0 +1,348 @@
+//! Each op on both backends with the same random inputs. Weights are rounded to bf16
+//! before the CPU sees them, so the comparison measures the kernels, not the storage.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::{OpRow, TOLERANCE};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{AttnShape, Backend, BatchMeta, Result};
+use crate::model::{HostTensor, Preset};
+
+/// The same values on both sides, only the order of f32 sums differs.
+const EXACT: f64 = 1e-4;
+
+fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64)).max(1e-30);
+    got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs())) / scale
+}
+
+fn bf16_round(v: Vec<f32>) -> Vec<f32> {
+    v.into_iter().map(|x| half::bf16::from_f32(x).to_f32()).collect()
+}
+
+struct Ctx<'a> {
+    cpu: &'a CpuBackend,
+    gpu: &'a CudaBackend,
+    /// The matmul built with other settings, checked too (by label).
+    variants: Vec<(&'static str, CudaBackend)>,
+    rng: StdRng,
+    rows: Vec<OpRow>,
+}
+
+impl Ctx<'_> {
+    fn values(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| (self.rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+    }
+
+    fn push(&mut self, op: &str, shape: String, got: &[f32], want: &[f32]) {
+        let err = rel_err(got, want);
+        self.rows.push(OpRow { op: op.into(), shape, err, pass: err <= TOLERANCE });
+    }
+
+    /// The same host tensor on both backends.
+    fn both(&self, t: &HostTensor) -> Result<(<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor)> {
+        Ok((self.cpu.upload(t)?, self.gpu.upload(t)?))
+    }
+}
+
+pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>> {
+    use crate::backend::cuda::MatmulTuning;
+    // Other settings change the K split (hence the bits), never the invariance.
+    let other = MatmulTuning { warps: 4, warps_per_sm: 32, ..MatmulTuning::default() };
+    let variants = vec![("4 warps, split for 32/SM", gpu.tuned(other)?)];
+    let mut c = Ctx { cpu, gpu, variants, rng: StdRng::seed_from_u64(seed), rows: vec![] };
+    for (n, d) in [(7, 576), (3, 4096), (1, 8192)] {
+        norms(&mut c, n, d)?;
+    }
+    for fp8 in [false, true] {
+        for (m, k) in [(1536, 576), (576, 1536), (1024, 2048), (4096, 14336), (8192, 4096)] {
+            matmul(&mut c, m, k, fp8)?;
+        }
+        for n in [1, 9, 17, 64] {
+            fused(&mut c, n, fp8)?;
+        }
+    }
+    for preset in [Preset::SmolLm2_135m, Preset::Llama31_8b] {
+        rope(&mut c, preset)?;
+    }
+    for shape in [
+        AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
+        AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128 },
+    ] {
+        attention(&mut c, shape)?;
+    }
+    elementwise(&mut c)?;
+    random(&mut c)?;
+    Ok(c.rows)
+}
+
+fn norms(c: &mut Ctx, n: usize, d: usize) -> Result<()> {
+    let x = HostTensor::new(vec![n, d], c.values(n * d, 3.0));
+    let delta = HostTensor::new(vec![n, d], c.values(n * d, 1.0));
+    let w = HostTensor::new(vec![d], c.values(d, 1.0));
+    let (xc, xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
+    let (dc, dg) = (c.cpu.upload(&delta)?, f32_tensor(c.gpu, &delta)?);
+    let (wc, wg) = c.both(&w)?;
+    let want = c.cpu.to_host(&c.cpu.rms_norm(&xc, &wc, 1e-5)?)?;
+    let got = c.gpu.to_host(&c.gpu.rms_norm(&xg, &wg, 1e-5)?)?;
+    c.push("rms_norm", format!("[{n}, {d}]"), &got, &want);
+    let (mut rc, mut rg) = (xc, xg);
+    let want = c.cpu.to_host(&c.cpu.add_rms_norm(&mut rc, &dc, &wc, 1e-5)?)?;
+    let got = c.gpu.to_host(&c.gpu.add_rms_norm(&mut rg, &dg, &wg, 1e-5)?)?;
+    c.push("add_rms_norm (normed)", format!("[{n}, {d}]"), &got, &want);
+    let (want, got) = (c.cpu.to_host(&rc)?, c.gpu.to_host(&rg)?);
+    c.push("add_rms_norm (residual)", format!("[{n}, {d}]"), &got, &want);
+    Ok(())
+}
+
+/// An f32 activation on the GPU with the host tensor's values.
+fn f32_tensor(gpu: &CudaBackend, t: &HostTensor) -> Result<<CudaBackend as Backend>::Tensor> {
+    gpu.upload_f32(t)
+}
+
+/// Exact value of an E4M3 byte (NaN codes never occur in our weights).
+fn e4m3(b: u8) -> f32 {
+    let (sign, exp, man) = (if b & 0x80 != 0 { -1.0 } else { 1.0 }, ((b >> 3) & 15) as i32, (b & 7) as f32);
+    sign * if exp == 0 { man / 8.0 * 2f32.powi(-6) } else { (1.0 + man / 8.0) * 2f32.powi(exp - 7) }
+}
+
+/// A weight `[m, k]` in bf16 or FP8 on the GPU, and its exact f32 values on the CPU.
+fn weight(c: &mut Ctx, m: usize, k: usize, fp8: bool) -> Result<Pair> {
+    if !fp8 {
+        let w = HostTensor::new(vec![m, k], bf16_round(c.values(m * k, 0.05)));
+        return c.both(&w);
+    }
+    let bytes: Vec<u8> = (0..m * k).map(|_| c.rng.random_range(0..0x7fu8) | (c.rng.random::<u8>() & 0x80)).collect();
+    let scales: Vec<f32> = (0..m).map(|_| c.rng.random_range(0.5e-3..2e-3)).collect();
+    let values = bytes.iter().enumerate().map(|(i, &b)| e4m3(b) * scales[i / k]).collect();
+    Ok((c.cpu.upload(&HostTensor::new(vec![m, k], values))?, c.gpu.upload_fp8([m, k], &bytes, &scales)?))
+}
+
+/// The tensor-core matmul against the CPU's f32 matmul of the same values (activations
+/// rounded to bf16, as the GPU rounds them) for 64 tokens, then batch invariance: every
+/// window of 1 to 64 of those tokens gives each token's row bitwise as in the 64.
+fn matmul(c: &mut Ctx, m: usize, k: usize, fp8: bool) -> Result<()> {
+    let x = HostTensor::new(vec![64, k], bf16_round(c.values(64 * k, 1.0)));
+    let (wc, wg) = weight(c, m, k, fp8)?;
+    let want = c.cpu.to_host(&c.cpu.matmul(&c.cpu.upload(&x)?, &wc)?)?;
+    let gpus: Vec<(&str, &CudaBackend)> =
+        [("", c.gpu)].into_iter().chain(c.variants.iter().map(|(l, g)| (*l, g))).collect();
+    let mut rows = vec![];
+    for (label, gpu) in gpus {
+        let kind = format!("{}{label}", if fp8 { "fp8 " } else { "bf16 " });
+        let all = gpu.to_host(&gpu.matmul(&f32_tensor(gpu, &x)?, &wg)?)?;
+        let err = rel_err(&all, &want);
+        let shape = format!("[64,{k}]x[{m},{k}]");
+        rows.push(OpRow { op: format!("matmul tensor cores {kind}"), shape, err, pass: err <= EXACT });
+        let mut differ = vec![];
+        for n in 1..=64 {
+            let start = (n * 7) % (65 - n);
+            let window = HostTensor::new(vec![n, k], x.data[start * k..(start + n) * k].to_vec());
+            let got = gpu.to_host(&gpu.matmul(&f32_tensor(gpu, &window)?, &wg)?)?;
+            if got.iter().zip(&all[start * m..]).any(|(a, b)| a.to_bits() != b.to_bits()) {
+                differ.push(n);
+            }
+        }
+        rows.push(OpRow {
+            op: format!("matmul {kind} batch invariance"),
+            shape: format!("n=1..64 vs 64, {} differ {differ:?}", differ.len()),
+            err: if differ.is_empty() { 0.0 } else { f64::INFINITY },
+            pass: differ.is_empty(),
+        });
+    }
+    c.rows.extend(rows);
+    if !fp8 {
+        // Prefill: past 64 tokens bf16 goes to cuBLAS.
+        let x = HostTensor::new(vec![100, k], bf16_round(c.values(100 * k, 1.0)));
+        let want = c.cpu.to_host(&c.cpu.matmul(&c.cpu.upload(&x)?, &wc)?)?;
+        let got = c.gpu.to_host(&c.gpu.matmul(&f32_tensor(c.gpu, &x)?, &wg)?)?;
+        c.push("matmul cuBLAS bf16", format!("[100,{k}]x[{m},{k}]"), &got, &want);
+    }
+    Ok(())
+}
+
+/// The fused entry points (q/k/v in one launch, gate/up with SwiGLU, RoPE on q and k)
+/// against the CPU's unfused default implementations, bf16 and FP8 weights.
+fn fused(c: &mut Ctx, n: usize, fp8: bool) -> Result<()> {
+    let (h, kv, inter) = (576, 192, 1536);
+    let kind = if fp8 { "fp8" } else { "bf16" };
+    let x = HostTensor::new(vec![n, h], bf16_round(c.values(n * h, 1.0)));
+    let (xc, xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
+    let mut ws = vec![];
+    for m in [h, kv, kv, inter, inter] {
+        ws.push(weight(c, m, h, fp8)?);
+    }
+    let want = c.cpu.matmul_many(&xc, &[&ws[0].0, &ws[1].0, &ws[2].0])?;
+    let got = c.gpu.matmul_many(&xg, &[&ws[0].1, &ws[1].1, &ws[2].1])?;
+    for (i, (w, g)) in want.iter().zip(&got).enumerate() {
+        let (w, g) = (c.cpu.to_host(w)?, c.gpu.to_host(g)?);
+        let err = rel_err(&g, &w);
+        c.rows.push(OpRow {
+            op: format!("matmul_many {kind} (q/k/v {i})"),
+            shape: format!("[{n},{h}]"),
+            err,
+            pass: err <= EXACT,
+        });
+    }
+    // The GPU writes SwiGLU's product in bf16 (the down projection's input).
+    let want = bf16_round(c.cpu.to_host(&c.cpu.swiglu(&xc, &ws[3].0, &ws[4].0)?)?);
+    let got = c.gpu.to_host(&c.gpu.swiglu(&xg, &ws[3].1, &ws[4].1)?)?;
+    c.push(&format!("swiglu {kind} (gate/up + silu)"), format!("[{n},{h}]x2[{inter},{h}]"), &got, &want);
+    if n > 1 {
+        let one = f32_tensor(c.gpu, &HostTensor::new(vec![1, h], x.data[(n - 1) * h..].to_vec()))?;
+        let alone = c.gpu.to_host(&c.gpu.swiglu(&one, &ws[3].1, &ws[4].1)?)?;
+        let same = alone.iter().zip(&got[(n - 1) * inter..]).all(|(a, b)| a.to_bits() == b.to_bits());
+        c.rows.push(OpRow {
+            op: format!("swiglu {kind} batch invariance"),
+            shape: format!("{n} tokens vs 1"),
+            err: if same { 0.0 } else { f64::INFINITY },
+            pass: same,
+        });
+    }
+    if fp8 {
+        return Ok(());
+    }
+    let cfg = Preset::Llama31_8b.config();
+    let mut meta = BatchMeta::new(16);
+    meta.push_row(&vec![1; n], 3000, &(0..200).collect::<Vec<u32>>(), 1);
+    let q = HostTensor::new(vec![n, cfg.q_dim()], c.values(n * cfg.q_dim(), 2.0));
+    let k = HostTensor::new(vec![n, cfg.kv_dim()], c.values(n * cfg.kv_dim(), 2.0));
+    let f = HostTensor::new(vec![cfg.head_dim / 2], cfg.rope_inv_freq());
+    let (mut qc, mut qg) = (c.cpu.upload(&q)?, f32_tensor(c.gpu, &q)?);
+    let (mut kc, mut kg) = (c.cpu.upload(&k)?, f32_tensor(c.gpu, &k)?);
+    let (fc, fg) = c.both(&f)?;
+    c.cpu.rope_qk(&mut qc, &mut kc, &c.cpu.prepare(&meta)?, &fc, cfg.head_dim)?;
+    c.gpu.rope_qk(&mut qg, &mut kg, &c.gpu.prepare(&meta)?, &fg, cfg.head_dim)?;
+    let (want, got) =
+        ([c.cpu.to_host(&qc)?, c.cpu.to_host(&kc)?].concat(), [c.gpu.to_host(&qg)?, c.gpu.to_host(&kg)?].concat());
+    c.push("rope_qk (q and k, one launch)", format!("{n} tokens, 8B heads"), &got, &want);
+    Ok(())
+}
+
+type Pair = (<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor);
+
+fn rope(c: &mut Ctx, preset: Preset) -> Result<()> {
+    let cfg = preset.config();
+    let (n, width) = (6, cfg.q_dim());
+    let mut meta = BatchMeta::new(16);
+    let start = if cfg.rope_scaling.is_some() { 100_000 } else { 7_000 };
+    let table: Vec<u32> = (0..(start as usize + n).div_ceil(16) as u32).collect();
+    meta.push_row(&vec![1; n], start, &table, 1);
+    let x = HostTensor::new(vec![n, width], c.values(n * width, 2.0));
+    let f = HostTensor::new(vec![cfg.head_dim / 2], cfg.rope_inv_freq());
+    let (mut xc, mut xg) = (c.cpu.upload(&x)?, f32_tensor(c.gpu, &x)?);
+    let (fc, fg) = c.both(&f)?;
+    c.cpu.rope(&mut xc, &c.cpu.prepare(&meta)?, &fc, cfg.head_dim)?;
+    c.gpu.rope(&mut xg, &c.gpu.prepare(&meta)?, &fg, cfg.head_dim)?;
+    let (want, got) = (c.cpu.to_host(&xc)?, c.gpu.to_host(&xg)?);
+    c.push("rope (llama3 scaling)", format!("[{n}, {width}] pos {start}+"), &got, &want);
+    Ok(())
+}
+
+/// Three rows: a decode token deep in a scrambled block table, a verification row of 5
+/// tokens, and a 40-token prefill from position 0.
+fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
+    let (bs, blocks) = (16u32, 128usize);
+    let kv_dim = s.num_kv_heads * s.head_dim;
+    let slots = blocks * bs as usize;
+    let mut perm: Vec<u32> = (0..blocks as u32).collect();
+    for i in (1..perm.len()).rev() {
+        perm.swap(i, c.rng.random_range(0..=i));
+    }
+    let mut meta = BatchMeta::new(bs);
+    meta.push_row(&[3], 299, &perm[0..19], 1);
+    meta.push_row(&[4, 5, 6, 7, 8], 590, &perm[19..57], 5);
+    meta.push_row(&[9; 40], 0, &perm[57..60], 1);
+    let n = meta.num_tokens();
+    let q = HostTensor::new(vec![n, s.num_heads * s.head_dim], c.values(n * s.num_heads * s.head_dim, 2.0));
+    let k = HostTensor::new(vec![n, kv_dim], bf16_round(c.values(n * kv_dim, 2.0)));
+    let v = HostTensor::new(vec![n, kv_dim], bf16_round(c.values(n * kv_dim, 2.0)));
+    let kc = HostTensor::new(vec![slots, kv_dim], bf16_round(c.values(slots * kv_dim, 2.0)));
+    let vc = HostTensor::new(vec![slots, kv_dim], bf16_round(c.values(slots * kv_dim, 2.0)));
+    let (mut kcc, mut kcg) = c.both(&kc)?;
+    let (mut vcc, mut vcg) = c.both(&vc)?;
+    let (qc, qg) = (c.cpu.upload(&q)?, f32_tensor(c.gpu, &q)?);
+    let (kc_, kg) = (c.cpu.upload(&k)?, f32_tensor(c.gpu, &k)?);
+    let (vc_, vg) = (c.cpu.upload(&v)?, f32_tensor(c.gpu, &v)?);
+    let want = c.cpu.attention(&qc, &kc_, &vc_, &mut kcc, &mut vcc, &c.cpu.prepare(&meta)?, s)?;
+    let got = c.gpu.attention(&qg, &kg, &vg, &mut kcg, &mut vcg, &c.gpu.prepare(&meta)?, s)?;
+    let shape = format!("{}h/{}kv/{} x{n}", s.num_heads, s.num_kv_heads, s.head_dim);
+    let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
+    c.push("attention (decode+verify+prefill)", shape.clone(), &got, &want);
+    let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
+    c.push("attention KV write", shape.clone(), &got, &want);
+    // RoPE inside the attention kernel against rope, then attention, on the CPU.
+    let preset = if s.head_dim == 64 { Preset::SmolLm2_135m } else { Preset::Llama31_8b };
+    let f = HostTensor::new(vec![s.head_dim / 2], preset.config().rope_inv_freq());
+    let (fc, fg) = c.both(&f)?;
+    let (mut qc, mut qg) = (c.cpu.upload(&q)?, f32_tensor(c.gpu, &q)?);
+    let (mut kc_, mut kg) = (c.cpu.upload(&k)?, f32_tensor(c.gpu, &k)?);
+    let want = c.cpu.rope_attention(&mut qc, &mut kc_, &vc_, &mut kcc, &mut vcc, &c.cpu.prepare(&meta)?, &fc, s)?;
+    let got = c.gpu.rope_attention(&mut qg, &mut kg, &vg, &mut kcg, &mut vcg, &c.gpu.prepare(&meta)?, &fg, s)?;
+    let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
+    c.push("rope_attention (rope inside)", shape.clone(), &got, &want);
+    let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
+    c.push("rope_attention KV write", shape, &got, &want);
+    Ok(())
+}
+
+fn elementwise(c: &mut Ctx) -> Result<()> {
+    let (n, d) = (5, 8192);
+    let g = HostTensor::new(vec![n, d], c.values(n * d, 6.0));
+    let u = HostTensor::new(vec![n, d], c.values(n * d, 2.0));
+    let (gc, gg) = (c.cpu.upload(&g)?, f32_tensor(c.gpu, &g)?);
+    let (uc, ug) = (c.cpu.upload(&u)?, f32_tensor(c.gpu, &u)?);
+    let want = c.cpu.to_host(&c.cpu.silu_mul(&gc, &uc)?)?;
+    let got = c.gpu.to_host(&c.gpu.silu_mul(&gg, &ug)?)?;
+    c.push("silu_mul", format!("[{n}, {d}]"), &got, &want);
+
+    let (vocab, hidden) = (1000, 576);
+    let table = HostTensor::new(vec![vocab, hidden], bf16_round(c.values(vocab * hidden, 1.0)));
+    let mut meta = BatchMeta::new(16);
+    let tokens: Vec<u32> = (0..9).map(|_| c.rng.random_range(0..vocab as u32)).collect();
+    meta.push_row(&tokens, 0, &[0], 3);
+    let (tc, tg) = c.both(&table)?;
+    let (bc, bg) = (c.cpu.prepare(&meta)?, c.gpu.prepare(&meta)?);
+    let (ec, eg) = (c.cpu.embed(&tc, &bc)?, c.gpu.embed(&tg, &bg)?);
+    c.push("embed", format!("9 of [{vocab}, {hidden}]"), &c.gpu.to_host(&eg)?, &c.cpu.to_host(&ec)?);
+    let want = c.cpu.to_host(&c.cpu.gather_logit_rows(&ec, &bc)?)?;
+    let got = c.gpu.to_host(&c.gpu.gather_logit_rows(&eg, &bg)?)?;
+    c.push("gather_logit_rows", "3 of 9 rows".into(), &got, &want);
+
+    let v = 128256;
+    let logits = HostTensor::new(vec![3, v], c.values(3 * v, 10.0));
+    let lg = f32_tensor(c.gpu, &logits)?;
+    let want: Vec<f32> = logits.data.chunks(v).map(|r| crate::core::sampling::argmax(r) as f32).collect();
+    let got: Vec<f32> = c.gpu.argmax_rows(&lg, v)?.into_iter().map(|i| i as f32).collect();
+    let same = got == want;
+    c.rows.push(OpRow {
+        op: "argmax_rows (ids equal)".into(),
+        shape: format!("[3, {v}]"),
+        err: if same { 0.0 } else { 1.0 },
+        pass: same,
+    });
+    Ok(())
+}
+
+/// The dummy-weight generator: no CPU twin (a different generator), so check its moments.
+fn random(c: &mut Ctx) -> Result<()> {
+    let n = 1 << 22;
+    let t = c.gpu.random(&[1024, n / 1024], 0.02, c.rng.random())?;
+    let v = c.gpu.to_host(&t)?;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let std = (v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64).sqrt();
+    let zeros = v.iter().filter(|&&x| x == 0.0).count();
+    let err = ((std - 0.02).abs() / 0.02).max(mean.abs() / 0.02);
+    c.rows.push(OpRow {
+        op: "random (std vs 0.02)".into(),
+        shape: format!("[{n}] {zeros} zeros"),
+        err,
+        pass: err < TOLERANCE && zeros < n / 1000,
+    });
+    Ok(())
+}

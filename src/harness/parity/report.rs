@@ -1,0 +1,240 @@
+//! What the parity suite found, and its tables.
+
+use std::fmt;
+
+use super::TOLERANCE;
+
+/// One op (or one property of an op, such as batch invariance) at one shape.
+pub struct OpRow {
+    pub op: String,
+    pub shape: String,
+    /// max |gpu - cpu| / max |cpu| (0 or infinity for a bitwise property).
+    pub err: f64,
+    pub pass: bool,
+}
+
+/// The model on both backends for one prompt, in one weight precision.
+pub struct ForwardRow {
+    pub prompt: String,
+    /// The weights both backends loaded: `bf16` (the file's own precision) or `fp8`.
+    pub dtype: &'static str,
+    pub steps: usize,
+    pub equal: usize,
+    pub first_diff: Option<usize>,
+    /// CPU logit of its own choice minus its logit of the GPU's choice, at the first difference.
+    pub margin: Option<f32>,
+    pub max_logit_err: f64,
+    /// Draft lengths k (1..=16) whose verification forward over k + 1 tokens did not
+    /// give the bits of the k + 1 decode steps it repeats.
+    pub verify_differs: Vec<usize>,
+    /// FP8 only: whether the GPU's next token after the prompt is the f32 CPU model's,
+    /// and KL(f32 || fp8) of those next-token distributions.
+    pub fp8_vs_f32: Option<(bool, f64)>,
+}
+
+/// Greedy speculative decoding against plain greedy decoding, both on the GPU.
+pub struct SpeculativeRow {
+    pub prompt: &'static str,
+    pub proposer: String,
+    pub equal: usize,
+    pub total: usize,
+    pub first_diff: Option<usize>,
+    pub drafted: u64,
+    pub accepted: u64,
+}
+
+impl SpeculativeRow {
+    pub fn pass(&self) -> bool {
+        self.first_diff.is_none()
+    }
+}
+
+pub struct ParityReport {
+    /// Seed of the random op inputs.
+    pub seed: u64,
+    /// The model of the forward and speculative comparisons (`none`: not run).
+    pub model: String,
+    /// Greedy tokens compared per prompt.
+    pub tokens: usize,
+    pub ops: Vec<OpRow>,
+    pub forward: Vec<ForwardRow>,
+    pub speculative: Vec<SpeculativeRow>,
+}
+
+/// The checks that must hold: ops within tolerance, speculative output equal to plain
+/// output, verification equal to decoding bit for bit.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{ops} ops outside tolerance; {speculative} speculative outputs differ from plain decoding; \
+     {invariance} prompts whose verification differs from decoding"
+)]
+pub struct ParityFailures {
+    pub ops: usize,
+    pub speculative: usize,
+    pub invariance: usize,
+}
+
+impl ParityReport {
+    /// Fails when any check that must hold did not.
+    pub fn check(&self) -> Result<(), ParityFailures> {
+        let failures = ParityFailures {
+            ops: self.ops.iter().filter(|r| !r.pass).count(),
+            speculative: self.speculative.iter().filter(|s| !s.pass()).count(),
+            invariance: self.forward.iter().filter(|f| !f.verify_differs.is_empty()).count(),
+        };
+        if failures.ops > 0 || failures.speculative > 0 || failures.invariance > 0 {
+            return Err(failures);
+        }
+        Ok(())
+    }
+
+    /// Prompts whose greedy tokens on the GPU parted from the CPU's: allowed (a near-tie can
+    /// go either way), so not a failure; the CPU margin at the first difference tells.
+    pub fn diverged(&self) -> usize {
+        self.forward.iter().filter(|f| f.equal < f.steps).count()
+    }
+
+    /// A word for the reader when prompts diverged.
+    pub fn note(&self) -> Option<String> {
+        let n = self.diverged();
+        (n > 0).then(|| {
+            format!("note: {n} prompts diverged; see the cpu margin at the first difference (a near-tie is < ~0.05)")
+        })
+    }
+}
+
+/// The tables: ops, then the forward and speculative comparisons where they ran.
+impl fmt::Display for ParityReport {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(f, "\n== kernel parity (tolerance {:.0e}, max |gpu - cpu| / max |cpu|) ==", TOLERANCE)?;
+        writeln!(f, "{:<34} {:<22} {:>10}", "op", "shape", "rel err")?;
+        for r in &self.ops {
+            writeln!(f, "{:<34} {:<22} {:>10.2e}  {}", r.op, r.shape, r.err, if r.pass { "pass" } else { "FAIL" })?;
+        }
+        if !self.forward.is_empty() {
+            self.fmt_forward(f)?;
+        }
+        if !self.speculative.is_empty() {
+            self.fmt_speculative(f)?;
+        }
+        Ok(())
+    }
+}
+
+impl ParityReport {
+    fn fmt_forward(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(f, "\n== forward parity: {} (greedy, CPU tokens fed to both; verify = k+1 tokens vs k+1 decode steps, k = 1..16) ==", self.model)?;
+        writeln!(
+            f,
+            "{:<10} {:<5} {:>8} {:>13} {:>11} {:>11} {:>16} {:>22}",
+            "prompt",
+            "dtype",
+            "equal",
+            "first differ",
+            "cpu margin",
+            "logits err",
+            "verify==decode",
+            "fp8 vs f32: top1, KL"
+        )?;
+        for r in &self.forward {
+            writeln!(
+                f,
+                "{:<10} {:<5} {:>5}/{:<2} {:>13} {:>11} {:>11.2e} {:>16} {:>22}",
+                r.prompt,
+                r.dtype,
+                r.equal,
+                r.steps,
+                r.first_diff.map_or("-".into(), |s| s.to_string()),
+                r.margin.map_or("-".into(), |m| format!("{m:.4}")),
+                r.max_logit_err,
+                if r.verify_differs.is_empty() {
+                    "bitwise".to_string()
+                } else {
+                    format!("DIFFERS {:?}", r.verify_differs)
+                },
+                r.fp8_vs_f32
+                    .map_or("-".into(), |(same, kl)| format!("{}, {kl:.2e}", if same { "same" } else { "DIFFERENT" }))
+            )?;
+        }
+        Ok(())
+    }
+
+    fn fmt_speculative(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(f, "\n== speculative vs plain greedy, both on the GPU (engine loop, {} tokens) ==", self.tokens)?;
+        writeln!(
+            f,
+            "{:<10} {:<24} {:>9} {:>13} {:>9} {:>9}",
+            "prompt", "proposer", "equal", "first differ", "drafted", "accepted"
+        )?;
+        for s in &self.speculative {
+            writeln!(
+                f,
+                "{:<10} {:<24} {:>5}/{:<3} {:>13} {:>9} {:>9}  {}",
+                s.prompt,
+                s.proposer,
+                s.equal,
+                s.total,
+                s.first_diff.map_or("-".into(), |d| d.to_string()),
+                s.drafted,
+                s.accepted,
+                if s.pass() { "pass" } else { "FAIL" }
+            )?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> ParityReport {
+        let op = |op: &str, err: f64, pass: bool| OpRow { op: op.into(), shape: "[7, 576]".into(), err, pass };
+        ParityReport {
+            seed: 1,
+            model: "default".into(),
+            tokens: 64,
+            ops: vec![op("rms_norm", 1.5e-3, true), op("silu_mul", 2e-2, false)],
+            forward: vec![ForwardRow {
+                prompt: "france".into(),
+                dtype: "fp8",
+                steps: 64,
+                equal: 12,
+                first_diff: Some(12),
+                margin: Some(0.03125),
+                max_logit_err: 4.2e-3,
+                verify_differs: vec![],
+                fp8_vs_f32: Some((true, 1.4e-2)),
+            }],
+            speculative: vec![SpeculativeRow {
+                prompt: "fib",
+                proposer: "ngram k<=8".into(),
+                equal: 64,
+                total: 64,
+                first_diff: None,
+                drafted: 90,
+                accepted: 40,
+            }],
+        }
+    }
+
+    #[test]
+    fn tables_and_verdict() {
+        let r = report();
+        let text = r.to_string();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[1], "== kernel parity (tolerance 1e-2, max |gpu - cpu| / max |cpu|) ==");
+        assert_eq!(lines[3], "rms_norm                           [7, 576]                  1.50e-3  pass");
+        assert_eq!(lines[4], "silu_mul                           [7, 576]                  2.00e-2  FAIL");
+        assert!(text.contains(
+            "france     fp8      12/64            12      0.0312     4.20e-3          bitwise          same, 1.40e-2\n"
+        ));
+        assert!(
+            text.contains("fib        ngram k<=8                  64/64              -        90        40  pass\n")
+        );
+        let failures = r.check().unwrap_err();
+        assert_eq!((failures.ops, failures.speculative, failures.invariance), (1, 0, 0));
+        assert_eq!(r.diverged(), 1);
+        assert!(r.note().unwrap().starts_with("note: 1 prompts diverged"));
+    }
+}
