@@ -7,9 +7,11 @@
 //! backend (`CudaBackend::sibling` shares the context and kernels) so that their work runs
 //! on separate streams; `record` / `wait` order them with events, never device-wide syncs.
 
+mod attention;
 pub mod batch;
 pub mod blas;
 pub mod device;
+mod fp8;
 pub mod graph;
 pub mod kernels;
 pub mod matmul;
@@ -198,36 +200,6 @@ impl CudaBackend {
         Ok(out)
     }
 
-    /// FP8 E4M3 weights `[rows, cols]`, row-major as in a checkpoint, with one scale per row
-    /// (value = e4m3(byte) × scale). Needs `cols` a multiple of 64 and `rows` of 16.
-    pub fn upload_fp8(&self, shape: [usize; 2], bytes: &[u8], scales: &[f32]) -> Result<CudaTensor> {
-        let [rows, cols] = shape;
-        if bytes.len() != rows * cols || scales.len() != rows || cols % 64 != 0 || rows % 16 != 0 {
-            return Err(BackendError::Invalid(format!(
-                "FP8 weight {shape:?}: {} bytes, {} scales (need rows ÷ 16, columns ÷ 64)",
-                bytes.len(),
-                scales.len()
-            )));
-        }
-        let data = self.dev.alloc(bytes.len())?;
-        self.dev.htod(data.ptr(), bytes)?;
-        // Stored times 2^56: kernels/matmul.cu multiplies by the other 2^56 of its 2^112.
-        let scaled: Vec<f32> = scales.iter().map(|&s| s * 2f32.powi(56)).collect();
-        let sc = self.dev.alloc(4 * rows)?;
-        self.dev.htod(sc.ptr(), &scaled)?;
-        Ok(CudaTensor::fp8(data, sc, vec![rows, cols]))
-    }
-
-    /// Random FP8 weights: normal values of standard deviation `std` (as `random`),
-    /// quantized per row on the GPU (scale = the row's largest magnitude / 448).
-    pub fn random_fp8_matrix(&self, [rows, cols]: [usize; 2], std: f32, seed: u64) -> Result<CudaTensor> {
-        let dense = self.random(&[rows, cols], std, seed)?;
-        let (data, sc) = (self.dev.alloc(rows * cols)?, self.dev.alloc(4 * rows)?);
-        launch!(self.dev, &self.kernels.quantize_rows_fp8, (rows as u32, 1, 1), (256, 1, 1);
-            dense.ptr(), data.ptr(), sc.ptr(), cols as i32)?;
-        Ok(CudaTensor::fp8(data, sc, vec![rows, cols]))
-    }
-
     /// Device-to-device copy of `bytes` bytes between two fresh buffers, `reps` times,
     /// timed with events: milliseconds per copy (for the bandwidth ceiling).
     pub fn time_copy(&self, bytes: usize, reps: usize) -> Result<Vec<f32>> {
@@ -242,54 +214,6 @@ impl CudaBackend {
             times.push(start.elapsed_ms(&end).map_err(driver_err("event time"))?);
         }
         Ok(times)
-    }
-
-    /// Attention through the split and merge kernels (kernels/attention.cu); with
-    /// `inv_freq`, the split kernel applies RoPE to q and the step's keys as it loads them.
-    #[allow(clippy::too_many_arguments)]
-    fn attend(
-        &self,
-        q: &CudaTensor,
-        k: &CudaTensor,
-        v: &CudaTensor,
-        k_cache: &mut CudaTensor,
-        v_cache: &mut CudaTensor,
-        batch: &CudaBatch,
-        s: AttnShape,
-        inv_freq: Option<&CudaTensor>,
-    ) -> Result<CudaTensor> {
-        let (n, kv_dim) = (batch.num_tokens(), s.num_kv_heads * s.head_dim);
-        if k.dims() != (n, kv_dim) || v.dims() != (n, kv_dim) {
-            return Err(BackendError::Invalid(format!(
-                "attention: k/v are {:?}/{:?}, expected [{n}, {kv_dim}]",
-                k.shape, v.shape
-            )));
-        }
-        if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
-            return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
-        }
-        let split = match s.head_dim {
-            64 => &self.kernels.attn_split_hd64,
-            128 => &self.kernels.attn_split_hd128,
-            d => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
-        };
-        Self::expect(k_cache, DType::Bf16, "k cache")?;
-        Self::expect(k, DType::F32, "attention k")?;
-        Self::expect(v, DType::F32, "attention v")?;
-        Self::expect(q, DType::F32, "attention q")?;
-        let splits = batch.max_splits;
-        let partial = self.alloc(vec![n, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
-        // Also stores this step's keys and values in the caches (see kernels/attention.cu).
-        launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
-            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), batch.positions(), batch.slots(),
-            batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
-            batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
-            inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32)?;
-        let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::Bf16)?; // o's input
-        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
-            partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
-            batch.min_split as i32)?;
-        Ok(out)
     }
 
     /// Whether `x` (`n` tokens, `k` wide) times these weights runs on the tensor-core matmul:
@@ -394,7 +318,7 @@ impl Backend for CudaBackend {
     }
 
     fn random_fp8(&self, shape: [usize; 2], std: f32, seed: u64) -> Result<Option<CudaTensor>> {
-        Ok(matmul::fp8_fits(shape).then(|| self.random_fp8_matrix(shape, std, seed)).transpose()?)
+        matmul::fp8_fits(shape).then(|| self.random_fp8_matrix(shape, std, seed)).transpose()
     }
 
     fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<CudaTensor> {

@@ -1,0 +1,56 @@
+//! Host side of kernels/attention.cu: paged attention as split and merge kernels.
+
+use super::batch::CudaBatch;
+use super::device::launch;
+use super::{CudaBackend, CudaTensor, DType};
+use crate::backend::{AttnShape, BackendError, Result};
+
+impl CudaBackend {
+    /// Attention through the split and merge kernels (kernels/attention.cu); with
+    /// `inv_freq`, the split kernel applies RoPE to q and the step's keys as it loads them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn attend(
+        &self,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        k_cache: &mut CudaTensor,
+        v_cache: &mut CudaTensor,
+        batch: &CudaBatch,
+        s: AttnShape,
+        inv_freq: Option<&CudaTensor>,
+    ) -> Result<CudaTensor> {
+        let (n, kv_dim) = (batch.num_tokens(), s.num_kv_heads * s.head_dim);
+        if k.dims() != (n, kv_dim) || v.dims() != (n, kv_dim) {
+            return Err(BackendError::Invalid(format!(
+                "attention: k/v are {:?}/{:?}, expected [{n}, {kv_dim}]",
+                k.shape, v.shape
+            )));
+        }
+        if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
+            return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
+        }
+        let split = match s.head_dim {
+            64 => &self.kernels.attn_split_hd64,
+            128 => &self.kernels.attn_split_hd128,
+            d => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
+        };
+        Self::expect(k_cache, DType::Bf16, "k cache")?;
+        Self::expect(k, DType::F32, "attention k")?;
+        Self::expect(v, DType::F32, "attention v")?;
+        Self::expect(q, DType::F32, "attention q")?;
+        let splits = batch.max_splits;
+        let partial = self.alloc(vec![n, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
+        // Also stores this step's keys and values in the caches (see kernels/attention.cu).
+        launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
+            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), batch.positions(), batch.slots(),
+            batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
+            batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
+            inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32)?;
+        let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::Bf16)?; // o's input
+        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
+            partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
+            batch.min_split as i32)?;
+        Ok(out)
+    }
+}
