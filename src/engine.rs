@@ -49,18 +49,34 @@ pub struct Completion {
 }
 
 /// Tokenizes a prompt (chat template applied) and checks its ids against the vocabulary;
-/// shared by every entry point. Its length is checked by `Lengths::admit`.
-pub fn tokenize_prompt(tokenizer: Option<&Tokenizer>, prompt: &Prompt, vocab: usize) -> Result<Vec<u32>, RequestError> {
+/// shared by every entry point. A text the context could never hold is refused by its size
+/// first, before any work on it; the token count is checked by `Lengths::admit`.
+pub fn tokenize_prompt(
+    tokenizer: Option<&Tokenizer>,
+    prompt: &Prompt,
+    vocab: usize,
+    lengths: &Lengths,
+) -> Result<Vec<u32>, RequestError> {
     let ids = match prompt {
-        Prompt::Tokens(ids) => ids.clone(),
-        Prompt::Text(text) => tokenizer.ok_or(RequestError::NoTokenizer)?.encode(text, true),
+        Prompt::Tokens(ids) => {
+            lengths.check_prompt(ids.len())?;
+            ids.clone()
+        }
+        Prompt::Text(text) => {
+            let tok = tokenizer.ok_or(RequestError::NoTokenizer)?;
+            lengths.check_prompt_bytes(text.len(), tok.max_bytes_per_token())?;
+            tok.encode(text, true)
+        }
         Prompt::Chat(messages) => {
             let tok = tokenizer.ok_or(RequestError::NoTokenizer)?;
+            let bytes = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
+            lengths.check_prompt_bytes(bytes, tok.max_bytes_per_token())?;
             let template = tok
                 .chat_template
                 .as_ref()
                 .ok_or_else(|| RequestError::ChatTemplate("the model has no chat template".into()))?;
             let text = template.render(messages, true).map_err(RequestError::ChatTemplate)?;
+            lengths.check_prompt_bytes(text.len(), tok.max_bytes_per_token())?;
             tok.encode(&text, false)
         }
     };
@@ -108,9 +124,9 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Completion, EngineError> {
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
         let config = &self.model.config;
-        let prompt = tokenize_prompt(self.tokenizer.as_ref(), &req.prompt, config.vocab_size)?;
         // The engine sizes its own cache for the request: only the context limits it.
         let lengths = Lengths { context: self.context_len(), kv_tokens: usize::MAX };
+        let prompt = tokenize_prompt(self.tokenizer.as_ref(), &req.prompt, config.vocab_size, &lengths)?;
         let budget = lengths.admit(prompt.len(), req.max_tokens)?.max_len;
         let num_blocks = budget.div_ceil(BLOCK_SIZE);
         let mut kv = KvCache::new(&self.backend, config, num_blocks, BLOCK_SIZE)?;

@@ -66,6 +66,9 @@ pub enum RequestError {
     EmptyPrompt,
     #[error("the prompt has {tokens} tokens, more than the model's context of {context}")]
     PromptTooLong { tokens: usize, context: usize },
+    /// Refused by its size before tokenizing: no tokenization of it could fit the context.
+    #[error("the prompt has {bytes} bytes, more than the model's context of {context} tokens can hold (at most {max_bytes} bytes)")]
+    PromptTooLarge { bytes: usize, max_bytes: usize, context: usize },
     #[error("invalid sampling parameters: {0}")]
     InvalidSampling(String),
     #[error("max_tokens must be at least 1")]
@@ -82,6 +85,12 @@ pub enum RequestError {
     Overloaded(usize),
     #[error("the runtime is shutting down")]
     ShuttingDown,
+    /// The model step running this request failed (the runtime serves on).
+    #[error("the model step running this request failed: {0}")]
+    StepFailed(String),
+    /// The runtime cannot serve any more (its model executor failed beyond recovery).
+    #[error("the runtime is unavailable: {0}")]
+    Unavailable(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -92,7 +101,7 @@ impl RequestError {
     pub fn code(&self) -> &'static str {
         match self {
             RequestError::EmptyPrompt => "empty_prompt",
-            RequestError::PromptTooLong { .. } => "context_length_exceeded",
+            RequestError::PromptTooLong { .. } | RequestError::PromptTooLarge { .. } => "context_length_exceeded",
             RequestError::InvalidSampling(_) => "invalid_sampling",
             RequestError::ZeroMaxTokens => "invalid_max_tokens",
             RequestError::NoTokenizer => "no_tokenizer",
@@ -101,6 +110,8 @@ impl RequestError {
             RequestError::ExceedsKvCapacity { .. } => "kv_capacity_exceeded",
             RequestError::Overloaded(_) => "overloaded",
             RequestError::ShuttingDown => "shutting_down",
+            RequestError::StepFailed(_) => "step_failed",
+            RequestError::Unavailable(_) => "unavailable",
             RequestError::Internal(_) => "internal_error",
         }
     }

@@ -10,6 +10,7 @@
 //! whole.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -19,6 +20,7 @@ use tokio::sync::mpsc;
 use super::messages::VerifyMsg;
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
+use super::verifier::panic_message;
 use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{RowPlan, SeqParams, StepPlan};
 use crate::request::RequestId;
@@ -45,6 +47,9 @@ pub struct Drafter {
     timeline: Option<Arc<Timeline>>,
     /// Drafting failures are counted; the first is also reported on stderr.
     warned: bool,
+    /// Set when the proposer panicked: its state is unknown, so it is not used again and
+    /// rows go on without drafts (the output is the target's either way).
+    broken: bool,
 }
 
 impl Drafter {
@@ -54,7 +59,7 @@ impl Drafter {
         pool: Arc<Mutex<Option<KvStats>>>,
         timeline: Option<Arc<Timeline>>,
     ) -> Self {
-        Drafter { proposer, seqs: HashMap::new(), verifier, pool, timeline, warned: false }
+        Drafter { proposer, seqs: HashMap::new(), verifier, pool, timeline, warned: false, broken: false }
     }
 
     /// Fills the drafts of `plan`'s decoding rows.
@@ -201,16 +206,33 @@ impl Drafter {
         }
     }
 
+    /// Runs drafting work with a panic caught at the thread's boundary: the plan then goes
+    /// on without drafts, and the proposer is not used again.
+    fn caught(&mut self, plan: &mut StepPlan, work: impl FnOnce(&mut Self, &mut StepPlan)) {
+        if self.broken {
+            return;
+        }
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(|| work(self, plan))) {
+            self.broken = true;
+            counter!(m::SPEC_DRAFT_ERRORS).increment(1);
+            eprintln!(
+                "specula: drafting panicked ({}); speculation is off from now on",
+                panic_message(payload.as_ref())
+            );
+            plan.rows.iter_mut().for_each(|r| r.draft = Draft::default());
+        }
+    }
+
     /// Serves plans until Intake hangs up or the Verifier is gone.
     pub fn run(mut self, mut rx: mpsc::Receiver<VerifyMsg>) {
         while let Some(mut plan) = rx.blocking_recv() {
-            self.draft(&mut plan);
-            let pre = (!plan.rows.is_empty()).then(|| plan.clone());
+            self.caught(&mut plan, |d, plan| d.draft(plan));
+            let pre = (!plan.rows.is_empty() && !self.broken).then(|| plan.clone());
             if self.verifier.blocking_send(plan).is_err() {
                 break;
             }
-            if let Some(plan) = pre {
-                self.pre_draft(&plan);
+            if let Some(mut plan) = pre {
+                self.caught(&mut plan, |d, plan| d.pre_draft(plan));
             }
         }
     }

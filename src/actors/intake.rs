@@ -9,14 +9,15 @@ use metrics::{counter, gauge};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::admission::{Admission, Admitted, Pool};
 use super::messages::{
     Control, EndReason, Event, KvMsg, KvPoolStats, RuntimeStats, StepDone, StreamMsg, Submit, VerifyMsg,
 };
 use super::metrics as m;
+use super::Health;
 use crate::core::kv_manager::KvStats;
 use crate::core::lengths::Lengths;
-use crate::core::scheduler::{QueueFull, Scheduler, SeqParams};
-use crate::engine::tokenize_prompt;
+use crate::core::scheduler::{QueueFull, Scheduler};
 use crate::model::Tokenizer;
 use crate::request::{RequestError, RequestId};
 
@@ -28,16 +29,26 @@ pub struct Limits {
     pub lengths: Lengths,
 }
 
+/// The actors Intake sends to.
+pub struct Peers {
+    pub kv: mpsc::Sender<KvMsg>,
+    /// Where plans go: the Drafter, or the Verifier.
+    pub plans: mpsc::Sender<VerifyMsg>,
+    pub streamer: mpsc::Sender<StreamMsg>,
+}
+
 pub struct Intake {
     pub sched: Scheduler,
-    pub tokenizer: Option<Arc<Tokenizer>>,
-    pub limits: Limits,
+    /// Validation and tokenization, off this thread.
+    admission: Pool,
     pub kv: mpsc::Sender<KvMsg>,
     /// Where plans go: the Drafter, or the Verifier.
     pub plans: mpsc::Sender<VerifyMsg>,
     pub streamer: mpsc::Sender<StreamMsg>,
     /// The draft model's KV pool as the Drafter last saw it.
     pub draft_pool: Arc<Mutex<Option<KvStats>>>,
+    /// Set when the model side cannot serve any more.
+    health: Arc<Health>,
     in_flight: Option<Vec<RequestId>>,
     steps: u64,
     /// Set by `Shutdown`: the drain deadline (cleared once it has passed) and whom to tell.
@@ -45,44 +56,59 @@ pub struct Intake {
 }
 
 impl Intake {
+    /// Intake, and the receiver of its admission pool's answers (for `run`).
     pub fn new(
         sched: Scheduler,
         tokenizer: Option<Arc<Tokenizer>>,
         limits: Limits,
-        kv: mpsc::Sender<KvMsg>,
-        plans: mpsc::Sender<VerifyMsg>,
-        streamer: mpsc::Sender<StreamMsg>,
+        peers: Peers,
         draft_pool: Arc<Mutex<Option<KvStats>>>,
-    ) -> Self {
-        Intake { sched, tokenizer, limits, kv, plans, streamer, draft_pool, in_flight: None, steps: 0, closing: None }
+        health: Arc<Health>,
+    ) -> (Self, mpsc::Receiver<Admitted>) {
+        let Peers { kv, plans, streamer } = peers;
+        // As many admissions under way as requests may wait: the queue's own bound.
+        let (admission, admitted) = Pool::new(tokenizer, limits, sched.config().max_waiting);
+        let intake = Intake {
+            sched,
+            admission,
+            kv,
+            plans,
+            streamer,
+            draft_pool,
+            health,
+            in_flight: None,
+            steps: 0,
+            closing: None,
+        };
+        (intake, admitted)
     }
 
-    /// Validates and tokenizes; every refusal is a typed error.
-    fn admit(&self, s: &Submit) -> Result<(Vec<u32>, Arc<SeqParams>), RequestError> {
-        let req = &s.req;
-        req.sampling.validate().map_err(RequestError::InvalidSampling)?;
-        let l = &self.limits;
-        let prompt = tokenize_prompt(self.tokenizer.as_deref(), &req.prompt, l.vocab)?;
-        let limits = l.lengths.admit(prompt.len(), req.max_tokens)?;
-        let params = SeqParams { sampling: req.sampling.clone(), limits, ignore_eos: req.ignore_eos };
-        Ok((prompt, Arc::new(params)))
-    }
-
+    /// A new request: refused at once, or admitted (token ids at once; text and chat on the
+    /// admission pool, whose answer comes back through `admitted`).
     async fn submit(&mut self, s: Submit) {
-        let refuse = |e: RequestError| {
-            counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
-            let _ = s.events.try_send(Event::Error(e));
-        };
         if self.closing.is_some() {
-            return refuse(RequestError::ShuttingDown);
+            return refuse(&s, RequestError::ShuttingDown);
         }
-        let (prompt, params) = match self.admit(&s) {
+        if let Some(reason) = self.health.down() {
+            return refuse(&s, RequestError::Unavailable(reason));
+        }
+        if let Some((s, result)) = self.admission.start(s) {
+            self.admitted(s, result).await;
+        }
+    }
+
+    /// A request whose prompt is tokenized: it joins the waiting queue, or is refused.
+    async fn admitted(&mut self, s: Submit, result: Admission) {
+        let (prompt, params) = match result {
             Ok(x) => x,
-            Err(e) => return refuse(e),
+            Err(e) => return refuse(&s, e),
         };
+        if let Some(reason) = self.health.down() {
+            return refuse(&s, RequestError::Unavailable(reason));
+        }
         let max_waiting = self.sched.config().max_waiting;
         if self.sched.num_waiting() >= max_waiting {
-            return refuse(RequestError::Overloaded(max_waiting));
+            return refuse(&s, RequestError::Overloaded(max_waiting));
         }
         let reg = StreamMsg::Register {
             id: s.id,
@@ -92,7 +118,7 @@ impl Intake {
             arrived: s.arrived,
         };
         if self.streamer.send(reg).await.is_err() {
-            return refuse(RequestError::Internal("the streamer is gone".into()));
+            return refuse(&s, RequestError::Internal("the streamer is gone".into()));
         }
         if let Err(QueueFull(n)) = self.sched.add(s.id, prompt, params) {
             let _ = self
@@ -113,6 +139,21 @@ impl Intake {
         for id in self.sched.ids() {
             self.end(id, EndReason::Failed(e.clone())).await;
         }
+    }
+
+    fn mark_down(&self, reason: &str) {
+        if self.health.set_down(reason.to_string()) {
+            eprintln!("specula: the runtime cannot serve any more: {reason}");
+            gauge!(m::HEALTHY).set(0.0);
+        }
+    }
+
+    /// The model side cannot serve any more: every request fails, later ones are refused,
+    /// and the handles' `health()` (the server's `/health`) says why.
+    async fn go_down(&mut self, reason: String) {
+        self.mark_down(&reason);
+        self.in_flight = None;
+        self.fail_all(RequestError::Unavailable(reason)).await;
     }
 
     async fn control(&mut self, c: Control, submits: &mut mpsc::Receiver<Submit>) {
@@ -156,40 +197,53 @@ impl Intake {
                 }
                 self.sched.update(&outcomes);
             }
-            Some(StepDone { result: Err(e), .. }) => {
+            Some(StepDone { result: Err(failure), .. }) => {
+                let kind = if failure.panicked { "panic" } else { "error" };
+                counter!(m::STEP_FAILURES, m::KIND_LABEL => kind).increment(1);
+                // Down before the step's requests hear of it: their callers see it at once.
+                if let Some(reason) = &failure.fatal {
+                    self.mark_down(reason);
+                }
+                // Only this step's requests fail; their blocks are released at the next step.
                 for id in rows {
-                    self.end(id, EndReason::Failed(RequestError::Internal(format!("forward failed: {e}")))).await;
+                    self.end(id, EndReason::Failed(RequestError::StepFailed(failure.message.clone()))).await;
+                }
+                if let Some(reason) = failure.fatal {
+                    self.go_down(reason).await;
                 }
             }
-            None => self.fail_all(RequestError::Internal("the model executor stopped".into())).await,
+            None => self.go_down("the model executor stopped".into()).await,
         }
     }
 
     /// Plans and sends the next step when none is in flight.
-    async fn pump(&mut self) -> Result<(), RequestError> {
+    /// An error is a reason for the runtime to go down (an actor it needs is gone).
+    async fn pump(&mut self) -> Result<(), String> {
         if self.in_flight.is_some() || (self.sched.is_idle() && !self.sched.has_kv_work()) {
             return Ok(());
         }
         let proposal = self.sched.propose();
         let (tx, rx) = oneshot::channel();
-        let gone = || RequestError::Internal("the KV allocator is gone".into());
+        let gone = || "the KV allocator stopped".to_string();
         self.kv.send(KvMsg::Apply { proposal, reply: tx }).await.map_err(|_| gone())?;
         let fit = rx.await.map_err(|_| gone())?;
         let plan = self.sched.plan(fit);
         gauge!(m::REQUESTS_RUNNING).set(self.sched.num_running() as f64);
         gauge!(m::REQUESTS_WAITING).set(self.sched.num_waiting() as f64);
-        if plan.rows.is_empty() && plan.finished.is_empty() {
+        // Down, the blocks of the failed requests came back above and nothing runs any more.
+        if (plan.rows.is_empty() && plan.finished.is_empty()) || self.health.down().is_some() {
             return Ok(());
         }
         self.steps += 1;
         self.in_flight = Some(plan.rows.iter().map(|r| r.id).collect());
-        self.plans.send(plan).await.map_err(|_| RequestError::Internal("the model executor stopped".into()))
+        self.plans.send(plan).await.map_err(|_| "the model executor stopped".to_string())
     }
 
     /// Serves until shut down, or until every caller handle is gone and the work is done.
     pub async fn run(
         mut self,
         mut submits: mpsc::Receiver<Submit>,
+        mut admitted: mpsc::Receiver<Admitted>,
         mut control: mpsc::Receiver<Control>,
         mut done: mpsc::Receiver<StepDone>,
     ) {
@@ -203,7 +257,11 @@ impl Intake {
                     Some(c) => self.control(c, &mut submits).await,
                     None => control_open = false,
                 },
-                s = submits.recv(), if submits_open => match s {
+                Some(a) = admitted.recv(), if self.admission.under_way() > 0 => {
+                    self.admission.finished();
+                    self.admitted(a.submit, a.result).await;
+                }
+                s = submits.recv(), if submits_open && self.admission.has_room() => match s {
                     Some(s) => self.submit(s).await,
                     None => submits_open = false,
                 },
@@ -215,11 +273,10 @@ impl Intake {
                 }
                 else => break,
             }
-            if let Err(e) = self.pump().await {
-                self.in_flight = None;
-                self.fail_all(e).await;
+            if let Err(reason) = self.pump().await {
+                self.go_down(reason).await;
             }
-            let quiet = self.in_flight.is_none() && self.sched.is_idle();
+            let quiet = self.in_flight.is_none() && self.sched.is_idle() && self.admission.under_way() == 0;
             if quiet && (self.closing.is_some() || !submits_open) {
                 break;
             }
@@ -233,4 +290,9 @@ impl Intake {
             let _ = done.send(());
         }
     }
+}
+
+fn refuse(s: &Submit, e: RequestError) {
+    counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
+    let _ = s.events.try_send(Event::Error(e));
 }

@@ -72,7 +72,7 @@ pub struct KvPoolStats {
 #[derive(Debug)]
 pub struct StepDone {
     pub step: u64,
-    pub result: Result<Vec<RowOutcome>, String>,
+    pub result: Result<Vec<RowOutcome>, StepFailure>,
     /// The plan's query tokens (drafts included) and the seconds its forward took; whether
     /// every row decoded (no prompt chunks, whose cost per token is another matter).
     pub tokens: usize,
@@ -81,6 +81,17 @@ pub struct StepDone {
     /// Draft tokens in the plan, and the seconds spent drafting them.
     pub drafted: usize,
     pub draft_seconds: f64,
+}
+
+/// A step that failed: its requests fail, and the runtime serves on unless `fatal` says
+/// the executor cannot.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepFailure {
+    pub message: String,
+    /// A panic caught at the Verifier's boundary, rather than an error the step returned.
+    pub panicked: bool,
+    /// Why no further step can run, if none can: the runtime then goes down.
+    pub fatal: Option<String>,
 }
 
 /// Intake / Verifier → Streamer.

@@ -36,6 +36,13 @@ pub const REQUESTS_FAILED: &str = "specula_requests_failed_total";
 pub const REASON_LABEL: &str = "reason";
 /// Forward steps run (counter).
 pub const STEPS: &str = "specula_steps_total";
+/// Forward steps that failed, labelled `kind` = `error` | `panic`: their requests failed and
+/// the runtime served on (counter).
+pub const STEP_FAILURES: &str = "specula_step_failures_total";
+pub const KIND_LABEL: &str = "kind";
+/// 1 while the runtime serves; 0 once its model executor failed beyond recovery, when
+/// every request is refused and `/health` answers 503 (gauge).
+pub const HEALTHY: &str = "specula_runtime_healthy";
 /// Verifications of a row that carried drafts (counter).
 pub const SPEC_DRAFTS: &str = "specula_spec_drafts_total";
 /// Draft tokens verified (counter).

@@ -30,6 +30,7 @@
 //! # }
 //! ```
 
+pub mod admission;
 pub mod drafter;
 pub mod intake;
 pub mod kv;
@@ -137,6 +138,28 @@ pub enum RuntimeError {
     Spec(#[from] SpecError),
     #[error("could not start the runtime: {0}")]
     Start(#[from] std::io::Error),
+}
+
+/// Whether the runtime can serve: set by Intake when its model executor failed beyond
+/// recovery (see `verifier::MAX_FAILED_STEPS_IN_A_ROW`), read by every handle (`/health`).
+#[derive(Debug, Default)]
+pub struct Health {
+    down: std::sync::Mutex<Option<String>>,
+}
+
+impl Health {
+    /// Why the runtime cannot serve, if it cannot.
+    pub fn down(&self) -> Option<String> {
+        self.down.lock().map(|d| d.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Marks the runtime down (the first reason stays); whether it was up until now.
+    fn set_down(&self, reason: String) -> bool {
+        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
+        let was_up = down.is_none();
+        down.get_or_insert(reason);
+        was_up
+    }
 }
 
 /// What Intake and the Verifier need to know about the model besides its forward.
@@ -269,14 +292,15 @@ impl RuntimeBuilder {
         let lengths = Lengths { context: info.context, kv_tokens: num_blocks * c.block_size };
         let limits = intake::Limits { vocab: info.vocab, lengths };
         let draft_pool = Arc::new(std::sync::Mutex::new(None));
-        let intake = intake::Intake::new(
+        let health = Arc::new(Health::default());
+        ::metrics::gauge!(metrics::HEALTHY).set(1.0);
+        let (intake, admitted) = intake::Intake::new(
             sched,
             tokenizer.clone(),
             limits,
-            kv_tx,
-            plan_tx,
-            stream_tx.clone(),
+            intake::Peers { kv: kv_tx, plans: plan_tx, streamer: stream_tx.clone() },
             draft_pool.clone(),
+            health.clone(),
         );
         let kv = kv::KvAllocator::new(KvManager::new(BlockPool::new(num_blocks, c.block_size)));
         let spec_stats = speculation.as_ref().map(|s| SpecStats::new(s.synthetic_acceptance.is_some()));
@@ -304,7 +328,7 @@ impl RuntimeBuilder {
             rt.block_on(async move {
                 let kv = tokio::spawn(kv.run(kv_rx));
                 let streamer = tokio::spawn(streamer.run(stream_rx));
-                intake.run(submit_rx, control_rx, done_rx).await;
+                intake.run(submit_rx, admitted, control_rx, done_rx).await;
                 // Intake is gone: the Drafter's and Verifier's mailboxes close, they end,
                 // and with them the last senders of the Streamer and the KvAllocator.
                 let _ = streamer.await;
@@ -321,6 +345,7 @@ impl RuntimeBuilder {
                 next_id: AtomicU64::new(0),
                 config: RuntimeConfig { kv_blocks: Some(num_blocks), ..c },
                 info,
+                health,
                 actors: std::sync::Mutex::new(Some(actors)),
             }),
         })
@@ -333,6 +358,7 @@ struct Inner {
     next_id: AtomicU64,
     config: RuntimeConfig,
     info: ModelInfo,
+    health: Arc<Health>,
     actors: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
@@ -350,6 +376,12 @@ impl RuntimeHandle {
 
     pub fn model_info(&self) -> &ModelInfo {
         &self.inner.info
+    }
+
+    /// `Err(reason)` once the runtime cannot serve (its model executor failed beyond
+    /// recovery): every request is then refused with `Unavailable`.
+    pub fn health(&self) -> Result<(), String> {
+        self.inner.health.down().map_or(Ok(()), Err)
     }
 
     /// Submits a request; its events arrive on the returned stream, which ends after `Done`

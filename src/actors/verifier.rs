@@ -9,14 +9,14 @@
 //! them) and are overwritten by the next step.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use std::sync::Arc;
-
 use metrics::counter;
 
-use super::messages::{StepDone, StreamMsg, VerifyMsg};
+use super::messages::{StepDone, StepFailure, StreamMsg, VerifyMsg};
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use crate::backend::{Backend, BatchMeta};
@@ -30,6 +30,13 @@ use crate::spec;
 /// itself, nothing at all.
 pub trait Executor: Send + 'static {
     fn vocab_size(&self) -> usize;
+    /// After a failed step (an error, or a panic caught at the Verifier's boundary): whether
+    /// this executor can run further steps. The failed step's rows are dropped and their KV
+    /// blocks released, so nothing the step wrote is read again; what is left to check is
+    /// the executor itself (a GPU with a sticky error cannot go on). Kept by default.
+    fn recover(&mut self) -> Result<(), String> {
+        Ok(())
+    }
     /// Logits `[meta.logits_for.len(), vocab]`, row-major.
     fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, String>;
     /// The greedy id of each of those rows instead (from a GPU, only ids cross to the host).
@@ -49,6 +56,10 @@ pub struct ModelExecutor<B: Backend> {
 impl<B: Backend> Executor for ModelExecutor<B> {
     fn vocab_size(&self) -> usize {
         self.model.config.vocab_size
+    }
+
+    fn recover(&mut self) -> Result<(), String> {
+        self.backend.healthy().map_err(|e| format!("the device cannot go on: {e}"))
     }
 
     fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, String> {
@@ -99,8 +110,14 @@ struct SeqState {
     history: Vec<u32>,
 }
 
+/// Failed steps in a row after which the executor is not trusted with another: the
+/// runtime goes down rather than fail every request it is given.
+pub const MAX_FAILED_STEPS_IN_A_ROW: u32 = 3;
+
 pub struct Verifier<E: Executor> {
     exec: E,
+    /// Steps failed since the last one that ran.
+    failed_in_a_row: u32,
     block_size: u32,
     eos: Vec<u32>,
     seqs: HashMap<RequestId, SeqState>,
@@ -121,6 +138,7 @@ impl<E: Executor> Verifier<E> {
     ) -> Self {
         Verifier {
             exec,
+            failed_in_a_row: 0,
             block_size: block_size as u32,
             eos,
             seqs: HashMap::new(),
@@ -227,12 +245,41 @@ impl<E: Executor> Verifier<E> {
         o
     }
 
-    /// Serves plans until Intake hangs up. A send that fails means the receiver is gone
-    /// (shutting down): the loop ends and the thread with it.
+    /// Runs a plan with whatever goes wrong inside it caught: an error or a panic fails the
+    /// step (and the plan's rows), never the thread.
+    fn step_caught(&mut self, plan: &StepPlan) -> Result<Vec<RowOutcome>, StepFailure> {
+        let (message, panicked) = match catch_unwind(AssertUnwindSafe(|| self.step(plan))) {
+            Ok(Ok(outcomes)) => {
+                // A plan of departures only ran nothing: it proves nothing either way.
+                if !plan.rows.is_empty() {
+                    self.failed_in_a_row = 0;
+                }
+                return Ok(outcomes);
+            }
+            Ok(Err(e)) => (e, false),
+            Err(payload) => (format!("panicked: {}", panic_message(payload.as_ref())), true),
+        };
+        // The rows fail: their state here is dropped (Intake releases their blocks).
+        for row in &plan.rows {
+            self.seqs.remove(&row.id);
+        }
+        self.failed_in_a_row += 1;
+        let fatal = if self.failed_in_a_row >= MAX_FAILED_STEPS_IN_A_ROW {
+            Some(format!("{} steps failed in a row, the last one: {message}", self.failed_in_a_row))
+        } else {
+            self.exec.recover().err()
+        };
+        Err(StepFailure { message, panicked, fatal })
+    }
+
+    /// Serves plans until Intake hangs up, or until a failure leaves the executor unable to
+    /// go on. A send that fails means the receiver is gone (shutting down): the loop ends
+    /// and the thread with it.
     pub fn run(mut self, mut rx: mpsc::Receiver<VerifyMsg>) {
         while let Some(plan) = rx.blocking_recv() {
             let start = std::time::Instant::now();
-            let result = self.step(&plan);
+            let result = self.step_caught(&plan);
+            let fatal = result.as_ref().err().is_some_and(|f| f.fatal.is_some());
             if let Some(t) = &self.timeline {
                 t.record(Work::Verify, plan.step, start);
             }
@@ -254,10 +301,19 @@ impl<E: Executor> Verifier<E> {
                 drafted: plan.rows.iter().map(|r| r.draft.tokens.len()).sum(),
                 draft_seconds: plan.draft_seconds,
             };
-            if self.intake.blocking_send(done).is_err() {
+            if self.intake.blocking_send(done).is_err() || fatal {
                 break;
             }
         }
+    }
+}
+
+/// What a caught panic said.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    match (payload.downcast_ref::<&str>(), payload.downcast_ref::<String>()) {
+        (Some(s), _) => s.to_string(),
+        (_, Some(s)) => s.clone(),
+        _ => "(no message)".into(),
     }
 }
 

@@ -222,6 +222,11 @@ pub trait Backend: Send + Sync + 'static {
     /// The rows of `x` named by the batch's `logits_for`.
     fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Whether the device can run further work after a step failed (a CUDA context with a
+    /// sticky error cannot). The CPU always can.
+    fn healthy(&self) -> Result<()> {
+        Ok(())
+    }
 
     /// One forward step through the first `num_layers` layers of `model`: where a backend
     /// may replay work it captured for a step of the same shape (CUDA graphs for

@@ -7,6 +7,8 @@
 //!                                         | row | drafts |  ← never past max_len
 //! ```
 //!
+//! - Before it is tokenized, a prompt of more than `context × bytes per token` bytes is
+//!   refused (`PromptTooLarge`): no tokenization of it could fit.
 //! - A prompt holds 1 to `context − 1` tokens, so that at least one token is generated;
 //!   longer is `PromptTooLong` (`context_length_exceeded`).
 //! - The sequence ends at `max_len = min(prompt_len + max_tokens, context)`: a `max_tokens`
@@ -40,6 +42,16 @@ pub struct SeqLimits {
 }
 
 impl Lengths {
+    /// Whether a text of `bytes` bytes could fit in the context, before tokenizing it, when
+    /// no token stands for more than `bytes_per_token` bytes.
+    pub fn check_prompt_bytes(&self, bytes: usize, bytes_per_token: usize) -> Result<(), RequestError> {
+        let max_bytes = self.context.saturating_mul(bytes_per_token);
+        if bytes > max_bytes {
+            return Err(RequestError::PromptTooLarge { bytes, max_bytes, context: self.context });
+        }
+        Ok(())
+    }
+
     /// Whether a prompt of `prompt_len` tokens leaves room for a generated token.
     pub fn check_prompt(&self, prompt_len: usize) -> Result<(), RequestError> {
         if prompt_len == 0 {
@@ -101,6 +113,13 @@ mod tests {
         assert_eq!(L.check_prompt(99), Ok(()));
         assert_eq!(L.check_prompt(100), Err(RequestError::PromptTooLong { tokens: 100, context: 100 }));
         assert_eq!(L.admit(99, 5).map(|s| (s.max_tokens, s.max_len)), Ok((1, 100)));
+    }
+
+    #[test]
+    fn a_text_the_context_could_never_hold_is_refused_by_its_size() {
+        assert_eq!(L.check_prompt_bytes(1600, 16), Ok(()));
+        let err = L.check_prompt_bytes(1601, 16).unwrap_err();
+        assert_eq!(err, RequestError::PromptTooLarge { bytes: 1601, max_bytes: 1600, context: 100 });
     }
 
     #[test]

@@ -14,11 +14,23 @@ pub struct Tokenizer {
     pub eos_ids: Vec<u32>,
     pub add_bos: bool,
     pub chat_template: Option<ChatTemplate>,
+    /// Bytes of the longest vocabulary entry: no token stands for more text.
+    longest_token: usize,
 }
 
 impl Tokenizer {
     pub fn new(inner: tokenizers::Tokenizer) -> Self {
-        Tokenizer { inner, bos_id: None, eos_ids: vec![], add_bos: false, chat_template: None }
+        let longest_token = inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1);
+        Tokenizer { inner, bos_id: None, eos_ids: vec![], add_bos: false, chat_template: None, longest_token }
+    }
+
+    /// A bound on the bytes of text one token stands for: a text longer than
+    /// `context × this` cannot fit in the context, and is refused before it is tokenized.
+    /// Generous: twice the longest vocabulary entry (as written in the vocabulary, which is
+    /// never shorter than the text it decodes to), so that a normalizer that lengthens text
+    /// cannot make it refuse a prompt that fits.
+    pub fn max_bytes_per_token(&self) -> usize {
+        (2 * self.longest_token).max(16)
     }
 
     /// Loads `tokenizer.json`, and `tokenizer_config.json` beside it when present

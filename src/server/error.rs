@@ -82,10 +82,12 @@ impl ResponseError for ServerError {
             ServerError::NotFound(_) => StatusCode::NOT_FOUND,
             ServerError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServerError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
-            ServerError::Request(RequestError::Overloaded(_) | RequestError::ShuttingDown) => {
-                StatusCode::SERVICE_UNAVAILABLE
+            ServerError::Request(
+                RequestError::Overloaded(_) | RequestError::ShuttingDown | RequestError::Unavailable(_),
+            ) => StatusCode::SERVICE_UNAVAILABLE,
+            ServerError::Request(RequestError::Internal(_) | RequestError::StepFailed(_)) => {
+                StatusCode::INTERNAL_SERVER_ERROR
             }
-            ServerError::Request(RequestError::Internal(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             _ => StatusCode::BAD_REQUEST,
         }
     }

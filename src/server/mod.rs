@@ -6,7 +6,7 @@
 //! away drops its event streams, which cancels its requests in the runtime.
 //!
 //! ```text
-//!  GET  /health               200 {"status":"ok"}            (no key needed)
+//!  GET  /health               200 {"status":"ok"}, or 503 with the reason  (no key needed)
 //!  GET  /metrics              Prometheus text format
 //!  GET  /v1/models            the served model
 //!  POST /v1/completions       OpenAI; "stream": true for SSE
@@ -183,8 +183,13 @@ pub fn bind(handle: RuntimeHandle, config: &ServerConfig) -> Result<Running, Sta
 /// How long past the drain time connections have to receive their last frames.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-async fn health() -> HttpResponse {
-    HttpResponse::Ok().json(json!({ "status": "ok" }))
+/// 200 while the runtime serves; 503 with the reason once it cannot (its model executor
+/// failed beyond recovery), so that a load balancer stops sending it requests.
+async fn health(state: web::Data<AppState>) -> HttpResponse {
+    match state.handle.health() {
+        Ok(()) => HttpResponse::Ok().json(json!({ "status": "ok" })),
+        Err(reason) => HttpResponse::ServiceUnavailable().json(json!({ "status": "unavailable", "reason": reason })),
+    }
 }
 
 async fn not_found(req: HttpRequest) -> Result<HttpResponse, ServerError> {

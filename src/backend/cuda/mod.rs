@@ -559,6 +559,11 @@ impl Backend for CudaBackend {
         self.forward_graphed(model, kv, meta, num_layers)
     }
 
+    /// A sticky error (an illegal address, say) or a stream left capturing shows here.
+    fn healthy(&self) -> Result<()> {
+        self.dev.sync()
+    }
+
     fn argmax_rows(&self, logits: &CudaTensor, vocab: usize) -> Result<Vec<u32>> {
         let rows = logits.numel() / vocab.max(1);
         let ids = self.dev.alloc(4 * rows.max(1))?;
