@@ -11,7 +11,8 @@
 # SOAK_CLIENTS (6: WebSocket clients, and as many SSE clients), SOAK_RSS_SLACK_MB (150),
 # SOAK_SEED (1), SOAK_LONG_PROMPTS (0; 1 adds a client of prompts from 513 tokens to past the
 # context: on a CPU a prefill runs at tens of tokens per second, hence not in the CI run),
-# SPECULA (the binary; default: built here with --release).
+# SPECULA (the binary; default: built here with --release), SOAK_SERVE_ARGS (more arguments for
+# `specula serve`, e.g. "--backend cuda").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +25,8 @@ fi
 log="$(mktemp -t specula-soak.XXXXXX.log)"
 
 # A short body deadline, so that the bodies sent in part are cut off within the run.
-"$SPECULA" serve --port 0 --body-timeout 3 --drain-timeout 5 2>"$log" &
+# shellcheck disable=SC2086 # SOAK_SERVE_ARGS is a list of arguments
+"$SPECULA" serve --port 0 --body-timeout 3 --drain-timeout 5 ${SOAK_SERVE_ARGS:-} 2>"$log" &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
 port=""

@@ -26,6 +26,9 @@
 // Split K: a matrix with few rows (o, down) would leave most SMs idle, so K is cut into S
 // slices (grid.y), one block each per row block; each block writes its partial sums and the
 // last to finish (a ticket per row block) adds them in slice order and runs the epilogue.
+// The host picks S so that the decode launch fills every SM's block slots in one wave: each
+// SM then streams the same share of the weights (a second, partial wave or SMs with one
+// block where others have two cost as much as the missing share).
 //
 // FP8 (W8A16): the hardware converts a pair of E4M3 to a pair of f16, exactly; moving each
 // f16's sign, exponent and top mantissa bits into a bf16 gives its value times 2^-112, still
@@ -41,6 +44,9 @@
 #endif
 #ifndef MM_SMALL_UNITS
 #define MM_SMALL_UNITS 2  // 16-row units per warp up to 16 tokens
+#endif
+#ifndef MM_MIN_BLOCKS
+#define MM_MIN_BLOCKS 2  // blocks of the decode kernels (up to 16 tokens) resident per SM
 #endif
 #ifndef MM_L2_256
 #define MM_L2_256 1  // weight loads fetch their whole 256-byte L2 segment
@@ -350,23 +356,26 @@ __device__ void matmul_block(const MmArgs& a) {
         int accumulate, float *partial, uint32_t *tickets
 #define MM_ARGS MmArgs{{w0, w1, w2}, {s0, s1, s2}, {y0, y1, y2}, {m0, m1, m2}, K, x, n, accumulate, partial, tickets}
 #define MM_BOUNDS __launch_bounds__(MM_WARPS * WARP)
+// The decode kernels keep MM_MIN_BLOCKS blocks on every SM: the host's K split counts on it
+// to fill the GPU in one wave.
+#define MM_BOUNDS_SMALL __launch_bounds__(MM_WARPS * WARP, MM_MIN_BLOCKS)
 
 // MM_SMALL_UNITS units per warp up to 16 tokens (more weight bytes in flight per activation
 // load), one beyond (the accumulators grow with the tokens). SwiGLU's units are pairs already.
 #define SMALL MM_SMALL_UNITS
-extern "C" __global__ void MM_BOUNDS mm_bf16_t8(MM_PARAMS) { matmul_block<false, 1, SMALL, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS mm_bf16_t16(MM_PARAMS) { matmul_block<false, 2, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL mm_bf16_t8(MM_PARAMS) { matmul_block<false, 1, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL mm_bf16_t16(MM_PARAMS) { matmul_block<false, 2, SMALL, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_bf16_t32(MM_PARAMS) { matmul_block<false, 4, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_bf16_t64(MM_PARAMS) { matmul_block<false, 8, 1, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS mm_fp8_t8(MM_PARAMS) { matmul_block<true, 1, SMALL, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS mm_fp8_t16(MM_PARAMS) { matmul_block<true, 2, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL mm_fp8_t8(MM_PARAMS) { matmul_block<true, 1, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL mm_fp8_t16(MM_PARAMS) { matmul_block<true, 2, SMALL, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_fp8_t32(MM_PARAMS) { matmul_block<true, 4, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_fp8_t64(MM_PARAMS) { matmul_block<true, 8, 1, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS swiglu_bf16_t8(MM_PARAMS) { matmul_block<false, 1, 1, EPI_SWIGLU>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS swiglu_bf16_t16(MM_PARAMS) { matmul_block<false, 2, 1, EPI_SWIGLU>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL swiglu_bf16_t8(MM_PARAMS) { matmul_block<false, 1, 1, EPI_SWIGLU>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL swiglu_bf16_t16(MM_PARAMS) { matmul_block<false, 2, 1, EPI_SWIGLU>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS swiglu_bf16_t32(MM_PARAMS) { matmul_block<false, 4, 1, EPI_SWIGLU>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS swiglu_bf16_t64(MM_PARAMS) { matmul_block<false, 8, 1, EPI_SWIGLU>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS swiglu_fp8_t8(MM_PARAMS) { matmul_block<true, 1, 1, EPI_SWIGLU>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS swiglu_fp8_t16(MM_PARAMS) { matmul_block<true, 2, 1, EPI_SWIGLU>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL swiglu_fp8_t8(MM_PARAMS) { matmul_block<true, 1, 1, EPI_SWIGLU>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL swiglu_fp8_t16(MM_PARAMS) { matmul_block<true, 2, 1, EPI_SWIGLU>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS swiglu_fp8_t32(MM_PARAMS) { matmul_block<true, 4, 1, EPI_SWIGLU>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS swiglu_fp8_t64(MM_PARAMS) { matmul_block<true, 8, 1, EPI_SWIGLU>(MM_ARGS); }

@@ -24,7 +24,8 @@ pub struct MatmulTuning {
     pub small_units: usize,
     /// Weight loads ask L2 for the whole 256-byte segment (MM_L2_256).
     pub l2_256: bool,
-    /// Warps per SM that the K split aims for.
+    /// Warps per SM the K split fills: the decode kernels' blocks are sized so that
+    /// `warps_per_sm / warps` of them fit on an SM at once (MM_MIN_BLOCKS).
     pub warps_per_sm: usize,
 }
 
@@ -43,13 +44,19 @@ impl MatmulTuning {
             format!("-DMM_UNROLL={}", self.unroll),
             format!("-DMM_SMALL_UNITS={}", self.small_units),
             format!("-DMM_L2_256={}", self.l2_256 as u8),
+            format!("-DMM_MIN_BLOCKS={}", self.blocks_per_sm()),
         ]
+    }
+
+    /// Blocks of the decode kernels resident on one SM: the slots a split launch fills.
+    pub fn blocks_per_sm(&self) -> usize {
+        (self.warps_per_sm / self.warps).max(1)
     }
 }
 
 /// Fewest bytes of each row a K slice keeps.
 const MIN_SLICE_BYTES: usize = 256;
-const MAX_SLICES: usize = 16;
+const MAX_SLICES: usize = 32;
 /// Ticket counters in the workspace: one per row block of a split launch.
 const TICKETS: usize = 8192;
 
@@ -76,9 +83,10 @@ pub struct SplitWorkspace {
 
 impl SplitWorkspace {
     pub fn new(dev: &Device, sms: usize, tuning: &MatmulTuning) -> Result<Self> {
-        // A split launch has fewer tiles than the target (else it would not split), so it
-        // writes fewer than 2 x target x 16 rows per token.
-        let capacity = 2 * sms * tuning.warps_per_sm * 16 * MATMUL_MAX_TOKENS;
+        // A split launch has at most one decode-sized block per slot and slice, each with at
+        // most warps x 16 rows x the units per warp (two weights' worth with SwiGLU).
+        let rows_per_block = tuning.warps * 16 * tuning.small_units.max(2);
+        let capacity = sms * tuning.blocks_per_sm() * rows_per_block * MATMUL_MAX_TOKENS;
         let partial = dev.alloc(4 * capacity)?;
         let tickets = dev.alloc(4 * TICKETS)?;
         dev.memset_zero(tickets.ptr(), tickets.bytes())?;
@@ -86,13 +94,13 @@ impl SplitWorkspace {
     }
 }
 
-/// The K slices for a launch over `tiles` tiles' worth of rows (16 rows each) of
-/// `row_bytes` bytes: enough blocks to fill the GPU, never fewer than 256 bytes of each row
-/// per slice. A function of the weights' shape only, so every token count sums in the same
-/// order.
-pub fn k_slices(tiles: usize, row_bytes: usize, sms: usize, warps_per_sm: usize) -> usize {
-    let wanted = (sms * warps_per_sm).div_ceil(tiles.max(1));
-    wanted.min(MAX_SLICES).min(row_bytes / MIN_SLICE_BYTES).max(1)
+/// The K slices for a launch of `row_blocks` blocks (their size at one token) over rows of
+/// `row_bytes` bytes: as many as fill the GPU's `slots` (SMs x resident blocks) without a
+/// second wave, so that every SM streams the same share of the weights; never fewer than
+/// 256 bytes of each row per slice. A function of the weights' shape only, so every token
+/// count sums in the same order.
+pub fn k_slices(row_blocks: usize, row_bytes: usize, slots: usize) -> usize {
+    (slots / row_blocks.max(1)).min(MAX_SLICES).min(row_bytes / MIN_SLICE_BYTES).max(1)
 }
 
 /// Units of 16 rows each warp takes (R in kernels/matmul.cu, by kernel).
@@ -138,8 +146,9 @@ impl CudaBackend {
         let row_bytes = k * if fp8 { 1 } else { 2 };
         let ws_ = &self.split;
         let tuning = &self.tuning;
-        let slices = k_slices(total_rows / 16, row_bytes, ws_.sms, tuning.warps_per_sm);
         let units = if epi == Epilogue::SwiGlu { ms[0] / 16 } else { total_rows / 16 };
+        let decode_blocks = units.div_ceil(tuning.warps * units_per_warp(0, epi, tuning));
+        let slices = k_slices(decode_blocks, row_bytes, ws_.sms * tuning.blocks_per_sm());
         let (out_elem, kernels) = (if epi == Epilogue::SwiGlu { 2 } else { 4 }, &self.kernels);
         let mut t = 0;
         while t < n {
@@ -197,14 +206,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn k_splits_fill_the_gpu_and_keep_whole_kblocks() {
-        // 8B shapes on 132 SMs: o (256 tiles, 128 k-blocks) splits, gate/up does not.
-        assert_eq!(k_slices(256, 8192, 132, 16), 9);
-        assert_eq!(k_slices(1792, 8192, 132, 16), 2);
-        assert_eq!(k_slices(8016, 8192, 132, 16), 1);
+    fn k_splits_fill_the_gpu_in_one_wave_and_keep_whole_kblocks() {
+        // 8B shapes on 132 SMs x 2 blocks: q/k/v (24 blocks) and o (16) split, gate/up (112
+        // SwiGLU blocks) in two, none past the 264 slots.
+        assert_eq!(k_slices(24, 8192, 264), 11);
+        assert_eq!(k_slices(16, 8192, 264), 16);
+        assert_eq!(k_slices(112, 8192, 264), 2);
+        assert_eq!(k_slices(300, 8192, 264), 1);
         // Short rows keep at least 256 bytes per slice.
-        assert_eq!(k_slices(60, 1152, 132, 16), 4);
-        assert_eq!(k_slices(60, 192, 132, 16), 1);
+        assert_eq!(k_slices(4, 1152, 264), 4);
+        assert_eq!(k_slices(4, 192, 264), 1);
     }
 
     #[test]

@@ -16,11 +16,11 @@ pub fn tune(gpu: &CudaBackend, bandwidth: f64, out: &mut dyn Write) -> Result<()
     let base = MatmulTuning::default();
     let variants = [
         ("default", base),
-        ("4 warps", MatmulTuning { warps: 4, ..base }),
+        ("4 warps x 4 blocks", MatmulTuning { warps: 4, ..base }),
         ("unroll 6", MatmulTuning { unroll: 6, ..base }),
         ("1 unit", MatmulTuning { small_units: 1, ..base }),
-        ("8 warps/SM split", MatmulTuning { warps_per_sm: 8, ..base }),
-        ("32 warps/SM split", MatmulTuning { warps_per_sm: 32, ..base }),
+        ("1 block/SM", MatmulTuning { warps_per_sm: 8, ..base }),
+        ("3 blocks/SM, unroll 2", MatmulTuning { warps_per_sm: 24, unroll: 2, ..base }),
     ];
     let start = Instant::now();
     let defines: Vec<Vec<String>> = variants.iter().map(|(_, t)| t.defines()).collect();
