@@ -217,10 +217,11 @@ mod tests {
             t.record(8, 0);
         }
         assert_eq!(two(&mut t, 1), [1, 1]); // still probes with one token
-                                            // Known costs, each token as dear as a step: drafts that are rarely accepted do not
-                                            // pay; one token every PROBE_EVERY steps keeps measuring.
+
+        // Known costs, each token as dear as a step: drafts that are rarely accepted do not
+        // pay; one token every PROBE_EVERY steps keeps measuring.
         let mut dear = StepCost::default();
-        for n in [1, 2, 5, 9, 1, 3].repeat(4) {
+        for n in [1, 2, 5, 9, 1, 3].repeat(5) {
             dear.record_step(n, 0.01 * n as f64);
         }
         let lens: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| t.draft_len(8, 1, &dear)).collect();

@@ -10,8 +10,15 @@ const FORGET: f64 = 0.98;
 /// Steps measured before the fit is trusted.
 const MIN_STEPS: f64 = 16.0;
 
+/// Step sizes whose first step has been seen (bit n for n tokens, the last bit for all
+/// larger ones).
+type SeenSizes = u128;
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StepCost {
+    /// The first step of each size is a warm-up (a GPU captures its graph, buffers are
+    /// allocated): never a measurement.
+    seen: SeenSizes,
     // Decayed sums for the least-squares line through (tokens, seconds).
     weight: f64,
     sum_n: f64,
@@ -24,9 +31,14 @@ pub struct StepCost {
 }
 
 impl StepCost {
-    /// A forward step over `tokens` query tokens took `seconds`. A step far slower than
-    /// predicted (a GPU capturing a graph, a stall) is left out.
+    /// A forward step over `tokens` query tokens took `seconds`. The first step of each
+    /// size, and a step far slower than predicted (a stall), are left out.
     pub fn record_step(&mut self, tokens: usize, seconds: f64) {
+        let bit = 1 << tokens.min(SeenSizes::BITS as usize - 1);
+        if self.seen & bit == 0 {
+            self.seen |= bit;
+            return;
+        }
         let (n, t) = (tokens as f64, seconds);
         if self.fit().is_some_and(|(fixed, per_token)| t > 4.0 * (fixed + per_token * n) + 1e-3) {
             return;
@@ -88,6 +100,9 @@ mod tests {
 
     fn measured(fixed: f64, per_token: f64, draft: f64) -> StepCost {
         let mut c = StepCost::default();
+        for n in [1, 5, 9, 2, 17, 3] {
+            c.record_step(n, 1.0); // warm-ups, whatever they cost
+        }
         for n in [1, 5, 9, 2, 17, 3, 1, 9].repeat(3) {
             c.record_step(n, fixed + per_token * n as f64);
         }
@@ -102,6 +117,9 @@ mod tests {
         let mut with_outlier = measured(6.4e-3, 1.2e-3, 0.0);
         with_outlier.record_step(9, 0.2);
         assert_eq!(with_outlier.fit(), measured(6.4e-3, 1.2e-3, 0.0).fit(), "a 200 ms step is an outlier");
+        let mut warming = measured(6.4e-3, 1.2e-3, 0.0);
+        warming.record_step(11, 0.5);
+        assert_eq!(warming.fit(), measured(6.4e-3, 1.2e-3, 0.0).fit(), "the first 11-token step is a warm-up");
         let mut same_size = StepCost::default();
         (0..10).for_each(|_| same_size.record_step(1, 0.01));
         assert_eq!(same_size.fit(), None, "one step size cannot separate the two costs");
