@@ -43,7 +43,7 @@
 #define MM_UNROLL 4  // k-blocks of weights in flight per warp
 #endif
 #ifndef MM_SMALL_UNITS
-#define MM_SMALL_UNITS 2  // 16-row units per warp up to 16 tokens
+#define MM_SMALL_UNITS 2  // 16-row units per warp up to 8 tokens
 #endif
 #ifndef MM_MIN_BLOCKS
 #define MM_MIN_BLOCKS 2  // blocks of the decode kernels (up to 16 tokens) resident per SM
@@ -360,15 +360,17 @@ __device__ void matmul_block(const MmArgs& a) {
 // to fill the GPU in one wave.
 #define MM_BOUNDS_SMALL __launch_bounds__(MM_WARPS * WARP, MM_MIN_BLOCKS)
 
-// MM_SMALL_UNITS units per warp up to 16 tokens (more weight bytes in flight per activation
-// load), one beyond (the accumulators grow with the tokens). SwiGLU's units are pairs already.
+// MM_SMALL_UNITS units per warp up to 8 tokens (more weight bytes in flight per activation
+// load), one beyond (from 9 tokens the second mma column tile makes the warp bound by
+// issue, and more warps stream faster: run 30). SwiGLU's units are pairs already. Which
+// warp takes a tile never changes its bits: those depend on the K split alone.
 #define SMALL MM_SMALL_UNITS
 extern "C" __global__ void MM_BOUNDS_SMALL mm_bf16_t8(MM_PARAMS) { matmul_block<false, 1, SMALL, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS_SMALL mm_bf16_t16(MM_PARAMS) { matmul_block<false, 2, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL mm_bf16_t16(MM_PARAMS) { matmul_block<false, 2, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_bf16_t32(MM_PARAMS) { matmul_block<false, 4, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_bf16_t64(MM_PARAMS) { matmul_block<false, 8, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS_SMALL mm_fp8_t8(MM_PARAMS) { matmul_block<true, 1, SMALL, EPI_STORE>(MM_ARGS); }
-extern "C" __global__ void MM_BOUNDS_SMALL mm_fp8_t16(MM_PARAMS) { matmul_block<true, 2, SMALL, EPI_STORE>(MM_ARGS); }
+extern "C" __global__ void MM_BOUNDS_SMALL mm_fp8_t16(MM_PARAMS) { matmul_block<true, 2, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_fp8_t32(MM_PARAMS) { matmul_block<true, 4, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS mm_fp8_t64(MM_PARAMS) { matmul_block<true, 8, 1, EPI_STORE>(MM_ARGS); }
 extern "C" __global__ void MM_BOUNDS_SMALL swiglu_bf16_t8(MM_PARAMS) { matmul_block<false, 1, 1, EPI_SWIGLU>(MM_ARGS); }

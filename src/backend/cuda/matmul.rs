@@ -20,7 +20,7 @@ pub struct MatmulTuning {
     pub warps: usize,
     /// k-blocks of weights in flight per warp (MM_UNROLL).
     pub unroll: usize,
-    /// 16-row units per warp for steps of up to 16 tokens (MM_SMALL_UNITS).
+    /// 16-row units per warp for steps of up to 8 tokens (MM_SMALL_UNITS).
     pub small_units: usize,
     /// Weight loads ask L2 for the whole 256-byte segment (MM_L2_256).
     pub l2_256: bool,
@@ -105,7 +105,7 @@ pub fn k_slices(row_blocks: usize, row_bytes: usize, slots: usize) -> usize {
 
 /// Units of 16 rows each warp takes (R in kernels/matmul.cu, by kernel).
 fn units_per_warp(group: usize, epi: Epilogue, tuning: &MatmulTuning) -> usize {
-    if epi == Epilogue::SwiGlu || group > 1 {
+    if epi == Epilogue::SwiGlu || group > 0 {
         1
     } else {
         tuning.small_units
