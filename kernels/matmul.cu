@@ -48,6 +48,9 @@
 #ifndef MM_MIN_BLOCKS
 #define MM_MIN_BLOCKS 2  // blocks of the decode kernels (up to 16 tokens) resident per SM
 #endif
+#ifndef MM_X_AHEAD
+#define MM_X_AHEAD 0  // load the next k-block's activations before this one's mma
+#endif
 #ifndef MM_L2_256
 #define MM_L2_256 1  // weight loads fetch their whole 256-byte L2 segment
 #endif
@@ -279,12 +282,22 @@ __device__ void stream_registers(const MmArgs& a, const Tile (&tiles)[R][NW], fl
             for (int w = 0; w < NW; w++) load_tile(tiles[r][w], kb0 + u, kb0 + u < kb1, wv[u][r][w]);
     pdl_wait();
 
+#if MM_X_AHEAD
+    // The activations of the next k-block are loaded while this one's mma run.
+    uint4 x[NT][2];
+    load_x<FP8, NT>(a, (size_t)kb0 * KB + q * (KB / 4), x);
+#endif
     for (int kb = kb0; kb < kb1; kb += U) {
 #pragma unroll
         for (int u = 0; u < U; u++) {
             if (kb + u >= kb1) break;
+#if MM_X_AHEAD
+            uint4 x_next[NT][2];
+            load_x<FP8, NT>(a, (size_t)min(kb + u + 1, kb1 - 1) * KB + q * (KB / 4), x_next);
+#else
             uint4 x[NT][2];
             load_x<FP8, NT>(a, (size_t)(kb + u) * KB + q * (KB / 4), x);
+#endif
 #pragma unroll
             for (int r = 0; r < R; r++)
 #pragma unroll
@@ -292,6 +305,10 @@ __device__ void stream_registers(const MmArgs& a, const Tile (&tiles)[R][NW], fl
                     mma_kblock<NT>(acc[r][w], wv[u][r][w], x, FP8);
                     load_tile(tiles[r][w], kb + U + u, kb + U + u < kb1, wv[u][r][w]);
                 }
+#if MM_X_AHEAD
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) x[nt][0] = x_next[nt][0], x[nt][1] = x_next[nt][1];
+#endif
         }
     }
 

@@ -24,6 +24,8 @@ pub struct MatmulTuning {
     pub small_units: usize,
     /// Weight loads ask L2 for the whole 256-byte segment (MM_L2_256).
     pub l2_256: bool,
+    /// The next k-block's activations are loaded before this one's mma (MM_X_AHEAD).
+    pub x_ahead: bool,
     /// Warps per SM the K split fills: the decode kernels' blocks are sized so that
     /// `warps_per_sm / warps` of them fit on an SM at once (MM_MIN_BLOCKS).
     pub warps_per_sm: usize,
@@ -32,7 +34,7 @@ pub struct MatmulTuning {
 /// The best of the settings measured on an H200 (bench/NOTES.md, runs 24–26).
 impl Default for MatmulTuning {
     fn default() -> Self {
-        MatmulTuning { warps: 8, unroll: 4, small_units: 2, l2_256: true, warps_per_sm: 16 }
+        MatmulTuning { warps: 8, unroll: 4, small_units: 2, l2_256: true, x_ahead: false, warps_per_sm: 16 }
     }
 }
 
@@ -44,6 +46,7 @@ impl MatmulTuning {
             format!("-DMM_UNROLL={}", self.unroll),
             format!("-DMM_SMALL_UNITS={}", self.small_units),
             format!("-DMM_L2_256={}", self.l2_256 as u8),
+            format!("-DMM_X_AHEAD={}", self.x_ahead as u8),
             format!("-DMM_MIN_BLOCKS={}", self.blocks_per_sm()),
         ]
     }

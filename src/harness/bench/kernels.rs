@@ -17,6 +17,7 @@ pub fn tune(gpu: &CudaBackend, bandwidth: f64, out: &mut dyn Write) -> Result<()
     let variants = [
         ("default", base),
         ("4 warps x 4 blocks", MatmulTuning { warps: 4, ..base }),
+        ("activations a k-block ahead", MatmulTuning { x_ahead: true, ..base }),
         ("unroll 6", MatmulTuning { unroll: 6, ..base }),
         ("1 unit", MatmulTuning { small_units: 1, ..base }),
         ("1 block/SM", MatmulTuning { warps_per_sm: 8, ..base }),
