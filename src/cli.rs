@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use clap::Args;
 
-use crate::actors::{RuntimeBuilder, RuntimeHandle};
+use crate::actors::{ConfigError, ConfigField, RuntimeBuilder, RuntimeError, RuntimeHandle};
 use crate::backend::{Backend, BackendError};
 use crate::device::{Device, OnDevice};
 use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
-use crate::spec::{check_settings, Proposer, ProposerChoice, SpecMethod, Speculation};
+use crate::spec::{check_settings, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
 
 /// Which model, stored how, on which device.
 #[derive(Args, Debug, Clone)]
@@ -76,7 +76,7 @@ impl OnDevice for StartRuntime<'_> {
             self.spec.warn_if_synthetic();
             builder = builder.speculation(spec);
         }
-        let handle = builder.build(backend, model, loaded.tokenizer)?;
+        let handle = builder.build(backend, model, loaded.tokenizer).map_err(runtime_error)?;
         Ok(Started { handle, name: loaded.name, chat_template })
     }
 }
@@ -117,7 +117,7 @@ impl SpecArgs {
         tokenizer: Option<&Tokenizer>,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Box<dyn Proposer>>, Box<dyn std::error::Error>> {
-        check_settings(self.draft_len, self.synthetic_acceptance)?;
+        check_settings(self.draft_len, self.synthetic_acceptance).map_err(spec_error)?;
         if self.synthetic_acceptance.is_some() && self.spec == SpecMethod::None {
             return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit)".into());
         }
@@ -128,7 +128,7 @@ impl SpecArgs {
             draft_kv_blocks: self.draft_kv_blocks,
             draft_dtype: self.draft_dtype,
         };
-        Ok(choice.build(target, tokenizer, new_backend)?)
+        choice.build(target, tokenizer, new_backend).map_err(spec_error)
     }
 
     /// Speculation for the runtime, or None for plain decoding.
@@ -152,4 +152,39 @@ impl SpecArgs {
             eprintln!("warning: synthetic acceptance is on: the output is not the model's (benchmark mode)");
         }
     }
+}
+
+/// A speculation error in the words of the command line: its flags instead of the fields.
+pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
+    match e {
+        SpecError::MissingDraftModel => "--spec draft needs --draft-model PATH".into(),
+        SpecError::DraftLayers { got, max } => {
+            format!("--draft-layers must be between 1 and {max} (the target's layers), got {got}").into()
+        }
+        SpecError::DraftLen(n) => format!("--draft-len must be between 1 and {MAX_DRAFT_LEN}, got {n}").into(),
+        SpecError::SyntheticRate(r) => format!("--synthetic-acceptance must be in [0, 1], got {r}").into(),
+        other => other.into(),
+    }
+}
+
+/// A runtime error in the words of the command line: a configuration field that has a flag
+/// is named by it.
+pub fn runtime_error(e: RuntimeError) -> Box<dyn std::error::Error> {
+    let flag = |field| match field {
+        ConfigField::MaxBatch => Some("--max-batch"),
+        ConfigField::GpuMemoryFraction => Some("--gpu-memory-fraction"),
+        ConfigField::StepTokens | ConfigField::Mailbox | ConfigField::KvBlocks => None,
+    };
+    match e {
+        RuntimeError::Spec(e) => spec_error(e),
+        RuntimeError::Config(c) => match flag(c.field()) {
+            Some(flag) => config_message(&c).replacen(c.field().name(), flag, 1).into(),
+            None => RuntimeError::Config(c).into(),
+        },
+        other => other.into(),
+    }
+}
+
+fn config_message(c: &ConfigError) -> String {
+    format!("invalid runtime configuration: {c}")
 }

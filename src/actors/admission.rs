@@ -6,16 +6,17 @@
 //! ```text
 //!  Intake ── start(Submit) ──▶ task: wait for one of TOKENIZE_THREADS permits
 //!    ▲                              └─ spawn_blocking: template, tokenize, check lengths
-//!    └──── Admitted { submit, result } ◀── bounded channel ──┘
+//!    └──── Admitted { submit, result } (an Intake message) ◀──┘
 //! ```
 //! Token-id prompts need no tokenizer and are admitted at once, in arrival order.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Semaphore};
+use actix::{Addr, Message};
+use tokio::sync::Semaphore;
 
-use super::intake::Limits;
+use super::intake::{Intake, Limits};
 use super::messages::Submit;
 use super::verifier::panic_message;
 use crate::core::scheduler::SeqParams;
@@ -30,7 +31,9 @@ pub const TOKENIZE_THREADS: usize = 2;
 /// A request's prompt and the parameters the model side needs, or why it was refused.
 pub type Admission = Result<(Vec<u32>, Arc<SeqParams>), RequestError>;
 
-/// A request whose admission finished on the pool.
+/// Admission pool → Intake: a request whose admission finished on the pool.
+#[derive(Message)]
+#[rtype(result = "()")]
 pub struct Admitted {
     pub submit: Submit,
     pub result: Admission,
@@ -51,23 +54,20 @@ pub fn admit(tokenizer: Option<&Tokenizer>, limits: &Limits, s: &Submit) -> Admi
 }
 
 /// The pool: at most `TOKENIZE_THREADS` prompts tokenized at once and `capacity` admissions
-/// under way; beyond that Intake takes no more submissions, which wait in their bounded
-/// mailbox (and are refused as overloaded when it is full).
+/// under way; beyond that Intake holds further submissions (as many again) and refuses the
+/// rest as overloaded.
 pub struct Pool {
     tokenizer: Option<Arc<Tokenizer>>,
     limits: Arc<Limits>,
     permits: Arc<Semaphore>,
-    done: mpsc::Sender<Admitted>,
     under_way: usize,
     capacity: usize,
 }
 
 impl Pool {
-    pub fn new(tokenizer: Option<Arc<Tokenizer>>, limits: Limits, capacity: usize) -> (Self, mpsc::Receiver<Admitted>) {
-        let capacity = capacity.max(1);
-        let (done, rx) = mpsc::channel(capacity);
+    pub fn new(tokenizer: Option<Arc<Tokenizer>>, limits: Limits, capacity: usize) -> Self {
         let permits = Arc::new(Semaphore::new(TOKENIZE_THREADS));
-        (Pool { tokenizer, limits: Arc::new(limits), permits, done, under_way: 0, capacity }, rx)
+        Pool { tokenizer, limits: Arc::new(limits), permits, under_way: 0, capacity: capacity.max(1) }
     }
 
     /// Whether another admission may start.
@@ -81,15 +81,15 @@ impl Pool {
     }
 
     /// Admits a token-id prompt at once (`Some`), or starts admitting a text or chat prompt
-    /// on the pool (`None`): its `Admitted` arrives on the receiver.
-    pub fn start(&mut self, s: Submit) -> Option<(Submit, Admission)> {
+    /// on the pool (`None`): its `Admitted` is sent to `intake`.
+    pub fn start(&mut self, s: Submit, intake: Addr<Intake>) -> Option<(Submit, Admission)> {
         if matches!(s.req.prompt, Prompt::Tokens(_)) {
             let result = admit(None, &self.limits, &s);
             return Some((s, result));
         }
         self.under_way += 1;
         let (tokenizer, limits) = (self.tokenizer.clone(), self.limits.clone());
-        let (permits, done) = (self.permits.clone(), self.done.clone());
+        let permits = self.permits.clone();
         tokio::spawn(async move {
             // The semaphore is never closed: a permit always comes.
             let _permit = permits.acquire_owned().await;
@@ -102,13 +102,13 @@ impl Pool {
                 Admitted { submit: s, result }
             });
             if let Ok(admitted) = work.await {
-                let _ = done.send(admitted).await;
+                intake.do_send(admitted); // one per admission under way: bounded by the pool
             }
         });
         None
     }
 
-    /// An `Admitted` was taken from the receiver.
+    /// An `Admitted` came back.
     pub fn finished(&mut self) {
         self.under_way = self.under_way.saturating_sub(1);
     }

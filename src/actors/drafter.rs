@@ -1,6 +1,8 @@
 //! Drafter: owns the proposer (a draft model with its own KV pool, the target's first
-//! layers, or n-gram lookup) on its own OS thread. Receives each step plan from Intake, fills
-//! the drafts of the rows that decode, and passes the plan on to the Verifier.
+//! layers, or n-gram lookup) on its own OS thread (a draft model's CUDA calls block).
+//! Receives each step plan from Intake on a crossbeam channel, fills the drafts of the rows
+//! that decode, and passes the plan on to the Verifier on another; tells Intake (an actix
+//! message) when its pool's use changed.
 //!
 //! While the Verifier verifies a step, the Drafter drafts the next round of the same rows
 //! assuming every draft is accepted ("pre-drafting"): the tokens it proposes after the
@@ -11,16 +13,19 @@
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
+use actix::Addr;
 use metrics::{counter, gauge};
-use tokio::sync::mpsc;
 
-use super::messages::VerifyMsg;
+use super::intake::Intake;
+use super::mailbox::{Mailbox, MailboxSender};
+use super::messages::{DraftPoolUsage, VerifyMsg};
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use super::verifier::panic_message;
+use crate::core::draft_sync::{readmit, resync, Ahead};
 use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{RowPlan, SeqParams, StepPlan};
 use crate::request::RequestId;
@@ -41,11 +46,13 @@ struct DraftSeq {
 pub struct Drafter {
     proposer: Box<dyn Proposer>,
     seqs: HashMap<RequestId, DraftSeq>,
-    verifier: mpsc::Sender<VerifyMsg>,
-    /// The proposer's KV pool usage, for `RuntimeHandle::stats`.
-    pool: Arc<Mutex<Option<KvStats>>>,
+    verifier: MailboxSender<VerifyMsg>,
+    /// Told of the proposer's KV pool use, for `RuntimeHandle::stats`.
+    intake: Addr<Intake>,
+    /// The pool's use as last told.
+    pool: Option<KvStats>,
     timeline: Option<Arc<Timeline>>,
-    /// Drafting failures are counted; the first is also reported on stderr.
+    /// Drafting failures are counted; the first is also logged as a warning.
     warned: bool,
     /// Set when the proposer panicked: its state is unknown, so it is not used again and
     /// rows go on without drafts (the output is the target's either way).
@@ -55,11 +62,12 @@ pub struct Drafter {
 impl Drafter {
     pub fn new(
         proposer: Box<dyn Proposer>,
-        verifier: mpsc::Sender<VerifyMsg>,
-        pool: Arc<Mutex<Option<KvStats>>>,
+        verifier: MailboxSender<VerifyMsg>,
+        intake: Addr<Intake>,
         timeline: Option<Arc<Timeline>>,
     ) -> Self {
-        Drafter { proposer, seqs: HashMap::new(), verifier, pool, timeline, warned: false, broken: false }
+        let seqs = HashMap::new();
+        Drafter { proposer, seqs, verifier, intake, pool: None, timeline, warned: false, broken: false }
     }
 
     /// Fills the drafts of `plan`'s decoding rows.
@@ -106,7 +114,7 @@ impl Drafter {
     }
 
     /// Brings a request's history up to `row`, keeping what it proposed before if the
-    /// verified sequence followed it.
+    /// verified sequence followed it (`core::draft_sync`).
     fn sync(&mut self, row: &RowPlan) {
         if let Some((params, prefix)) = &row.fresh {
             let st = self.seqs.entry(row.id).or_insert_with(|| DraftSeq {
@@ -117,7 +125,7 @@ impl Drafter {
                 all_accepted: true,
             });
             // (Re-)admitted: only the verified prefix stands.
-            self.proposer.rollback(row.id.0, common_prefix(&st.history, prefix));
+            self.proposer.rollback(row.id.0, readmit(&st.history, prefix));
             st.history.clone_from(prefix);
             st.ahead = Draft::default();
         }
@@ -126,28 +134,15 @@ impl Drafter {
             st.all_accepted = row.computed >= st.history.len() + st.sent;
             st.sent = 0;
         }
-        // Accepted drafts are the proposer's own tokens: the verified sequence is the
-        // assumed one (history, then ahead) up to `computed`, then the row's new tokens.
-        let assumed = st.history.len() + st.ahead.tokens.len();
-        let at = |i: usize| if i < st.history.len() { st.history[i] } else { st.ahead.tokens[i - st.history.len()] };
-        let computed = row.computed.min(assumed);
-        let same = row
-            .tokens
-            .iter()
-            .enumerate()
-            .take_while(|&(i, &t)| computed + i < assumed && at(computed + i) == t)
-            .count();
-        let mut history: Vec<u32> = (0..computed).map(at).collect();
-        history.extend_from_slice(&row.tokens);
-        let followed = same == row.tokens.len() && history.len() >= st.history.len();
-        if followed {
-            // Everything proposed still stands; what lies past the new history is kept.
-            st.ahead = skip(&st.ahead, history.len() - st.history.len());
-        } else {
-            self.proposer.rollback(row.id.0, computed + same);
-            st.ahead = Draft::default();
+        let now = resync(&st.history, &st.ahead.tokens, row.computed, &row.tokens);
+        match now.ahead {
+            Ahead::Kept { skip } => st.ahead = skip_draft(&st.ahead, skip),
+            Ahead::Dropped { rollback_to } => {
+                self.proposer.rollback(row.id.0, rollback_to);
+                st.ahead = Draft::default();
+            }
         }
-        st.history = history;
+        st.history = now.history;
     }
 
     /// Makes sure each request has `len` tokens proposed ahead of its history, drafting for
@@ -180,7 +175,7 @@ impl Drafter {
                 Err(e) => {
                     counter!(m::SPEC_DRAFT_ERRORS).increment(1);
                     if !std::mem::replace(&mut self.warned, true) {
-                        eprintln!("specula: drafting failed ({e}); rows go on without drafts meanwhile");
+                        tracing::warn!(request = id.0, error = %e, "drafting failed; rows go on without drafts meanwhile");
                     }
                     self.proposer.rollback(id.0, st.history.len());
                     st.ahead = Draft::default();
@@ -189,15 +184,18 @@ impl Drafter {
         }
     }
 
-    fn publish_pool(&self) {
+    /// Tells Intake of the pool's use when it changed.
+    fn publish_pool(&mut self) {
         let stats = self.proposer.kv_stats();
+        if stats == self.pool {
+            return;
+        }
         if let Some(s) = stats {
             gauge!(m::KV_BLOCKS_USED, m::POOL_LABEL => m::POOL_DRAFT).set(s.used as f64);
             gauge!(m::KV_BLOCKS_TOTAL, m::POOL_LABEL => m::POOL_DRAFT).set(s.num_blocks as f64);
         }
-        if let Ok(mut pool) = self.pool.lock() {
-            *pool = stats;
-        }
+        self.pool = stats;
+        self.intake.do_send(DraftPoolUsage(stats));
     }
 
     fn record(&self, work: Work, step: u64, start: Instant) {
@@ -215,20 +213,19 @@ impl Drafter {
         if let Err(payload) = catch_unwind(AssertUnwindSafe(|| work(self, plan))) {
             self.broken = true;
             counter!(m::SPEC_DRAFT_ERRORS).increment(1);
-            eprintln!(
-                "specula: drafting panicked ({}); speculation is off from now on",
-                panic_message(payload.as_ref())
-            );
+            let why = panic_message(payload.as_ref());
+            tracing::error!(%why, "drafting panicked; speculation is off from now on");
             plan.rows.iter_mut().for_each(|r| r.draft = Draft::default());
         }
     }
 
     /// Serves plans until Intake hangs up or the Verifier is gone.
-    pub fn run(mut self, mut rx: mpsc::Receiver<VerifyMsg>) {
-        while let Some(mut plan) = rx.blocking_recv() {
+    pub fn run(mut self, plans: Mailbox<VerifyMsg>) {
+        while let Ok(mut plan) = plans.recv() {
             self.caught(&mut plan, |d, plan| d.draft(plan));
             let pre = (!plan.rows.is_empty() && !self.broken).then(|| plan.clone());
-            if self.verifier.blocking_send(plan).is_err() {
+            // One plan in flight: the Verifier's mailbox (of two) never makes this wait.
+            if self.verifier.send(plan).is_err() {
                 break;
             }
             if let Some(mut plan) = pre {
@@ -238,10 +235,6 @@ impl Drafter {
     }
 }
 
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
-}
-
 /// The first `n` tokens of a draft (with their probabilities).
 fn take(d: &Draft, n: usize) -> Draft {
     let n = n.min(d.tokens.len());
@@ -249,7 +242,7 @@ fn take(d: &Draft, n: usize) -> Draft {
 }
 
 /// A draft without its first `n` tokens.
-fn skip(d: &Draft, n: usize) -> Draft {
+fn skip_draft(d: &Draft, n: usize) -> Draft {
     let n = n.min(d.tokens.len());
     Draft { tokens: d.tokens[n..].to_vec(), probs: d.probs.as_ref().map(|p| p[n..].to_vec()) }
 }

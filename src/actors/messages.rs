@@ -1,10 +1,13 @@
-//! Every message between the actors, and the events a caller receives. Commands that need
-//! an answer carry a oneshot; events know nothing of any wire format.
+//! Every message between the actors, and the events a caller receives. The actix actors'
+//! messages are typed `Message`s with their `Result`; the GPU threads receive `StepPlan`s on
+//! crossbeam channels. Events know nothing of any wire format.
 
 use std::time::{Duration, Instant};
 
+use actix::Message;
 use tokio::sync::{mpsc, oneshot};
 
+use super::error::{DownReason, KvError, StepError};
 use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{Fit, Proposal, RowOutcome, StepPlan};
 use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
@@ -22,54 +25,38 @@ pub enum Event {
     Error(RequestError),
 }
 
-/// Caller → Intake: a new request.
-#[derive(Debug)]
+// Intake's messages.
+
+/// Caller → Intake: a new request, sent with `try_send` (a full mailbox refuses it as
+/// overloaded). `span` is the request's tracing span.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
 pub struct Submit {
     pub id: RequestId,
     pub req: GenerateRequest,
     pub events: mpsc::Sender<Event>,
     pub arrived: Instant,
+    pub span: tracing::Span,
 }
 
-/// Caller / Streamer → Intake: control, on its own lane so that it is never stuck behind
-/// submissions.
-#[derive(Debug)]
-pub enum Control {
-    /// The caller dropped its stream.
-    Cancel(RequestId),
-    /// The Streamer finished the request (a stop string): free it.
-    Stopped(RequestId),
-    Stats(oneshot::Sender<RuntimeStats>),
-    /// Refuse new requests, let the in-flight ones finish until `drain` has passed, fail the
-    /// rest, then stop every actor; answered when done.
-    Shutdown {
-        drain: Duration,
-        done: oneshot::Sender<()>,
-    },
-}
+/// Caller → Intake: the caller cancelled or dropped its stream. Sent with `do_send`, which
+/// never waits for room: a cancel is never stuck behind submissions.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Cancel(pub RequestId);
 
-/// Intake → KvAllocator.
-#[derive(Debug)]
-pub enum KvMsg {
-    /// Commits, releases and the step's asks in one hop; answered with what fits.
-    Apply {
-        proposal: Proposal,
-        reply: oneshot::Sender<Fit>,
-    },
-    Stats {
-        reply: oneshot::Sender<KvPoolStats>,
-    },
-}
-
-/// Block usage of the target pool and the draft model's pool (with a draft model).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct KvPoolStats {
-    pub target: KvStats,
-    pub draft: Option<KvStats>,
+/// Streamer → Intake: a stop string ended the request, or its caller is gone.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Ended {
+    pub id: RequestId,
+    /// The caller stopped reading (rather than a stop string).
+    pub caller_gone: bool,
 }
 
 /// Verifier → Intake: a step ran (or failed).
-#[derive(Debug)]
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
 pub struct StepDone {
     pub step: u64,
     pub result: Result<Vec<RowOutcome>, StepFailure>,
@@ -85,24 +72,87 @@ pub struct StepDone {
 
 /// A step that failed: its requests fail, and the runtime serves on unless `fatal` says
 /// the executor cannot.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct StepFailure {
-    pub message: String,
-    /// A panic caught at the Verifier's boundary, rather than an error the step returned.
-    pub panicked: bool,
+    pub error: StepError,
     /// Why no further step can run, if none can: the runtime then goes down.
-    pub fatal: Option<String>,
+    pub fatal: Option<DownReason>,
 }
 
-/// Intake / Verifier → Streamer.
-#[derive(Debug)]
-pub enum StreamMsg {
-    /// A request was admitted: its subscriber and what detokenizing it needs.
-    Register { id: RequestId, events: mpsc::Sender<Event>, prompt_tokens: usize, stop: Vec<String>, arrived: Instant },
-    /// Tokens and finishes of one step (rows with nothing to say are left out).
-    Step(Vec<RowOutcome>),
-    /// The request ends without the model saying so (cancelled, or failed).
-    End { id: RequestId, why: EndReason },
+impl StepFailure {
+    /// A panic caught at the Verifier's boundary, rather than an error the step returned.
+    pub fn panicked(&self) -> bool {
+        matches!(self.error, StepError::Panicked(_))
+    }
+}
+
+/// Verifier → Intake, from its thread's last moments: no step will run any more.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct ExecutorStopped;
+
+/// Drafter → Intake: the draft model's KV pool, whenever its use changed.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct DraftPoolUsage(pub Option<KvStats>);
+
+/// Caller → Intake: a snapshot of the queues and pools.
+#[derive(Debug, Message)]
+#[rtype(result = "RuntimeStats")]
+pub struct GetStats;
+
+/// Caller → Intake: refuse new requests, let the in-flight ones finish until `drain` has
+/// passed, fail the rest, then stop every actor; `done` is answered (or dropped) then.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Shutdown {
+    pub drain: Duration,
+    pub done: oneshot::Sender<()>,
+}
+
+/// The last `RuntimeHandle` is gone: finish what runs, then stop.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct HandlesGone;
+
+// KvAllocator's messages.
+
+/// Intake → KvAllocator: commits, releases and the step's asks in one hop; answered with
+/// what fits ("doesn't fit" is a value), or an error if the allocator had to restart.
+#[derive(Debug, Message)]
+#[rtype(result = "Result<Fit, KvError>")]
+pub struct Apply(pub Proposal);
+
+/// Intake → KvAllocator: the target pool's use.
+#[derive(Debug, Message)]
+#[rtype(result = "KvStats")]
+pub struct GetKvStats;
+
+// Streamer's messages.
+
+/// Intake → Streamer: a request was admitted: its subscriber and what detokenizing it needs.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct Register {
+    pub id: RequestId,
+    pub events: mpsc::Sender<Event>,
+    pub prompt_tokens: usize,
+    pub stop: Vec<String>,
+    pub arrived: Instant,
+    pub span: tracing::Span,
+}
+
+/// Verifier → Streamer: tokens and finishes of one step (rows with nothing to say left out).
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct StepTokens(pub Vec<RowOutcome>);
+
+/// Intake → Streamer: the request ends without the model saying so.
+#[derive(Debug, Message)]
+#[rtype(result = "()")]
+pub struct End {
+    pub id: RequestId,
+    pub why: EndReason,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -112,8 +162,15 @@ pub enum EndReason {
 }
 
 /// Intake → Verifier, or Intake → Drafter → Verifier with speculation (the Drafter fills
-/// `RowPlan::draft`).
+/// `RowPlan::draft`): what the GPU threads receive on their crossbeam channels.
 pub type VerifyMsg = StepPlan;
+
+/// Block usage of the target pool and the draft model's pool (with a draft model).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct KvPoolStats {
+    pub target: KvStats,
+    pub draft: Option<KvStats>,
+}
 
 /// A snapshot of the runtime.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

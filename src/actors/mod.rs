@@ -1,14 +1,14 @@
 //! The actor runtime: many requests at once, in-flight batching, paged KV with prefix reuse.
 //!
 //! ```text
-//!  caller ──Submit──▶ Intake ──KvMsg──▶ KvAllocator
-//!    ▲  │              │  ▲ ◀──Fit──────┘
+//!  caller ──Submit──▶ Intake ──Apply──▶ KvAllocator     (actix actors, on the
+//!    ▲  │              │  ▲ ◀──Fit─────┘                `specula-actors` thread)
 //!    │  └─Cancel(drop)─┘  │StepDone
-//!    │                 StepPlan (─▶ Drafter, with speculation)
+//!    │                 StepPlan (crossbeam; ─▶ Drafter thread, with speculation)
 //!    │                    ▼  │
 //!    │                  Verifier (own OS thread: model + KV cache + samplers)
-//!    │                    │ StreamMsg::Step
-//!    └────Event────── Streamer ──Stopped/Cancel──▶ Intake
+//!    │                    │ StepTokens
+//!    └────Event────── Streamer ──Ended──▶ Intake
 //! ```
 //! See `actors.md` at the repository root for what each actor owns, receives and sends.
 //!
@@ -31,136 +31,45 @@
 //! ```
 
 pub mod admission;
+pub mod config;
 pub mod drafter;
+pub mod error;
+pub mod executor;
+pub mod handle;
 pub mod intake;
 pub mod kv;
+pub mod mailbox;
 pub mod messages;
 pub mod metrics;
 pub mod streamer;
 pub mod timeline;
 pub mod verifier;
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::sync::atomic::AtomicU64;
+use std::sync::{mpsc as std_mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
 
-use futures::Stream;
-use tokio::sync::{mpsc, oneshot};
+use actix::{Actor, Addr, AsyncContext, Context, Supervisor};
 
+pub use config::{RuntimeConfig, BLOCK_SIZE};
+pub use error::{ConfigError, ConfigField, DownReason, ExecutorError, RuntimeError, StepError};
+pub use executor::{Executor, ModelExecutor, NoopExecutor};
+pub use handle::{collect, EventStream, Health, RuntimeHandle};
 pub use messages::{Event, KvPoolStats, RuntimeStats};
 pub use timeline::{Overlap, Span, Timeline, Work};
-pub use verifier::{Executor, ModelExecutor, NoopExecutor};
 
-use self::metrics as m;
 use crate::backend::Backend;
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvManager;
 use crate::core::lengths::Lengths;
 use crate::core::scheduler::{Scheduler, SchedulerConfig};
-use crate::engine::{Completion, Timings};
 use crate::model::{KvCache, Llama, Tokenizer};
-use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
-use crate::spec::{check_settings, SpecError, SpecStats, Speculation};
-use messages::{Control, Submit};
-
-/// Tokens per KV block.
-pub const BLOCK_SIZE: usize = 16;
-
-/// How the runtime is sized. Defaults suit the CPU backend and the default model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RuntimeConfig {
-    /// Most requests in one step.
-    pub max_batch: usize,
-    /// Most query tokens in one step (longer prompts are prefilled in chunks).
-    pub step_tokens: usize,
-    /// Most requests waiting for admission before new ones are refused as overloaded.
-    pub max_waiting: usize,
-    pub block_size: usize,
-    /// The KV pool: an exact block count (wins if set); else on a GPU what
-    /// `gpu_memory_fraction` of its memory leaves free once the model is loaded, counted in
-    /// the backend's bytes per value; else (CPU) a budget of `kv_bytes`.
-    pub kv_bytes: usize,
-    pub kv_blocks: Option<usize>,
-    pub gpu_memory_fraction: f64,
-    /// Capacity of every actor mailbox.
-    pub mailbox: usize,
-}
-
-impl Default for RuntimeConfig {
-    fn default() -> Self {
-        RuntimeConfig {
-            max_batch: 32,
-            step_tokens: 512,
-            max_waiting: 1024,
-            block_size: BLOCK_SIZE,
-            kv_bytes: 512 << 20,
-            kv_blocks: None,
-            gpu_memory_fraction: 0.90,
-            mailbox: 64,
-        }
-    }
-}
-
-/// Device memory kept out of the KV pool for what steps allocate later: activations and the
-/// CUDA graphs captured per step shape (each with an arena of its own).
-const STEP_MEMORY_RESERVE: usize = 6 << 30;
-
-/// Bytes for the KV pool: on a device with memory of its own, what `gpu_memory_fraction` of
-/// it leaves after everything already there (weights, a draft model and its pool,
-/// workspaces) and a reserve for the steps; elsewhere `kv_bytes`.
-fn kv_budget<B: Backend>(c: &RuntimeConfig, backend: &B) -> Result<usize, RuntimeError> {
-    let Some(mem) = backend.memory()? else { return Ok(c.kv_bytes) };
-    if !(c.gpu_memory_fraction > 0.0 && c.gpu_memory_fraction <= 1.0) {
-        return Err(RuntimeError::Config(format!("gpu memory fraction {} is not in (0, 1]", c.gpu_memory_fraction)));
-    }
-    let allowed = (c.gpu_memory_fraction * mem.total as f64) as usize;
-    let used = mem.total - mem.free + STEP_MEMORY_RESERVE;
-    allowed.checked_sub(used).filter(|&b| b > 0).ok_or_else(|| {
-        RuntimeError::Config(format!(
-            "no device memory left for the KV cache: {:.1} GiB of {:.1} GiB already in use, the memory fraction is {}",
-            used as f64 / (1u64 << 30) as f64,
-            mem.total as f64 / (1u64 << 30) as f64,
-            c.gpu_memory_fraction
-        ))
-    })
-}
-
-/// Why the runtime could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum RuntimeError {
-    #[error("invalid runtime configuration: {0}")]
-    Config(String),
-    #[error(transparent)]
-    Backend(#[from] crate::backend::BackendError),
-    #[error(transparent)]
-    Spec(#[from] SpecError),
-    #[error("could not start the runtime: {0}")]
-    Start(#[from] std::io::Error),
-}
-
-/// Whether the runtime can serve: set by Intake when its model executor failed beyond
-/// recovery (see `verifier::MAX_FAILED_STEPS_IN_A_ROW`), read by every handle (`/health`).
-#[derive(Debug, Default)]
-pub struct Health {
-    down: std::sync::Mutex<Option<String>>,
-}
-
-impl Health {
-    /// Why the runtime cannot serve, if it cannot.
-    pub fn down(&self) -> Option<String> {
-        self.down.lock().map(|d| d.clone()).unwrap_or_else(|p| p.into_inner().clone())
-    }
-
-    /// Marks the runtime down (the first reason stays); whether it was up until now.
-    fn set_down(&self, reason: String) -> bool {
-        let mut down = self.down.lock().unwrap_or_else(|p| p.into_inner());
-        let was_up = down.is_none();
-        down.get_or_insert(reason);
-        was_up
-    }
-}
+use crate::spec::{check_settings, SpecStats, Speculation};
+use handle::Inner;
+use intake::Intake;
+use kv::KvAllocator;
+use messages::{HandlesGone, VerifyMsg};
+use streamer::Streamer;
 
 /// What Intake and the Verifier need to know about the model besides its forward.
 #[derive(Debug, Clone)]
@@ -169,6 +78,10 @@ pub struct ModelInfo {
     pub context: usize,
     pub eos: Vec<u32>,
 }
+
+/// Held by each actix actor: the actors' thread ends once all of them are dropped.
+#[derive(Clone)]
+pub struct Running(#[allow(dead_code)] tokio::sync::mpsc::Sender<()>);
 
 /// Builds a runtime: `Runtime::builder().max_batch(8).build(backend, model, tokenizer)`.
 pub struct Runtime;
@@ -242,7 +155,7 @@ impl RuntimeBuilder {
                 let per_token = KvCache::<B>::bytes_per_token(&model.config, backend.kv_bytes_per_value());
                 // Never more than every row at the full context needs.
                 let most = c.max_batch * model.config.max_position_embeddings.div_ceil(c.block_size);
-                BlockPool::blocks_for_budget(kv_budget(c, &backend)?, per_token, c.block_size).min(most)
+                BlockPool::blocks_for_budget(config::kv_budget(c, &backend)?, per_token, c.block_size).min(most)
             }
         };
         let kv = KvCache::new(&backend, &model.config, num_blocks, c.block_size)?;
@@ -253,296 +166,148 @@ impl RuntimeBuilder {
     }
 
     /// Starts the runtime around any executor (the no-op one for benchmarks); `kv_blocks`
-    /// must be set to what the executor's cache holds.
-    pub fn build_with<E: Executor>(
+    /// must be set to what the executor's cache holds. `E` is how its forward fails.
+    pub fn build_with<X, E>(
         self,
-        exec: E,
+        exec: X,
         info: ModelInfo,
         tokenizer: Option<Arc<Tokenizer>>,
-    ) -> Result<RuntimeHandle, RuntimeError> {
-        let (c, speculation, timeline) = (self.config, self.speculation, self.timeline);
-        let num_blocks = c.kv_blocks.ok_or_else(|| RuntimeError::Config("kv_blocks must be set".into()))?;
-        if c.max_batch == 0 || c.step_tokens == 0 || c.mailbox == 0 || num_blocks == 0 {
-            return Err(RuntimeError::Config(format!(
-                "max_batch, step_tokens, mailbox and the KV pool must be positive: {c:?}, {num_blocks} blocks"
-            )));
-        }
-        if let Some(s) = &speculation {
+    ) -> Result<RuntimeHandle, RuntimeError>
+    where
+        X: Executor<E>,
+        E: Into<ExecutorError> + 'static,
+    {
+        let c = self.config;
+        let num_blocks = c.checked_blocks()?;
+        if let Some(s) = &self.speculation {
             check_settings(s.max_draft, s.synthetic_acceptance)?;
         }
-        // Submissions wait in the mailbox until Intake has validated them: as many as the
-        // admission queue holds, so that a burst is refused only when the queue would be.
-        let (submit_tx, submit_rx) = mpsc::channel(c.max_waiting.max(1));
-        // The control lane must never fill: one cancel from the caller and one note from the
-        // Streamer per request at most, and requests are bounded by admission control.
-        let control_cap = 2 * (c.max_waiting + c.max_batch) + c.mailbox;
-        let (control_tx, control_rx) = mpsc::channel(control_cap);
-        let (kv_tx, kv_rx) = mpsc::channel(c.mailbox);
-        let (plan_tx, plan_rx) = mpsc::channel(2);
-        let (done_tx, done_rx) = mpsc::channel(2);
-        let (stream_tx, stream_rx) = mpsc::channel(c.mailbox);
-
-        let sched = Scheduler::new(SchedulerConfig {
-            max_batch: c.max_batch,
-            step_tokens: c.step_tokens,
-            max_waiting: c.max_waiting,
-            block_size: c.block_size,
-            max_draft: speculation.as_ref().map_or(0, |s| s.max_draft),
-        });
-        let lengths = Lengths { context: info.context, kv_tokens: num_blocks * c.block_size };
-        let limits = intake::Limits { vocab: info.vocab, lengths };
-        let draft_pool = Arc::new(std::sync::Mutex::new(None));
+        // One plan in flight: room for two on each hop to the GPU threads.
+        let (plan_tx, plan_rx) = mailbox::bounded(2);
         let health = Arc::new(Health::default());
         ::metrics::gauge!(metrics::HEALTHY).set(1.0);
-        let (intake, admitted) = intake::Intake::new(
-            sched,
-            tokenizer.clone(),
-            limits,
-            intake::Peers { kv: kv_tx, plans: plan_tx, streamer: stream_tx.clone() },
-            draft_pool.clone(),
-            health.clone(),
-        );
-        let kv = kv::KvAllocator::new(KvManager::new(BlockPool::new(num_blocks, c.block_size)));
-        let spec_stats = speculation.as_ref().map(|s| SpecStats::new(s.synthetic_acceptance.is_some()));
-        let streamer = streamer::Streamer::new(tokenizer, control_tx.clone(), spec_stats);
-        let mut verifier = verifier::Verifier::new(exec, c.block_size, info.eos.clone(), stream_tx, done_tx);
-        verifier.synthetic_acceptance = speculation.as_ref().and_then(|s| s.synthetic_acceptance);
-        verifier.timeline = timeline.clone();
-
-        // With speculation the Drafter sits between Intake and the Verifier.
-        let mut model_threads = vec![];
-        let verify_rx = match speculation {
-            Some(spec) => {
-                let (verify_tx, verify_rx) = mpsc::channel(2);
-                let drafter = drafter::Drafter::new(spec.proposer, verify_tx, draft_pool, timeline);
-                let t = std::thread::Builder::new().name("specula-drafter".into());
-                model_threads.push(t.spawn(move || drafter.run(plan_rx))?);
-                verify_rx
-            }
-            None => plan_rx,
+        let actors = ActorSetup {
+            sched: scheduler(&c, self.speculation.as_ref().map_or(0, |s| s.max_draft)),
+            limits: intake::Limits {
+                vocab: info.vocab,
+                lengths: Lengths { context: info.context, kv_tokens: num_blocks * c.block_size },
+            },
+            kv: KvManager::new(BlockPool::new(num_blocks, c.block_size)),
+            tokenizer,
+            plans: plan_tx,
+            health: health.clone(),
+            spec_stats: self.speculation.as_ref().map(|s| SpecStats::new(s.synthetic_acceptance.is_some())),
+            intake_mailbox: c.max_waiting + c.mailbox,
+            mailbox: c.mailbox,
         };
-        let t = std::thread::Builder::new().name("specula-verifier".into());
-        model_threads.push(t.spawn(move || verifier.run(verify_rx))?);
-        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build()?;
-        let actors = std::thread::Builder::new().name("specula-actors".into()).spawn(move || {
-            rt.block_on(async move {
-                let kv = tokio::spawn(kv.run(kv_rx));
-                let streamer = tokio::spawn(streamer.run(stream_rx));
-                intake.run(submit_rx, admitted, control_rx, done_rx).await;
-                // Intake is gone: the Drafter's and Verifier's mailboxes close, they end,
-                // and with them the last senders of the Streamer and the KvAllocator.
-                let _ = streamer.await;
-                let _ = kv.await;
-            });
-            for t in model_threads {
-                let _ = t.join();
-            }
-        })?;
-        Ok(RuntimeHandle {
-            inner: Arc::new(Inner {
-                submit: submit_tx,
-                control: control_tx,
-                next_id: AtomicU64::new(0),
-                config: RuntimeConfig { kv_blocks: Some(num_blocks), ..c },
-                info,
-                health,
-                actors: std::sync::Mutex::new(Some(actors)),
-            }),
-        })
+        let (actors_thread, intake) = actors.spawn()?;
+        let started = start_workers(exec, &info, &c, self.speculation, self.timeline, plan_rx, intake.clone());
+        let workers = started.inspect_err(|_| intake.do_send(HandlesGone))?;
+        let config = RuntimeConfig { kv_blocks: Some(num_blocks), ..c };
+        let threads = Mutex::new(std::iter::once(actors_thread).chain(workers).collect());
+        let inner = Inner { intake, next_id: AtomicU64::new(0), config, info, health, threads };
+        Ok(RuntimeHandle { inner: Arc::new(inner) })
     }
 }
 
-struct Inner {
-    submit: mpsc::Sender<Submit>,
-    control: mpsc::Sender<Control>,
-    next_id: AtomicU64,
-    config: RuntimeConfig,
-    info: ModelInfo,
+fn scheduler(c: &RuntimeConfig, max_draft: usize) -> Scheduler {
+    Scheduler::new(SchedulerConfig {
+        max_batch: c.max_batch,
+        step_tokens: c.step_tokens,
+        max_waiting: c.max_waiting,
+        block_size: c.block_size,
+        max_draft,
+    })
+}
+
+/// What the actix actors are built from.
+struct ActorSetup {
+    sched: Scheduler,
+    limits: intake::Limits,
+    kv: KvManager,
+    tokenizer: Option<Arc<Tokenizer>>,
+    plans: mailbox::MailboxSender<VerifyMsg>,
     health: Arc<Health>,
-    actors: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    spec_stats: Option<SpecStats>,
+    /// Intake's mailbox: submissions (`max_waiting`) and room for the other messages.
+    intake_mailbox: usize,
+    mailbox: usize,
 }
 
-/// A cloneable handle to a running runtime. When the last handle is dropped the runtime
-/// finishes the requests in flight and stops.
-#[derive(Clone)]
-pub struct RuntimeHandle {
-    inner: Arc<Inner>,
-}
-
-impl RuntimeHandle {
-    pub fn config(&self) -> &RuntimeConfig {
-        &self.inner.config
+impl ActorSetup {
+    /// Starts Intake, the KvAllocator (supervised) and the Streamer on an actix `System` of
+    /// their own thread, which ends once all three have stopped; returns it and Intake's
+    /// address (the handles and the GPU threads send there).
+    fn spawn(self) -> Result<(JoinHandle<()>, Addr<Intake>), RuntimeError> {
+        let (addrs_tx, addrs_rx) = std_mpsc::channel();
+        let thread = std::thread::Builder::new().name("specula-actors".into()).spawn(move || {
+            let rt = || tokio::runtime::Builder::new_current_thread().enable_time().build().expect("a runtime");
+            actix::System::with_tokio_rt(rt).block_on(async move {
+                let (running, mut stopped) = tokio::sync::mpsc::channel(1);
+                let addrs = self.start(Running(running));
+                let _ = addrs_tx.send(addrs);
+                // Every actor holds a `Running`: this returns once all of them are gone.
+                let _ = stopped.recv().await;
+            });
+        })?;
+        let intake = addrs_rx.recv().map_err(|_| std::io::Error::other("the actors' thread died"))?;
+        Ok((thread, intake))
     }
 
-    pub fn model_info(&self) -> &ModelInfo {
-        &self.inner.info
-    }
-
-    /// `Err(reason)` once the runtime cannot serve (its model executor failed beyond
-    /// recovery): every request is then refused with `Unavailable`.
-    pub fn health(&self) -> Result<(), String> {
-        self.inner.health.down().map_or(Ok(()), Err)
-    }
-
-    /// Submits a request; its events arrive on the returned stream, which ends after `Done`
-    /// or `Error`. Dropping the stream cancels the request and frees its blocks.
-    pub fn generate(&self, req: GenerateRequest) -> EventStream {
-        let id = RequestId(self.inner.next_id.fetch_add(1, Ordering::Relaxed));
-        // Room for every event the request can produce: one per token, plus the end.
-        let (tx, rx) = mpsc::channel(req.max_tokens.min(self.inner.info.context).max(1) + 4);
-        let submit = Submit { id, req, events: tx.clone(), arrived: Instant::now() };
-        let refused = match self.inner.submit.try_send(submit) {
-            Ok(()) => None,
-            Err(mpsc::error::TrySendError::Full(_)) => Some(RequestError::Overloaded(self.inner.config.max_waiting)),
-            Err(mpsc::error::TrySendError::Closed(_)) => Some(RequestError::ShuttingDown),
-        };
-        if let Some(e) = refused {
-            ::metrics::counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
-            let _ = tx.try_send(Event::Error(e));
-        }
-        EventStream { id, rx, control: self.inner.control.clone(), ended: false }
-    }
-
-    /// A snapshot of the queues and KV pools.
-    pub async fn stats(&self) -> Result<RuntimeStats, RequestError> {
-        let (tx, rx) = oneshot::channel();
-        self.inner.control.send(Control::Stats(tx)).await.map_err(|_| RequestError::ShuttingDown)?;
-        rx.await.map_err(|_| RequestError::ShuttingDown)
-    }
-
-    /// Stops taking requests, lets those in flight finish for up to `drain`, fails the rest
-    /// with `ShuttingDown`, and returns once every actor has stopped.
-    pub async fn shutdown(&self, drain: Duration) {
-        let (tx, rx) = oneshot::channel();
-        if self.inner.control.send(Control::Shutdown { drain, done: tx }).await.is_ok() {
-            let _ = rx.await;
-        }
-        let actors = self.inner.actors.lock().map(|mut a| a.take()).unwrap_or(None);
-        if let Some(t) = actors {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
-    }
-
-    /// `shutdown` for callers outside any async runtime.
-    pub fn shutdown_blocking(&self, drain: Duration) {
-        let (tx, rx) = oneshot::channel();
-        if self.inner.control.try_send(Control::Shutdown { drain, done: tx }).is_ok() {
-            let _ = rx.blocking_recv();
-        }
-        let actors = self.inner.actors.lock().map(|mut a| a.take()).unwrap_or(None);
-        if let Some(t) = actors {
-            let _ = t.join();
-        }
-    }
-}
-
-/// A request's events. Ends after `Done` or `Error`; a runtime that goes away mid-request
-/// yields `Error(ShuttingDown)` rather than silence.
-pub struct EventStream {
-    id: RequestId,
-    rx: mpsc::Receiver<Event>,
-    control: mpsc::Sender<Control>,
-    ended: bool,
-}
-
-impl EventStream {
-    pub fn id(&self) -> RequestId {
-        self.id
-    }
-
-    /// Cancels the request but keeps the stream, which then ends with
-    /// `Done { finish: Cancelled, usage }` (the usage so far) unless its end was already on
-    /// its way. Dropping the stream cancels too, without that last event.
-    pub fn cancel(&mut self) {
-        if !self.ended {
-            let _ = self.control.try_send(Control::Cancel(self.id));
-        }
-    }
-}
-
-impl Stream for EventStream {
-    type Item = Event;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(ev)) => {
-                if matches!(ev, Event::Done { .. } | Event::Error(_)) {
-                    self.ended = true;
-                }
-                Poll::Ready(Some(ev))
+    fn start(self, running: Running) -> Addr<Intake> {
+        // Intake's context first: the Streamer needs its address, and it needs theirs.
+        let mut intake_ctx = Context::<Intake>::new();
+        intake_ctx.set_mailbox_capacity(self.intake_mailbox);
+        let intake = intake_ctx.address();
+        let (mailbox, kv_running, kv) = (self.mailbox, running.clone(), self.kv);
+        let kv = Supervisor::start(move |ctx: &mut Context<KvAllocator>| {
+            ctx.set_mailbox_capacity(mailbox);
+            KvAllocator::new(kv, kv_running)
+        });
+        let streamer = Streamer::create({
+            let (tokenizer, intake, running) = (self.tokenizer.clone(), intake.clone(), running.clone());
+            move |ctx| {
+                ctx.set_mailbox_capacity(mailbox);
+                Streamer::new(tokenizer, intake, self.spec_stats, running)
             }
-            Poll::Ready(None) => {
-                self.ended = true;
-                Poll::Ready(Some(Event::Error(RequestError::ShuttingDown)))
-            }
-            Poll::Pending => Poll::Pending,
-        }
+        });
+        let peers = intake::Peers { kv, streamer, plans: self.plans };
+        let actor = Intake::new(self.sched, self.tokenizer, self.limits, peers, self.health, running);
+        intake_ctx.run(actor);
+        intake
     }
 }
 
-impl Drop for EventStream {
-    fn drop(&mut self) {
-        if !self.ended {
-            // If the control lane were full, the Streamer still notices the closed stream at
-            // the request's next token.
-            let _ = self.control.try_send(Control::Cancel(self.id));
+/// Starts the GPU workers' OS threads: the Verifier, and with speculation the Drafter in
+/// front of it.
+fn start_workers<X, E>(
+    exec: X,
+    info: &ModelInfo,
+    c: &RuntimeConfig,
+    speculation: Option<Speculation>,
+    timeline: Option<Arc<Timeline>>,
+    plans: mailbox::Mailbox<VerifyMsg>,
+    intake: Addr<Intake>,
+) -> Result<Vec<JoinHandle<()>>, RuntimeError>
+where
+    X: Executor<E>,
+    E: Into<ExecutorError> + 'static,
+{
+    let mut verifier = verifier::Verifier::new(exec, c.block_size, info.eos.clone(), intake.clone());
+    verifier.synthetic_acceptance = speculation.as_ref().and_then(|s| s.synthetic_acceptance);
+    verifier.timeline = timeline.clone();
+    let mut threads = vec![];
+    let verify_rx = match speculation {
+        Some(spec) => {
+            let (verify_tx, verify_rx) = mailbox::bounded(2);
+            let drafter = drafter::Drafter::new(spec.proposer, verify_tx, intake, timeline);
+            let t = std::thread::Builder::new().name("specula-drafter".into());
+            threads.push(t.spawn(move || drafter.run(plans))?);
+            verify_rx
         }
-    }
-}
-
-/// Reads a stream to its end and assembles the completion as the single-request engine
-/// reports it: text, ids, finish reason, usage, and timings (prefill = time to the first
-/// token, decode = the rest).
-pub async fn collect(mut events: EventStream) -> Result<Completion, RequestError> {
-    use futures::StreamExt;
-    let start = Instant::now();
-    let (mut text, mut ids, mut first) = (String::new(), vec![], None);
-    while let Some(ev) = events.next().await {
-        match ev {
-            Event::Token { ids: new, text: t } => {
-                if !new.is_empty() && first.is_none() {
-                    first = Some(Instant::now());
-                }
-                ids.extend(new);
-                text.push_str(&t);
-            }
-            Event::Done { finish, usage, speculative } => {
-                let mut c = completion(text, ids, finish, usage, start, first);
-                c.speculative = speculative;
-                return Ok(c);
-            }
-            Event::Error(e) => return Err(e),
-        }
-    }
-    Err(RequestError::ShuttingDown)
-}
-
-fn completion(
-    text: String,
-    token_ids: Vec<u32>,
-    finish_reason: FinishReason,
-    usage: Usage,
-    start: Instant,
-    first: Option<Instant>,
-) -> Completion {
-    let end = Instant::now();
-    let first = first.unwrap_or(end);
-    let prefill_ms = (first - start).as_secs_f64() * 1e3;
-    let decode_ms = (end - first).as_secs_f64() * 1e3;
-    let decoded = token_ids.len().saturating_sub(1);
-    Completion {
-        text,
-        token_ids,
-        finish_reason,
-        usage,
-        timings: Timings {
-            prefill_ms,
-            decode_ms,
-            decode_tok_per_s: if decode_ms > 0.0 { decoded as f64 / (decode_ms / 1e3) } else { 0.0 },
-        },
-        speculative: None,
-    }
+        None => plans,
+    };
+    let t = std::thread::Builder::new().name("specula-verifier".into());
+    threads.push(t.spawn(move || verifier.run(verify_rx))?);
+    Ok(threads)
 }

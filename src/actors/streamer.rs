@@ -1,160 +1,195 @@
-//! Streamer: owns each request's incremental detokenizer, stop-string matcher and
-//! subscriber. Receives tokens (from the Verifier) and ends (from Intake); sends events to
-//! the caller, and tells Intake when a stop string or a vanished caller ends a request.
+//! Streamer: an actix actor owning each request's text output (incremental detokenizer,
+//! stop strings) and subscriber. Receives tokens (from the Verifier) and ends (from Intake);
+//! sends events to the caller, and tells Intake when a stop string or a vanished caller ends
+//! a request.
 
 use std::collections::HashMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 use std::time::Instant;
 
+use actix::{Actor, Addr, Context, Handler};
 use metrics::{counter, histogram};
 use tokio::sync::mpsc;
 
-use super::messages::{Control, EndReason, Event, StreamMsg};
+use super::intake::Intake;
+use super::messages::{End, EndReason, Ended, Event, Register, StepTokens};
 use super::metrics as m;
-use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
+use super::verifier::panic_message;
+use super::Running;
+use crate::core::finish::TextOutput;
 use crate::core::scheduler::RowOutcome;
 use crate::model::Tokenizer;
-use crate::request::{FinishReason, RequestId, Usage};
+use crate::request::{FinishReason, RequestError, RequestId, Usage};
 use crate::spec::SpecStats;
 
 struct Subscriber {
     events: mpsc::Sender<Event>,
-    detok: Detokenizer,
-    stops: StopMatcher,
+    text: TextOutput,
     usage: Usage,
     arrived: Instant,
     last: Option<Instant>,
     first: Option<Instant>,
     speculative: Option<SpecStats>,
+    span: tracing::Span,
 }
 
 pub struct Streamer {
     tokenizer: Option<Arc<Tokenizer>>,
     subs: HashMap<RequestId, Subscriber>,
-    intake: mpsc::Sender<Control>,
+    intake: Addr<Intake>,
     /// Each request's speculation statistics start from this (None: no speculation).
     speculative: Option<SpecStats>,
+    _running: Running,
 }
 
 impl Streamer {
     pub fn new(
         tokenizer: Option<Arc<Tokenizer>>,
-        intake: mpsc::Sender<Control>,
+        intake: Addr<Intake>,
         speculative: Option<SpecStats>,
+        running: Running,
     ) -> Self {
-        Streamer { tokenizer, subs: HashMap::new(), intake, speculative }
+        Streamer { tokenizer, subs: HashMap::new(), intake, speculative, _running: running }
     }
 
-    pub fn handle(&mut self, msg: StreamMsg) {
-        match msg {
-            StreamMsg::Register { id, events, prompt_tokens, stop, arrived } => {
-                let sub = Subscriber {
-                    events,
-                    detok: Detokenizer::new(),
-                    stops: StopMatcher::new(stop),
-                    usage: Usage { prompt_tokens, completion_tokens: 0 },
-                    arrived,
-                    last: None,
-                    first: None,
-                    speculative: self.speculative.clone(),
-                };
-                self.subs.insert(id, sub);
-            }
-            StreamMsg::Step(rows) => rows.into_iter().for_each(|o| self.row(o)),
-            StreamMsg::End { id, why } => {
-                if let Some(sub) = self.subs.remove(&id) {
-                    let ev = match why {
-                        EndReason::Cancelled => Event::Done {
-                            finish: FinishReason::Cancelled,
-                            usage: sub.usage,
-                            speculative: sub.speculative,
-                        },
-                        EndReason::Failed(e) => {
-                            counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
-                            Event::Error(e)
-                        }
-                    };
-                    let _ = sub.events.try_send(ev);
-                }
-            }
-        }
-    }
-
+    /// One row's tokens: events to the caller; at the end, usage and latency metrics.
     fn row(&mut self, o: RowOutcome) {
         let Some(sub) = self.subs.get_mut(&o.id) else { return }; // ended already
         let now = Instant::now();
-        let mut finish = o.finish;
-        let mut events = vec![];
-        if let Some(s) = sub.speculative.as_mut() {
-            s.record(o.drafted, o.accepted);
-        }
-        for &t in &o.new_tokens {
-            sub.usage.completion_tokens += 1;
-            let delta = match &self.tokenizer {
-                Some(tok) => sub.detok.push(&[t], |ids| tok.decode(ids)),
-                None => String::new(),
-            };
-            match sub.stops.push(&delta) {
-                StopCheck::Stop(text) => {
-                    events.push(Event::Token { ids: vec![t], text });
-                    finish = Some(FinishReason::Stop);
-                    break;
-                }
-                StopCheck::Continue(text) => events.push(Event::Token { ids: vec![t], text }),
-            }
-        }
+        let (events, finish) = sub.events_for(&o, self.tokenizer.as_deref());
         if !o.new_tokens.is_empty() {
-            if sub.first.is_none() {
-                sub.first = Some(now);
-                histogram!(m::TIME_TO_FIRST_TOKEN).record((now - sub.arrived).as_secs_f64());
-            }
-            if let Some(last) = sub.last {
-                histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64());
-            }
-            sub.last = Some(now);
+            sub.record_latency(now);
         }
-        if let Some(reason) = finish {
-            if reason == FinishReason::Length {
-                // As the single-request engine does: held-back text is released unless the
-                // request stopped (end of sequence or a stop string).
-                let rest = sub.stops.flush();
-                if !rest.is_empty() {
-                    events.push(Event::Token { ids: vec![], text: rest });
-                }
-            }
-            events.push(Event::Done { finish: reason, usage: sub.usage, speculative: sub.speculative.clone() });
+        let gone = events.into_iter().any(|ev| sub.events.try_send(ev).is_err()); // stopped reading
+        if !gone && finish.is_none() {
+            return;
         }
-        let mut gone = false;
-        for ev in events {
-            if sub.events.try_send(ev).is_err() {
-                gone = true; // the caller dropped its stream (or stopped reading)
-                break;
-            }
-        }
-        if gone || finish.is_some() {
-            let sub = self.subs.remove(&o.id).expect("present");
-            if let (Some(_), false) = (finish, gone) {
+        let sub = self.subs.remove(&o.id).expect("present");
+        let _enter = sub.span.enter();
+        match finish {
+            Some(reason) if !gone => {
+                tracing::debug!(?reason, tokens = sub.usage.completion_tokens, "done");
                 record_done(&sub, now);
             }
-            // The model side finished it already unless a stop string or the caller ended it.
-            let model_finished = o.finish.is_some() && !gone;
-            if !model_finished {
-                let msg = if gone { Control::Cancel(o.id) } else { Control::Stopped(o.id) };
-                // The control lane is sized so that this never fills; if Intake is gone the
-                // runtime is shutting down and the request with it.
-                let _ = self.intake.try_send(msg);
-            }
+            _ => tracing::debug!("the caller stopped reading"),
+        }
+        // The model side finished it already unless a stop string or the caller ended it.
+        if o.finish.is_none() || gone {
+            self.intake.do_send(Ended { id: o.id, caller_gone: gone });
         }
     }
 
-    /// Serves until Intake and the Verifier are gone; then fails whatever is left.
-    pub async fn run(mut self, mut rx: mpsc::Receiver<StreamMsg>) {
-        while let Some(msg) = rx.recv().await {
-            self.handle(msg);
+    /// A row that panicked (a tokenizer's decode, say) fails its request alone.
+    fn row_failed(&mut self, id: RequestId, why: String) {
+        if let Some(sub) = self.subs.remove(&id) {
+            tracing::error!(parent: &sub.span, %why, "streaming the request panicked");
+            let e = RequestError::Internal(format!("streaming the request panicked: {why}"));
+            counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
+            let _ = sub.events.try_send(Event::Error(e));
+            self.intake.do_send(Ended { id, caller_gone: true });
         }
+    }
+}
+
+impl Subscriber {
+    /// The events a row's tokens make, and why the request ends if it does.
+    fn events_for(&mut self, o: &RowOutcome, tokenizer: Option<&Tokenizer>) -> (Vec<Event>, Option<FinishReason>) {
+        let mut finish = o.finish;
+        let mut events = vec![];
+        if let Some(s) = self.speculative.as_mut() {
+            s.record(o.drafted, o.accepted);
+        }
+        let decode = tokenizer.map(|tok| move |ids: &[u32]| tok.decode(ids));
+        for &t in &o.new_tokens {
+            self.usage.completion_tokens += 1;
+            let delta = self.text.push(t, decode);
+            events.push(Event::Token { ids: vec![t], text: delta.text });
+            if delta.stopped {
+                finish = Some(FinishReason::Stop);
+                break;
+            }
+        }
+        if let Some(reason) = finish {
+            let rest = self.text.finish(reason);
+            if !rest.is_empty() {
+                events.push(Event::Token { ids: vec![], text: rest });
+            }
+            events.push(Event::Done { finish: reason, usage: self.usage, speculative: self.speculative.clone() });
+        }
+        (events, finish)
+    }
+
+    fn record_latency(&mut self, now: Instant) {
+        if self.first.is_none() {
+            self.first = Some(now);
+            histogram!(m::TIME_TO_FIRST_TOKEN).record((now - self.arrived).as_secs_f64());
+        }
+        if let Some(last) = self.last {
+            histogram!(m::INTER_TOKEN_LATENCY).record((now - last).as_secs_f64());
+        }
+        self.last = Some(now);
+    }
+}
+
+impl Actor for Streamer {
+    type Context = Context<Self>;
+
+    /// Intake and the Verifier are gone: whatever is left fails.
+    fn stopped(&mut self, _: &mut Context<Self>) {
         for (_, sub) in self.subs.drain() {
-            let _ = sub.events.try_send(Event::Error(crate::request::RequestError::ShuttingDown));
+            let _ = sub.events.try_send(Event::Error(RequestError::ShuttingDown));
         }
+    }
+}
+
+impl Handler<Register> for Streamer {
+    type Result = ();
+
+    fn handle(&mut self, r: Register, _: &mut Context<Self>) {
+        let sub = Subscriber {
+            events: r.events,
+            text: TextOutput::new(r.stop),
+            usage: Usage { prompt_tokens: r.prompt_tokens, completion_tokens: 0 },
+            arrived: r.arrived,
+            last: None,
+            first: None,
+            speculative: self.speculative.clone(),
+            span: r.span,
+        };
+        self.subs.insert(r.id, sub);
+    }
+}
+
+impl Handler<StepTokens> for Streamer {
+    type Result = ();
+
+    fn handle(&mut self, StepTokens(rows): StepTokens, _: &mut Context<Self>) {
+        for o in rows {
+            let id = o.id;
+            if let Err(payload) = catch_unwind(AssertUnwindSafe(|| self.row(o))) {
+                self.row_failed(id, panic_message(payload.as_ref()));
+            }
+        }
+    }
+}
+
+impl Handler<End> for Streamer {
+    type Result = ();
+
+    fn handle(&mut self, End { id, why }: End, _: &mut Context<Self>) {
+        let Some(sub) = self.subs.remove(&id) else { return };
+        let ev = match why {
+            EndReason::Cancelled => {
+                Event::Done { finish: FinishReason::Cancelled, usage: sub.usage, speculative: sub.speculative }
+            }
+            EndReason::Failed(e) => {
+                tracing::debug!(parent: &sub.span, error = %e, "failed");
+                counter!(m::REQUESTS_FAILED, m::REASON_LABEL => e.code()).increment(1);
+                Event::Error(e)
+            }
+        };
+        let _ = sub.events.try_send(ev);
     }
 }
 

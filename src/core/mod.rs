@@ -2,6 +2,8 @@
 
 pub mod block_pool;
 pub mod detokenizer;
+pub mod draft_sync;
+pub mod finish;
 pub mod kv_manager;
 pub mod lengths;
 pub mod ngram;

@@ -139,18 +139,19 @@ pub fn verify_ids(draft: &Draft, ids: &[u32], sampler: &mut Sampler, synthetic_a
     out
 }
 
-/// Why speculation could not be set up.
+/// Why speculation could not be set up. Settings are named by their fields
+/// (`ProposerChoice`, `Speculation`); a command line maps them to its own flags.
 #[derive(Debug, thiserror::Error)]
 pub enum SpecError {
-    #[error("--spec draft needs --draft-model PATH")]
+    #[error("drafting with a draft model needs `draft_model`")]
     MissingDraftModel,
     #[error("the draft model cannot draft for this target: {0}")]
     IncompatibleDraft(String),
-    #[error("--draft-layers must be between 1 and {max} (the target's layers), got {got}")]
+    #[error("draft_layers must be between 1 and {max} (the target's layers), got {got}")]
     DraftLayers { got: usize, max: usize },
-    #[error("--draft-len must be between 1 and {MAX_DRAFT_LEN}, got {0}")]
+    #[error("max_draft must be between 1 and {MAX_DRAFT_LEN}, got {0}")]
     DraftLen(usize),
-    #[error("--synthetic-acceptance must be in [0, 1], got {0}")]
+    #[error("synthetic_acceptance must be in [0, 1], got {0}")]
     SyntheticRate(f64),
     #[error("could not load the draft model: {0}")]
     DraftModel(String),
