@@ -7,8 +7,9 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::{Backend, BackendError, BatchMeta};
-use crate::core::detokenizer::{Detokenizer, StopCheck, StopMatcher};
-use crate::core::lengths::Lengths;
+use crate::core::draft_sync::{resync, Ahead};
+use crate::core::finish::{FinishRules, TextOutput};
+use crate::core::lengths::{Lengths, SeqLimits};
 use crate::core::sampling::Sampler;
 use crate::core::spec::AcceptanceTracker;
 use crate::core::step_cost::StepCost;
@@ -127,65 +128,27 @@ impl<B: Backend> Engine<B> {
         // The engine sizes its own cache for the request: only the context limits it.
         let lengths = Lengths { context: self.context_len(), kv_tokens: usize::MAX };
         let prompt = tokenize_prompt(self.tokenizer.as_ref(), &req.prompt, config.vocab_size, &lengths)?;
-        let budget = lengths.admit(prompt.len(), req.max_tokens)?.max_len;
-        let num_blocks = budget.div_ceil(BLOCK_SIZE);
-        let mut kv = KvCache::new(&self.backend, config, num_blocks, BLOCK_SIZE)?;
-        let table: Vec<u32> = (0..num_blocks as u32).collect();
-
+        let limits = lengths.admit(prompt.len(), req.max_tokens)?;
+        let num_blocks = limits.max_len.div_ceil(BLOCK_SIZE);
+        let kv = KvCache::new(&self.backend, config, num_blocks, BLOCK_SIZE)?;
+        let mut seq = Sequence { kv, table: (0..num_blocks as u32).collect(), history: prompt.clone(), limits };
+        let eos = self.tokenizer.as_ref().map(|t| t.eos_ids.clone()).unwrap_or_default();
+        let mut out =
+            Output::new(req, self.tokenizer.as_ref(), FinishRules { eos: &eos, ignore_eos: req.ignore_eos, limits });
         let mut sampler = Sampler::new(req.sampling.clone());
-        let mut out = Output::new(req, self.tokenizer.as_ref());
-        let mut history = prompt.clone();
-        let mut stats = SpecStats::default();
-        let mut acceptance = AcceptanceTracker::default();
-        let mut cost = StepCost::default();
-        stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
+        let mut state = Speculating::default();
+        state.stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
 
         let start = Instant::now();
-        let logits = self.prefill(&mut kv, &prompt, &table)?;
+        let logits = self.prefill(&mut seq.kv, &prompt, &seq.table)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let decode_start = Instant::now();
-        let mut new_tokens = vec![sampler.sample(&logits, &history)];
+        let mut new_tokens = vec![sampler.sample(&logits, &seq.history)];
         let finish = loop {
-            if let Some(finish) = out.push(&new_tokens, &mut history, &mut on_delta) {
+            if let Some(finish) = out.push(&new_tokens, &mut seq.history, &mut on_delta) {
                 break finish;
             }
-            if history.len() >= budget {
-                break FinishReason::Length;
-            }
-            // The last token is not in the target's cache yet: it leads this step's row.
-            let room = budget - history.len();
-            let draft = match spec.as_mut() {
-                Some(s) => {
-                    let k = acceptance.draft_len(s.max_draft, 1, &cost).min(room);
-                    let start = Instant::now();
-                    let draft = s.proposer.propose(SEQ, &history, k, &req.sampling)?;
-                    cost.record_draft(draft.tokens.len(), start.elapsed().as_secs_f64());
-                    draft
-                }
-                None => Draft::default(),
-            };
-            let mut row = vec![*history.last().expect("history holds the prompt")];
-            row.extend(&draft.tokens);
-            let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
-            meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
-            let step_start = Instant::now();
-            let out = self.backend.forward_step(&self.model, &mut kv, &meta, self.model.num_layers())?;
-            let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
-            new_tokens = if ids_suffice(&sampler) {
-                // Only the ids cross to the host (a GPU computes them where the logits are).
-                let ids = self.backend.argmax_rows(&out, config.vocab_size)?;
-                verify_ids(&draft, &ids, &mut sampler, synthetic)
-            } else {
-                let logits = self.backend.to_host(&out)?;
-                verify(&draft, &logits, config.vocab_size, &history, &mut sampler, synthetic)
-            };
-            cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
-            if let Some(s) = spec.as_mut() {
-                let accepted = new_tokens.len() - 1;
-                stats.record(draft.tokens.len(), accepted);
-                acceptance.record(draft.tokens.len(), accepted);
-                s.proposer.rollback(SEQ, history.len() + accepted);
-            }
+            new_tokens = self.decode_step(&mut seq, spec.as_mut(), &mut state, &mut sampler, req)?;
         };
         if let Some(s) = spec.as_mut() {
             s.proposer.release(SEQ);
@@ -203,8 +166,64 @@ impl<B: Backend> Engine<B> {
                 decode_ms,
                 decode_tok_per_s: if decode_ms > 0.0 { decoded as f64 / (decode_ms / 1e3) } else { 0.0 },
             },
-            speculative: spec.is_some().then_some(stats),
+            speculative: spec.is_some().then_some(state.stats),
         })
+    }
+
+    /// One decoding step: the last token (not in the cache yet) and up to `k` drafts in one
+    /// forward; returns the drafts the target accepts and its own next token.
+    fn decode_step(
+        &self,
+        seq: &mut Sequence<B>,
+        mut spec: Option<&mut SpecOptions>,
+        state: &mut Speculating,
+        sampler: &mut Sampler,
+        req: &GenerateRequest,
+    ) -> Result<Vec<u32>, EngineError> {
+        let history = &seq.history;
+        let draft = match spec.as_deref_mut() {
+            Some(s) => {
+                // Drafts up to the end of the sequence (the finish rules drop what lies past it).
+                let room = seq.limits.max_len.saturating_sub(history.len());
+                let k = state.acceptance.draft_len(s.max_draft, 1, &state.cost).min(room);
+                let start = Instant::now();
+                let draft = s.proposer.propose(SEQ, history, k, &req.sampling)?;
+                state.cost.record_draft(draft.tokens.len(), start.elapsed().as_secs_f64());
+                draft
+            }
+            None => Draft::default(),
+        };
+        let mut row = vec![*history.last().expect("history holds the prompt")];
+        row.extend(&draft.tokens);
+        let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
+        meta.push_row(&row, (history.len() - 1) as u32, &seq.table, row.len());
+        let step_start = Instant::now();
+        let out = self.backend.forward_step(&self.model, &mut seq.kv, &meta, self.model.num_layers())?;
+        let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
+        let vocab = self.model.config.vocab_size;
+        let new_tokens = if ids_suffice(sampler) {
+            // Only the ids cross to the host (a GPU computes them where the logits are).
+            let ids = self.backend.argmax_rows(&out, vocab)?;
+            verify_ids(&draft, &ids, sampler, synthetic)
+        } else {
+            let logits = self.backend.to_host(&out)?;
+            verify(&draft, &logits, vocab, history, sampler, synthetic)
+        };
+        state.cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
+        if let Some(s) = spec {
+            let accepted = new_tokens.len() - 1;
+            state.stats.record(draft.tokens.len(), accepted);
+            state.acceptance.record(draft.tokens.len(), accepted);
+            // The proposer holds the history and its draft; the target kept `accepted` of
+            // the draft and added a token of its own. Nothing is drafted ahead here.
+            let now = resync(history, &draft.tokens, history.len() + accepted, &new_tokens[accepted..]);
+            let keep = match now.ahead {
+                Ahead::Kept { .. } => now.history.len(),
+                Ahead::Dropped { rollback_to } => rollback_to,
+            };
+            s.proposer.rollback(SEQ, keep);
+        }
+        Ok(new_tokens)
     }
 
     /// Runs the prompt through the model in chunks; returns the last position's logits.
@@ -232,71 +251,68 @@ pub struct SpecOptions<'a> {
     pub synthetic_acceptance: Option<f64>,
 }
 
-/// The completion being built: applies end-of-sequence, stop strings and max tokens to
-/// each new token and streams the text.
+/// The request's sequence in the engine's own cache.
+struct Sequence<B: Backend> {
+    kv: KvCache<B>,
+    /// Every block of the cache, in order: the sequence owns them all.
+    table: Vec<u32>,
+    /// The prompt and the tokens generated so far.
+    history: Vec<u32>,
+    limits: SeqLimits,
+}
+
+/// What speculation learns over a request's steps.
+#[derive(Default)]
+struct Speculating {
+    stats: SpecStats,
+    acceptance: AcceptanceTracker,
+    cost: StepCost,
+}
+
+/// The completion being built: the finish rules (`core::finish`) applied to each step's
+/// tokens, and the text streamed.
 struct Output<'a> {
     tokenizer: Option<&'a Tokenizer>,
+    rules: FinishRules<'a>,
     ids: Vec<u32>,
-    text: String,
-    detok: Detokenizer,
-    stops: StopMatcher,
-    max_tokens: usize,
-    ignore_eos: bool,
+    text: TextOutput,
+    emitted: String,
 }
 
 impl<'a> Output<'a> {
-    fn new(req: &GenerateRequest, tokenizer: Option<&'a Tokenizer>) -> Self {
-        Output {
-            tokenizer,
-            ids: vec![],
-            text: String::new(),
-            detok: Detokenizer::new(),
-            stops: StopMatcher::new(req.stop.clone()),
-            max_tokens: req.max_tokens,
-            ignore_eos: req.ignore_eos,
-        }
+    fn new(req: &GenerateRequest, tokenizer: Option<&'a Tokenizer>, rules: FinishRules<'a>) -> Self {
+        Output { tokenizer, rules, ids: vec![], text: TextOutput::new(req.stop.clone()), emitted: String::new() }
     }
 
-    /// Appends tokens one by one (to `history` too); returns why generation ends, if it does.
+    /// Appends a step's tokens (to `history` too); returns why generation ends, if it does.
     fn push(
         &mut self,
         tokens: &[u32],
         history: &mut Vec<u32>,
         on_delta: &mut impl FnMut(&[u32], &str),
     ) -> Option<FinishReason> {
-        for &t in tokens {
+        let taken = self.rules.take(history.len(), tokens);
+        let decode = self.tokenizer.map(|tok| move |ids: &[u32]| tok.decode(ids));
+        for &t in &tokens[..taken.kept] {
             history.push(t);
-            if !self.ignore_eos && self.tokenizer.is_some_and(|tok| tok.is_eos(t)) {
-                return Some(FinishReason::Stop);
-            }
             self.ids.push(t);
-            let delta = match self.tokenizer {
-                Some(tok) => self.detok.push(&[t], |ids| tok.decode(ids)),
-                None => String::new(),
-            };
-            let (emit, stop) = match self.stops.push(&delta) {
-                StopCheck::Stop(text) => (text, true),
-                StopCheck::Continue(text) => (text, false),
-            };
-            self.text.push_str(&emit);
-            on_delta(&[t], &emit);
-            if stop {
+            let delta = self.text.push(t, decode);
+            self.emitted.push_str(&delta.text);
+            on_delta(&[t], &delta.text);
+            if delta.stopped {
                 return Some(FinishReason::Stop);
-            }
-            if self.ids.len() >= self.max_tokens {
-                return Some(FinishReason::Length);
             }
         }
-        None
+        taken.finish
     }
 
-    /// Releases text held back for a possible stop string, unless a stop ended the output.
+    /// Releases text held back for a possible stop string, unless the output stopped.
     fn finish(&mut self, finish: FinishReason, on_delta: &mut impl FnMut(&[u32], &str)) -> String {
         if finish != FinishReason::Stop {
-            let rest = self.stops.flush();
-            self.text.push_str(&rest);
+            let rest = self.text.finish(finish);
+            self.emitted.push_str(&rest);
             on_delta(&[], &rest);
         }
-        std::mem::take(&mut self.text)
+        std::mem::take(&mut self.emitted)
     }
 }
