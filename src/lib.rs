@@ -7,6 +7,7 @@ pub mod core;
 pub mod device;
 pub mod engine;
 pub mod harness;
+pub mod loadgen;
 pub mod model;
 pub mod request;
 pub mod server;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use specula::harness::{bench, check, parity, KernelsCommand};
+use specula::loadgen;
 
 mod generate;
 mod serve;
@@ -23,10 +24,27 @@ enum Command {
     /// Compile the CUDA kernels (`check`), or compare them with the CPU ops on a GPU (`parity`).
     #[command(subcommand)]
     Kernels(KernelsCommand),
-    /// GPU speed at real shapes (dummy weights) against the memory-bandwidth ceiling.
-    Bench(bench::BenchOptions),
+    /// GPU speed at real shapes (dummy weights) against the memory-bandwidth ceiling; `bench
+    /// serve`: latency and throughput of a running server under load.
+    Bench(BenchArgs),
     /// Serve the model: WebSocket (/v1/ws), OpenAI-compatible HTTP, /health, /metrics.
     Serve(serve::ServeArgs),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct BenchArgs {
+    #[command(subcommand)]
+    serve: Option<BenchServe>,
+    #[command(flatten)]
+    gpu: bench::BenchOptions,
+}
+
+#[derive(Subcommand)]
+enum BenchServe {
+    /// Load a running server (Specula or any OpenAI-compatible one) and report TTFT, TPOT,
+    /// inter-token and end-to-end latency and throughput, per load of a sweep.
+    Serve(loadgen::ServeBenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -52,7 +70,10 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
             }
             Ok(())
         }
-        Command::Bench(opts) => Ok(bench::run(&opts, &mut stdout()).map(drop)?),
+        Command::Bench(BenchArgs { serve: Some(BenchServe::Serve(args)), .. }) => {
+            Ok(loadgen::run(&args, &mut stdout()).map(drop)?)
+        }
+        Command::Bench(BenchArgs { gpu, .. }) => Ok(bench::run(&gpu, &mut stdout()).map(drop)?),
         Command::Serve(args) => serve::run(args),
     }
 }
