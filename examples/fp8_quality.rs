@@ -32,7 +32,7 @@ struct Case {
 /// Logits at positions `from..` of `tokens`, one prefill.
 fn logits(model: &Llama<CpuBackend>, tokens: &[u32], from: usize) -> Vec<Vec<f32>> {
     let b = CpuBackend::new();
-    let block = specula::engine::BLOCK_SIZE;
+    let block = specula::prompt::BLOCK_SIZE;
     let blocks = tokens.len().div_ceil(block);
     let table: Vec<u32> = (0..blocks as u32).collect();
     let mut kv = KvCache::new(&b, &model.config, blocks, block).expect("kv cache");

@@ -2,18 +2,16 @@
 // The inverse frequencies arrive with llama3 scaling already applied (ModelConfig::rope_inv_freq).
 #include "common.cuh"
 
-// x: [tokens, heads * head_dim], rotated in place; blockIdx.y picks x (0) or x2 (1, with
-// heads2 heads; pass heads2 = 0 and grid.y = 1 for one tensor), blockIdx.z the head.
-// grid: (tokens, 1 or 2, max(heads, heads2)), block: head_dim / 2 (one pair per thread,
-// so every load is in flight at once).
+// x: [tokens, heads * head_dim], rotated in place; blockIdx.z is the head.
+// grid: (tokens, 1, heads), block: head_dim / 2 (one pair per thread, so every load is in
+// flight at once).
 // The angle is formed and reduced modulo 2*pi in f64, like the CPU reference forms it in f64:
 // positions reach 131072, where an f32 product would already be off by ~0.01 rad. Only the
 // reduced angle goes to the f32 sincos, which keeps the f64 work to one multiply-add (a
 // full f64 sincos on large arguments takes a slow path that dominated this kernel).
-extern "C" __global__ void rope(float* __restrict__ x, float* __restrict__ x2, const uint32_t* __restrict__ positions,
-                                const float* __restrict__ inv_freq, int heads, int heads2, int head_dim) {
+extern "C" __global__ void rope(float* __restrict__ x, const uint32_t* __restrict__ positions,
+                                const float* __restrict__ inv_freq, int heads, int head_dim) {
     pdl_start();
-    if (blockIdx.y == 1) x = x2, heads = heads2;
     const int h = blockIdx.z, half = head_dim / 2;
     if (h >= heads) return;
     const double pos = positions[blockIdx.x];

@@ -13,13 +13,13 @@ use crate::core::lengths::{Lengths, SeqLimits};
 use crate::core::sampling::Sampler;
 use crate::core::spec::AcceptanceTracker;
 use crate::core::step_cost::StepCost;
-use crate::model::{KvCache, Llama, Tokenizer};
-use crate::request::{FinishReason, GenerateRequest, Prompt, RequestError, Usage};
+use crate::model::{ForwardStep, KvCache, Llama, Tokenizer};
+use crate::prompt::{tokenize_prompt, BLOCK_SIZE};
+use crate::request::{FinishReason, GenerateRequest, RequestError, Usage};
 use crate::spec::{ids_suffice, verify, verify_ids, Draft, Proposer, SeqId, SpecStats};
 
 /// Tokens per forward while prefilling: bounds the activations' memory.
 const PREFILL_CHUNK: usize = 512;
-pub const BLOCK_SIZE: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -47,47 +47,6 @@ pub struct Completion {
     /// Present when the completion was generated speculatively.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub speculative: Option<SpecStats>,
-}
-
-/// Tokenizes a prompt (chat template applied) and checks its ids against the vocabulary;
-/// shared by every entry point. A text the context could never hold is refused by its size
-/// first, before any work on it; the token count is checked by `Lengths::admit`.
-pub fn tokenize_prompt(
-    tokenizer: Option<&Tokenizer>,
-    prompt: &Prompt,
-    vocab: usize,
-    lengths: &Lengths,
-) -> Result<Vec<u32>, RequestError> {
-    let ids = match prompt {
-        Prompt::Tokens(ids) => {
-            lengths.check_prompt(ids.len())?;
-            ids.clone()
-        }
-        Prompt::Text(text) => {
-            let tok = tokenizer.ok_or(RequestError::NoTokenizer)?;
-            lengths.check_prompt_bytes(text.len(), tok.max_bytes_per_token())?;
-            tok.encode(text, true)
-        }
-        Prompt::Chat(messages) => {
-            let tok = tokenizer.ok_or(RequestError::NoTokenizer)?;
-            let bytes = messages.iter().map(|m| m.role.len() + m.content.len()).sum();
-            lengths.check_prompt_bytes(bytes, tok.max_bytes_per_token())?;
-            let template = tok
-                .chat_template
-                .as_ref()
-                .ok_or_else(|| RequestError::ChatTemplate("the model has no chat template".into()))?;
-            let text = template.render(messages, true).map_err(RequestError::ChatTemplate)?;
-            lengths.check_prompt_bytes(text.len(), tok.max_bytes_per_token())?;
-            tok.encode(&text, false)
-        }
-    };
-    if ids.is_empty() {
-        return Err(RequestError::EmptyPrompt);
-    }
-    if let Some(&bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-        return Err(RequestError::BadTokenId(bad));
-    }
-    Ok(ids)
 }
 
 pub struct Engine<B: Backend> {

@@ -2,6 +2,7 @@
 
 pub mod actors;
 pub mod backend;
+pub mod cache;
 pub mod cli;
 pub mod core;
 pub mod device;
@@ -9,6 +10,8 @@ pub mod engine;
 pub mod harness;
 pub mod loadgen;
 pub mod model;
+pub mod prompt;
 pub mod request;
 pub mod server;
 pub mod spec;
+pub mod tensor;

@@ -59,7 +59,7 @@ fn default_model_matches_the_numpy_reference() {
     let loaded = load_model(&ModelSource::Path(model_path()), &backend).expect("load default model");
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
     let tokenizer = engine.tokenizer.as_ref().unwrap();
-    let block = specula::engine::BLOCK_SIZE;
+    let block = specula::prompt::BLOCK_SIZE;
 
     for case in &golden.cases {
         // The same text and ids as the reference's own template and tokenizer.

@@ -20,8 +20,8 @@ use super::intake::{Intake, Limits};
 use super::messages::Submit;
 use super::verifier::panic_message;
 use crate::core::scheduler::SeqParams;
-use crate::engine::tokenize_prompt;
 use crate::model::Tokenizer;
+use crate::prompt::tokenize_prompt;
 use crate::request::{Prompt, RequestError};
 
 /// Prompts tokenized at once: enough to keep up with arrivals, few enough to leave the

@@ -3,8 +3,7 @@
 use super::error::{ConfigError, ConfigField};
 use crate::backend::Backend;
 
-/// Tokens per KV block.
-pub const BLOCK_SIZE: usize = 16;
+pub use crate::prompt::BLOCK_SIZE;
 
 /// How the runtime is sized. Defaults suit the CPU backend and the default model.
 #[derive(Debug, Clone, PartialEq)]

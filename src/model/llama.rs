@@ -1,11 +1,13 @@
 //! The one Llama forward, written over the backend op trait and shared by every backend
 //! and weight format. Reads top-down: weights → layer → model.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use indicatif::ProgressBar;
 
 use super::weight_loader::{load_weight, LoadOptions};
-use super::{HostTensor, LoadError, ModelConfig, WeightSource};
-use crate::backend::{AttnShape, Backend, BackendError, BatchMeta, Result};
+use super::{LoadError, ModelConfig, WeightSource};
+use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result, StepKey};
 
 /// One decoder layer's weights; shapes as in the checkpoint (`[out, in]`).
 pub struct Layer<T> {
@@ -45,7 +47,11 @@ pub struct KvCache<B: Backend> {
     pub v: Vec<B::Tensor>,
     pub block_size: usize,
     pub num_blocks: usize,
+    /// Never reused within a process: a step replayed on this cache names it (`StepKey`).
+    id: u64,
 }
+
+static NEXT_KV_CACHE: AtomicU64 = AtomicU64::new(1);
 
 impl<B: Backend> KvCache<B> {
     pub fn new(backend: &B, config: &ModelConfig, num_blocks: usize, block_size: usize) -> Result<Self> {
@@ -53,7 +59,7 @@ impl<B: Backend> KvCache<B> {
         let alloc = || backend.kv_cache(slots, config.kv_dim());
         let k = (0..config.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
         let v = (0..config.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
-        Ok(KvCache { k, v, block_size, num_blocks })
+        Ok(KvCache { k, v, block_size, num_blocks, id: NEXT_KV_CACHE.fetch_add(1, Ordering::Relaxed) })
     }
 
     /// Bytes one cached token takes across all layers (f32 on the CPU).
@@ -136,10 +142,10 @@ impl<B: Backend> Llama<B> {
             };
             let attn =
                 b.rope_attention(&mut q, &mut k, &v, &mut kv.k[l], &mut kv.v[l], &batch, &self.inv_freq, shape)?;
-            h = b.matmul_add_rms_norm(&attn, &layer.wo, &mut x, &layer.mlp_norm, eps)?;
+            h = b.add_rms_norm(&mut x, &b.matmul(&attn, &layer.wo)?, &layer.mlp_norm, eps)?;
             let mlp = b.swiglu(&h, &layer.w_gate, &layer.w_up)?;
             let next_norm = self.layers.get(l + 1).filter(|_| l + 1 < num_layers).map_or(&self.norm, |n| &n.attn_norm);
-            h = b.matmul_add_rms_norm(&mlp, &layer.w_down, &mut x, next_norm, eps)?;
+            h = b.add_rms_norm(&mut x, &b.matmul(&mlp, &layer.w_down)?, next_norm, eps)?;
         }
         if meta.logits_for.is_empty() {
             // Prompt chunks only (a prompt longer than the step): the KV is written, and
@@ -152,5 +158,33 @@ impl<B: Backend> Llama<B> {
 
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+}
+
+/// A forward step on a backend, through its replay hook (`Backend::replayable_step`): what
+/// the engine, the runtime's workers and the draft models run. A GPU replays the graph it
+/// captured for a step of the same model, layer count, KV cache and shape; the result may
+/// live in a buffer the next such step reuses: read it before then.
+pub trait ForwardStep: Backend + Sized {
+    /// `model.forward_layers(self, kv, meta, num_layers)`, replayable.
+    fn forward_step(
+        &self,
+        model: &Llama<Self>,
+        kv: &mut KvCache<Self>,
+        meta: &BatchMeta,
+        num_layers: usize,
+    ) -> Result<Self::Tensor>;
+}
+
+impl<B: Backend> ForwardStep for B {
+    fn forward_step(
+        &self,
+        model: &Llama<B>,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+        num_layers: usize,
+    ) -> Result<B::Tensor> {
+        let key = StepKey { computation: (model as *const _ as u64) ^ ((num_layers as u64) << 48), kv_cache: kv.id };
+        self.replayable_step(key, meta, || model.forward_layers(self, kv, meta, num_layers))
     }
 }

@@ -9,7 +9,7 @@ use super::gguf::GgufFile;
 use super::llama::Weights;
 use super::safetensors::SafetensorsWeights;
 use super::{default_model, Llama, LoadError, LoadOptions, ModelConfig, Preset, Tokenizer};
-use crate::backend::Backend;
+use crate::tensor::Backend;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {

@@ -9,13 +9,12 @@ pub mod fp8_checkpoint;
 pub mod gguf;
 pub mod llama;
 pub mod loader;
-pub mod quant;
 pub mod safetensors;
 pub mod tokenizer;
 pub mod weight_loader;
 
 pub use config::{ConfigField, InvalidConfig, ModelConfig, Preset, RopeScaling};
-pub use llama::{KvCache, Llama, Weights};
+pub use llama::{ForwardStep, KvCache, Llama, Weights};
 
 pub use loader::{load_model, load_model_with, LoadedModel, ModelSource};
 pub use tokenizer::Tokenizer;
@@ -23,24 +22,8 @@ pub use weight_loader::{LoadOptions, WeightDtype};
 
 use std::path::{Path, PathBuf};
 
-/// A weight on the host, dequantized to f32, row-major. Names follow the Hugging Face
-/// checkpoint keys (`model.layers.0.self_attn.q_proj.weight`) whatever the file format.
-#[derive(Debug, Clone, PartialEq)]
-pub struct HostTensor {
-    pub shape: Vec<usize>,
-    pub data: Vec<f32>,
-}
-
-impl HostTensor {
-    pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Self {
-        assert_eq!(shape.iter().product::<usize>(), data.len(), "shape {shape:?} vs {} values", data.len());
-        Self { shape, data }
-    }
-
-    pub fn numel(&self) -> usize {
-        self.data.len()
-    }
-}
+use crate::tensor::quant::QuantWeight;
+use crate::tensor::{BackendError, HostTensor};
 
 /// Any source of named weights: a safetensors folder, a GGUF file, random dummy weights.
 pub trait WeightSource {
@@ -51,7 +34,7 @@ pub trait WeightSource {
     /// The tensor as the file stores it, if quantized (GGUF Q8_0/Q4_0/Q4_1 blocks, FP8
     /// E4M3 with its scales and activation scheme), for backends that compute on it. Row
     /// order as in `tensor`.
-    fn quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<quant::QuantWeight>, LoadError> {
+    fn quantized(&self, _name: &str, _shape: &[usize]) -> Result<Option<QuantWeight>, LoadError> {
         Ok(None)
     }
 }
@@ -82,7 +65,7 @@ pub enum LoadError {
     #[error("could not fetch the default model: {0}")]
     Fetch(String),
     #[error("{0}")]
-    Backend(#[from] crate::backend::BackendError),
+    Backend(#[from] BackendError),
 }
 
 impl LoadError {

@@ -10,8 +10,9 @@ use safetensors::tensor::TensorView;
 use safetensors::{Dtype, SafeTensors};
 
 use super::fp8_checkpoint::{Fp8Checkpoint, InputQuant};
-use super::quant::{ActivationScheme, Fp8Weight, QuantWeight};
-use super::{HostTensor, LoadError, WeightSource};
+use super::{LoadError, WeightSource};
+use crate::tensor::quant::{ActivationScheme, Fp8Weight, QuantWeight};
+use crate::tensor::HostTensor;
 
 pub struct SafetensorsWeights {
     shards: Vec<(PathBuf, Mmap)>,

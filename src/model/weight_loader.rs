@@ -1,11 +1,12 @@
 //! How each weight is fetched and stored at load: as the checkpoint has it, or quantized to
 //! FP8 (`--dtype fp8`), on whichever backend runs the model.
 
-use super::dummy::{normal_values, seed_for, DUMMY_STD};
+use super::dummy::{seed_for, DUMMY_STD};
 use super::llama::Weights;
-use super::quant::{ActivationScheme, Fp8Weight, QuantWeight};
-use super::{HostTensor, LoadError, WeightSource};
-use crate::backend::Backend;
+use super::{LoadError, WeightSource};
+use crate::tensor::quant::{ActivationScheme, Fp8Weight, QuantWeight};
+use crate::tensor::random::normal_values;
+use crate::tensor::{Backend, HostTensor};
 
 /// The precision a model's weights are stored in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]

@@ -29,7 +29,7 @@ impl ProposerChoice {
         tokenizer: Option<&Tokenizer>,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Box<dyn Proposer>>, SpecError> {
-        let (blocks, block_size) = (self.draft_kv_blocks.max(1), crate::engine::BLOCK_SIZE);
+        let (blocks, block_size) = (self.draft_kv_blocks.max(1), crate::prompt::BLOCK_SIZE);
         Ok(match self.method {
             SpecMethod::None => None,
             SpecMethod::Ngram => Some(Box::new(NgramProposer::default())),

@@ -12,7 +12,7 @@ use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
 use crate::core::sampling::{argmax, distribution, sample_from, SamplingParams};
-use crate::model::{KvCache, Llama, ModelConfig};
+use crate::model::{ForwardStep, KvCache, Llama, ModelConfig};
 
 /// Per-sequence state: how many leading tokens of the history are in the draft cache.
 struct DraftSeq {

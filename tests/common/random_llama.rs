@@ -3,8 +3,9 @@
 
 use indicatif::ProgressBar;
 use specula::backend::cpu::CpuBackend;
-use specula::model::dummy::normal_values;
-use specula::model::{HostTensor, Llama, LoadError, ModelConfig, Preset, WeightSource, Weights};
+use specula::model::{Llama, LoadError, ModelConfig, Preset, WeightSource, Weights};
+use specula::tensor::random::normal_values;
+use specula::tensor::HostTensor;
 
 /// Random weights of a chosen scale, large enough that the tiny model's distributions are
 /// far from uniform (the dummy format's 0.02 would make them nearly flat).

@@ -4,7 +4,7 @@
 //! additions depends only on the vector length, never on how many tokens share the
 //! weight load (`dot_tile` runs the same per-token sequence of fused multiply-adds).
 
-use crate::model::quant::{e4m3, QuantFormat, BLOCK};
+use crate::tensor::quant::{e4m3, QuantFormat, BLOCK};
 
 /// Dots of one weight row `w` with up to `T` activation rows at once (the weight is read once).
 pub fn dot_tile<const T: usize>(w: &[f32], xs: [&[f32]; T]) -> [f32; T] {
@@ -99,7 +99,7 @@ fn horizontal(l: [f32; 8]) -> f32 {
 mod avx {
     use std::arch::x86_64::*;
 
-    use crate::model::quant::{e4m3, QuantFormat, BLOCK};
+    use crate::tensor::quant::{e4m3, QuantFormat, BLOCK};
 
     /// The 32 values of a quantized block as four vectors of 8. (No closures here: they
     /// would not inherit the target features, and every intrinsic would become a call.)

@@ -8,9 +8,9 @@ use std::borrow::Cow;
 
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
-use crate::model::quant::{ActivationScheme, QuantFormat, QuantWeight};
-use crate::model::HostTensor;
+use crate::tensor::quant::{ActivationScheme, QuantFormat, QuantWeight};
+use crate::tensor::random::normal_values;
+use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result};
 use kernels::{dot, dot_tile, dot_tile_fp8, dot_tile_quant};
 
 /// Activations and most weights are dense f32; quantized matrices (GGML blocks, FP8) stay
@@ -82,7 +82,7 @@ impl Backend for CpuBackend {
     }
 
     fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<CpuTensor> {
-        Ok(dense(shape.to_vec(), crate::model::dummy::normal_values(shape.iter().product(), std, seed)))
+        Ok(dense(shape.to_vec(), normal_values(shape.iter().product(), std, seed)))
     }
 
     fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<CpuTensor> {

@@ -3,7 +3,7 @@
 use super::batch::CudaBatch;
 use super::device::launch;
 use super::{CudaBackend, CudaTensor, DType};
-use crate::backend::{AttnShape, BackendError, Result};
+use crate::tensor::{AttnShape, BackendError, Result};
 
 impl CudaBackend {
     /// Attention through the split and merge kernels (kernels/attention.cu); with

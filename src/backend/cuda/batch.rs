@@ -10,9 +10,9 @@
 use std::sync::Arc;
 
 use super::device::DeviceBuf;
-use crate::backend::{BackendError, BatchMeta, Result};
+use crate::tensor::{BackendError, BatchMeta, Result};
 
-/// The shortest attention split unless set otherwise (`CudaBackend::set_attn_split`).
+/// The shortest attention split.
 /// Short splits put more blocks in flight at short contexts, where a decode step's
 /// attention is latency-bound (bench/NOTES.md, run 8: 16 beat 32 and 64).
 pub const ATTN_SPLIT: usize = 16;

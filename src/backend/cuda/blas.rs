@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use cudarc::cublas::{result, sys};
 use cudarc::driver::CudaStream;
 
-use crate::backend::{BackendError, Result};
+use crate::tensor::{BackendError, Result};
 
 pub struct Blas {
     handle: Mutex<Handle>,

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaStream, DriverError};
 
-use crate::backend::{BackendError, Result};
+use crate::tensor::{BackendError, Result};
 
 pub(crate) fn driver_err(what: &str) -> impl Fn(DriverError) -> BackendError + '_ {
     move |e| BackendError::Device(format!("{what}: {e}"))

@@ -3,7 +3,7 @@
 
 use super::device::launch;
 use super::{CudaBackend, CudaTensor};
-use crate::backend::{Backend, BackendError, Result};
+use crate::tensor::{Backend, BackendError, Result};
 
 impl CudaBackend {
     /// FP8 E4M3 weights `[rows, cols]`, row-major as in a checkpoint, with one scale per row

@@ -1,9 +1,10 @@
 //! CUDA graphs for decode-sized steps (decode, verification, the draft loop).
 //!
 //! A small model's decode step is hundreds of short kernels; launching them one by one
-//! costs more than running them. The first step of a given shape runs the one Llama
-//! forward under stream capture; later steps copy their metadata into the captured batch
-//! buffer and replay the graph: one launch.
+//! costs more than running them. The first step of a given key and shape runs the step
+//! (the model's forward, handed over as a closure by `Backend::replayable_step`) under
+//! stream capture; later steps copy their metadata into the captured batch buffer and
+//! replay the graph: one launch.
 //!
 //! What makes a replay valid:
 //! - every buffer the graph touches keeps its address: tensors made during capture come
@@ -11,8 +12,7 @@
 //! - everything that changes between steps lives in device memory, not in kernel
 //!   arguments: tokens, positions, slots, block tables (padded to a power-of-two bucket
 //!   of blocks per row), and the attention kernels read positions to size their loops;
-//! - the same model, layer count and KV cache: the caller's `tag` and the KV cache's id
-//!   are part of the key.
+//! - the same computation on the same KV cache: the caller's `StepKey` is part of the key.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,21 +22,17 @@ use cudarc::driver::{sys, CudaGraph};
 use super::batch::{blocks_needed, pack};
 use super::device::{driver_err, GraphArena};
 use super::{CudaBackend, CudaTensor, MATMUL_MAX_TOKENS};
-use crate::backend::{BackendError, BatchMeta, Result};
-use crate::model::{KvCache, Llama};
+use crate::tensor::{BackendError, BatchMeta, Result, StepKey};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct Key {
-    tag: u64,
-    kv: u64,
+    step: StepKey,
     tokens: usize,
     rows: usize,
     logits: usize,
     max_blocks: usize,
     /// Captured with programmatic dependent launch or without.
     pdl: bool,
-    /// Captured with RoPE inside attention or not, and the attention split length.
-    attention: (bool, usize),
 }
 
 struct Captured {
@@ -62,61 +58,32 @@ unsafe impl Send for Captured {}
 pub struct Graphs {
     captured: Mutex<HashMap<Key, Captured>>,
     launches: std::sync::atomic::AtomicU64,
-    /// Turned off, every step runs eagerly (for comparisons).
-    disabled: std::sync::atomic::AtomicBool,
 }
 
 /// Smallest bucket of blocks per row a graph is captured for (1024 positions at 16 per block).
 const MIN_BLOCKS: usize = 64;
 
 impl CudaBackend {
-    /// Runs `model.forward_layers(meta)` on `kv`, through a captured graph when the step is
-    /// decode-sized (at most `MATMUL_MAX_TOKENS` tokens). The returned logits live in the
-    /// graph's output buffer: read them before the next step of the same shape.
-    pub fn forward_graphed(
+    /// Runs `forward` through a captured graph when the step is decode-sized (at most
+    /// `MATMUL_MAX_TOKENS` tokens), eagerly otherwise. The result of a graph lives in its
+    /// output buffer: read it before the next step of the same key and shape.
+    pub(super) fn graphed(
         &self,
-        model: &Llama<CudaBackend>,
-        kv: &mut KvCache<CudaBackend>,
-        meta: &BatchMeta,
-        num_layers: usize,
-    ) -> Result<CudaTensor> {
-        let tag = (model as *const _ as u64) ^ ((num_layers as u64) << 48);
-        let kv_id = kv.k.first().map_or(0, |t| t.id());
-        self.graphed(tag, kv_id, meta, || model.forward_layers(self, kv, meta, num_layers))
-    }
-
-    /// Turns graphs off (or back on) for this backend: eager launches, same results.
-    pub fn set_graphs_enabled(&self, on: bool) {
-        self.graphs.disabled.store(!on, std::sync::atomic::Ordering::Relaxed);
-    }
-
-    /// Graphs captured so far and the device memory their arenas hold.
-    pub fn graph_stats(&self) -> (usize, usize) {
-        let map = self.graphs.captured.lock().expect("graphs lock");
-        (map.len(), map.values().map(|c| c.arena.bytes()).sum())
-    }
-
-    /// The general form: `forward` must be the same computation for the same `tag`.
-    pub fn graphed(
-        &self,
-        tag: u64,
-        kv_id: u64,
+        step: StepKey,
         meta: &BatchMeta,
         forward: impl FnOnce() -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
-        if meta.num_tokens() > MATMUL_MAX_TOKENS || self.graphs.disabled.load(std::sync::atomic::Ordering::Relaxed) {
+        if meta.num_tokens() > MATMUL_MAX_TOKENS {
             return forward();
         }
         let max_blocks = blocks_needed(meta).next_power_of_two().max(MIN_BLOCKS);
         let key = Key {
-            tag,
-            kv: kv_id,
+            step,
             tokens: meta.num_tokens(),
             rows: meta.rows.len(),
             logits: meta.logits_for.len(),
             max_blocks,
             pdl: self.device().pdl(),
-            attention: (self.fused_rope(), self.attn_split()),
         };
         let packed = pack(meta, max_blocks)?;
         let now = self.graphs.launches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -127,9 +94,9 @@ impl CudaBackend {
             c.last_used = now;
             return Ok(c.output.clone());
         }
-        // Graphs of this model captured on another KV cache are dead (the engine makes one
-        // cache per request, and ids are never reused): free their arenas.
-        map.retain(|k, _| k.tag != key.tag || k.kv == key.kv);
+        // Graphs of this computation captured on another KV cache are dead (the engine makes
+        // one cache per request, and ids are never reused): free their arenas.
+        map.retain(|k, _| k.step.computation != step.computation || k.step.kv_cache == step.kv_cache);
         let mut captured = self.capture(&packed, max_blocks, forward)?;
         captured.graph.launch().map_err(driver_err("graph launch"))?;
         captured.last_used = now;

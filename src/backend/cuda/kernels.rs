@@ -9,7 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
-use crate::backend::{BackendError, Result};
+use crate::tensor::{BackendError, Result};
 
 /// One `kernels/*.cu` file.
 pub struct KernelFile {
@@ -158,7 +158,7 @@ fn fnv64(parts: &[&[u8]]) -> u64 {
 }
 
 fn cache_dir() -> PathBuf {
-    crate::model::default_model::cache_dir().join("kernels")
+    crate::cache::cache_dir().join("kernels")
 }
 
 /// The cubin of `file` for `arch` (with `extra` NVRTC options), from the disk cache or

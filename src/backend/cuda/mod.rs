@@ -17,12 +17,11 @@ pub mod kernels;
 pub mod matmul;
 pub mod tensor;
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 
-use self::batch::{blocks_needed, pack, packed_len, splits_at, CudaBatch};
+use self::batch::{blocks_needed, pack, packed_len, splits_at, CudaBatch, ATTN_SPLIT};
 use self::blas::Blas;
 use self::device::{driver_err, launch, Device, DeviceBuf};
 use self::graph::Graphs;
@@ -31,9 +30,8 @@ pub use self::matmul::MatmulTuning;
 pub use self::matmul::MATMUL_MAX_TOKENS;
 use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
-use super::{AttnShape, Backend, BackendError, BatchMeta, Result};
-use crate::model::quant::QuantWeight;
-use crate::model::HostTensor;
+use crate::tensor::quant::QuantWeight;
+use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, DeviceMemory, HostTensor, Result, StepKey};
 
 pub struct CudaBackend {
     dev: Device,
@@ -46,10 +44,6 @@ pub struct CudaBackend {
     graphs: Graphs,
     /// Set while `graph::Graphs` captures a step: the batch buffer `prepare` must use.
     capture_batch: Mutex<Option<(Arc<DeviceBuf>, usize)>>,
-    /// Whether `rope_attention` rotates inside the attention kernel (on by default).
-    fuse_rope: AtomicBool,
-    /// Positions per attention split (fixed per step whatever the batch: batch invariance).
-    attn_split: AtomicUsize,
     device_name: String,
 }
 
@@ -97,8 +91,6 @@ impl CudaBackend {
             tuning,
             graphs: Graphs::default(),
             capture_batch: Mutex::new(None),
-            fuse_rope: AtomicBool::new(true),
-            attn_split: AtomicUsize::new(batch::ATTN_SPLIT),
             device_name,
         })
     }
@@ -132,27 +124,6 @@ impl CudaBackend {
     /// kernel is scheduled while the previous one drains and prefetches its weights.
     pub fn set_pdl(&self, on: bool) {
         self.dev.set_pdl(on);
-    }
-
-    /// RoPE inside the attention kernel (on by default), or as its own launch (for
-    /// comparisons).
-    pub fn set_fused_rope(&self, on: bool) {
-        self.fuse_rope.store(on, Ordering::Relaxed);
-    }
-
-    pub fn fused_rope(&self) -> bool {
-        self.fuse_rope.load(Ordering::Relaxed)
-    }
-
-    /// The fewest positions an attention block handles (`batch::ATTN_SPLIT` by default;
-    /// longer contexts use longer splits, see `batch::split_len`): shorter splits mean
-    /// more blocks in flight for short contexts, and more partial results to merge.
-    pub fn set_attn_split(&self, positions: usize) {
-        self.attn_split.store(positions.max(1), Ordering::Relaxed);
-    }
-
-    pub fn attn_split(&self) -> usize {
-        self.attn_split.load(Ordering::Relaxed)
     }
 
     pub fn synchronize(&self) -> Result<()> {
@@ -334,11 +305,11 @@ impl Backend for CudaBackend {
 
     /// After everything queued so far has run (freed buffers back in the pool count as
     /// used: the pool keeps them for the next step).
-    fn memory(&self) -> Result<Option<super::DeviceMemory>> {
+    fn memory(&self) -> Result<Option<DeviceMemory>> {
         self.synchronize()?;
         self.dev.bind()?;
         let (free, total) = cudarc::driver::result::mem_get_info().map_err(driver_err("reading free memory"))?;
-        Ok(Some(super::DeviceMemory { free, total }))
+        Ok(Some(DeviceMemory { free, total }))
     }
 
     fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<CudaTensor> {
@@ -351,17 +322,15 @@ impl Backend for CudaBackend {
         if let Some((buf, max_blocks)) = self.capture_batch.lock().expect("capture lock").clone() {
             // Capturing: the graph's buffer already holds this step's values.
             // Enough splits for the last position the graph's block tables can hold.
-            let min_split = self.attn_split();
-            let max_splits = splits_at(max_blocks * meta.block_size as usize - 1, min_split);
-            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split });
+            let max_splits = splits_at(max_blocks * meta.block_size as usize - 1, ATTN_SPLIT);
+            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split: ATTN_SPLIT });
         }
         let max_blocks = blocks_needed(meta);
         let packed = pack(meta, max_blocks)?;
         let buf = self.dev.alloc(4 * packed_len(meta, max_blocks))?;
         self.dev.htod(buf.ptr(), &packed)?;
-        let min_split = self.attn_split();
-        let max_splits = meta.positions.iter().map(|&p| splits_at(p as usize, min_split)).max().unwrap_or(1);
-        Ok(CudaBatch { meta: meta.clone(), buf: Arc::new(buf), max_blocks, max_splits, min_split })
+        let max_splits = meta.positions.iter().map(|&p| splits_at(p as usize, ATTN_SPLIT)).max().unwrap_or(1);
+        Ok(CudaBatch { meta: meta.clone(), buf: Arc::new(buf), max_blocks, max_splits, min_split: ATTN_SPLIT })
     }
 
     fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
@@ -448,32 +417,13 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn rope_qk(
-        &self,
-        q: &mut CudaTensor,
-        k: &mut CudaTensor,
-        batch: &CudaBatch,
-        inv_freq: &CudaTensor,
-        head_dim: usize,
-    ) -> Result<()> {
-        Self::expect(q, DType::F32, "rope input")?;
-        Self::expect(k, DType::F32, "rope input")?;
-        Self::expect(inv_freq, DType::F32, "rope frequencies")?;
-        let (n, (_, qw), (_, kw)) = (q.dims().0, q.dims(), k.dims());
-        let (grid, block) = ((n as u32, 2, (qw.max(kw) / head_dim) as u32), ((head_dim / 2) as u32, 1, 1));
-        launch!(self.dev, &self.kernels.rope, grid, block;
-            q.ptr(), k.ptr(), batch.positions(), inv_freq.ptr(),
-            (qw / head_dim) as i32, (kw / head_dim) as i32, head_dim as i32)?;
-        Ok(())
-    }
-
     fn rope(&self, x: &mut CudaTensor, batch: &CudaBatch, inv_freq: &CudaTensor, head_dim: usize) -> Result<()> {
         Self::expect(x, DType::F32, "rope input")?;
         Self::expect(inv_freq, DType::F32, "rope frequencies")?;
         let (n, width) = x.dims();
         let (grid, block) = ((n as u32, 1, (width / head_dim) as u32), ((head_dim / 2) as u32, 1, 1));
         launch!(self.dev, &self.kernels.rope, grid, block;
-            x.ptr(), 0u64, batch.positions(), inv_freq.ptr(), (width / head_dim) as i32, 0i32, head_dim as i32)?;
+            x.ptr(), batch.positions(), inv_freq.ptr(), (width / head_dim) as i32, head_dim as i32)?;
         Ok(())
     }
 
@@ -502,10 +452,6 @@ impl Backend for CudaBackend {
         inv_freq: &CudaTensor,
         s: AttnShape,
     ) -> Result<CudaTensor> {
-        if !self.fused_rope() {
-            self.rope_qk(q, k, batch, inv_freq, s.head_dim)?;
-            return self.attention(q, k, v, k_cache, v_cache, batch, s);
-        }
         Self::expect(inv_freq, DType::F32, "rope frequencies")?;
         if inv_freq.numel() != s.head_dim / 2 {
             return Err(BackendError::Invalid(format!(
@@ -549,14 +495,14 @@ impl Backend for CudaBackend {
         }
     }
 
-    fn forward_step(
+    /// Through a captured graph when the step is decode-sized (see `graph.rs`).
+    fn replayable_step(
         &self,
-        model: &crate::model::Llama<Self>,
-        kv: &mut crate::model::KvCache<Self>,
+        key: StepKey,
         meta: &BatchMeta,
-        num_layers: usize,
+        step: impl FnOnce() -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
-        self.forward_graphed(model, kv, meta, num_layers)
+        self.graphed(key, meta, step)
     }
 
     /// A sticky error (an illegal address, say) or a stream left capturing shows here.

@@ -1,6 +1,5 @@
 //! The CUDA backend's tensor: a device buffer with a shape and an element type.
 
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::device::DeviceBuf;
@@ -35,14 +34,11 @@ pub struct CudaTensor {
     pub dtype: DType,
     /// FP8 weights: one f32 per row, the row's scale times 2^120 (see kernels/matmul.cu).
     pub(crate) scales: Option<Arc<DeviceBuf>>,
-    id: u64,
 }
-
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
 impl CudaTensor {
     pub(crate) fn new(buf: DeviceBuf, shape: Vec<usize>, dtype: DType) -> Self {
-        CudaTensor { buf: Arc::new(buf), shape, dtype, scales: None, id: NEXT_ID.fetch_add(1, Ordering::Relaxed) }
+        CudaTensor { buf: Arc::new(buf), shape, dtype, scales: None }
     }
 
     /// FP8 weights: the E4M3 bytes and their per-row scales.
@@ -53,11 +49,6 @@ impl CudaTensor {
     /// The per-row scales' address (0 for other types).
     pub fn scales_ptr(&self) -> u64 {
         self.scales.as_ref().map_or(0, |s| s.ptr())
-    }
-
-    /// Never reused within a process: graphs use it to know which KV cache they captured.
-    pub fn id(&self) -> u64 {
-        self.id
     }
 
     pub fn ptr(&self) -> u64 {

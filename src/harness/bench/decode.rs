@@ -8,7 +8,7 @@ use super::{dtype_label, Variant};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BatchMeta};
 use crate::harness::{model_source, Result};
-use crate::model::{load_model_with, KvCache, Llama, LoadOptions, WeightDtype};
+use crate::model::{load_model_with, ForwardStep, KvCache, Llama, LoadOptions, WeightDtype};
 
 pub const BLOCK: usize = 16;
 
@@ -64,7 +64,7 @@ impl<'a> Run<'a> {
         meta.push_row(new, cached, &self.table, want);
         let n = self.model.num_layers();
         let logits = if graphed {
-            self.gpu.forward_graphed(&self.model, &mut self.kv, &meta, n)?
+            self.gpu.forward_step(&self.model, &mut self.kv, &meta, n)?
         } else {
             self.model.forward(self.gpu, &mut self.kv, &meta)?
         };

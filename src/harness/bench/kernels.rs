@@ -9,7 +9,7 @@ use super::{KernelRow, KernelTable};
 use crate::backend::cuda::{CudaBackend, CudaTensor, MatmulTuning};
 use crate::backend::Backend;
 use crate::harness::Result;
-use crate::model::HostTensor;
+use crate::tensor::HostTensor;
 
 /// The matmul kernels built with each of a few settings, compiled in parallel first.
 pub fn tune(gpu: &CudaBackend, bandwidth: f64, out: &mut dyn Write) -> Result<()> {

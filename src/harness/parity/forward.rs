@@ -6,7 +6,7 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BatchMeta};
 use crate::harness::{model_source, Result};
 use crate::model::chat::ChatMessage;
-use crate::model::{load_model_with, KvCache, LoadOptions, LoadedModel, WeightDtype};
+use crate::model::{load_model_with, ForwardStep, KvCache, LoadOptions, LoadedModel, WeightDtype};
 use crate::request::Prompt;
 
 const BLOCK: u32 = 16;
@@ -36,7 +36,7 @@ fn compare_loaded(
         crate::core::lengths::Lengths { context: lc.model.config.max_position_embeddings, kv_tokens: usize::MAX };
     let mut out = vec![];
     for (name, prompt) in prompts() {
-        let ids = crate::engine::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab, &lengths)?;
+        let ids = crate::prompt::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab, &lengths)?;
         out.push(compare_prompt(models, f32_reference, name, &ids, steps)?);
     }
     Ok(out)
@@ -100,7 +100,7 @@ fn compare_prompt(
         meta.push_row(&[tc], pos, &table, 1);
         lcpu = cpu.to_host(&lc.model.forward(cpu, &mut kc, &meta)?)?;
         let n = lg.model.num_layers();
-        lgpu = gpu.to_host(&gpu.forward_graphed(&lg.model, &mut kg, &meta, n)?)?;
+        lgpu = gpu.to_host(&gpu.forward_step(&lg.model, &mut kg, &meta, n)?)?;
         fed.push(tc);
         decode_logits.push(lgpu.clone());
     }
@@ -142,7 +142,7 @@ fn verify_differs(
         let mut meta = BatchMeta::new(BLOCK);
         meta.push_row(&fed[first..], (prompt_len + first) as u32, table, k + 1);
         let n = lg.model.num_layers();
-        let v = gpu.to_host(&gpu.forward_graphed(&lg.model, kg, &meta, n)?)?;
+        let v = gpu.to_host(&gpu.forward_step(&lg.model, kg, &meta, n)?)?;
         let same = v
             .chunks(vocab)
             .enumerate()

@@ -8,7 +8,8 @@ use super::{OpRow, TOLERANCE};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{AttnShape, Backend, BatchMeta, Result};
-use crate::model::{HostTensor, Preset};
+use crate::model::Preset;
+use crate::tensor::HostTensor;
 
 /// The same values on both sides, only the order of f32 sums differs.
 const EXACT: f64 = 1e-4;
@@ -166,8 +167,8 @@ fn matmul(c: &mut Ctx, m: usize, k: usize, fp8: bool) -> Result<()> {
     Ok(())
 }
 
-/// The fused entry points (q/k/v in one launch, gate/up with SwiGLU, RoPE on q and k)
-/// against the CPU's unfused default implementations, bf16 and FP8 weights.
+/// The fused entry points (q/k/v in one launch, gate/up with SwiGLU) against the CPU's
+/// unfused default implementations, bf16 and FP8 weights.
 fn fused(c: &mut Ctx, n: usize, fp8: bool) -> Result<()> {
     let (h, kv, inter) = (576, 192, 1536);
     let kind = if fp8 { "fp8" } else { "bf16" };
@@ -204,23 +205,6 @@ fn fused(c: &mut Ctx, n: usize, fp8: bool) -> Result<()> {
             pass: same,
         });
     }
-    if fp8 {
-        return Ok(());
-    }
-    let cfg = Preset::Llama31_8b.config();
-    let mut meta = BatchMeta::new(16);
-    meta.push_row(&vec![1; n], 3000, &(0..200).collect::<Vec<u32>>(), 1);
-    let q = HostTensor::new(vec![n, cfg.q_dim()], c.values(n * cfg.q_dim(), 2.0));
-    let k = HostTensor::new(vec![n, cfg.kv_dim()], c.values(n * cfg.kv_dim(), 2.0));
-    let f = HostTensor::new(vec![cfg.head_dim / 2], cfg.rope_inv_freq());
-    let (mut qc, mut qg) = (c.cpu.upload(&q)?, f32_tensor(c.gpu, &q)?);
-    let (mut kc, mut kg) = (c.cpu.upload(&k)?, f32_tensor(c.gpu, &k)?);
-    let (fc, fg) = c.both(&f)?;
-    c.cpu.rope_qk(&mut qc, &mut kc, &c.cpu.prepare(&meta)?, &fc, cfg.head_dim)?;
-    c.gpu.rope_qk(&mut qg, &mut kg, &c.gpu.prepare(&meta)?, &fg, cfg.head_dim)?;
-    let (want, got) =
-        ([c.cpu.to_host(&qc)?, c.cpu.to_host(&kc)?].concat(), [c.gpu.to_host(&qg)?, c.gpu.to_host(&kg)?].concat());
-    c.push("rope_qk (q and k, one launch)", format!("{n} tokens, 8B heads"), &got, &want);
     Ok(())
 }
 

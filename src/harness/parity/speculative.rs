@@ -4,9 +4,10 @@
 
 use super::SpeculativeRow;
 use crate::backend::cuda::CudaBackend;
-use crate::engine::{Engine, SpecOptions, BLOCK_SIZE};
+use crate::engine::{Engine, SpecOptions};
 use crate::harness::{model_source, Result};
 use crate::model::load_model;
+use crate::prompt::BLOCK_SIZE;
 use crate::request::GenerateRequest;
 use crate::spec::{ModelProposer, NgramProposer, Proposer};
 

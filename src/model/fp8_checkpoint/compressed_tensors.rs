@@ -21,8 +21,8 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::{anchored, strings, wrong, Fp8Scheme, InputQuant};
-use crate::model::quant::ScaleGranularity;
 use crate::model::LoadError;
+use crate::tensor::quant::ScaleGranularity;
 
 /// The class every projection of a Llama is, for targets that name classes.
 const LINEAR: &str = "linear";

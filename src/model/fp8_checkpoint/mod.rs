@@ -22,8 +22,8 @@ use std::path::Path;
 use regex::Regex;
 use serde_json::Value;
 
-use super::quant::ScaleGranularity;
 use super::LoadError;
+use crate::tensor::quant::ScaleGranularity;
 
 /// How a module's inputs are quantized, before any stored scale is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,8 +18,8 @@ use regex::Regex;
 use serde_json::Value;
 
 use super::{anchored, strings, Fp8Scheme, InputQuant};
-use crate::model::quant::ScaleGranularity;
 use crate::model::LoadError;
+use crate::tensor::quant::ScaleGranularity;
 
 #[derive(Debug)]
 pub struct Config {

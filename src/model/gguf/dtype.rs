@@ -1,9 +1,9 @@
 //! ggml tensor types: their storage sizes, and dequantization to f32 for the ones we load
-//! (the block formats are described in `model::quant`).
+//! (the block formats are described in `tensor::quant`).
 
 use half::{bf16, f16};
 
-use crate::model::quant::QuantFormat;
+use crate::tensor::quant::QuantFormat;
 use rayon::prelude::*;
 
 /// The ggml types a GGUF file may declare, with the ids the format assigns them.

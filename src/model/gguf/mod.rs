@@ -15,8 +15,9 @@ use std::path::{Path, PathBuf};
 
 use memmap2::Mmap;
 
-use super::quant::{BlockWeight, QuantWeight};
-use super::{HostTensor, LoadError, ModelConfig, RopeScaling, WeightSource};
+use super::{LoadError, ModelConfig, RopeScaling, WeightSource};
+use crate::tensor::quant::{BlockWeight, QuantWeight};
+use crate::tensor::HostTensor;
 pub use dtype::GgmlType;
 pub use parse::{GgufValue, TensorInfo};
 

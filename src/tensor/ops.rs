@@ -1,0 +1,178 @@
+//! The small set of ops the Llama forward is written over. Each backend implements them
+//! once: `backend::cpu` (f32 reference, batch-invariant) and `backend::cuda` (behind the
+//! `cuda` feature). The trait knows tensors and ops, never a model.
+
+use super::quant::QuantWeight;
+use super::{BatchMeta, HostTensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("out of device memory allocating {bytes} bytes")]
+    OutOfMemory { bytes: usize },
+    #[error("device error: {0}")]
+    Device(String),
+    #[error("kernel compilation failed for {kernel}: {log}")]
+    Compile { kernel: String, log: String },
+    #[error("invalid op input: {0}")]
+    Invalid(String),
+}
+
+pub type Result<T> = std::result::Result<T, BackendError>;
+
+/// Names a computation that `Backend::replayable_step` may replay: steps with the same key
+/// (and the same shape) run the same ops on the same buffers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StepKey {
+    /// The computation (a model and how many of its layers run).
+    pub computation: u64,
+    /// The KV cache it reads and writes, by an id never reused within a process.
+    pub kv_cache: u64,
+}
+
+/// A device's memory in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: usize,
+    pub total: usize,
+}
+
+/// Attention geometry of one layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// The ops of one Llama forward. Activations are 2-D `[tokens, features]` row-major.
+pub trait Backend: Send + Sync + 'static {
+    /// A tensor on the device: weights (stored as the backend likes), activations, KV cache.
+    type Tensor: Send + Sync;
+    /// A `BatchMeta` moved to the device once per step.
+    type Batch;
+
+    fn name(&self) -> String;
+
+    /// Stores a weight (the CPU keeps f32; CUDA converts to bf16).
+    fn upload(&self, t: &HostTensor) -> Result<Self::Tensor>;
+    /// Stores a quantized matrix as is, if this backend's matmul computes on it; `None`
+    /// makes the loader dequantize and call `upload` instead. An FP8 matrix
+    /// (`QuantWeight::Fp8`) brings its E4M3 codes row-major `[rows, cols]`, one f32 scale
+    /// per row and the scheme its matmul applies to the input activations.
+    fn upload_quantized(&self, _w: &QuantWeight) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
+    /// Random normal weights with standard deviation `std` (the dummy load format), made
+    /// where they will live so that large shapes need no host memory.
+    fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<Self::Tensor>;
+    /// A random `[rows, cols]` matrix as `random` makes it, stored as FP8 (E4M3, one scale
+    /// per row, activations unquantized): the dummy load format with `--dtype fp8`. `None`
+    /// makes the loader generate the values on the host, quantize them there and call
+    /// `upload_quantized`.
+    fn random_fp8(&self, _shape: [usize; 2], _std: f32, _seed: u64) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
+    /// Bytes one cached key or value element takes (f32 on the CPU, bf16 on a GPU): what
+    /// the KV pool is sized in.
+    fn kv_bytes_per_value(&self) -> usize {
+        4
+    }
+    /// The device's own memory, free and total, where it has one (a GPU; `None` on the CPU).
+    fn memory(&self) -> Result<Option<DeviceMemory>> {
+        Ok(None)
+    }
+    /// A zeroed KV cache tensor for one layer: `[slots, kv_dim]`.
+    fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<Self::Tensor>;
+    fn prepare(&self, meta: &BatchMeta) -> Result<Self::Batch>;
+
+    /// Rows of `table` for the batch's tokens: `[tokens, hidden]`.
+    fn embed(&self, table: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
+    fn rms_norm(&self, x: &Self::Tensor, weight: &Self::Tensor, eps: f32) -> Result<Self::Tensor>;
+    /// `residual += delta`, then returns `rms_norm(residual)`: the seam between sub-layers.
+    fn add_rms_norm(
+        &self,
+        residual: &mut Self::Tensor,
+        delta: &Self::Tensor,
+        weight: &Self::Tensor,
+        eps: f32,
+    ) -> Result<Self::Tensor>;
+    /// `x · wᵀ`: x is `[n, k]`, w is `[m, k]` (the checkpoint's layout), result `[n, m]`.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Rotates each head of `x` (`[tokens, heads * head_dim]`) by its token's position,
+    /// pairing dimension i with i + head_dim/2 (the Hugging Face layout).
+    fn rope(&self, x: &mut Self::Tensor, batch: &Self::Batch, inv_freq: &Self::Tensor, head_dim: usize) -> Result<()>;
+    /// Writes `k`, `v` into the cache at the batch's slots, then attends each query token
+    /// causally to its row's cached positions `0..=position`. Returns `[tokens, heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        k_cache: &mut Self::Tensor,
+        v_cache: &mut Self::Tensor,
+        batch: &Self::Batch,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor>;
+    /// `x · wᵢᵀ` for each weight: several projections of one input (q, k and v). Backends
+    /// that do them in one pass over the weights override this.
+    fn matmul_many(&self, x: &Self::Tensor, ws: &[&Self::Tensor]) -> Result<Vec<Self::Tensor>> {
+        ws.iter().map(|w| self.matmul(x, w)).collect()
+    }
+    /// The MLP's first half, `silu(x · w_gateᵀ) * (x · w_upᵀ)`; fused where that pays.
+    fn swiglu(&self, x: &Self::Tensor, w_gate: &Self::Tensor, w_up: &Self::Tensor) -> Result<Self::Tensor> {
+        self.silu_mul(&self.matmul(x, w_gate)?, &self.matmul(x, w_up)?)
+    }
+    /// `rope` on q and k, then `attention`: one launch where the backend rotates q and k as
+    /// its attention kernel loads them. `q` and `k` are scratch afterwards (rotated or not).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_attention(
+        &self,
+        q: &mut Self::Tensor,
+        k: &mut Self::Tensor,
+        v: &Self::Tensor,
+        k_cache: &mut Self::Tensor,
+        v_cache: &mut Self::Tensor,
+        batch: &Self::Batch,
+        inv_freq: &Self::Tensor,
+        shape: AttnShape,
+    ) -> Result<Self::Tensor> {
+        self.rope(q, batch, inv_freq, shape.head_dim)?;
+        self.rope(k, batch, inv_freq, shape.head_dim)?;
+        self.attention(q, k, v, k_cache, v_cache, batch, shape)
+    }
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// The rows of `x` named by the batch's `logits_for`.
+    fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
+    fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Whether the device can run further work after a step failed (a CUDA context with a
+    /// sticky error cannot). The CPU always can.
+    fn healthy(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Runs `step`, one forward computation over `meta` (the model's side of it, in ops):
+    /// where a backend may record the work `step` queues and replay it for later steps with
+    /// the same key and shape (CUDA graphs for decode-sized steps). The result may live in
+    /// a buffer that the next step of the same key and shape reuses: read it before then.
+    fn replayable_step(
+        &self,
+        _key: StepKey,
+        _meta: &BatchMeta,
+        step: impl FnOnce() -> Result<Self::Tensor>,
+    ) -> Result<Self::Tensor>
+    where
+        Self: Sized,
+    {
+        step()
+    }
+
+    /// Greedy ids of each `vocab`-wide row of `logits`: the first maximum, as
+    /// `core::sampling::argmax`. GPU backends compute it on the device so that only the
+    /// ids cross to the host.
+    fn argmax_rows(&self, logits: &Self::Tensor, vocab: usize) -> Result<Vec<u32>> {
+        let host = self.to_host(logits)?;
+        Ok(host.chunks(vocab.max(1)).map(crate::core::sampling::argmax).collect())
+    }
+}
