@@ -64,7 +64,7 @@ const PROMPTS: [&str; 8] = [
 ];
 
 fn model(concurrency: &[usize], max_tokens: usize) {
-    let path = specula::model::default_model::ensure_default_model().expect("default model");
+    let path = specula::cli::default_model_path().expect("default model");
     let loaded = load_model(&ModelSource::Path(path), &CpuBackend::new()).unwrap();
     let model = std::sync::Arc::new(loaded.model);
     let tokenizer = std::sync::Arc::new(loaded.tokenizer.unwrap());
@@ -100,7 +100,7 @@ fn model(concurrency: &[usize], max_tokens: usize) {
 fn forward(batches: &[usize]) {
     use specula::backend::{Backend, BatchMeta};
     use specula::model::KvCache;
-    let path = specula::model::default_model::ensure_default_model().expect("default model");
+    let path = specula::cli::default_model_path().expect("default model");
     let b = CpuBackend::new();
     let loaded = load_model(&ModelSource::Path(path), &b).unwrap();
     let (ctx, bs) = (32usize, 16usize);

@@ -77,6 +77,7 @@ impl Answer {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args = Args::parse();
+    specula::cli::install_tracing();
     eprintln!("Running on the {}.", args.load.backend.resolve());
     let started = start_runtime(&args.load, &args.spec, Runtime::builder())?;
     if !started.chat_template {

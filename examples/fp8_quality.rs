@@ -13,8 +13,9 @@ use std::path::Path;
 use serde::Deserialize;
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BatchMeta};
+use specula::cli::default_model_path;
 use specula::engine::Engine;
-use specula::model::{default_model, load_model_with, KvCache, Llama, LoadOptions, ModelSource, WeightDtype};
+use specula::model::{load_model_with, KvCache, Llama, LoadOptions, ModelSource, WeightDtype};
 use specula::request::{GenerateRequest, Prompt};
 
 #[derive(Deserialize)]
@@ -66,7 +67,7 @@ fn compare(f32_rows: &[Vec<f32>], fp8_rows: &[Vec<f32>]) -> (usize, f64) {
 }
 
 fn load(dtype: WeightDtype) -> Result<Engine<CpuBackend>, Box<dyn std::error::Error>> {
-    let path = default_model::ensure_default_model()?;
+    let path = default_model_path()?;
     let backend = CpuBackend::new();
     let loaded = load_model_with(&ModelSource::Path(path), &LoadOptions::dtype(dtype), &backend)?;
     Ok(Engine::new(backend, loaded.model, loaded.tokenizer))

@@ -1,5 +1,9 @@
-//! The command-line options shared by `specula` and the chat example (which model, on which
-//! device, how to speculate), and the runtime they start.
+//! The command-line layer shared by `specula` and the chat example: the options (which
+//! model, on which device, how to speculate), the runtime they start, the default model
+//! (`default_model`) and what is shown of the library's tracing events (`log`).
+
+pub mod default_model;
+pub mod log;
 
 use std::sync::Arc;
 
@@ -10,6 +14,8 @@ use crate::backend::{Backend, BackendError};
 use crate::device::{Device, OnDevice};
 use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
 use crate::spec::{check_settings, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
+pub use default_model::{default_model_path, FetchError, ModelArg};
+pub use log::install_tracing;
 
 /// Which model, stored how, on which device.
 #[derive(Args, Debug, Clone)]
@@ -17,7 +23,7 @@ pub struct ModelArgs {
     /// `default` (SmolLM2-135M-Instruct, fetched on first use), a .gguf file, a Hugging Face
     /// folder, or `dummy:<shape>` (random weights at a real shape, for speed work).
     #[arg(long, default_value = "default", env = "SPECULA_MODEL")]
-    pub model: ModelSource,
+    pub model: ModelArg,
     /// Weight precision: `auto` (the checkpoint's own) or `fp8` (projection matrices
     /// quantized at load to FP8 E4M3, one scale per output channel; activations unquantized).
     #[arg(long, value_enum, default_value = "auto")]
@@ -35,6 +41,11 @@ pub struct ModelArgs {
 impl ModelArgs {
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions::dtype(self.dtype)
+    }
+
+    /// The model to load: the default model's path (fetched on first use) or as named.
+    pub fn source(&self) -> Result<ModelSource, FetchError> {
+        self.model.resolve()
     }
 }
 
@@ -68,7 +79,7 @@ impl OnDevice for StartRuntime<'_> {
 
     fn run<B: Backend>(self, new_backend: &dyn Fn() -> Result<B, BackendError>) -> Self::Output {
         let backend = new_backend()?;
-        let loaded = load_model_with(&self.model.model, &self.model.load_options(), &backend)?;
+        let loaded = load_model_with(&self.model.source()?, &self.model.load_options(), &backend)?;
         let chat_template = loaded.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
         let model = Arc::new(loaded.model);
         let mut builder = self.builder.gpu_memory_fraction(self.model.gpu_memory_fraction);
@@ -89,7 +100,7 @@ pub struct SpecArgs {
     pub spec: SpecMethod,
     /// The draft model for `--spec draft` (same tokenizer as the target).
     #[arg(long)]
-    pub draft_model: Option<ModelSource>,
+    pub draft_model: Option<ModelArg>,
     /// Layers of the target that draft for `--spec early-exit`.
     #[arg(long, default_value_t = 6, allow_negative_numbers = true)]
     pub draft_layers: usize,
@@ -123,7 +134,7 @@ impl SpecArgs {
         }
         let choice = ProposerChoice {
             method: self.spec,
-            draft_model: self.draft_model.clone(),
+            draft_model: self.draft_model.as_ref().map(ModelArg::resolve).transpose()?,
             draft_layers: self.draft_layers,
             draft_kv_blocks: self.draft_kv_blocks,
             draft_dtype: self.draft_dtype,
@@ -146,10 +157,10 @@ impl SpecArgs {
         }))
     }
 
-    /// Says on stderr that the output will not be the model's.
+    /// Warns that the output will not be the model's.
     pub fn warn_if_synthetic(&self) {
         if self.synthetic_acceptance.is_some() {
-            eprintln!("warning: synthetic acceptance is on: the output is not the model's (benchmark mode)");
+            tracing::warn!("synthetic acceptance is on: the output is not the model's (benchmark mode)");
         }
     }
 }

@@ -54,7 +54,9 @@ impl Device {
 
     /// Runs `f` on this device (`Auto` resolved first).
     pub fn run<V: OnDevice>(self, f: V) -> Result<V::Output, DeviceError> {
-        match self.resolve() {
+        let device = self.resolve();
+        tracing::debug!("models run on the {device}");
+        match device {
             Device::Cuda => run_cuda(f),
             _ => Ok(f.run(&|| Ok(CpuBackend::new()))),
         }

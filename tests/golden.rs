@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BatchMeta};
+use specula::cli::default_model_path;
 use specula::engine::Engine;
 use specula::model::chat::ChatMessage;
-use specula::model::{default_model, load_model, KvCache, ModelSource};
+use specula::model::{load_model, KvCache, ModelSource};
 use specula::request::{GenerateRequest, Prompt};
 
 #[derive(Deserialize)]
@@ -36,7 +37,7 @@ fn golden_dir() -> PathBuf {
 fn model_path() -> PathBuf {
     std::env::var_os("SPECULA_TEST_GGUF")
         .map(PathBuf::from)
-        .unwrap_or_else(|| default_model::ensure_default_model().expect("default model"))
+        .unwrap_or_else(|| default_model_path().expect("default model"))
 }
 
 fn read_logits(file: &str) -> Vec<f32> {

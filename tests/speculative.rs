@@ -61,7 +61,7 @@ fn greedy_speculation_on_tiny_models_equals_plain_greedy() {
 #[test]
 fn greedy_speculation_on_the_default_model_equals_plain_greedy() {
     let backend = CpuBackend::new();
-    let loaded = load_model(&ModelSource::Default, &backend).unwrap();
+    let loaded = load_model(&ModelSource::Path(specula::cli::default_model_path().unwrap()), &backend).unwrap();
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
     let texts = [
         "Rewrite this sentence: the quick brown fox jumps over the lazy dog. The quick brown fox",

@@ -42,6 +42,8 @@ pub enum HarnessError {
     #[error(transparent)]
     Load(#[from] crate::model::LoadError),
     #[error(transparent)]
+    Fetch(#[from] crate::cli::FetchError),
+    #[error(transparent)]
     Request(#[from] crate::request::RequestError),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
@@ -59,5 +61,6 @@ pub type Result<T> = std::result::Result<T, HarnessError>;
 /// A model named on the command line (`default`, a path, `dummy:SHAPE`).
 #[cfg(feature = "cuda")]
 fn model_source(name: &str) -> Result<crate::model::ModelSource> {
-    name.parse().map_err(HarnessError::ModelSource)
+    let arg: crate::cli::ModelArg = name.parse().map_err(HarnessError::ModelSource)?;
+    Ok(arg.resolve()?)
 }

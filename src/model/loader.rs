@@ -1,4 +1,5 @@
-//! Resolves what the user named (`default`, a path, `dummy:<preset>`) into a loaded model.
+//! Loads the model a `ModelSource` names (a path, or `dummy:<preset>`). The command line's
+//! `default` is resolved to a path before it gets here (`cli::ModelArg`).
 
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -8,13 +9,11 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::gguf::GgufFile;
 use super::llama::Weights;
 use super::safetensors::SafetensorsWeights;
-use super::{default_model, Llama, LoadError, LoadOptions, ModelConfig, Preset, Tokenizer};
+use super::{Llama, LoadError, LoadOptions, ModelConfig, Preset, Tokenizer};
 use crate::tensor::Backend;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ModelSource {
-    /// The embedded default model (fetched on first use).
-    Default,
     /// A `.gguf` file or a Hugging Face folder (config.json, safetensors, tokenizer.json).
     Path(PathBuf),
     /// Random weights at a named real shape; no tokenizer.
@@ -24,9 +23,6 @@ pub enum ModelSource {
 impl FromStr for ModelSource {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        if s == "default" {
-            return Ok(ModelSource::Default);
-        }
         if let Some(name) = s.strip_prefix("dummy:") {
             return Preset::parse(name).map(ModelSource::Dummy).ok_or_else(|| {
                 format!("unknown dummy shape `{name}`; choose smollm2-135m, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b or llama-3.3-70b")
@@ -55,7 +51,6 @@ pub fn load_model_with<B: Backend>(
     backend: &B,
 ) -> Result<LoadedModel<B>, LoadError> {
     match source {
-        ModelSource::Default => load_path(&default_model::ensure_default_model()?, options, backend),
         ModelSource::Path(p) => load_path(p, options, backend),
         ModelSource::Dummy(preset) => {
             let config = preset.config();
@@ -97,7 +92,9 @@ fn with_progress<T>(what: &str, load: impl FnOnce(&ProgressBar) -> T) -> T {
             .expect("valid template")
             .progress_chars("=> "),
     );
+    let start = std::time::Instant::now();
     let out = load(&bar);
     bar.finish_and_clear();
+    tracing::debug!("loaded {what} in {:.2} s", start.elapsed().as_secs_f64());
     out
 }

@@ -3,7 +3,6 @@
 
 pub mod chat;
 pub mod config;
-pub mod default_model;
 pub mod dummy;
 pub mod fp8_checkpoint;
 pub mod gguf;
@@ -62,8 +61,6 @@ pub enum LoadError {
     MissingTokenizer { path: PathBuf },
     #[error("{path}: invalid tokenizer: {msg}")]
     Tokenizer { path: PathBuf, msg: String },
-    #[error("could not fetch the default model: {0}")]
-    Fetch(String),
     #[error("{0}")]
     Backend(#[from] BackendError),
 }

@@ -26,7 +26,7 @@ pub fn install() -> PrometheusHandle {
                 .build_recorder();
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
-                eprintln!("warning: another metrics recorder is installed; /metrics will be empty");
+                tracing::warn!("another metrics recorder is installed; /metrics will be empty");
             }
             handle
         })

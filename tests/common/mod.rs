@@ -23,7 +23,7 @@ pub fn default_model_path() -> Option<PathBuf> {
         assert!(p.exists(), "SPECULA_TEST_GGUF={} does not exist", p.display());
         return Some(p);
     }
-    match specula::model::default_model::ensure_default_model() {
+    match specula::cli::default_model_path() {
         Ok(p) => Some(p),
         Err(e) => {
             eprintln!("skipping: the default model is unavailable ({e}); set SPECULA_TEST_GGUF to its .gguf file");

@@ -64,7 +64,8 @@ pub fn start(runtime: RuntimeBuilder, api_key: Option<&str>) -> TestServer {
     let config = ServerConfig { api_key: api_key.map(str::to_string), ..config() };
     start_with(config, move || {
         let backend = CpuBackend::new();
-        let loaded = load_model(&ModelSource::Default, &backend).expect("the default model loads");
+        let loaded = load_model(&ModelSource::Path(specula::cli::default_model_path().unwrap()), &backend)
+            .expect("the default model loads");
         runtime.build(backend, loaded.model, loaded.tokenizer).expect("runtime")
     })
 }

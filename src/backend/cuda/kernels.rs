@@ -177,6 +177,7 @@ pub fn cubin_cached(file: &KernelFile, arch: &str, include: &Path, extra: &[Stri
     }
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let (bytes, _) = compile_with(file, arch, include, &extra)?;
+    tracing::debug!("compiled {} for {arch}, cached as {}", file.name, path.display());
     // A failed cache write only costs a recompile next time.
     if std::fs::create_dir_all(cache_dir()).is_ok() {
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));

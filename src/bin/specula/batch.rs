@@ -33,7 +33,7 @@ pub fn run<B: Backend>(
     }
     let concurrency = args.concurrency.unwrap_or(prompts.len()).max(1);
     let backend = new_backend()?;
-    let loaded = load_model_with(&args.load.model, &args.load.load_options(), &backend)?;
+    let loaded = load_model_with(&args.load.source()?, &args.load.load_options(), &backend)?;
     let model = Arc::new(loaded.model);
     let mut builder = Runtime::builder()
         .max_batch(concurrency.min(prompts.len()))

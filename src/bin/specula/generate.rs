@@ -107,7 +107,7 @@ fn generate<B: Backend>(
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let backend = new_backend()?;
-    let loaded = load_model_with(&args.load.model, &args.load.load_options(), &backend)?;
+    let loaded = load_model_with(&args.load.source()?, &args.load.load_options(), &backend)?;
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
     let request = args.request(args.prompt.as_deref().unwrap_or_default());
     let mut proposer = args.spec.proposer(&engine.model, engine.tokenizer.as_ref(), new_backend)?;

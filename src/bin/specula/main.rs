@@ -48,6 +48,7 @@ enum BenchServe {
 }
 
 fn main() -> ExitCode {
+    specula::cli::install_tracing();
     match run(Cli::parse().command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
