@@ -15,3 +15,9 @@ pub mod request;
 pub mod server;
 pub mod spec;
 pub mod tensor;
+
+/// The README's code, compiled as a doc test so that its in-process API example keeps
+/// matching the real API.
+#[doc = include_str!("../README.md")]
+#[cfg(doctest)]
+pub struct ReadmeDoctests;
