@@ -16,7 +16,9 @@ use server_support::process::{self, Start};
 
 #[test]
 fn settings_no_client_could_use_are_refused_at_start() {
-    let cases: [(&[&str], &[(&str, &str)], &str); 6] = [
+    // Flags, environment variables, and what the refusal says.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case; 6] = [
         (&["--api-key", ""], &[], "the API key (--api-key or SPECULA_API_KEY) is empty"),
         (&["--api-key", "   "], &[], "has a space, a control or a non-ASCII character at byte 0"),
         (&["--api-key", "s3cret "], &[], "at byte 6"),

@@ -91,10 +91,6 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
-    pub fn is_eos(&self, id: u32) -> bool {
-        self.eos_ids.contains(&id)
-    }
-
     pub fn inner(&self) -> &tokenizers::Tokenizer {
         &self.inner
     }

@@ -243,7 +243,10 @@ fn is_fp8(name: &str, layout: Layout) -> bool {
     name.contains("_proj.") || (name == "lm_head.weight" && layout.quantize_head)
 }
 
-fn sorted(m: &TinyModel) -> Vec<(&String, &(Vec<usize>, Vec<f32>))> {
+/// A weight's shape and values.
+type Weight = (Vec<usize>, Vec<f32>);
+
+fn sorted(m: &TinyModel) -> Vec<(&String, &Weight)> {
     let mut v: Vec<_> = m.weights.iter().collect();
     v.sort_by(|a, b| a.0.cmp(b.0));
     v

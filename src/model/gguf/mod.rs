@@ -91,18 +91,6 @@ impl GgufFile {
         self.metadata.get(key)
     }
 
-    /// A tensor's info by its GGUF name (`blk.0.attn_q.weight`).
-    pub fn tensor_info(&self, gguf_name: &str) -> Option<&TensorInfo> {
-        self.tensors.get(gguf_name)
-    }
-
-    /// The GGUF names of all tensors, sorted.
-    pub fn tensor_names(&self) -> Vec<&str> {
-        let mut names: Vec<&str> = self.tensors.keys().map(String::as_str).collect();
-        names.sort_unstable();
-        names
-    }
-
     /// The model configuration from the `llama.*` metadata and the tensor table.
     pub fn config(&self) -> Result<ModelConfig, LoadError> {
         let hidden = self.required_usize("llama.embedding_length")?;
