@@ -91,8 +91,9 @@ impl Drafter {
         }
         self.publish_pool();
         plan.draft_seconds = start.elapsed().as_secs_f64();
-        if plan.rows.iter().any(|r| !r.draft.tokens.is_empty()) {
-            self.record(Work::Draft, plan.step, start);
+        let drafted: usize = plan.rows.iter().map(|r| r.draft.tokens.len()).sum();
+        if drafted > 0 {
+            self.record(Work::Draft, plan.step, drafted, start);
         }
     }
 
@@ -109,7 +110,7 @@ impl Drafter {
         self.extend(&rows);
         if !rows.is_empty() {
             self.publish_pool();
-            self.record(Work::PreDraft, plan.step, start);
+            self.record(Work::PreDraft, plan.step, rows.iter().map(|r| r.1).sum(), start);
         }
     }
 
@@ -198,9 +199,9 @@ impl Drafter {
         self.intake.do_send(DraftPoolUsage(stats));
     }
 
-    fn record(&self, work: Work, step: u64, start: Instant) {
+    fn record(&self, work: Work, step: u64, tokens: usize, start: Instant) {
         if let Some(t) = &self.timeline {
-            t.record(work, step, start);
+            t.record(work, step, tokens, start);
         }
     }
 

@@ -22,6 +22,8 @@ pub enum Work {
 pub struct Span {
     pub work: Work,
     pub step: u64,
+    /// Query tokens of a verification; draft tokens asked of drafting.
+    pub tokens: usize,
     pub start_us: f64,
     pub end_us: f64,
 }
@@ -39,10 +41,10 @@ impl Default for Timeline {
 }
 
 impl Timeline {
-    /// Records `work` for `step` from `start` until now.
-    pub fn record(&self, work: Work, step: u64, start: Instant) {
+    /// Records `work` over `tokens` tokens for `step` from `start` until now.
+    pub fn record(&self, work: Work, step: u64, tokens: usize, start: Instant) {
         let us = |t: Instant| t.saturating_duration_since(self.origin).as_secs_f64() * 1e6;
-        let span = Span { work, step, start_us: us(start), end_us: us(Instant::now()) };
+        let span = Span { work, step, tokens, start_us: us(start), end_us: us(Instant::now()) };
         if let Ok(mut spans) = self.spans.lock() {
             spans.push(span);
         }
@@ -92,7 +94,7 @@ mod tests {
 
     #[test]
     fn overlap_counts_only_drafter_time_inside_verification() {
-        let span = |work, start_us, end_us| Span { work, step: 0, start_us, end_us };
+        let span = |work, start_us, end_us| Span { work, step: 0, tokens: 1, start_us, end_us };
         let spans = [
             span(Work::Draft, 0.0, 1000.0),
             span(Work::Verify, 1000.0, 5000.0),

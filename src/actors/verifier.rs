@@ -214,7 +214,7 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
             let result = self.step_caught(&plan);
             let fatal = result.as_ref().err().is_some_and(|f| f.fatal.is_some());
             if let Some(t) = &self.timeline {
-                t.record(Work::Verify, plan.step, start);
+                t.record(Work::Verify, plan.step, plan.num_tokens(), start);
             }
             let seconds = start.elapsed().as_secs_f64();
             counter!(m::STEPS).increment(1);

@@ -79,66 +79,100 @@ impl Draft {
 /// and verifying drafts would only add work.
 pub const SPECULATION_OFF_AT_BATCH: usize = 32;
 
-/// A request's recent acceptance rate (exponential moving average), which sets how far
-/// it is worth drafting.
+/// A request's recent acceptance rate, which sets how far it is worth drafting.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AcceptanceTracker {
-    pub rate: f64,
+    /// Decayed counts of accepted drafts and of trials (accepted drafts plus the one
+    /// rejection, if any, of each step).
+    accepted: f64,
+    trials: f64,
     /// Steps in a row without drafts because they would not pay.
     idle: u32,
-    /// Flips every step while costs are unknown: half-length drafts on alternate steps give
-    /// the cost fit steps of different sizes to learn from.
-    halve: bool,
+    /// Draft-length choices since the last exploration.
+    since_explored: u32,
+    /// Flips at every exploration (one step longer, then one shorter than the best) and,
+    /// while costs are unknown, every step (half-length drafts on alternate steps give the
+    /// cost fit steps of different sizes to learn from).
+    flip: bool,
 }
 
 /// Without drafts for this many steps, a row drafts one token to measure its acceptance
 /// again.
 const PROBE_EVERY: u32 = 16;
+/// Every this many choices, a row drafts one token more or less than the best known length,
+/// so that the step sizes around the best stay measured.
+const EXPLORE_EVERY: u32 = 8;
+/// Weight of the past at each step's acceptance (a memory of about 20 steps).
+const ACCEPTANCE_FORGET: f64 = 0.95;
 
 impl Default for AcceptanceTracker {
-    /// Optimistic at first, so that a new request drafts and learns.
+    /// Optimistic at first (0.7, worth two trials), so that a new request drafts and learns.
     fn default() -> Self {
-        AcceptanceTracker { rate: 0.7, idle: 0, halve: false }
+        AcceptanceTracker { accepted: 1.4, trials: 2.0, idle: 0, since_explored: 0, flip: false }
     }
 }
 
 impl AcceptanceTracker {
-    /// Acceptance stops at the first rejection, so accepted ÷ drafted would understate the
-    /// per-token rate of long drafts; accepted ÷ (accepted + the one rejection, if any) is
-    /// its maximum-likelihood estimate.
+    /// The per-token acceptance. Acceptance stops at the first rejection, so accepted ÷
+    /// drafted would understate the rate of long drafts; accepted ÷ (accepted + the
+    /// rejections) is its maximum-likelihood estimate, pooled over recent steps so that one
+    /// short draft weighs less than a long one.
+    pub fn rate(&self) -> f64 {
+        self.accepted / self.trials
+    }
+
     pub fn record(&mut self, drafted: usize, accepted: usize) {
         if drafted > 0 {
             let trials = accepted + usize::from(accepted < drafted);
-            self.rate = 0.7 * self.rate + 0.3 * (accepted as f64 / trials as f64);
+            self.accepted = ACCEPTANCE_FORGET * self.accepted + accepted as f64;
+            self.trials = ACCEPTANCE_FORGET * self.trials + trials as f64;
         }
     }
 
     /// Draft length for the next step, at most `max`, shrinking linearly as the batch fills
     /// and 0 from `SPECULATION_OFF_AT_BATCH` rows. Within that, the length with the most
     /// expected tokens per second once `cost` knows what steps cost (0 when drafting does
-    /// not pay, but one token every `PROBE_EVERY` steps to keep measuring); before that,
-    /// draft position i is accepted with probability about rateⁱ, so drafting stops where
-    /// that falls below 10%, and every other step goes half as far.
+    /// not pay, but one token every `PROBE_EVERY` steps to keep measuring, and a neighbour
+    /// of the best every `EXPLORE_EVERY` choices); before that, draft position i is
+    /// accepted with probability about rateⁱ, so drafting stops where that falls below 10%,
+    /// and every other step goes half as far.
     pub fn draft_len(&mut self, max: usize, batch: usize, cost: &StepCost) -> usize {
         let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
         let cap = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1).min(max);
         if cap == 0 {
             return 0;
         }
-        if let Some(k) = cost.best_draft_len(self.rate, cap, batch) {
-            self.idle = if k == 0 { self.idle + 1 } else { 0 };
-            return if self.idle >= PROBE_EVERY {
-                self.idle = 0;
-                1
-            } else {
-                k
-            };
+        match cost.best_draft_len(self.rate(), cap, batch) {
+            Some(k) => self.known_cost_len(k, cap),
+            None => self.unknown_cost_len(max, cap),
         }
-        let by_acceptance =
-            if self.rate >= 0.99 { max } else { (0.1f64.ln() / self.rate.max(0.01).ln()).ceil() as usize };
+    }
+
+    fn known_cost_len(&mut self, best: usize, cap: usize) -> usize {
+        self.idle = if best == 0 { self.idle + 1 } else { 0 };
+        if self.idle >= PROBE_EVERY {
+            self.idle = 0;
+            return 1;
+        }
+        self.since_explored += 1;
+        if best == 0 || self.since_explored < EXPLORE_EVERY {
+            return best;
+        }
+        self.since_explored = 0;
+        self.flip = !self.flip;
+        if self.flip {
+            (best + 1).min(cap)
+        } else {
+            best - 1
+        }
+    }
+
+    fn unknown_cost_len(&mut self, max: usize, cap: usize) -> usize {
+        let rate = self.rate();
+        let by_acceptance = if rate >= 0.99 { max } else { (0.1f64.ln() / rate.max(0.01).ln()).ceil() as usize };
         let k = by_acceptance.clamp(1, cap);
-        self.halve = !self.halve;
-        if self.halve {
+        self.flip = !self.flip;
+        if self.flip {
             k.div_ceil(2)
         } else {
             k
@@ -208,7 +242,8 @@ mod tests {
         assert_eq!(two(&mut t, 1), [4, 8]);
         assert_eq!(two(&mut t, 16), [3, 5]);
         assert_eq!(two(&mut t, SPECULATION_OFF_AT_BATCH), [0, 0]);
-        for _ in 0..20 {
+        // The 20 long drafts' evidence fades over about 20 steps of first-token rejections.
+        for _ in 0..100 {
             t.record(8, 0);
         }
         assert_eq!(two(&mut t, 1), [1, 1]); // still probes with one token
@@ -222,6 +257,36 @@ mod tests {
         let lens: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| t.draft_len(8, 1, &dear)).collect();
         assert_eq!(lens.iter().filter(|&&k| k == 1).count(), 2, "{lens:?}");
         assert_eq!(lens.iter().filter(|&&k| k == 0).count(), 2 * PROBE_EVERY as usize - 2);
+    }
+
+    #[test]
+    fn known_costs_explore_the_neighbours_of_the_best_length() {
+        // Steps cost 10 ms + 1 ms per token; at acceptance 0.8 the best length is 6.
+        let mut cost = StepCost::default();
+        for n in [1, 2, 5, 9, 7, 3].repeat(5) {
+            cost.record_step(n, 0.010 + 0.001 * n as f64);
+        }
+        let best = cost.best_draft_len(0.8, 10, 1).unwrap();
+        let mut t = AcceptanceTracker { accepted: 8.0, trials: 10.0, ..AcceptanceTracker::default() };
+        let lens: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| t.draft_len(10, 1, &cost)).collect();
+        let count = |k| lens.iter().filter(|&&l| l == k).count();
+        assert_eq!((count(best), count(best + 1), count(best - 1)), (lens.len() - 2, 1, 1), "{lens:?}");
+    }
+
+    #[test]
+    fn measured_step_sizes_override_the_line() {
+        // The line says 11 tokens cost 21 ms; measured, they cost 60 ms: drafting 10 no
+        // longer pays, and the best length moves below 10.
+        let mut cost = StepCost::default();
+        for n in [1, 2, 5, 9, 7, 3].repeat(5) {
+            cost.record_step(n, 0.010 + 0.001 * n as f64);
+        }
+        assert_eq!(cost.best_draft_len(0.95, 10, 1), Some(10));
+        for _ in 0..4 {
+            cost.record_step(11, 0.060);
+        }
+        assert!(cost.step_seconds(11).unwrap() > 0.059);
+        assert!(cost.best_draft_len(0.95, 10, 1).unwrap() < 10);
     }
 
     #[test]

@@ -1,24 +1,49 @@
-//! What speculation costs, learned while running: a forward step over `n` query tokens
-//! takes about `fixed + per_token · n` seconds, and drafting takes `draft` seconds per
-//! token. Fitted by least squares with exponential forgetting, so the estimate follows the
-//! hardware, the model and the batch. The draft length is then the one with the most
+//! What speculation costs, learned while running. A forward step over `n` query tokens takes
+//! `step(n)` seconds, measured per step size (exponential moving averages), so whatever the
+//! hardware does at each size (a kernel switching tiles at 17 tokens, a draft model sharing
+//! the GPU during long verifications) is what the policy sees. Sizes not yet measured are
+//! estimated from a least-squares line through all steps (`fixed + per_token · n`), and
+//! drafting costs `draft` seconds per token. The draft length is then the one with the most
 //! expected tokens per second, not merely the longest that is likely to be accepted: on a
 //! GPU verifying 9 tokens costs far more than one decode step, on a CPU nearly 9 times more.
 
-/// Weight of the past at each new measurement (a memory of about 50 steps).
+/// Weight of the past at each new measurement of the line (a memory of about 50 steps).
 const FORGET: f64 = 0.98;
+/// Weight of the past for one step size's average.
+const SIZE_FORGET: f64 = 0.8;
 /// Steps measured before the fit is trusted.
 const MIN_STEPS: f64 = 16.0;
+/// Step sizes measured one by one; larger steps share power-of-two buckets.
+const EXACT_SIZES: usize = 64;
+const BUCKETS: usize = EXACT_SIZES + 8;
 
 /// Step sizes whose first step has been seen (bit n for n tokens, the last bit for all
 /// larger ones).
 type SeenSizes = u128;
 
-#[derive(Debug, Clone, Default, PartialEq)]
+/// A decayed average of one step size's seconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct SizeCost {
+    weight: f64,
+    seconds: f64,
+}
+
+/// Where steps of `tokens` query tokens are averaged.
+fn bucket(tokens: usize) -> usize {
+    if tokens <= EXACT_SIZES {
+        tokens
+    } else {
+        (EXACT_SIZES + tokens.ilog2() as usize - EXACT_SIZES.ilog2() as usize).min(BUCKETS - 1)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct StepCost {
     /// The first step of each size is a warm-up (a GPU captures its graph, buffers are
     /// allocated): never a measurement.
     seen: SeenSizes,
+    /// Per step-size bucket (index 0 unused).
+    sizes: [SizeCost; BUCKETS],
     // Decayed sums for the least-squares line through (tokens, seconds).
     weight: f64,
     sum_n: f64,
@@ -28,6 +53,22 @@ pub struct StepCost {
     // Decayed totals of drafted tokens and the seconds spent drafting them.
     draft_tokens: f64,
     draft_seconds: f64,
+}
+
+impl Default for StepCost {
+    fn default() -> Self {
+        StepCost {
+            seen: 0,
+            sizes: [SizeCost::default(); BUCKETS],
+            weight: 0.0,
+            sum_n: 0.0,
+            sum_t: 0.0,
+            sum_nn: 0.0,
+            sum_nt: 0.0,
+            draft_tokens: 0.0,
+            draft_seconds: 0.0,
+        }
+    }
 }
 
 impl StepCost {
@@ -40,9 +81,12 @@ impl StepCost {
             return;
         }
         let (n, t) = (tokens as f64, seconds);
-        if self.fit().is_some_and(|(fixed, per_token)| t > 4.0 * (fixed + per_token * n) + 1e-3) {
+        if self.step_seconds(tokens).is_some_and(|predicted| t > 4.0 * predicted + 1e-3) {
             return;
         }
+        let size = &mut self.sizes[bucket(tokens)];
+        size.weight = SIZE_FORGET * size.weight + 1.0;
+        size.seconds = SIZE_FORGET * size.seconds + t;
         self.weight = FORGET * self.weight + 1.0;
         self.sum_n = FORGET * self.sum_n + n;
         self.sum_t = FORGET * self.sum_t + t;
@@ -70,6 +114,25 @@ impl StepCost {
         Some((fixed, per_token))
     }
 
+    /// The seconds of a step over `tokens` query tokens: measured at that size if it has
+    /// been, else on the fitted line; None until the line is known.
+    pub fn step_seconds(&self, tokens: usize) -> Option<f64> {
+        let (fixed, per_token) = self.fit()?;
+        let size = self.sizes[bucket(tokens)];
+        Some(if size.weight > 0.0 { size.seconds / size.weight } else { fixed + per_token * tokens as f64 })
+    }
+
+    /// The measured seconds of each step size (bucket sizes above `EXACT_SIZES`).
+    pub fn by_size(&self) -> Vec<(usize, f64)> {
+        let sizes = self.sizes.iter().enumerate().filter(|(_, s)| s.weight > 0.0);
+        sizes
+            .map(|(i, s)| {
+                let tokens = if i <= EXACT_SIZES { i } else { EXACT_SIZES << (i - EXACT_SIZES) };
+                (tokens, s.seconds / s.weight)
+            })
+            .collect()
+    }
+
     fn draft_per_token(&self) -> f64 {
         if self.draft_tokens > 0.0 {
             self.draft_seconds / self.draft_tokens
@@ -82,13 +145,13 @@ impl StepCost {
     /// per second when each draft is accepted with probability `acceptance` (0: plain
     /// decoding pays better); None until the costs are known.
     pub fn best_draft_len(&self, acceptance: f64, max: usize, batch: usize) -> Option<usize> {
-        let (fixed, per_token) = self.fit()?;
-        let (b, a) = (batch.max(1) as f64, acceptance.clamp(0.0, 0.999));
+        self.fit()?;
+        let a = acceptance.clamp(0.0, 0.999);
         let rate = |k: usize| {
             // 1 + a + ... + a^k tokens: the accepted drafts and the target's own token.
             let expected = (1.0 - a.powi(k as i32 + 1)) / (1.0 - a);
-            let seconds = fixed + per_token * b * (k + 1) as f64 + self.draft_per_token() * b * k as f64;
-            expected / seconds.max(1e-12)
+            let step = self.step_seconds(batch.max(1) * (k + 1)).unwrap_or(f64::MAX);
+            expected / (step + self.draft_per_token() * (batch.max(1) * k) as f64).max(1e-12)
         };
         (0..=max).max_by(|&x, &y| rate(x).total_cmp(&rate(y)))
     }
