@@ -95,6 +95,8 @@ fn start<B: Backend>(
     if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
         args.spec.warn_if_synthetic();
         builder = builder.speculation(spec).timeline(timeline.clone());
+    } else if args.timeline.is_some() {
+        builder = builder.timeline(timeline.clone());
     }
     let ids_only = loaded.tokenizer.is_none();
     if let Some(m) = backend.memory()? {
