@@ -11,7 +11,7 @@
 # MAX_TOKENS (default 256), TARGET (default dummy:llama-3.1-8b), DTYPE (auto or fp8, the
 # target's weights), DRAFT_DTYPE (the draft's, default DTYPE), DRAFT_LENS (default "8 4":
 # the batch-1 runs), BATCH8 (default 1: also run 8 requests at once, with the first draft
-# length).
+# length), GPU_MEMORY_FRACTION (default: the runtime's; e.g. 0.99 for the 70B on an 80 GB card).
 set -uo pipefail
 BIN=${1:-target/release/specula}
 LOG_DIR=${LOG_DIR:-/tmp/specula-runtime}
@@ -32,6 +32,7 @@ for r in range(8):
 head -n 1 "$LOG_DIR/prompts8.txt" >"$LOG_DIR/prompts1.txt"
 
 common=(generate --backend cuda --model "$TARGET" --dtype "$DTYPE" --max-tokens "$MAX_TOKENS" --ignore-eos --json)
+[ -n "${GPU_MEMORY_FRACTION:-}" ] && common+=(--gpu-memory-fraction "$GPU_MEMORY_FRACTION")
 spec=(--spec draft --draft-model dummy:llama-3.2-1b --draft-dtype "$DRAFT_DTYPE" --synthetic-acceptance 0.8)
 run() { # name, prompts file, extra args...
     local name=$1 file=$2

@@ -91,8 +91,8 @@ pub struct AcceptanceTracker {
     /// Draft-length choices since the last exploration.
     since_explored: u32,
     /// Flips at every exploration (one step longer, then one shorter than the best) and,
-    /// while costs are unknown, every step (half-length drafts on alternate steps give the
-    /// cost fit steps of different sizes to learn from).
+    /// while costs are unknown, every step (plain steps between drafting ones give the cost
+    /// fit steps of different sizes to learn from).
     flip: bool,
 }
 
@@ -135,7 +135,7 @@ impl AcceptanceTracker {
     /// not pay, but one token every `PROBE_EVERY` steps to keep measuring, and a neighbour
     /// of the best every `EXPLORE_EVERY` choices); before that, draft position i is
     /// accepted with probability about rateⁱ, so drafting stops where that falls below 10%,
-    /// and every other step goes half as far.
+    /// and every other step is a plain one.
     pub fn draft_len(&mut self, max: usize, batch: usize, cost: &StepCost) -> usize {
         let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
         let cap = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1).min(max);
@@ -167,15 +167,16 @@ impl AcceptanceTracker {
         }
     }
 
+    /// Costs unknown: draft as far as acceptance suggests on every other step, and not at
+    /// all on the others, so that both plain steps and verifications get measured.
     fn unknown_cost_len(&mut self, max: usize, cap: usize) -> usize {
         let rate = self.rate();
         let by_acceptance = if rate >= 0.99 { max } else { (0.1f64.ln() / rate.max(0.01).ln()).ceil() as usize };
-        let k = by_acceptance.clamp(1, cap);
         self.flip = !self.flip;
         if self.flip {
-            k.div_ceil(2)
+            0
         } else {
-            k
+            by_acceptance.clamp(1, cap)
         }
     }
 }
@@ -231,22 +232,22 @@ mod tests {
 
     #[test]
     fn draft_length_follows_acceptance_and_batch() {
-        // Costs unknown: by acceptance, every other step half as long (to measure costs).
+        // Costs unknown: by acceptance, every other step plain (to measure costs).
         let unknown = StepCost::default();
         let two = |t: &mut AcceptanceTracker, batch| [t.draft_len(8, batch, &unknown), t.draft_len(8, batch, &unknown)];
         let mut t = AcceptanceTracker::default();
-        assert_eq!(two(&mut t, 1), [4, 7]); // 0.7⁷ ≈ 0.08
+        assert_eq!(two(&mut t, 1), [0, 7]); // 0.7⁷ ≈ 0.08
         for _ in 0..20 {
             t.record(8, 8);
         }
-        assert_eq!(two(&mut t, 1), [4, 8]);
-        assert_eq!(two(&mut t, 16), [3, 5]);
+        assert_eq!(two(&mut t, 1), [0, 8]);
+        assert_eq!(two(&mut t, 16), [0, 5]);
         assert_eq!(two(&mut t, SPECULATION_OFF_AT_BATCH), [0, 0]);
         // The 20 long drafts' evidence fades over about 20 steps of first-token rejections.
         for _ in 0..100 {
             t.record(8, 0);
         }
-        assert_eq!(two(&mut t, 1), [1, 1]); // still probes with one token
+        assert_eq!(two(&mut t, 1), [0, 1]); // still probes with one token
 
         // Known costs, each token as dear as a step: drafts that are rarely accepted do not
         // pay; one token every PROBE_EVERY steps keeps measuring.
@@ -287,6 +288,23 @@ mod tests {
         }
         assert!(cost.step_seconds(11).unwrap() > 0.059);
         assert!(cost.best_draft_len(0.95, 10, 1).unwrap() < 10);
+    }
+
+    #[test]
+    fn a_plain_step_never_measured_is_tried() {
+        // Eight rows have only ever verified drafts (16 to 72 tokens, 10 ms + 0.5 ms per
+        // token); the line would put a plain 8-token step at 14 ms, but steps cost no less
+        // in proportion than the smallest one measured: 9 ms, and at acceptance 0.6 plain
+        // decoding wins.
+        let mut cost = StepCost::default();
+        for n in [16, 24, 40, 72, 32, 56].repeat(5) {
+            cost.record_step(n, 0.010 + 0.0005 * n as f64);
+        }
+        assert!((cost.step_seconds(8).unwrap() - 0.009).abs() < 1e-9);
+        assert_eq!(cost.best_draft_len(0.6, 8, 8), Some(0));
+        cost.record_step(8, 0.016); // a warm-up
+        cost.record_step(8, 0.016);
+        assert!(cost.best_draft_len(0.6, 8, 8).unwrap() > 0, "dear plain steps: drafting pays");
     }
 
     #[test]

@@ -33,7 +33,7 @@ fn bucket(tokens: usize) -> usize {
     if tokens <= EXACT_SIZES {
         tokens
     } else {
-        (EXACT_SIZES + tokens.ilog2() as usize - EXACT_SIZES.ilog2() as usize).min(BUCKETS - 1)
+        (EXACT_SIZES + 1 + tokens.ilog2() as usize - EXACT_SIZES.ilog2() as usize).min(BUCKETS - 1)
     }
 }
 
@@ -114,15 +114,31 @@ impl StepCost {
         Some((fixed, per_token))
     }
 
-    /// The seconds of a step over `tokens` query tokens: measured at that size if it has
-    /// been, else on the fitted line; None until the line is known.
+    /// The seconds of a step over `tokens` query tokens, once the line is known: measured at
+    /// that size if it has been; else between the nearest measured sizes; below them all,
+    /// in proportion to the smallest (optimistic, so that a smaller step, plain decoding
+    /// above all, gets tried and measured rather than judged by a line drawn through
+    /// verifications); above them all, on the line but no cheaper than the largest.
     pub fn step_seconds(&self, tokens: usize) -> Option<f64> {
         let (fixed, per_token) = self.fit()?;
         let size = self.sizes[bucket(tokens)];
-        Some(if size.weight > 0.0 { size.seconds / size.weight } else { fixed + per_token * tokens as f64 })
+        if size.weight > 0.0 {
+            return Some(size.seconds / size.weight);
+        }
+        let measured = self.by_size();
+        let n = tokens as f64;
+        let below = measured.iter().rev().find(|&&(m, _)| m < tokens);
+        let above = measured.iter().find(|&&(m, _)| m > tokens);
+        Some(match (below, above) {
+            (Some(&(m0, t0)), Some(&(m1, t1))) => t0 + (t1 - t0) * (n - m0 as f64) / (m1 - m0) as f64,
+            (None, Some(&(m1, t1))) => t1 * n / m1 as f64,
+            (Some(&(_, t0)), None) => (fixed + per_token * n).max(t0),
+            (None, None) => fixed + per_token * n,
+        })
     }
 
-    /// The measured seconds of each step size (bucket sizes above `EXACT_SIZES`).
+    /// The measured seconds of each step size (above `EXACT_SIZES`, each power-of-two
+    /// bucket under its upper end).
     pub fn by_size(&self) -> Vec<(usize, f64)> {
         let sizes = self.sizes.iter().enumerate().filter(|(_, s)| s.weight > 0.0);
         sizes
