@@ -167,16 +167,17 @@ impl AcceptanceTracker {
         }
     }
 
-    /// Costs unknown: draft as far as acceptance suggests on every other step, and not at
-    /// all on the others, so that both plain steps and verifications get measured.
+    /// Costs unknown: draft as far as acceptance suggests on every other step (the first
+    /// included), and not at all on the others, so that both plain steps and verifications
+    /// get measured.
     fn unknown_cost_len(&mut self, max: usize, cap: usize) -> usize {
         let rate = self.rate();
         let by_acceptance = if rate >= 0.99 { max } else { (0.1f64.ln() / rate.max(0.01).ln()).ceil() as usize };
         self.flip = !self.flip;
         if self.flip {
-            0
-        } else {
             by_acceptance.clamp(1, cap)
+        } else {
+            0
         }
     }
 }
@@ -236,18 +237,18 @@ mod tests {
         let unknown = StepCost::default();
         let two = |t: &mut AcceptanceTracker, batch| [t.draft_len(8, batch, &unknown), t.draft_len(8, batch, &unknown)];
         let mut t = AcceptanceTracker::default();
-        assert_eq!(two(&mut t, 1), [0, 7]); // 0.7⁷ ≈ 0.08
+        assert_eq!(two(&mut t, 1), [7, 0]); // 0.7⁷ ≈ 0.08
         for _ in 0..20 {
             t.record(8, 8);
         }
-        assert_eq!(two(&mut t, 1), [0, 8]);
-        assert_eq!(two(&mut t, 16), [0, 5]);
+        assert_eq!(two(&mut t, 1), [8, 0]);
+        assert_eq!(two(&mut t, 16), [5, 0]);
         assert_eq!(two(&mut t, SPECULATION_OFF_AT_BATCH), [0, 0]);
         // The 20 long drafts' evidence fades over about 20 steps of first-token rejections.
         for _ in 0..100 {
             t.record(8, 0);
         }
-        assert_eq!(two(&mut t, 1), [0, 1]); // still probes with one token
+        assert_eq!(two(&mut t, 1), [1, 0]); // still probes with one token
 
         // Known costs, each token as dear as a step: drafts that are rarely accepted do not
         // pay; one token every PROBE_EVERY steps keeps measuring.
