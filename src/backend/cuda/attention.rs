@@ -20,6 +20,10 @@ impl CudaBackend {
         s: AttnShape,
         inv_freq: Option<&CudaTensor>,
     ) -> Result<CudaTensor> {
+        if s.window.is_some() {
+            let feature = crate::tensor::KvFeature::Window;
+            return Err(BackendError::Unsupported { backend: "cuda", feature });
+        }
         let (n, kv_dim) = (batch.num_tokens(), s.num_kv_heads * s.head_dim);
         if k.dims() != (n, kv_dim) || v.dims() != (n, kv_dim) {
             return Err(BackendError::Invalid(format!(

@@ -72,8 +72,8 @@ pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>>
         rope(&mut c, preset)?;
     }
     for shape in [
-        AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
-        AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128 },
+        AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64, window: None },
+        AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128, window: None },
     ] {
         attention(&mut c, shape)?;
     }
