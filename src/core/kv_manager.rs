@@ -246,3 +246,42 @@ impl KvManager {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A windowed sequence grows one token at a time far past the pool's size: it holds at
+    /// most its sink block and its window's, and a second sequence with the same prompt finds
+    /// the committed chain whole and keeps only what its own window reads.
+    #[test]
+    fn a_windowed_sequence_outgrows_the_pool_and_its_prefix_is_found() {
+        let (bs, window) = (4, AttnWindow::new(8, 2).unwrap());
+        let mut kv = KvManager::with_window(BlockPool::new(6, bs), Some(window));
+        let (a, b) = (RequestId(1), RequestId(2));
+        let tokens: Vec<u32> = (0..100).collect();
+        for computed in 0..100usize {
+            kv.commit(a, &tokens[computed.saturating_sub(1)..computed]);
+            kv.slide(a, computed);
+            kv.grow(a, computed + 1).expect("the window fits");
+            // The sink block, and blocks from position computed - 7 to computed.
+            assert!(kv.stats().used <= 1 + 8 / bs + 1, "at {computed}: {:?}", kv.stats());
+            kv.check_invariants().unwrap();
+        }
+        assert!(kv.stats().window_recycled >= 20);
+        kv.release(a);
+        // Every block was committed before it slid out; the sink block, held to the end, is
+        // still cached (the others, freed early, may have been evicted meanwhile).
+        let cached = kv.lookup_prefix(b, &tokens[..13]);
+        let table = kv.block_table(b).to_vec();
+        assert!((4..=12).contains(&cached) && table.len() == cached / bs, "{cached} {table:?}");
+        // What its next query (at `cached`) reads is held; what lies before it was given back.
+        for (i, &block) in table.iter().enumerate() {
+            let reads = i * bs < window.sinks() || (i + 1) * bs > window.first_recent(cached);
+            assert_eq!(block != NO_BLOCK, reads, "block {i} of {table:?}");
+        }
+        kv.release(b);
+        assert_eq!(kv.stats().used, 0);
+        kv.check_invariants().unwrap();
+    }
+}
