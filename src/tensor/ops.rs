@@ -25,7 +25,6 @@ pub enum BackendError {
 pub enum KvFeature {
     Storage(KvStorage),
     Dtype(KvDtype),
-    Window,
 }
 
 impl std::fmt::Display for KvFeature {
@@ -33,7 +32,6 @@ impl std::fmt::Display for KvFeature {
         match self {
             KvFeature::Storage(s) => write!(f, "a {s} KV cache"),
             KvFeature::Dtype(d) => write!(f, "--kv-cache-dtype {d:?}"),
-            KvFeature::Window => f.write_str("an attention window (--attention-window)"),
         }
     }
 }

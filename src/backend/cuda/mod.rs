@@ -317,14 +317,11 @@ impl Backend for CudaBackend {
         Ok(Some(DeviceMemory { free, total }))
     }
 
-    /// Refuses what its attention kernels cannot read: another storage than bf16, a window.
+    /// Refuses what its attention kernels cannot read: another storage than bf16.
     fn kv_cache(&self, slots: usize, layout: &KvLayout) -> Result<CudaTensor> {
-        let unsupported = |feature| BackendError::Unsupported { backend: "cuda", feature };
         if layout.storage != KvStorage::Bf16 {
-            return Err(unsupported(KvFeature::Storage(layout.storage)));
-        }
-        if layout.window.is_some() {
-            return Err(unsupported(KvFeature::Window));
+            let feature = KvFeature::Storage(layout.storage);
+            return Err(BackendError::Unsupported { backend: "cuda", feature });
         }
         let out = self.alloc(vec![slots, layout.kv_dim()], DType::Bf16)?;
         self.dev.memset_zero(out.ptr(), out.bytes())?;
