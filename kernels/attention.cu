@@ -12,6 +12,12 @@
 // of every layer. Lane l holds dimensions l*PL..l*PL+PL-1 of a head, so the partner of each
 // (dimension i pairs with i + HD/2, the Hugging Face layout) sits in lane l ^ 16.
 //
+// With an attention window (the attn_split_win_* kernels), a token at `pos` reads only
+// positions p with p < sinks or pos - p < window; the others are neither loaded (their blocks may be back
+// in the pool: the table holds NO_BLOCK there) nor scored. A split left with nothing keeps
+// its max at -inf, which the merges weigh as 0; the token's own split always has itself.
+// WINDOWED is a template flag so that the kernels without a window compile as before.
+//
 // The sequence is cut into splits of split_len(position) positions; one block handles one
 // (kv head, query token, split) and all the query heads that share that kv head (GQA:
 // K and V are read once for the group). A second kernel merges the splits. The split
@@ -74,18 +80,18 @@ __device__ __forceinline__ void rope_rotate(float* v, const float* cs, const flo
 
 // partial: [tokens, heads, max_splits, HD + 2] holding (max score, sum of exp, unnormalised
 // output) per split. grid: (kv_heads, tokens, max_splits), block: 32 * ATTN_WARPS.
-template <int HD>
+template <int HD, bool WINDOWED>
 __device__ void attn_split(const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,
                            __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
                            const uint32_t* __restrict__ positions, const uint32_t* __restrict__ slots,
                            const uint32_t* __restrict__ token_row, const uint32_t* __restrict__ row_first,
                            const uint32_t* __restrict__ block_tables, int max_blocks, int block_size, int heads,
                            int kv_heads, int max_splits, float* __restrict__ partial,
-                           const float* __restrict__ inv_freq, int min_split) {
+                           const float* __restrict__ inv_freq, int min_split, int window, int sinks) {
     constexpr int PL = HD / WARP;  // head dimensions per lane
     pdl_start();
     const int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
-    const int ctx = positions[t] + 1, len = split_len(positions[t], min_split);
+    const int pos = positions[t], ctx = pos + 1, len = split_len(pos, min_split);
     const int start = split * len;
     if (start >= ctx) return;
     const int end = min(ctx, start + len);
@@ -130,7 +136,8 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; u++) {
             const int p = p0 + u * ATTN_WARPS;
-            if (p < end && p >= first_pos) {  // uniform in the warp
+            const bool read = p < end && (!WINDOWED || p < sinks || pos - p < window);  // uniform in the warp
+            if (read && p >= first_pos) {
                 const size_t off = (size_t)(first_tok + p - first_pos) * kv_dim + kvh * HD + lane * PL;
                 if (inv_freq) {
                     float pc[PL], ps[PL];
@@ -144,7 +151,7 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
                     load_rounded<PL>(k_new + off, kf[u]);
                 }
                 load_rounded<PL>(v_new + off, vf[u]);
-            } else if (p < end) {
+            } else if (read) {
                 const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
                 const size_t off = slot * kv_dim + kvh * HD + lane * PL;
                 load_bf16<PL>(k_cache + off, kf[u]);
@@ -153,7 +160,9 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
         }
 #pragma unroll
         for (int u = 0; u < ATTN_UNROLL; u++) {
-            if (p0 + u * ATTN_WARPS >= end) break;
+            const int p = p0 + u * ATTN_WARPS;
+            if (p >= end) break;
+            if (WINDOWED && p >= sinks && pos - p >= window) continue;  // left out by the window
 #pragma unroll
             for (int j = 0; j < MAX_GROUP; j++) {
                 if (j < g) {
@@ -208,12 +217,14 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     const float *q, const float *k, const float *v, __nv_bfloat16 *kc, __nv_bfloat16 *vc,                   \
         const uint32_t *positions, const uint32_t *slots, const uint32_t *token_row, const uint32_t *row_first, \
         const uint32_t *block_tables, int max_blocks, int block_size, int heads, int kv_heads, int max_splits,  \
-        float *partial, const float *inv_freq, int min_split
+        float *partial, const float *inv_freq, int min_split, int window, int sinks
 #define ATTN_PASS                                                                                                \
     q, k, v, kc, vc, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads, kv_heads, \
-        max_splits, partial, inv_freq, min_split
-extern "C" __global__ void attn_split_hd64(ATTN_ARGS) { attn_split<64>(ATTN_PASS); }
-extern "C" __global__ void attn_split_hd128(ATTN_ARGS) { attn_split<128>(ATTN_PASS); }
+        max_splits, partial, inv_freq, min_split, window, sinks
+extern "C" __global__ void attn_split_hd64(ATTN_ARGS) { attn_split<64, false>(ATTN_PASS); }
+extern "C" __global__ void attn_split_hd128(ATTN_ARGS) { attn_split<128, false>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd64(ATTN_ARGS) { attn_split<64, true>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd128(ATTN_ARGS) { attn_split<128, true>(ATTN_PASS); }
 
 // out[t, h * head_dim + d] from the splits that token t used. grid: (heads, tokens), block: head_dim.
 extern "C" __global__ void attn_merge(const float* __restrict__ partial, const uint32_t* __restrict__ positions,

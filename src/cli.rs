@@ -14,6 +14,7 @@ use crate::backend::{Backend, BackendError};
 use crate::device::{Device, OnDevice};
 use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
 use crate::spec::{check_settings, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
+use crate::tensor::{AttnWindow, KvDtype, KvOptions, WindowError};
 pub use default_model::{default_model_path, FetchError, ModelArg};
 pub use log::install_tracing;
 
@@ -36,9 +37,28 @@ pub struct ModelArgs {
     /// the weights (and a draft model) leave of it.
     #[arg(long, default_value_t = 0.90, allow_negative_numbers = true)]
     pub gpu_memory_fraction: f64,
+    /// KV cache precision: `auto` (f32 on the CPU, bf16 on a GPU), `bf16`, or `fp8` (E4M3
+    /// with a power-of-two scale per token and KV head: about half of bf16's bytes).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub kv_cache_dtype: KvDtype,
+    /// Each token attends to the last N tokens (and the sink tokens) only; blocks that slide
+    /// out of the window go back to the pool, so a sequence may outgrow the context. Default:
+    /// the model's `sliding_window`, if its config.json has one; else full attention.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub attention_window: Option<usize>,
+    /// With --attention-window: the first S tokens stay visible to every token (StreamingLLM
+    /// attention sinks).
+    #[arg(long, value_name = "S", default_value_t = 0, requires = "attention_window", allow_negative_numbers = true)]
+    pub sink_tokens: usize,
 }
 
 impl ModelArgs {
+    /// The KV cache as the options ask; a window of 0 or smaller than its sinks is refused.
+    pub fn kv_options(&self) -> Result<KvOptions, WindowError> {
+        let window = self.attention_window.map(|n| AttnWindow::new(n, self.sink_tokens)).transpose()?;
+        Ok(KvOptions { dtype: self.kv_cache_dtype, window })
+    }
+
     pub fn load_options(&self) -> LoadOptions {
         LoadOptions::dtype(self.dtype)
     }
@@ -78,11 +98,12 @@ impl OnDevice for StartRuntime<'_> {
     type Output = Result<Started, Box<dyn std::error::Error>>;
 
     fn run<B: Backend>(self, new_backend: &dyn Fn() -> Result<B, BackendError>) -> Self::Output {
+        let kv = self.model.kv_options()?;
         let backend = new_backend()?;
         let loaded = load_model_with(&self.model.source()?, &self.model.load_options(), &backend)?;
         let chat_template = loaded.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
         let model = Arc::new(loaded.model);
-        let mut builder = self.builder.gpu_memory_fraction(self.model.gpu_memory_fraction);
+        let mut builder = self.builder.gpu_memory_fraction(self.model.gpu_memory_fraction).kv_cache(kv);
         if let Some(spec) = self.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
             self.spec.warn_if_synthetic();
             builder = builder.speculation(spec);

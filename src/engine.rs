@@ -7,16 +7,19 @@ use std::time::Instant;
 use serde::Serialize;
 
 use crate::backend::{Backend, BackendError, BatchMeta};
+use crate::core::block_pool::BlockPool;
 use crate::core::draft_sync::{resync, Ahead};
 use crate::core::finish::{FinishRules, TextOutput};
-use crate::core::lengths::{Lengths, SeqLimits};
+use crate::core::kv_manager::KvManager;
+use crate::core::lengths::{window_held, Lengths, SeqLimits, WINDOWED_CONTEXT};
 use crate::core::sampling::Sampler;
 use crate::core::spec::AcceptanceTracker;
 use crate::core::step_cost::StepCost;
 use crate::model::{ForwardStep, KvCache, Llama, Tokenizer};
 use crate::prompt::{tokenize_prompt, BLOCK_SIZE};
-use crate::request::{FinishReason, GenerateRequest, RequestError, Usage};
-use crate::spec::{ids_suffice, verify, verify_ids, Draft, Proposer, SeqId, SpecStats};
+use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
+use crate::spec::{ids_suffice, verify, verify_ids, Draft, Proposer, SeqId, SpecStats, MAX_DRAFT_LEN};
+use crate::tensor::KvOptions;
 
 /// Tokens per forward while prefilling: bounds the activations' memory.
 const PREFILL_CHUNK: usize = 512;
@@ -54,15 +57,32 @@ pub struct Engine<B: Backend> {
     /// Shared with an early-exit proposer, which drafts with the first layers.
     pub model: Arc<Llama<B>>,
     pub tokenizer: Option<Tokenizer>,
+    /// How each request's KV cache is stored and read (dtype, attention window).
+    pub kv: KvOptions,
 }
 
 impl<B: Backend> Engine<B> {
+    /// An engine whose caches keep the backend's precision, with the model's own
+    /// `sliding_window` if it has one.
     pub fn new(backend: B, model: Llama<B>, tokenizer: Option<Tokenizer>) -> Self {
-        Engine { backend, model: Arc::new(model), tokenizer }
+        let kv = KvOptions { window: model.config.default_window(), ..KvOptions::default() };
+        Engine { backend, model: Arc::new(model), tokenizer, kv }
     }
 
+    /// The same engine with its KV caches stored and read as `kv` says (no window: the
+    /// model's own, if it has one).
+    pub fn with_kv(self, kv: KvOptions) -> Self {
+        let window = kv.window.or_else(|| self.model.config.default_window());
+        Engine { kv: KvOptions { window, ..kv }, ..self }
+    }
+
+    /// The longest sequence: the model's context, or with an attention window
+    /// `WINDOWED_CONTEXT` (positions keep counting).
     pub fn context_len(&self) -> usize {
-        self.model.config.max_position_embeddings
+        match self.kv.window {
+            Some(_) => WINDOWED_CONTEXT,
+            None => self.model.config.max_position_embeddings,
+        }
     }
 
     /// Generates a completion, calling `on_delta(new_ids, new_text)` as tokens arrive.
@@ -85,12 +105,10 @@ impl<B: Backend> Engine<B> {
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
         let config = &self.model.config;
         // The engine sizes its own cache for the request: only the context limits it.
-        let lengths = Lengths { context: self.context_len(), kv_tokens: usize::MAX };
+        let lengths = Lengths { context: self.context_len(), kv_tokens: usize::MAX, held: None };
         let prompt = tokenize_prompt(self.tokenizer.as_ref(), &req.prompt, config.vocab_size, &lengths)?;
         let limits = lengths.admit(prompt.len(), req.max_tokens)?;
-        let num_blocks = limits.max_len.div_ceil(BLOCK_SIZE);
-        let kv = KvCache::new(&self.backend, config, num_blocks, BLOCK_SIZE)?;
-        let mut seq = Sequence { kv, table: (0..num_blocks as u32).collect(), history: prompt.clone(), limits };
+        let mut seq = self.sequence(prompt.clone(), limits)?;
         let eos = self.tokenizer.as_ref().map(|t| t.eos_ids.clone()).unwrap_or_default();
         let mut out =
             Output::new(req, self.tokenizer.as_ref(), FinishRules { eos: &eos, ignore_eos: req.ignore_eos, limits });
@@ -99,7 +117,7 @@ impl<B: Backend> Engine<B> {
         state.stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
 
         let start = Instant::now();
-        let logits = self.prefill(&mut seq.kv, &prompt, &seq.table)?;
+        let logits = self.prefill_seq(&mut seq)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let decode_start = Instant::now();
         let mut new_tokens = vec![sampler.sample(&logits, &seq.history)];
@@ -155,7 +173,8 @@ impl<B: Backend> Engine<B> {
         let mut row = vec![*history.last().expect("history holds the prompt")];
         row.extend(&draft.tokens);
         let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
-        meta.push_row(&row, (history.len() - 1) as u32, &seq.table, row.len());
+        let table = reserve(&mut seq.blocks, history.len() - 1, row.len())?;
+        meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
         let step_start = Instant::now();
         let out = self.backend.forward_step(&self.model, &mut seq.kv, &meta, self.model.num_layers())?;
         let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
@@ -183,6 +202,31 @@ impl<B: Backend> Engine<B> {
             s.proposer.rollback(SEQ, keep);
         }
         Ok(new_tokens)
+    }
+
+    /// The request's own cache: blocks for its whole length, or under an attention window
+    /// for the blocks the window keeps (each step gives back what slid out of it).
+    fn sequence(&self, prompt: Vec<u32>, limits: SeqLimits) -> Result<Sequence<B>, EngineError> {
+        let step = PREFILL_CHUNK.max(1 + MAX_DRAFT_LEN);
+        let whole = limits.max_len.div_ceil(BLOCK_SIZE);
+        let num_blocks = self.kv.window.map_or(whole, |w| whole.min(window_held(w, BLOCK_SIZE, step) / BLOCK_SIZE));
+        let kv = KvCache::with_options(&self.backend, &self.model.config, num_blocks, BLOCK_SIZE, self.kv)?;
+        let blocks = KvManager::with_window(BlockPool::new(num_blocks, BLOCK_SIZE), self.kv.window);
+        Ok(Sequence { kv, blocks, history: prompt, limits })
+    }
+
+    /// Runs the sequence's prompt through the model in chunks; returns the last position's
+    /// logits.
+    fn prefill_seq(&self, seq: &mut Sequence<B>) -> Result<Vec<f32>, EngineError> {
+        let mut logits = vec![];
+        for (i, chunk) in seq.history.clone().chunks(PREFILL_CHUNK).enumerate() {
+            let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
+            let table = reserve(&mut seq.blocks, i * PREFILL_CHUNK, chunk.len())?;
+            meta.push_row(chunk, (i * PREFILL_CHUNK) as u32, &table, 1);
+            let out = self.backend.forward_step(&self.model, &mut seq.kv, &meta, self.model.num_layers())?;
+            logits = self.backend.to_host(&out)?;
+        }
+        Ok(logits)
     }
 
     /// Runs the prompt through the model in chunks; returns the last position's logits.
@@ -213,11 +257,23 @@ pub struct SpecOptions<'a> {
 /// The request's sequence in the engine's own cache.
 struct Sequence<B: Backend> {
     kv: KvCache<B>,
-    /// Every block of the cache, in order: the sequence owns them all.
-    table: Vec<u32>,
+    /// The cache's blocks, all the sequence's (`SEQ_BLOCKS`).
+    blocks: KvManager,
     /// The prompt and the tokens generated so far.
     history: Vec<u32>,
     limits: SeqLimits,
+}
+
+/// The engine's one sequence, as its `KvManager` knows it.
+const SEQ_BLOCKS: RequestId = RequestId(0);
+
+/// The sequence's block table for `n` tokens at positions `computed..`, after giving back
+/// the blocks that slid out of the window.
+fn reserve(blocks: &mut KvManager, computed: usize, n: usize) -> Result<Vec<u32>, EngineError> {
+    blocks.slide(SEQ_BLOCKS, computed);
+    let table = blocks.grow(SEQ_BLOCKS, computed + n);
+    let no_room = || BackendError::Invalid(format!("the engine's KV cache has no room for {n} tokens at {computed}"));
+    Ok(table.map_err(|_| no_room())?.to_vec())
 }
 
 /// What speculation learns over a request's steps.

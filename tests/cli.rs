@@ -78,3 +78,35 @@ fn the_cuda_backend_without_a_gpu_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(1), "{msg}");
     assert!(msg.starts_with("error: ") && !msg.contains("panicked"), "{msg}");
 }
+
+#[test]
+fn an_attention_window_of_zero_or_smaller_than_its_sinks_is_refused() {
+    for (window, sinks, want) in [
+        ("0", "0", "the attention window must hold at least one token"),
+        ("3", "4", "the attention window (3 tokens) must be at least the sink tokens (4)"),
+    ] {
+        let args = ["--model", "dummy:smollm2-135m", "--prompt", "1 2 3", "--attention-window", window];
+        let out = specula(&[&["generate"][..], &args, &["--sink-tokens", sinks]].concat());
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains(want), "{}", text(&out));
+    }
+}
+
+#[test]
+fn a_config_sliding_window_lets_generation_run_past_the_context_with_fp8_kv() {
+    let dir = TempDir::new("cli-window");
+    let model = TinyModel::random(TinySpec { max_positions: 64, ..TinySpec::smol() }, 5);
+    write_hf_dir(&model, StDtype::F32, dir.path());
+    let config_path = dir.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["sliding_window"] = 16.into();
+    std::fs::write(&config_path, config.to_string()).unwrap();
+    let model_dir = dir.path().to_str().unwrap();
+    for extra in [&[][..], &["--kv-cache-dtype", "fp8"], &["--attention-window", "24", "--sink-tokens", "4"]] {
+        let args = ["generate", "--model", model_dir, "--prompt", "The quick brown fox", "--max-tokens", "100"];
+        let out = specula(&[&args[..], &["--ignore-eos", "--json"], extra].concat());
+        assert!(out.status.success(), "{extra:?}: {}", text(&out));
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(json["usage"]["completion_tokens"], 100, "{extra:?}: past the context of 64: {json}");
+    }
+}

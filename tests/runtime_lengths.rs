@@ -106,7 +106,8 @@ fn speculation(spec: Spec, target: &Arc<Llama<CpuBackend>>, context: usize, max_
 
 fn run(case: &Case) -> Result<(), TestCaseError> {
     let target = Arc::new(model(case.context, 1));
-    let reference = Engine { backend: CpuBackend::new(), model: target.clone(), tokenizer: None };
+    let reference =
+        Engine { backend: CpuBackend::new(), model: target.clone(), tokenizer: None, kv: Default::default() };
     // The pool holds at least one whole context: no request is too large for it.
     let blocks = case.context.div_ceil(BLOCK) + case.extra_blocks;
     let mut builder = Runtime::builder().kv_blocks(blocks).step_tokens(case.step_tokens).max_batch(case.max_batch);

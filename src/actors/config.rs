@@ -2,6 +2,7 @@
 
 use super::error::{ConfigError, ConfigField};
 use crate::backend::Backend;
+use crate::tensor::{AttnWindow, KvOptions, KvStorage};
 
 pub use crate::prompt::BLOCK_SIZE;
 
@@ -23,6 +24,21 @@ pub struct RuntimeConfig {
     pub gpu_memory_fraction: f64,
     /// Capacity of the actors' mailboxes.
     pub mailbox: usize,
+    /// The KV cache's element type and attention window (none: the model's own
+    /// `sliding_window`, if its configuration has one).
+    pub kv: KvOptions,
+}
+
+/// What the runtime's KV pool is, as `RuntimeStats` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct KvCacheInfo {
+    /// How each key and value is stored (None: an executor that did not say).
+    pub storage: Option<KvStorage>,
+    /// Bytes one token takes across layers, keys and values (scales included).
+    pub bytes_per_token: usize,
+    /// Tokens the whole pool holds.
+    pub tokens: usize,
+    pub window: Option<AttnWindow>,
 }
 
 impl Default for RuntimeConfig {
@@ -36,6 +52,7 @@ impl Default for RuntimeConfig {
             kv_blocks: None,
             gpu_memory_fraction: 0.90,
             mailbox: 64,
+            kv: KvOptions::default(),
         }
     }
 }
@@ -53,6 +70,21 @@ impl RuntimeConfig {
         match sizes.into_iter().find(|&(n, _)| n == 0) {
             Some((_, field)) => Err(ConfigError::NotPositive(field)),
             None => Ok(blocks),
+        }
+    }
+
+    /// Tokens one sequence holds in the pool at most, when its window bounds that.
+    pub fn held_tokens(&self) -> Option<usize> {
+        self.kv.window.map(|w| crate::core::lengths::window_held(w, self.block_size, self.step_tokens))
+    }
+
+    /// Checks that the pool can hold one sequence's window (with a window).
+    pub fn check_window_fits(&self, blocks: usize) -> Result<(), ConfigError> {
+        match self.held_tokens() {
+            Some(held) if held > blocks * self.block_size => {
+                Err(ConfigError::PoolSmallerThanWindow { tokens: blocks * self.block_size, needed: held })
+            }
+            _ => Ok(()),
         }
     }
 }

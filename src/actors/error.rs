@@ -66,6 +66,10 @@ pub enum ConfigError {
         gib(*used), gib(*total)
     )]
     NoMemoryForKv { used: usize, total: usize, fraction: f64 },
+    /// The pool could not hold even one sequence's attention window (its sink blocks, the
+    /// window's and a step's).
+    #[error("the KV pool holds {tokens} tokens, but one sequence's attention window needs {needed}")]
+    PoolSmallerThanWindow { tokens: usize, needed: usize },
 }
 
 impl ConfigError {
@@ -73,7 +77,7 @@ impl ConfigError {
     pub fn field(&self) -> ConfigField {
         match self {
             ConfigError::NotPositive(field) => *field,
-            ConfigError::KvBlocksUnset => ConfigField::KvBlocks,
+            ConfigError::KvBlocksUnset | ConfigError::PoolSmallerThanWindow { .. } => ConfigField::KvBlocks,
             ConfigError::GpuMemoryFraction(_) | ConfigError::NoMemoryForKv { .. } => ConfigField::GpuMemoryFraction,
         }
     }

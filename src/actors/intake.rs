@@ -34,6 +34,8 @@ pub struct Limits {
     pub vocab: usize,
     /// The context and the KV pool (`core::lengths` holds every length rule).
     pub lengths: Lengths,
+    /// What the KV pool is, for `RuntimeStats`.
+    pub kv_cache: super::KvCacheInfo,
 }
 
 /// The actors and the thread Intake sends to.
@@ -53,6 +55,7 @@ pub struct Intake {
     peers: Peers,
     /// The draft model's KV pool as the Drafter last reported it.
     draft_pool: Option<KvStats>,
+    kv_cache: super::KvCacheInfo,
     /// Set when the model side cannot serve any more.
     health: Arc<Health>,
     in_flight: Option<Vec<RequestId>>,
@@ -77,8 +80,10 @@ impl Intake {
         running: Running,
     ) -> Self {
         // As many admissions under way as requests may wait: the queue's own bound.
+        let kv_cache = limits.kv_cache;
         let admission = Pool::new(tokenizer, limits, sched.config().max_waiting);
         Intake {
+            kv_cache,
             sched,
             admission,
             held: VecDeque::new(),
@@ -305,6 +310,7 @@ impl Intake {
             step_cost: self.sched.step_cost(),
             steps: self.steps,
             kv: super::KvPoolStats { target: KvStats::default(), draft: self.draft_pool },
+            kv_cache: self.kv_cache,
         }
     }
 

@@ -41,7 +41,8 @@ impl Actor for KvAllocator {
 impl Supervised for KvAllocator {
     fn restarting(&mut self, _: &mut Context<Self>) {
         let pool = self.target.pool();
-        self.target = KvManager::new(BlockPool::new(pool.num_blocks(), pool.block_size()));
+        let pool = BlockPool::new(pool.num_blocks(), pool.block_size());
+        self.target = KvManager::with_window(pool, self.target.window());
         gauge!(m::KV_BLOCKS_USED, m::POOL_LABEL => m::POOL_TARGET).set(0.0);
     }
 }
@@ -50,7 +51,8 @@ impl Handler<Apply> for KvAllocator {
     type Result = Result<Fit, KvError>;
 
     fn handle(&mut self, Apply(proposal): Apply, ctx: &mut Context<Self>) -> Self::Result {
-        let before = self.target.stats().prefix;
+        let stats = self.target.stats();
+        let (before, recycled) = (stats.prefix, stats.window_recycled);
         let fit = catch_unwind(AssertUnwindSafe(|| self.target.apply(proposal))).map_err(|payload| {
             let why = panic_message(payload.as_ref());
             tracing::error!(%why, "the KV allocator panicked; it starts again with an empty pool");
@@ -61,6 +63,7 @@ impl Handler<Apply> for KvAllocator {
         counter!(m::PREFIX_CACHE_QUERIES).increment(after.prefix.queries - before.queries);
         counter!(m::PREFIX_CACHE_HITS).increment(after.prefix.hits - before.hits);
         counter!(m::PREEMPTIONS).increment(fit.preempted.len() as u64);
+        counter!(m::KV_WINDOW_RECYCLED).increment(after.window_recycled - recycled);
         gauge!(m::KV_BLOCKS_USED, m::POOL_LABEL => m::POOL_TARGET).set(after.used as f64);
         Ok(fit)
     }

@@ -180,6 +180,8 @@ pub struct RuntimeStats {
     pub preemptions: u64,
     pub steps: u64,
     pub kv: KvPoolStats,
+    /// The KV cache's storage, bytes per token, size in tokens and attention window.
+    pub kv_cache: super::KvCacheInfo,
     /// What decoding steps cost, as the scheduler has measured them: `(fixed, per_token)`
     /// seconds of `fixed + per_token · tokens` (None until enough steps were seen).
     pub step_cost: Option<(f64, f64)>,

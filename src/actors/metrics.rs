@@ -10,6 +10,18 @@ pub const KV_BLOCKS_USED: &str = "specula_kv_blocks_used";
 /// KV blocks in total (gauge), labelled like `KV_BLOCKS_USED`.
 pub const KV_BLOCKS_TOTAL: &str = "specula_kv_blocks_total";
 pub const POOL_LABEL: &str = "pool";
+/// 1, labelled `dtype` = how the target's KV cache stores keys and values (`f32`, `bf16`,
+/// `fp8_e4m3`) (gauge).
+pub const KV_CACHE_INFO: &str = "specula_kv_cache_info";
+pub const DTYPE_LABEL: &str = "dtype";
+/// Bytes one token takes in the target's KV cache, across layers, keys and values (gauge).
+pub const KV_BYTES_PER_TOKEN: &str = "specula_kv_bytes_per_token";
+/// Tokens the target's KV pool holds (gauge).
+pub const KV_POOL_TOKENS: &str = "specula_kv_pool_tokens";
+/// The attention window in tokens, 0 without one (gauge).
+pub const KV_ATTENTION_WINDOW: &str = "specula_kv_attention_window_tokens";
+/// KV blocks given back to the pool because they slid out of the attention window (counter).
+pub const KV_WINDOW_RECYCLED: &str = "specula_kv_window_recycled_blocks_total";
 pub const POOL_TARGET: &str = "target";
 pub const POOL_DRAFT: &str = "draft";
 /// Prompt tokens looked up in the prefix cache (counter).
@@ -58,3 +70,14 @@ pub const POSITION_LABEL: &str = "position";
 /// Drafting attempts that failed (the draft KV pool full, a device error); the rows went on
 /// without drafts (counter).
 pub const SPEC_DRAFT_ERRORS: &str = "specula_spec_draft_errors_total";
+
+/// Records what the target's KV pool is (once, at start).
+pub fn record_kv_cache(kv: &super::KvCacheInfo) {
+    use ::metrics::gauge;
+    if let Some(storage) = kv.storage {
+        gauge!(KV_CACHE_INFO, DTYPE_LABEL => storage.name()).set(1.0);
+    }
+    gauge!(KV_BYTES_PER_TOKEN).set(kv.bytes_per_token as f64);
+    gauge!(KV_POOL_TOKENS).set(kv.tokens as f64);
+    gauge!(KV_ATTENTION_WINDOW).set(kv.window.map_or(0, |w| w.size()) as f64);
+}

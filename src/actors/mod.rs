@@ -51,7 +51,7 @@ use std::thread::JoinHandle;
 
 use actix::{Actor, Addr, AsyncContext, Context, Supervisor};
 
-pub use config::{RuntimeConfig, BLOCK_SIZE};
+pub use config::{KvCacheInfo, RuntimeConfig, BLOCK_SIZE};
 pub use error::{ConfigError, ConfigField, DownReason, ExecutorError, RuntimeError, StepError};
 pub use executor::{Executor, ModelExecutor, NoopExecutor};
 pub use handle::{collect, EventStream, Health, RuntimeHandle};
@@ -61,10 +61,11 @@ pub use timeline::{Overlap, Span, Timeline, Work};
 use crate::backend::Backend;
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvManager;
-use crate::core::lengths::Lengths;
+use crate::core::lengths::{Lengths, WINDOWED_CONTEXT};
 use crate::core::scheduler::{Scheduler, SchedulerConfig};
 use crate::model::{KvCache, Llama, Tokenizer};
 use crate::spec::{check_settings, SpecStats, Speculation};
+use crate::tensor::KvOptions;
 use handle::Inner;
 use intake::Intake;
 use kv::KvAllocator;
@@ -88,7 +89,7 @@ pub struct Runtime;
 
 impl Runtime {
     pub fn builder() -> RuntimeBuilder {
-        RuntimeBuilder { config: RuntimeConfig::default(), speculation: None, timeline: None }
+        RuntimeBuilder { config: RuntimeConfig::default(), speculation: None, timeline: None, kv_info: None }
     }
 }
 
@@ -96,6 +97,8 @@ pub struct RuntimeBuilder {
     config: RuntimeConfig,
     speculation: Option<Speculation>,
     timeline: Option<Arc<Timeline>>,
+    /// The storage of the model's KV cache and its bytes per token, once `build` knows them.
+    kv_info: Option<(crate::tensor::KvStorage, usize)>,
 }
 
 impl RuntimeBuilder {
@@ -123,6 +126,11 @@ impl RuntimeBuilder {
         self.config.kv_blocks = Some(n);
         self
     }
+    /// The KV cache's element type and attention window.
+    pub fn kv_cache(mut self, kv: KvOptions) -> Self {
+        self.config.kv = kv;
+        self
+    }
     /// The share of a GPU's memory the runtime may fill (weights, KV pools, workspaces).
     pub fn gpu_memory_fraction(mut self, fraction: f64) -> Self {
         self.config.gpu_memory_fraction = fraction;
@@ -148,20 +156,25 @@ impl RuntimeBuilder {
         tokenizer: Option<impl Into<Arc<Tokenizer>>>,
     ) -> Result<RuntimeHandle, RuntimeError> {
         let (model, tokenizer) = (model.into(), tokenizer.map(Into::into));
-        let c = &self.config;
+        let window = self.config.kv.window.or_else(|| model.config.default_window());
+        let mut c = RuntimeConfig { kv: KvOptions { window, ..self.config.kv }, ..self.config.clone() };
+        let storage = backend.kv_storage(c.kv.dtype)?;
+        let per_token = KvCache::<B>::bytes_per_token(&model.config, storage);
         let num_blocks = match c.kv_blocks {
             Some(n) => n,
             None => {
-                let per_token = KvCache::<B>::bytes_per_token(&model.config, backend.kv_bytes_per_value());
-                // Never more than every row at the full context needs.
-                let most = c.max_batch * model.config.max_position_embeddings.div_ceil(c.block_size);
-                BlockPool::blocks_for_budget(config::kv_budget(c, &backend)?, per_token, c.block_size).min(most)
+                // Never more than every row at the full context (or its window) needs.
+                let held = c.held_tokens().unwrap_or(model.config.max_position_embeddings);
+                let most = c.max_batch * held.div_ceil(c.block_size);
+                BlockPool::blocks_for_budget(config::kv_budget(&c, &backend)?, per_token, c.block_size).min(most)
             }
         };
-        let kv = KvCache::new(&backend, &model.config, num_blocks, c.block_size)?;
+        c.kv_blocks = Some(num_blocks);
+        let kv = KvCache::with_options(&backend, &model.config, num_blocks, c.block_size, c.kv)?;
         let eos = tokenizer.as_ref().map(|t| t.eos_ids.clone()).unwrap_or_default();
-        let info = ModelInfo { vocab: model.config.vocab_size, context: model.config.max_position_embeddings, eos };
-        let builder = RuntimeBuilder { config: RuntimeConfig { kv_blocks: Some(num_blocks), ..self.config }, ..self };
+        let context = if window.is_some() { WINDOWED_CONTEXT } else { model.config.max_position_embeddings };
+        let info = ModelInfo { vocab: model.config.vocab_size, context, eos };
+        let builder = RuntimeBuilder { config: c, kv_info: Some((storage, per_token)), ..self };
         builder.build_with(ModelExecutor { backend, model, kv }, info, tokenizer)
     }
 
@@ -179,9 +192,17 @@ impl RuntimeBuilder {
     {
         let c = self.config;
         let num_blocks = c.checked_blocks()?;
+        c.check_window_fits(num_blocks)?;
         if let Some(s) = &self.speculation {
             check_settings(s.max_draft, s.synthetic_acceptance)?;
         }
+        let kv_cache = KvCacheInfo {
+            storage: self.kv_info.map(|(s, _)| s),
+            bytes_per_token: self.kv_info.map_or(0, |(_, b)| b),
+            tokens: num_blocks * c.block_size,
+            window: c.kv.window,
+        };
+        metrics::record_kv_cache(&kv_cache);
         // One plan in flight: room for two on each hop to the GPU threads.
         let (plan_tx, plan_rx) = mailbox::bounded(2);
         let health = Arc::new(Health::default());
@@ -190,9 +211,10 @@ impl RuntimeBuilder {
             sched: scheduler(&c, self.speculation.as_ref().map_or(0, |s| s.max_draft)),
             limits: intake::Limits {
                 vocab: info.vocab,
-                lengths: Lengths { context: info.context, kv_tokens: num_blocks * c.block_size },
+                lengths: Lengths { context: info.context, kv_tokens: num_blocks * c.block_size, held: c.held_tokens() },
+                kv_cache,
             },
-            kv: KvManager::new(BlockPool::new(num_blocks, c.block_size)),
+            kv: KvManager::with_window(BlockPool::new(num_blocks, c.block_size), c.kv.window),
             tokenizer,
             plans: plan_tx,
             health: health.clone(),
@@ -203,7 +225,7 @@ impl RuntimeBuilder {
         let (actors_thread, intake) = actors.spawn()?;
         let started = start_workers(exec, &info, &c, self.speculation, self.timeline, plan_rx, intake.clone());
         let workers = started.inspect_err(|_| intake.do_send(HandlesGone))?;
-        let config = RuntimeConfig { kv_blocks: Some(num_blocks), ..c };
+        let config = RuntimeConfig { kv_blocks: Some(num_blocks), ..c.clone() };
         let threads = Mutex::new(std::iter::once(actors_thread).chain(workers).collect());
         let inner = Inner { intake, next_id: AtomicU64::new(0), config, info, health, threads };
         Ok(RuntimeHandle { inner: Arc::new(inner) })

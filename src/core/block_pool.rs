@@ -17,6 +17,9 @@
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 
+use crate::tensor::AttnWindow;
+pub use crate::tensor::NO_BLOCK;
+
 pub type BlockId = u32;
 
 /// The identity of a full block's content and of everything before it.
@@ -132,9 +135,33 @@ impl BlockPool {
         }
     }
 
-    /// Frees a sequence's blocks last first, so that its tail is evicted before its prefix.
+    /// Frees a sequence's blocks last first, so that its tail is evicted before its prefix;
+    /// `NO_BLOCK` entries (blocks an attention window gave back already) are skipped.
     pub fn free_all(&mut self, ids: &[BlockId]) {
-        ids.iter().rev().for_each(|&id| self.free(id));
+        ids.iter().rev().filter(|&&id| id != NO_BLOCK).for_each(|&id| self.free(id));
+    }
+
+    /// Gives back the blocks of `table` whose every position slid out of `window` for
+    /// queries at `next` and after (blocks holding a sink token stay), leaving `NO_BLOCK`
+    /// in their entries; returns how many it freed.
+    ///
+    /// ```text
+    ///  window 8, sinks 2, block 4, next query at 17 (reads 0, 1 and 10..=17):
+    ///  table:  [b0 sinks] [b1 4..8] [b2 8..12] [b3 12..16] [b4 16..]
+    ///          kept        freed     kept (10, 11)  kept      kept
+    /// ```
+    pub fn slide(&mut self, table: &mut [BlockId], window: AttnWindow, next: usize) -> usize {
+        let bs = self.block_size;
+        let (first, end) = (window.sinks().div_ceil(bs), window.first_recent(next) / bs);
+        let mut freed = 0;
+        for entry in table.iter_mut().take(end).skip(first) {
+            if *entry != NO_BLOCK {
+                self.free(*entry);
+                *entry = NO_BLOCK;
+                freed += 1;
+            }
+        }
+        freed
     }
 
     /// The block caching `hash`, if any (no side effect).
@@ -268,6 +295,22 @@ mod tests {
         assert!(p.allocate_n(3).is_none());
         assert_eq!(p.num_free(), 2);
         assert_eq!(BlockPool::blocks_for_budget(1 << 20, 1024, 16), 64);
+    }
+
+    #[test]
+    fn a_window_frees_whole_blocks_behind_it_and_keeps_the_sinks() {
+        let mut p = BlockPool::new(8, 4);
+        let mut table = p.allocate_n(5).unwrap();
+        let w = AttnWindow::new(8, 2).unwrap();
+        assert_eq!(p.slide(&mut table, w, 11), 0); // reads 0, 1 and 4..=11
+        assert_eq!(p.slide(&mut table, w, 17), 1); // reads 0, 1 and 10..=17
+        assert_eq!(table, vec![0, NO_BLOCK, 2, 3, 4]);
+        assert_eq!(p.slide(&mut table, w, 24), 2);
+        assert_eq!(table, vec![0, NO_BLOCK, NO_BLOCK, NO_BLOCK, 4]);
+        assert_eq!(p.num_free(), 6);
+        p.free_all(&table);
+        assert_eq!(p.num_free(), 8);
+        p.check_invariants().unwrap();
     }
 
     #[test]

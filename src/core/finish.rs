@@ -95,7 +95,7 @@ mod tests {
     const EOS: u32 = 0;
 
     fn rules(prompt_len: usize, max_tokens: usize, context: usize, ignore_eos: bool) -> FinishRules<'static> {
-        let limits = Lengths { context, kv_tokens: usize::MAX }.admit(prompt_len, max_tokens).unwrap();
+        let limits = Lengths { context, kv_tokens: usize::MAX, held: None }.admit(prompt_len, max_tokens).unwrap();
         FinishRules { eos: &[EOS], ignore_eos, limits }
     }
 

@@ -9,13 +9,20 @@
 //!  committed tokens are hashed block by block:  h0 = H(∅, b0), h1 = H(h0, b1), …
 //! ```
 //!
+//! With an attention window, each ask first gives back the blocks that slid out of it
+//! (`BlockPool::slide`): a sequence then holds its sink blocks and the blocks of its last
+//! `window` positions, whatever its length. Their entries become `NO_BLOCK`; positions and
+//! the hashes of committed blocks keep counting, so a prefix lookup still walks whole
+//! chains (and gives back at once what lies outside the window of its own next token).
+//!
 //! Pure: the KvAllocator actor owns one per model (target, and later draft).
 
 use std::collections::{HashMap, VecDeque};
 
-use super::block_pool::{chain_hash, BlockHash, BlockId, BlockPool};
+use super::block_pool::{chain_hash, BlockHash, BlockId, BlockPool, NO_BLOCK};
 use super::scheduler::{Fit, Grant, Proposal};
 use crate::request::RequestId;
+use crate::tensor::AttnWindow;
 
 /// Not enough free blocks; nothing was allocated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,8 +49,12 @@ pub struct PrefixStats {
 pub struct KvStats {
     pub num_blocks: usize,
     pub used: usize,
+    /// The most blocks in use at once so far.
+    pub peak_used: usize,
     pub cached: usize,
     pub prefix: PrefixStats,
+    /// Blocks given back to the pool because their positions slid out of the window.
+    pub window_recycled: u64,
 }
 
 #[derive(Debug)]
@@ -51,11 +62,23 @@ pub struct KvManager {
     pool: BlockPool,
     seqs: HashMap<RequestId, SeqBlocks>,
     prefix: PrefixStats,
+    window: Option<AttnWindow>,
+    peak_used: usize,
+    recycled: u64,
 }
 
 impl KvManager {
     pub fn new(pool: BlockPool) -> Self {
-        KvManager { pool, seqs: HashMap::new(), prefix: PrefixStats::default() }
+        Self::with_window(pool, None)
+    }
+
+    /// A manager whose sequences give back the blocks that slide out of `window`.
+    pub fn with_window(pool: BlockPool, window: Option<AttnWindow>) -> Self {
+        KvManager { pool, seqs: HashMap::new(), prefix: PrefixStats::default(), window, peak_used: 0, recycled: 0 }
+    }
+
+    pub fn window(&self) -> Option<AttnWindow> {
+        self.window
     }
 
     pub fn pool(&self) -> &BlockPool {
@@ -66,8 +89,10 @@ impl KvManager {
         KvStats {
             num_blocks: self.pool.num_blocks(),
             used: self.pool.num_used(),
+            peak_used: self.peak_used,
             cached: self.pool.num_cached(),
             prefix: self.prefix,
+            window_recycled: self.recycled,
         }
     }
 
@@ -96,7 +121,15 @@ impl KvManager {
         }
         seq.full = seq.blocks.len();
         seq.last_hash = parent;
-        seq.full * bs
+        let cached = seq.full * bs;
+        self.slide(id, cached);
+        cached
+    }
+
+    /// With a window: gives back `id`'s blocks that no query from position `next` on reads.
+    pub fn slide(&mut self, id: RequestId, next: usize) {
+        let (Some(window), Some(seq)) = (self.window, self.seqs.get_mut(&id)) else { return };
+        self.recycled += self.pool.slide(&mut seq.blocks, window, next) as u64;
     }
 
     /// Grows `id`'s table to hold `total` tokens, all or nothing.
@@ -106,6 +139,7 @@ impl KvManager {
         if need > seq.blocks.len() {
             let new = self.pool.allocate_n(need - seq.blocks.len()).ok_or(NoRoom)?;
             seq.blocks.extend(new);
+            self.peak_used = self.peak_used.max(self.pool.num_used());
         }
         Ok(&seq.blocks)
     }
@@ -120,6 +154,7 @@ impl KvManager {
             if seq.partial.len() == bs {
                 let h = chain_hash(seq.last_hash, &seq.partial);
                 match seq.blocks.get(seq.full) {
+                    Some(&NO_BLOCK) => {} // slid out of the window already: the chain goes on
                     Some(&block) => self.pool.cache(block, h),
                     None => debug_assert!(false, "committed tokens beyond the allocated blocks"),
                 }
@@ -159,7 +194,10 @@ impl KvManager {
                     let c = self.lookup_prefix(ask.id, tokens);
                     (c, Some(c), ask.new_tokens.min(tokens.len() - c))
                 }
-                None => (ask.computed, None, ask.new_tokens),
+                None => {
+                    self.slide(ask.id, ask.computed);
+                    (ask.computed, None, ask.new_tokens)
+                }
             };
             loop {
                 if let Ok(table) = self.grow(ask.id, computed + new_tokens) {
@@ -195,7 +233,7 @@ impl KvManager {
         self.pool.check_invariants()?;
         let mut refs: HashMap<BlockId, u32> = HashMap::new();
         for s in self.seqs.values() {
-            for &b in &s.blocks {
+            for &b in s.blocks.iter().filter(|&&b| b != NO_BLOCK) {
                 *refs.entry(b).or_default() += 1;
             }
         }
@@ -206,5 +244,44 @@ impl KvManager {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A windowed sequence grows one token at a time far past the pool's size: it holds at
+    /// most its sink block and its window's, and a second sequence with the same prompt finds
+    /// the committed chain whole and keeps only what its own window reads.
+    #[test]
+    fn a_windowed_sequence_outgrows_the_pool_and_its_prefix_is_found() {
+        let (bs, window) = (4, AttnWindow::new(8, 2).unwrap());
+        let mut kv = KvManager::with_window(BlockPool::new(6, bs), Some(window));
+        let (a, b) = (RequestId(1), RequestId(2));
+        let tokens: Vec<u32> = (0..100).collect();
+        for computed in 0..100usize {
+            kv.commit(a, &tokens[computed.saturating_sub(1)..computed]);
+            kv.slide(a, computed);
+            kv.grow(a, computed + 1).expect("the window fits");
+            // The sink block, and blocks from position computed - 7 to computed.
+            assert!(kv.stats().used <= 1 + 8 / bs + 1, "at {computed}: {:?}", kv.stats());
+            kv.check_invariants().unwrap();
+        }
+        assert!(kv.stats().window_recycled >= 20);
+        kv.release(a);
+        // Every block was committed before it slid out; the sink block, held to the end, is
+        // still cached (the others, freed early, may have been evicted meanwhile).
+        let cached = kv.lookup_prefix(b, &tokens[..13]);
+        let table = kv.block_table(b).to_vec();
+        assert!((4..=12).contains(&cached) && table.len() == cached / bs, "{cached} {table:?}");
+        // What its next query (at `cached`) reads is held; what lies before it was given back.
+        for (i, &block) in table.iter().enumerate() {
+            let reads = i * bs < window.sinks() || (i + 1) * bs > window.first_recent(cached);
+            assert_eq!(block != NO_BLOCK, reads, "block {i} of {table:?}");
+        }
+        kv.release(b);
+        assert_eq!(kv.stats().used, 0);
+        kv.check_invariants().unwrap();
     }
 }

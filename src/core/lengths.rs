@@ -14,7 +14,9 @@
 //! - The sequence ends at `max_len = min(prompt_len + max_tokens, context)`: a `max_tokens`
 //!   beyond the context is clamped to it (never summed with wrap-around).
 //! - The whole sequence must fit in the KV pool on its own, or it could never run
-//!   (`ExceedsKvCapacity`).
+//!   (`ExceedsKvCapacity`). With an attention window a sequence holds at most its sink
+//!   blocks and its window's (`window_held`), and the context is `WINDOWED_CONTEXT`:
+//!   positions keep counting past the model's own context.
 //! - A decoding row of `n` tokens carries at most `max_len − n − 1` drafts: verifying them
 //!   emits one token more than it accepts.
 //! - A step computes at most its token budget: a prompt longer than that is prefilled in
@@ -22,6 +24,11 @@
 //!   want none: the forward then skips the head).
 
 use crate::request::RequestError;
+use crate::tensor::AttnWindow;
+
+/// The longest sequence under an attention window: positions are `u32`, and a sequence
+/// of 2³⁰ tokens is far past any use.
+pub const WINDOWED_CONTEXT: usize = 1 << 30;
 
 /// What a request is checked against: the model's context and the KV pool's size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +36,18 @@ pub struct Lengths {
     pub context: usize,
     /// Tokens the whole KV pool holds.
     pub kv_tokens: usize,
+    /// The most tokens one sequence holds in the pool at once, when that is less than its
+    /// length (an attention window: `window_held`).
+    pub held: Option<usize>,
+}
+
+/// Tokens (whole blocks) a sequence holds at most under `window` when a step brings up to
+/// `step_tokens` tokens: its sink blocks, and the blocks from the oldest position its first
+/// query reads to the last one the step writes.
+pub fn window_held(window: AttnWindow, block_size: usize, step_tokens: usize) -> usize {
+    let sinks = window.sinks().div_ceil(block_size);
+    let recent = (window.size() + step_tokens - 1) / block_size + 2;
+    (sinks + recent) * block_size
 }
 
 /// One admitted request's limits.
@@ -70,8 +89,9 @@ impl Lengths {
         }
         self.check_prompt(prompt_len)?;
         let max_len = prompt_len.saturating_add(max_tokens).min(self.context);
-        if max_len > self.kv_tokens {
-            return Err(RequestError::ExceedsKvCapacity { tokens: max_len, capacity: self.kv_tokens });
+        let held = self.held.map_or(max_len, |h| h.min(max_len));
+        if held > self.kv_tokens {
+            return Err(RequestError::ExceedsKvCapacity { tokens: held, capacity: self.kv_tokens });
         }
         Ok(SeqLimits { prompt_len, max_tokens: max_len - prompt_len, max_len })
     }
@@ -105,7 +125,7 @@ pub fn row_tokens(uncomputed: usize, drafts: usize, budget_left: usize) -> usize
 mod tests {
     use super::*;
 
-    const L: Lengths = Lengths { context: 100, kv_tokens: 1000 };
+    const L: Lengths = Lengths { context: 100, kv_tokens: 1000, held: None };
 
     #[test]
     fn prompts_leave_room_for_one_token() {
@@ -133,9 +153,20 @@ mod tests {
 
     #[test]
     fn a_request_larger_than_the_pool_could_never_run() {
-        let small = Lengths { context: 100, kv_tokens: 32 };
+        let small = Lengths { context: 100, kv_tokens: 32, held: None };
         assert_eq!(small.admit(10, 22).map(|s| s.max_len), Ok(32));
         assert_eq!(small.admit(10, 23), Err(RequestError::ExceedsKvCapacity { tokens: 33, capacity: 32 }));
+    }
+
+    #[test]
+    fn a_windowed_sequence_needs_room_for_its_window_only() {
+        let w = AttnWindow::new(32, 4).unwrap();
+        // One sink block, then blocks for 32 + 16 - 1 positions, plus two partial ones.
+        assert_eq!(window_held(w, 16, 16), (1 + 2 + 2) * 16);
+        let windowed = Lengths { context: WINDOWED_CONTEXT, kv_tokens: 80, held: Some(window_held(w, 16, 16)) };
+        assert_eq!(windowed.admit(10, 100_000).map(|s| s.max_len), Ok(100_010));
+        let small = Lengths { kv_tokens: 79, ..windowed };
+        assert_eq!(small.admit(10, 100_000), Err(RequestError::ExceedsKvCapacity { tokens: 80, capacity: 79 }));
     }
 
     #[test]

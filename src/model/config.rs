@@ -30,9 +30,17 @@ pub struct ModelConfig {
     pub max_position_embeddings: usize,
     pub bos_token_id: Option<u32>,
     pub eos_token_ids: Vec<u32>,
+    /// Mistral-style `sliding_window` from `config.json`: each token attends to that many
+    /// positions up to itself. The runtime's attention window defaults to it.
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelConfig {
+    /// The attention window its checkpoint asks for (`sliding_window`, no sinks).
+    pub fn default_window(&self) -> Option<crate::tensor::AttnWindow> {
+        self.sliding_window.and_then(|w| crate::tensor::AttnWindow::new(w, 0).ok())
+    }
+
     /// Query width: heads × head_dim (may differ from hidden size).
     pub fn q_dim(&self) -> usize {
         self.num_heads * self.head_dim
@@ -254,6 +262,8 @@ struct HfConfig {
     max_position_embeddings: usize,
     bos_token_id: Option<OneOrMany>,
     eos_token_id: Option<OneOrMany>,
+    #[serde(default)]
+    sliding_window: Option<usize>,
 }
 
 fn default_theta() -> f32 {
@@ -307,6 +317,7 @@ impl HfConfig {
             max_position_embeddings: self.max_position_embeddings,
             bos_token_id: ids(self.bos_token_id).first().copied(),
             eos_token_ids: ids(self.eos_token_id),
+            sliding_window: self.sliding_window.filter(|&w| w > 0),
         };
         config.validate().map_err(|e| e.hf())?;
         Ok(config)
@@ -363,6 +374,7 @@ impl Preset {
             max_position_embeddings: if smol { 8192 } else { 131072 },
             bos_token_id: Some(if smol { 1 } else { 128000 }),
             eos_token_ids: if smol { vec![2] } else { vec![128001, 128008, 128009] },
+            sliding_window: None,
         }
     }
 }

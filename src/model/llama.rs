@@ -7,7 +7,10 @@ use indicatif::ProgressBar;
 
 use super::weight_loader::{load_weight, LoadOptions};
 use super::{LoadError, ModelConfig, WeightSource};
-use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result, StepKey};
+use crate::tensor::{
+    AttnShape, AttnWindow, Backend, BackendError, BatchMeta, HostTensor, KvLayout, KvOptions, KvStorage,
+};
+use crate::tensor::{Result, StepKey};
 
 /// One decoder layer's weights; shapes as in the checkpoint (`[out, in]`).
 pub struct Layer<T> {
@@ -41,12 +44,15 @@ pub enum Weights<'a> {
 }
 
 /// The per-layer KV cache of one model: `[slots, kv_heads * head_dim]` per layer,
-/// slot = block × block_size + offset.
+/// slot = block × block_size + offset, stored as `storage`; attention over it reads the
+/// positions of `window` when there is one.
 pub struct KvCache<B: Backend> {
     pub k: Vec<B::Tensor>,
     pub v: Vec<B::Tensor>,
     pub block_size: usize,
     pub num_blocks: usize,
+    pub storage: KvStorage,
+    pub window: Option<AttnWindow>,
     /// Never reused within a process: a step replayed on this cache names it (`StepKey`).
     id: u64,
 }
@@ -54,17 +60,34 @@ pub struct KvCache<B: Backend> {
 static NEXT_KV_CACHE: AtomicU64 = AtomicU64::new(1);
 
 impl<B: Backend> KvCache<B> {
+    /// A cache in the backend's own precision, every position read.
     pub fn new(backend: &B, config: &ModelConfig, num_blocks: usize, block_size: usize) -> Result<Self> {
-        let slots = num_blocks * block_size;
-        let alloc = || backend.kv_cache(slots, config.kv_dim());
-        let k = (0..config.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
-        let v = (0..config.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
-        Ok(KvCache { k, v, block_size, num_blocks, id: NEXT_KV_CACHE.fetch_add(1, Ordering::Relaxed) })
+        Self::with_options(backend, config, num_blocks, block_size, KvOptions::default())
     }
 
-    /// Bytes one cached token takes across all layers (f32 on the CPU).
-    pub fn bytes_per_token(config: &ModelConfig, bytes_per_value: usize) -> usize {
-        config.num_layers * 2 * config.kv_dim() * bytes_per_value
+    /// A cache stored and read as `options` say (refused by a backend that cannot).
+    pub fn with_options(
+        backend: &B,
+        config: &ModelConfig,
+        num_blocks: usize,
+        block_size: usize,
+        options: KvOptions,
+    ) -> Result<Self> {
+        let slots = num_blocks * block_size;
+        let storage = backend.kv_storage(options.dtype)?;
+        let layout =
+            KvLayout { num_kv_heads: config.num_kv_heads, head_dim: config.head_dim, storage, window: options.window };
+        let alloc = || backend.kv_cache(slots, &layout);
+        let k = (0..config.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
+        let v = (0..config.num_layers).map(|_| alloc()).collect::<Result<_>>()?;
+        let id = NEXT_KV_CACHE.fetch_add(1, Ordering::Relaxed);
+        Ok(KvCache { k, v, block_size, num_blocks, storage, window: options.window, id })
+    }
+
+    /// Bytes one cached token takes across all layers, keys and values, stored as `storage`
+    /// (an FP8 head's scale included).
+    pub fn bytes_per_token(config: &ModelConfig, storage: KvStorage) -> usize {
+        config.num_layers * 2 * config.num_kv_heads * storage.bytes_per_head(config.head_dim)
     }
 }
 
@@ -131,7 +154,8 @@ impl<B: Backend> Llama<B> {
     pub fn forward_layers(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta, num_layers: usize) -> Result<B::Tensor> {
         let c = &self.config;
         let eps = c.rms_norm_eps;
-        let shape = AttnShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim };
+        let (num_heads, num_kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let shape = AttnShape { num_heads, num_kv_heads, head_dim, window: kv.window };
         let batch = b.prepare(meta)?;
         let mut x = b.embed(&self.embed, &batch)?; // [tokens, hidden], the residual stream
         let mut h = b.rms_norm(&x, &self.layers[0].attn_norm, eps)?;

@@ -1,6 +1,10 @@
 //! What one forward step is, built on the host: the query tokens of every row, where their
 //! keys and values go in the paged KV cache, and which rows want logits.
 
+/// A block-table entry whose block went back to the pool: its positions slid out of the
+/// attention window, and no query reads them again.
+pub const NO_BLOCK: u32 = u32::MAX;
+
 /// One query token's row (a sequence) in a forward step.
 ///
 /// The row's tokens are `tokens[start..start + len]` of the batch; they sit at positions

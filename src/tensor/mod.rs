@@ -4,12 +4,14 @@
 //! written over these; the backends implement them; neither knows the other.
 
 mod batch;
+pub mod kv;
 mod ops;
 pub mod quant;
 pub mod random;
 
-pub use batch::{BatchMeta, RowMeta};
-pub use ops::{AttnShape, Backend, BackendError, DeviceMemory, Result, StepKey};
+pub use batch::{BatchMeta, RowMeta, NO_BLOCK};
+pub use kv::{AttnWindow, KvDtype, KvLayout, KvOptions, KvStorage, WindowError};
+pub use ops::{AttnShape, Backend, BackendError, DeviceMemory, KvFeature, Result, StepKey};
 
 /// A tensor on the host, f32, row-major: a weight dequantized at load, or an input a caller
 /// builds. Weight names follow the Hugging Face checkpoint keys

@@ -3,7 +3,7 @@
 //! `cuda` feature). The trait knows tensors and ops, never a model.
 
 use super::quant::QuantWeight;
-use super::{BatchMeta, HostTensor};
+use super::{AttnWindow, BatchMeta, HostTensor, KvDtype, KvLayout, KvStorage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -15,6 +15,25 @@ pub enum BackendError {
     Compile { kernel: String, log: String },
     #[error("invalid op input: {0}")]
     Invalid(String),
+    /// A feature this backend does not implement, refused when it is configured.
+    #[error("the {backend} backend does not support {feature}")]
+    Unsupported { backend: &'static str, feature: KvFeature },
+}
+
+/// KV-cache features a backend may lack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvFeature {
+    Storage(KvStorage),
+    Dtype(KvDtype),
+}
+
+impl std::fmt::Display for KvFeature {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KvFeature::Storage(s) => write!(f, "a {s} KV cache"),
+            KvFeature::Dtype(d) => write!(f, "--kv-cache-dtype {d:?}"),
+        }
+    }
 }
 
 pub type Result<T> = std::result::Result<T, BackendError>;
@@ -36,12 +55,14 @@ pub struct DeviceMemory {
     pub total: usize,
 }
 
-/// Attention geometry of one layer.
+/// Attention geometry of one layer, and the positions each query reads (all of them
+/// causally, or a window's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AttnShape {
     pub num_heads: usize,
     pub num_kv_heads: usize,
     pub head_dim: usize,
+    pub window: Option<AttnWindow>,
 }
 
 /// The ops of one Llama forward. Activations are 2-D `[tokens, features]` row-major.
@@ -72,17 +93,16 @@ pub trait Backend: Send + Sync + 'static {
     fn random_fp8(&self, _shape: [usize; 2], _std: f32, _seed: u64) -> Result<Option<Self::Tensor>> {
         Ok(None)
     }
-    /// Bytes one cached key or value element takes (f32 on the CPU, bf16 on a GPU): what
-    /// the KV pool is sized in.
-    fn kv_bytes_per_value(&self) -> usize {
-        4
-    }
+    /// How this backend stores a KV cache of `dtype` (what the KV pool is sized in), or
+    /// `Unsupported`.
+    fn kv_storage(&self, dtype: KvDtype) -> Result<KvStorage>;
     /// The device's own memory, free and total, where it has one (a GPU; `None` on the CPU).
     fn memory(&self) -> Result<Option<DeviceMemory>> {
         Ok(None)
     }
-    /// A zeroed KV cache tensor for one layer: `[slots, kv_dim]`.
-    fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<Self::Tensor>;
+    /// A zeroed KV cache tensor for one layer: `[slots, kv_dim]` stored as `layout` says;
+    /// a storage or window the backend's attention cannot read is refused here.
+    fn kv_cache(&self, slots: usize, layout: &KvLayout) -> Result<Self::Tensor>;
     fn prepare(&self, meta: &BatchMeta) -> Result<Self::Batch>;
 
     /// Rows of `table` for the batch's tokens: `[tokens, hidden]`.
@@ -102,7 +122,8 @@ pub trait Backend: Send + Sync + 'static {
     /// pairing dimension i with i + head_dim/2 (the Hugging Face layout).
     fn rope(&self, x: &mut Self::Tensor, batch: &Self::Batch, inv_freq: &Self::Tensor, head_dim: usize) -> Result<()>;
     /// Writes `k`, `v` into the cache at the batch's slots, then attends each query token
-    /// causally to its row's cached positions `0..=position`. Returns `[tokens, heads * head_dim]`.
+    /// causally to its row's cached positions `0..=position` (those of `shape.window` when
+    /// there is one). Returns `[tokens, heads * head_dim]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,

@@ -3,6 +3,7 @@
 //! depend on its neighbours (greedy speculative output then equals plain output exactly).
 
 mod kernels;
+pub mod kv;
 
 use std::borrow::Cow;
 
@@ -10,14 +11,17 @@ use rayon::prelude::*;
 
 use crate::tensor::quant::{ActivationScheme, QuantFormat, QuantWeight};
 use crate::tensor::random::normal_values;
-use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result};
+use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, KvDtype, KvLayout, KvStorage, Result};
+use crate::tensor::{RowMeta, NO_BLOCK};
 use kernels::{dot, dot_tile, dot_tile_fp8, dot_tile_quant};
+use kv::CpuKv;
 
 /// Activations and most weights are dense f32; quantized matrices (GGML blocks, FP8) stay
-/// as stored, and only `matmul` and `embed` read them.
+/// as stored, and only `matmul` and `embed` read them; a KV cache only `attention` reads.
 pub enum CpuTensor {
     Dense(HostTensor),
     Quant(QuantWeight),
+    Kv(CpuKv),
 }
 
 impl CpuTensor {
@@ -25,6 +29,7 @@ impl CpuTensor {
         match self {
             CpuTensor::Dense(t) => t,
             CpuTensor::Quant(_) => panic!("a quantized weight reached an op other than matmul or embed"),
+            CpuTensor::Kv(_) => panic!("a KV cache reached an op other than attention"),
         }
     }
 
@@ -32,6 +37,25 @@ impl CpuTensor {
         match self {
             CpuTensor::Dense(t) => t,
             CpuTensor::Quant(_) => panic!("a quantized weight reached an op other than matmul or embed"),
+            CpuTensor::Kv(_) => panic!("a KV cache reached an op other than attention"),
+        }
+    }
+
+    /// The tensor as a KV cache of `shape`: a dense `[slots, kv_dim]` tensor (one a caller
+    /// filled) becomes an f32 cache in place.
+    fn kv_mut(&mut self, shape: AttnShape) -> Result<&mut CpuKv> {
+        if let CpuTensor::Dense(t) = self {
+            let layout = KvLayout {
+                num_kv_heads: shape.num_kv_heads,
+                head_dim: shape.head_dim,
+                storage: KvStorage::F32,
+                window: shape.window,
+            };
+            *self = CpuTensor::Kv(CpuKv::from_f32(std::mem::take(&mut t.data), &layout));
+        }
+        match self {
+            CpuTensor::Kv(kv) => Ok(kv),
+            _ => Err(BackendError::Invalid("attention: the cache is not a KV cache tensor".into())),
         }
     }
 
@@ -40,6 +64,7 @@ impl CpuTensor {
         match self {
             CpuTensor::Dense(t) => rows(t),
             CpuTensor::Quant(q) => (q.shape()[0], q.shape()[1]),
+            CpuTensor::Kv(kv) => (kv.slots(), 0),
         }
     }
 }
@@ -85,8 +110,17 @@ impl Backend for CpuBackend {
         Ok(dense(shape.to_vec(), normal_values(shape.iter().product(), std, seed)))
     }
 
-    fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<CpuTensor> {
-        Ok(dense(vec![slots, kv_dim], vec![0.0; slots * kv_dim]))
+    /// Every storage: `auto` is the f32 reference, `bf16` and `fp8` are kept as such.
+    fn kv_storage(&self, dtype: KvDtype) -> Result<KvStorage> {
+        Ok(match dtype {
+            KvDtype::Auto => KvStorage::F32,
+            KvDtype::Bf16 => KvStorage::Bf16,
+            KvDtype::Fp8 => KvStorage::Fp8,
+        })
+    }
+
+    fn kv_cache(&self, slots: usize, layout: &KvLayout) -> Result<CpuTensor> {
+        Ok(CpuTensor::Kv(CpuKv::zeroed(slots, layout)))
     }
 
     fn prepare(&self, meta: &BatchMeta) -> Result<BatchMeta> {
@@ -104,6 +138,7 @@ impl Backend for CpuBackend {
             match table {
                 CpuTensor::Dense(d) => data.extend_from_slice(&d.data[t * hidden..(t + 1) * hidden]),
                 CpuTensor::Quant(q) => data.extend(q.dequantize_row(t)),
+                CpuTensor::Kv(_) => return Err(BackendError::Invalid("embed: a KV cache is no table".into())),
             }
         }
         Ok(dense(vec![batch.tokens.len(), hidden], data))
@@ -128,6 +163,9 @@ impl Backend for CpuBackend {
     }
 
     fn matmul(&self, x: &CpuTensor, w: &CpuTensor) -> Result<CpuTensor> {
+        if let CpuTensor::Kv(_) = w {
+            return Err(BackendError::Invalid("matmul: a KV cache is no weight".into()));
+        }
         let x = quantize_input(x.dense(), w);
         let (n, k) = rows(&x);
         let (m, wk) = w.dims();
@@ -153,6 +191,7 @@ impl Backend for CpuBackend {
                         CpuTensor::Dense(w) => WeightRow::Dense(&w.data[r * k..(r + 1) * k]),
                         CpuTensor::Quant(QuantWeight::Blocks(b)) => WeightRow::Blocks(b.format, b.row(r)),
                         CpuTensor::Quant(QuantWeight::Fp8(f)) => WeightRow::Fp8(f.row(r), f.scales[r]),
+                        CpuTensor::Kv(_) => unreachable!("refused above"),
                     };
                     matvec_row(row, &x.data, k, dst);
                 }
@@ -205,26 +244,23 @@ impl Backend for CpuBackend {
         shape: AttnShape,
     ) -> Result<CpuTensor> {
         let (q, k, v) = (q.dense(), k.dense(), v.dense());
-        let (k_cache, v_cache) = (k_cache.dense_mut(), v_cache.dense_mut());
         let kv_dim = shape.num_kv_heads * shape.head_dim;
-        for (i, &slot) in batch.slots.iter().enumerate() {
-            let (dst, src) = (slot as usize * kv_dim, i * kv_dim);
-            k_cache.data[dst..dst + kv_dim].copy_from_slice(&k.data[src..src + kv_dim]);
-            v_cache.data[dst..dst + kv_dim].copy_from_slice(&v.data[src..src + kv_dim]);
+        for (cache, new) in [(&mut *k_cache, k), (&mut *v_cache, v)] {
+            let cache = cache.kv_mut(shape)?;
+            for (i, &slot) in batch.slots.iter().enumerate() {
+                if slot as usize >= cache.slots() {
+                    return Err(BackendError::Invalid(format!("attention: slot {slot} outside the cache")));
+                }
+                cache.write(slot as usize, &new.data[i * kv_dim..(i + 1) * kv_dim]);
+            }
         }
+        let caches = (&*k_cache.kv_mut(shape)?, &*v_cache.kv_mut(shape)?);
+        let slots: Vec<Vec<usize>> =
+            (0..batch.num_tokens()).map(|t| read_slots(batch, t, shape, caches.0.slots())).collect::<Result<_>>()?;
         let q_dim = shape.num_heads * shape.head_dim;
         let mut out = vec![0f32; batch.num_tokens() * q_dim];
-        let caches = (&k_cache.data[..], &v_cache.data[..]);
-        out.par_chunks_mut(q_dim).enumerate().for_each(|(t, dst)| {
-            let row =
-                batch.rows.iter().find(|r| (r.start..r.start + r.len).contains(&(t as u32))).expect("token in a row");
-            let slots: Vec<usize> = (0..=batch.positions[t])
-                .map(|p| {
-                    (row.block_table[(p / batch.block_size) as usize] * batch.block_size + p % batch.block_size)
-                        as usize
-                })
-                .collect();
-            attend_token(&q.data[t * q_dim..(t + 1) * q_dim], caches, &slots, shape, dst);
+        out.par_chunks_mut(q_dim).zip(&slots).enumerate().for_each(|(t, (dst, slots))| {
+            attend_token(&q.data[t * q_dim..(t + 1) * q_dim], caches, slots, shape, dst);
         });
         Ok(dense(vec![batch.num_tokens(), q_dim], out))
     }
@@ -247,7 +283,10 @@ impl Backend for CpuBackend {
     }
 
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
-        Ok(x.dense().data.clone())
+        match x {
+            CpuTensor::Kv(kv) => Ok(kv.to_f32()),
+            x => Ok(x.dense().data.clone()),
+        }
     }
 }
 
@@ -305,17 +344,43 @@ fn normalize(row: &mut [f32], weight: &[f32], eps: f32) {
     row.iter_mut().zip(weight).for_each(|(x, w)| *x = *x * scale * w);
 }
 
+/// The cache slots query token `t` reads: its row's positions `0..=position`, or those
+/// its window keeps. A position whose block is missing (or outside the cache) is an error.
+fn read_slots(batch: &BatchMeta, t: usize, shape: AttnShape, cache_slots: usize) -> Result<Vec<usize>> {
+    let row = row_of(batch, t)?;
+    let pos = batch.positions[t] as usize;
+    let bs = batch.block_size as usize;
+    let positions: Box<dyn Iterator<Item = usize>> = match shape.window {
+        None => Box::new(0..=pos),
+        Some(w) => Box::new((0..w.sinks().min(pos + 1)).chain(w.first_recent(pos).max(w.sinks())..=pos)),
+    };
+    positions
+        .map(|p| {
+            let block = row.block_table.get(p / bs).copied().filter(|&b| b != NO_BLOCK);
+            let slot = block.map(|b| b as usize * bs + p % bs).filter(|&s| s < cache_slots);
+            slot.ok_or_else(|| BackendError::Invalid(format!("attention: position {p} has no block in the cache")))
+        })
+        .collect()
+}
+
+fn row_of(batch: &BatchMeta, t: usize) -> Result<&RowMeta> {
+    let t = t as u32;
+    let row = batch.rows.iter().find(|r| (r.start..r.start + r.len).contains(&t));
+    row.ok_or_else(|| BackendError::Invalid(format!("attention: token {t} is in no row")))
+}
+
 /// One query token, all heads: softmax(q·kᵀ/√d)·v over the given cache slots.
-fn attend_token(q: &[f32], (kc, vc): (&[f32], &[f32]), slots: &[usize], s: AttnShape, out: &mut [f32]) {
-    let (hd, kv_dim) = (s.head_dim, s.num_kv_heads * s.head_dim);
+fn attend_token(q: &[f32], (kc, vc): (&CpuKv, &CpuKv), slots: &[usize], s: AttnShape, out: &mut [f32]) {
+    let hd = s.head_dim;
     let group = s.num_heads / s.num_kv_heads;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut scores = vec![0f32; slots.len()];
+    let mut scratch = vec![0f32; hd];
     for h in 0..s.num_heads {
-        let off = (h / group) * hd;
+        let kv_head = h / group;
         let qh = &q[h * hd..(h + 1) * hd];
         for (sc, &slot) in scores.iter_mut().zip(slots) {
-            *sc = dot(qh, &kc[slot * kv_dim + off..slot * kv_dim + off + hd]) * scale;
+            *sc = dot(qh, kc.head(slot, kv_head, &mut scratch)) * scale;
         }
         let max = scores.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         let mut sum = 0f32;
@@ -327,7 +392,7 @@ fn attend_token(q: &[f32], (kc, vc): (&[f32], &[f32]), slots: &[usize], s: AttnS
         oh.fill(0.0);
         for (sc, &slot) in scores.iter().zip(slots) {
             let p = sc / sum;
-            let vh = &vc[slot * kv_dim + off..slot * kv_dim + off + hd];
+            let vh = vc.head(slot, kv_head, &mut scratch);
             oh.iter_mut().zip(vh).for_each(|(o, v)| *o = p.mul_add(*v, *o));
         }
     }

@@ -30,10 +30,13 @@ impl CudaBackend {
         if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
             return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
         }
-        let split = match s.head_dim {
-            64 => &self.kernels.attn_split_hd64,
-            128 => &self.kernels.attn_split_hd128,
-            d => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
+        let kern = &self.kernels;
+        let split = match (s.head_dim, s.window.is_some()) {
+            (64, false) => &kern.attn_split_hd64,
+            (128, false) => &kern.attn_split_hd128,
+            (64, true) => &kern.attn_split_win_hd64,
+            (128, true) => &kern.attn_split_win_hd128,
+            (d, _) => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
         };
         Self::expect(k_cache, DType::Bf16, "k cache")?;
         Self::expect(k, DType::F32, "attention k")?;
@@ -46,7 +49,8 @@ impl CudaBackend {
             q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), batch.positions(), batch.slots(),
             batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
             batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
-            inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32)?;
+            inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32,
+            s.window.map_or(0, |w| w.size() as i32), s.window.map_or(0, |w| w.sinks() as i32))?;
         let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::Bf16)?; // o's input
         launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
             partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,

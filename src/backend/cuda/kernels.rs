@@ -217,6 +217,9 @@ pub struct Kernels {
     pub swiglu_fp8: [CudaFunction; 4],
     pub attn_split_hd64: CudaFunction,
     pub attn_split_hd128: CudaFunction,
+    /// With an attention window (positions it leaves out are neither read nor scored).
+    pub attn_split_win_hd64: CudaFunction,
+    pub attn_split_win_hd128: CudaFunction,
     pub attn_merge: CudaFunction,
     pub argmax_rows: CudaFunction,
     /// The architecture the cubins were built for.
@@ -279,6 +282,8 @@ impl Kernels {
             swiglu_fp8: by_group("swiglu_fp8")?,
             attn_split_hd64: get("attn_split_hd64")?,
             attn_split_hd128: get("attn_split_hd128")?,
+            attn_split_win_hd64: get("attn_split_win_hd64")?,
+            attn_split_win_hd128: get("attn_split_win_hd128")?,
             attn_merge: get("attn_merge")?,
             argmax_rows: get("argmax_rows")?,
             arch,

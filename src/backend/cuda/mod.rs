@@ -32,6 +32,7 @@ use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
 use crate::tensor::quant::QuantWeight;
 use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, DeviceMemory, HostTensor, Result, StepKey};
+use crate::tensor::{KvDtype, KvFeature, KvLayout, KvStorage};
 
 pub struct CudaBackend {
     dev: Device,
@@ -299,8 +300,12 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    fn kv_bytes_per_value(&self) -> usize {
-        DType::Bf16.size()
+    /// bf16 only: its attention kernels read no FP8 cache yet.
+    fn kv_storage(&self, dtype: KvDtype) -> Result<KvStorage> {
+        match dtype {
+            KvDtype::Auto | KvDtype::Bf16 => Ok(KvStorage::Bf16),
+            KvDtype::Fp8 => Err(BackendError::Unsupported { backend: "cuda", feature: KvFeature::Dtype(dtype) }),
+        }
     }
 
     /// After everything queued so far has run (freed buffers back in the pool count as
@@ -312,8 +317,13 @@ impl Backend for CudaBackend {
         Ok(Some(DeviceMemory { free, total }))
     }
 
-    fn kv_cache(&self, slots: usize, kv_dim: usize) -> Result<CudaTensor> {
-        let out = self.alloc(vec![slots, kv_dim], DType::Bf16)?;
+    /// Refuses what its attention kernels cannot read: another storage than bf16.
+    fn kv_cache(&self, slots: usize, layout: &KvLayout) -> Result<CudaTensor> {
+        if layout.storage != KvStorage::Bf16 {
+            let feature = KvFeature::Storage(layout.storage);
+            return Err(BackendError::Unsupported { backend: "cuda", feature });
+        }
+        let out = self.alloc(vec![slots, layout.kv_dim()], DType::Bf16)?;
         self.dev.memset_zero(out.ptr(), out.bytes())?;
         Ok(out)
     }

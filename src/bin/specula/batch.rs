@@ -84,10 +84,12 @@ fn start<B: Backend>(
     concurrency: usize,
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<Batch, Error> {
+    let kv = args.load.kv_options()?;
     let backend = new_backend()?;
     let loaded = load_model_with(&args.load.source()?, &args.load.load_options(), &backend)?;
     let model = Arc::new(loaded.model);
     let mut builder = Runtime::builder()
+        .kv_cache(kv)
         .max_batch(concurrency.min(lines))
         .max_waiting(lines.max(1024))
         .gpu_memory_fraction(args.load.gpu_memory_fraction);
@@ -104,7 +106,15 @@ fn start<B: Backend>(
     }
     let handle = builder.build(backend, model, loaded.tokenizer)?;
     if let Ok(stats) = futures::executor::block_on(handle.stats()) {
-        eprintln!("KV pool: {} blocks of {} tokens", stats.kv.target.num_blocks, specula::actors::BLOCK_SIZE);
+        let kv = stats.kv_cache;
+        let storage = kv.storage.map_or("?", |s| s.name());
+        eprintln!(
+            "KV pool: {} blocks of {} tokens ({} tokens, {storage}, {} bytes per token)",
+            stats.kv.target.num_blocks,
+            specula::actors::BLOCK_SIZE,
+            kv.tokens,
+            kv.bytes_per_token
+        );
     }
     Ok(Batch { handle, timeline, ids_only })
 }

@@ -106,9 +106,10 @@ fn generate<B: Backend>(
     args: &GenerateArgs,
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<(), Box<dyn std::error::Error>> {
+    let kv = args.load.kv_options()?;
     let backend = new_backend()?;
     let loaded = load_model_with(&args.load.source()?, &args.load.load_options(), &backend)?;
-    let engine = Engine::new(backend, loaded.model, loaded.tokenizer);
+    let engine = Engine::new(backend, loaded.model, loaded.tokenizer).with_kv(kv);
     let request = args.request(args.prompt.as_deref().unwrap_or_default());
     let mut proposer = args.spec.proposer(&engine.model, engine.tokenizer.as_ref(), new_backend)?;
     let spec = proposer.as_deref_mut().map(|proposer| SpecOptions {

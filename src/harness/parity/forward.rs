@@ -32,8 +32,11 @@ fn compare_loaded(
 ) -> Result<Vec<ForwardRow>> {
     let lc = models.lc;
     let vocab = lc.model.config.vocab_size;
-    let lengths =
-        crate::core::lengths::Lengths { context: lc.model.config.max_position_embeddings, kv_tokens: usize::MAX };
+    let lengths = crate::core::lengths::Lengths {
+        context: lc.model.config.max_position_embeddings,
+        kv_tokens: usize::MAX,
+        held: None,
+    };
     let mut out = vec![];
     for (name, prompt) in prompts() {
         let ids = crate::prompt::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab, &lengths)?;

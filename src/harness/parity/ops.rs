@@ -9,7 +9,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{AttnShape, Backend, BatchMeta, Result};
 use crate::model::Preset;
-use crate::tensor::HostTensor;
+use crate::tensor::{AttnWindow, HostTensor, NO_BLOCK};
 
 /// The same values on both sides, only the order of f32 sums differs.
 const EXACT: f64 = 1e-4;
@@ -71,11 +71,14 @@ pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>>
     for preset in [Preset::SmolLm2_135m, Preset::Llama31_8b] {
         rope(&mut c, preset)?;
     }
-    for shape in [
-        AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64 },
-        AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128 },
-    ] {
-        attention(&mut c, shape)?;
+    let window = AttnWindow::new(100, 4).ok();
+    for window in [None, window] {
+        for shape in [
+            AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64, window },
+            AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128, window },
+        ] {
+            attention(&mut c, shape)?;
+        }
     }
     elementwise(&mut c)?;
     random(&mut c)?;
@@ -242,6 +245,13 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     meta.push_row(&[3], 299, &perm[0..19], 1);
     meta.push_row(&[4, 5, 6, 7, 8], 590, &perm[19..57], 5);
     meta.push_row(&[9; 40], 0, &perm[57..60], 1);
+    if let Some(w) = s.window {
+        // Blocks that slid out of each row's window are back in the pool: never read.
+        for row in &mut meta.rows {
+            let first = w.first_recent((row.context_len - row.len) as usize) / bs as usize;
+            row.block_table.iter_mut().take(first).skip(w.sinks().div_ceil(bs as usize)).for_each(|b| *b = NO_BLOCK);
+        }
+    }
     let n = meta.num_tokens();
     let q = HostTensor::new(vec![n, s.num_heads * s.head_dim], c.values(n * s.num_heads * s.head_dim, 2.0));
     let k = HostTensor::new(vec![n, kv_dim], bf16_round(c.values(n * kv_dim, 2.0)));
@@ -255,7 +265,8 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let (vc_, vg) = (c.cpu.upload(&v)?, f32_tensor(c.gpu, &v)?);
     let want = c.cpu.attention(&qc, &kc_, &vc_, &mut kcc, &mut vcc, &c.cpu.prepare(&meta)?, s)?;
     let got = c.gpu.attention(&qg, &kg, &vg, &mut kcg, &mut vcg, &c.gpu.prepare(&meta)?, s)?;
-    let shape = format!("{}h/{}kv/{} x{n}", s.num_heads, s.num_kv_heads, s.head_dim);
+    let window = s.window.map_or(String::new(), |w| format!(" window {}+{}", w.size(), w.sinks()));
+    let shape = format!("{}h/{}kv/{} x{n}{window}", s.num_heads, s.num_kv_heads, s.head_dim);
     let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
     c.push("attention (decode+verify+prefill)", shape.clone(), &got, &want);
     let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);

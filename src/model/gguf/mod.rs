@@ -135,6 +135,7 @@ impl GgufFile {
             max_position_embeddings: self.usize_key("llama.context_length")?.unwrap_or(2048),
             bos_token_id: token_id("tokenizer.ggml.bos_token_id")?,
             eos_token_ids,
+            sliding_window: None,
         };
         // Checked before the RoPE tables are computed from it, and again with its scaling.
         config.validate().map_err(|e| LoadError::format(&self.path, e.gguf()))?;
