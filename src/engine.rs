@@ -99,7 +99,8 @@ impl<B: Backend> Engine<B> {
         state.stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
 
         let start = Instant::now();
-        let logits = self.prefill(&mut seq.kv, &prompt, &seq.table)?;
+        let observer = spec.as_mut().map(|s| &mut *s.proposer).filter(|p| p.wants_hidden());
+        let logits = self.prefill_observed(&mut seq.kv, &prompt, &seq.table, observer)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let decode_start = Instant::now();
         let mut new_tokens = vec![sampler.sample(&logits, &seq.history)];
@@ -157,7 +158,8 @@ impl<B: Backend> Engine<B> {
         let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
         meta.push_row(&row, (history.len() - 1) as u32, &seq.table, row.len());
         let step_start = Instant::now();
-        let out = self.backend.forward_step(&self.model, &mut seq.kv, &meta, self.model.num_layers())?;
+        let wants_hidden = spec.as_ref().is_some_and(|s| s.proposer.wants_hidden());
+        let (out, hidden) = self.forward(&mut seq.kv, &meta, wants_hidden)?;
         let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
         let vocab = self.model.config.vocab_size;
         let new_tokens = if ids_suffice(sampler) {
@@ -171,6 +173,11 @@ impl<B: Backend> Engine<B> {
         state.cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
         if let Some(s) = spec {
             let accepted = new_tokens.len() - 1;
+            if let Some(hidden) = hidden {
+                // The positions verified: the last token and the accepted drafts.
+                let width = hidden.len() / row.len();
+                s.proposer.observe(SEQ, history.len() - 1, &hidden[..(accepted + 1) * width]);
+            }
             state.stats.record(draft.tokens.len(), accepted);
             state.acceptance.record(draft.tokens.len(), accepted);
             // The proposer holds the history and its draft; the target kept `accepted` of
@@ -187,14 +194,43 @@ impl<B: Backend> Engine<B> {
 
     /// Runs the prompt through the model in chunks; returns the last position's logits.
     pub fn prefill(&self, kv: &mut KvCache<B>, prompt: &[u32], table: &[u32]) -> Result<Vec<f32>, EngineError> {
+        self.prefill_observed(kv, prompt, table, None)
+    }
+
+    /// `prefill`, handing the prompt's hidden states to `observer` (a proposer that reads them).
+    fn prefill_observed<'p>(
+        &self,
+        kv: &mut KvCache<B>,
+        prompt: &[u32],
+        table: &[u32],
+        mut observer: Option<&mut (dyn Proposer + 'p)>,
+    ) -> Result<Vec<f32>, EngineError> {
         let mut logits = vec![];
         for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             meta.push_row(chunk, (i * PREFILL_CHUNK) as u32, table, 1);
-            logits =
-                self.backend.to_host(&self.backend.forward_step(&self.model, kv, &meta, self.model.num_layers())?)?;
+            let (out, hidden) = self.forward(kv, &meta, observer.is_some())?;
+            if let (Some(p), Some(hidden)) = (observer.as_deref_mut(), hidden) {
+                p.observe(SEQ, i * PREFILL_CHUNK, &hidden);
+            }
+            logits = self.backend.to_host(&out)?;
         }
         Ok(logits)
+    }
+
+    /// The target's forward over `meta` (replayable), or with `hidden` the forward that also
+    /// keeps the hidden state of every token (`[tokens, hidden]`, on the host).
+    fn forward(
+        &self,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+        hidden: bool,
+    ) -> Result<(B::Tensor, Option<Vec<f32>>), BackendError> {
+        if !hidden {
+            return Ok((self.backend.forward_step(&self.model, kv, meta, self.model.num_layers())?, None));
+        }
+        let (logits, h) = self.model.forward_hidden(&self.backend, kv, meta)?;
+        Ok((logits, Some(self.backend.to_host(&h)?)))
     }
 }
 
