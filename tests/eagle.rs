@@ -148,7 +148,10 @@ fn reference(w: &Weights, h: usize, emb: &[Vec<f64>], feats: &[Vec<f64>]) -> Vec
         let (mut q, mut k) = (matvec(p("self_attn.q_proj"), &x), matvec(p("self_attn.k_proj"), &x));
         rope(&mut q, i);
         rope(&mut k, i);
-        (queries.push(q), keys.push(k), values.push(matvec(p("self_attn.v_proj"), &x)), xs.push(x));
+        queries.push(q);
+        keys.push(k);
+        values.push(matvec(p("self_attn.v_proj"), &x));
+        xs.push(x);
     }
     let mut out = vec![];
     for (i, mut x) in xs.into_iter().enumerate() {
