@@ -306,15 +306,17 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
     let reqs: Vec<GenerateRequest> = PROMPTS.iter().map(|p| chat(p, 24)).collect();
     let want: Vec<Vec<u32>> = reqs.iter().map(|r| s.engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
     let mut p = EagleProposer::load(CpuBackend::new(), s.engine.model.clone(), head, 64, 16).unwrap();
-    let (mut drafted, mut accepted) = (0, 0);
+    let mut stats = specula::spec::SpecStats::default();
     for (i, req) in reqs.iter().enumerate().take(3) {
         let spec = SpecOptions { proposer: &mut p, max_draft: 4, synthetic_acceptance: None };
         let out = s.engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
         assert_eq!(out.token_ids, want[i], "engine, request {i}");
-        let st = out.speculative.unwrap();
-        (drafted, accepted) = (drafted + st.drafted, accepted + st.accepted);
+        stats.merge(&out.speculative.unwrap());
     }
-    assert!(accepted * 5 > drafted, "the trained head should be accepted often: {accepted}/{drafted}");
+    // The head's first draft holds about 40% of the time on such prompts; a head that read
+    // the wrong features (or none) would almost never be right among 49152 tokens.
+    let first = stats.acceptance_per_position[0];
+    assert!(first > 0.2, "the trained head's first draft should often hold: {first:.2} ({stats:?})");
     let proposer = Box::new(EagleProposer::load(CpuBackend::new(), s.model.clone(), head, 256, 16).unwrap());
     let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None };
     let h = Runtime::builder()
