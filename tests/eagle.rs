@@ -339,8 +339,9 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
 
 // Sampling.
 
-/// The exact distribution of the second generated token.
-fn second_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams) -> Vec<f64> {
+/// The exact distribution of the `n`-th generated token (1-based): the sum over every
+/// sequence of earlier tokens of its probability times the next token's distribution.
+fn nth_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams, n: usize) -> Vec<f64> {
     let b = CpuBackend::new();
     let last_logits = |tokens: &[u32]| {
         let mut kv = KvCache::new(&b, &model.config, 16, 4).unwrap();
@@ -349,11 +350,15 @@ fn second_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: 
         b.to_host(&model.forward(&b, &mut kv, &meta).unwrap()).unwrap()
     };
     let mut out = vec![0f64; model.config.vocab_size];
-    let first = distribution(&last_logits(prompt), prompt, params);
-    for (t, &p1) in first.iter().enumerate().filter(|(_, &p)| p > 0.0) {
-        let context: Vec<u32> = prompt.iter().copied().chain([t as u32]).collect();
-        for (u, &p2) in distribution(&last_logits(&context), &context, params).iter().enumerate() {
-            out[u] += p1 as f64 * p2 as f64;
+    let mut stack = vec![(prompt.to_vec(), 1f64)];
+    while let Some((context, p)) = stack.pop() {
+        let next = distribution(&last_logits(&context), &context, params);
+        for (t, &pt) in next.iter().enumerate().filter(|(_, &q)| q > 0.0) {
+            if context.len() - prompt.len() + 1 == n {
+                out[t] += p * pt as f64;
+            } else {
+                stack.push(([context.as_slice(), &[t as u32]].concat(), p * pt as f64));
+            }
         }
     }
     out
@@ -388,20 +393,22 @@ fn sampled_eagle_follows_the_target_distribution() {
     HeadSpec { scale: 0.3, ..HeadSpec::new(vocab) }.write(dir.path(), 4);
     let prompt = vec![3u32, 9, 27];
     let params = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
-    let expected = second_token_distribution(&engine.model, &prompt, &params);
+    // The third token: drafted whether the first decoding step drafts or (costs unknown
+    // yet) runs plain and the second drafts.
+    let expected = nth_token_distribution(&engine.model, &prompt, &params, 3);
     let mut p = proposer(&engine.model, dir.path());
     let (mut counts, mut drafted, mut accepted) = (vec![0usize; vocab], 0, 0);
     for i in 0..20_000u64 {
         let sampling = SamplingParams { seed: Some(i), ..params.clone() };
         let req = GenerateRequest {
-            max_tokens: 2,
+            max_tokens: 3,
             ignore_eos: true,
             sampling,
             ..GenerateRequest::new(Prompt::Tokens(prompt.clone()))
         };
         let spec = SpecOptions { proposer: &mut p, max_draft: 3, synthetic_acceptance: None };
         let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
-        counts[out.token_ids[1] as usize] += 1;
+        counts[out.token_ids[2] as usize] += 1;
         let st = out.speculative.unwrap();
         (drafted, accepted) = (drafted + st.drafted, accepted + st.accepted);
     }
