@@ -3,7 +3,10 @@
 # Verifier actors), measured in one run: plain decoding, n-gram prompt lookup on a prompt
 # whose answer repeats it (correcting a text), and the early-exit self-draft. The timeline columns say how long
 # the Drafter worked (drafting, and pre-drafting the next round) and how much of it ran
-# while the Verifier verified.
+# while the Verifier verified. Then EAGLE (the head trained for the default model) against
+# plain decoding on held-out chat prompts (bench/eagle_prompts.py: templates and topics the
+# head never saw in training), one request at a time: decode tok/s, tokens per step and the
+# acceptance at each draft position, over all prompts.
 # Usage: bench/spec_cpu.sh [path/to/specula]
 set -euo pipefail
 bin=${1:-target/release/specula}
@@ -13,7 +16,8 @@ text="The comittee met on Tuesday to reveiw the budjet. After a long discusion, 
 echo "Correct the spelling mistakes in this text and write it out again: $text" >"$dir/prompt.txt"
 printf '%-22s %7s %6s %9s %6s %9s %9s %9s %11s\n' \
     method "tok/s" accept "tok/step" tokens "draft ms" "pre ms" "verify ms" "overlap ms"
-for spec in "none" "ngram --draft-len 4" "ngram --draft-len 8" "early-exit --draft-layers 24 --draft-len 4"; do
+for spec in "none" "ngram --draft-len 4" "ngram --draft-len 8" "early-exit --draft-layers 24 --draft-len 4" \
+    "eagle --draft-len 4"; do
     # shellcheck disable=SC2086
     "$bin" generate --chat --prompts-file "$dir/prompt.txt" --max-tokens 160 --json \
         --timeline "$dir/timeline.json" --spec $spec >"$dir/out.json" 2>/dev/null
@@ -30,4 +34,27 @@ print("%-22s %7.1f %6.2f %9.2f %6d %9.0f %9.0f %9.0f %11.0f" % (
     t.get("verify_ms", 0), t.get("overlapped_ms", 0)))
 PY
     rm -f "$dir/timeline.json"
+done
+
+echo
+python3 "$(dirname "$0")/eagle_prompts.py" >"$dir/heldout.txt"
+printf '%-22s %7s %6s %9s %6s  %s\n' method "tok/s" accept "tok/step" tokens "acceptance per position"
+for spec in "none" "eagle --draft-len 2" "eagle --draft-len 4" "eagle --draft-len 6"; do
+    # shellcheck disable=SC2086
+    "$bin" generate --chat --prompts-file "$dir/heldout.txt" --concurrency 1 --max-tokens 128 --json \
+        --spec $spec >"$dir/out.json" 2>"$dir/err.txt"
+    python3 - "$(echo $spec | sed "s/--draft-len /k=/")" "$dir/out.json" "$dir/err.txt" <<'PY'
+import json, re, sys
+name, out, err = sys.argv[1:]
+rows = [json.loads(l) for l in open(out) if l.strip()]
+tokens = sum(r["usage"]["completion_tokens"] for r in rows)
+decoded = sum(r["usage"]["completion_tokens"] - 1 for r in rows)
+ms = sum(r["timings"]["decode_ms"] for r in rows)
+drafted = sum((r.get("speculative") or {}).get("drafted", 0) for r in rows)
+accepted = sum((r.get("speculative") or {}).get("accepted", 0) for r in rows)
+steps = sum((r.get("speculative") or {}).get("steps", 0) for r in rows)
+m = re.search(r"acceptance per position ([0-9. ]+)", open(err).read())
+print("%-22s %7.1f %6.2f %9.2f %6d  %s" % (name, decoded / (ms / 1e3), accepted / drafted if drafted else float("nan"),
+      (accepted + steps) / steps if steps else 1.0, tokens, m.group(1).strip() if m else "-"))
+PY
 done

@@ -3,7 +3,7 @@
 //! Runs the default model (SmolLM2-135M-Instruct) unless told otherwise, streams each answer
 //! as it is generated, keeps the conversation in the model's chat template, and prints the
 //! speed after each answer. `/reset` starts a new conversation, `/quit` (or Ctrl-D) leaves.
-//! With `--spec ngram|early-exit|draft` it decodes speculatively and shows how many drafts
+//! With `--spec ngram|early-exit|draft|eagle` it decodes speculatively and shows how many drafts
 //! were accepted.
 
 use std::io::{BufRead, Write};

@@ -119,7 +119,8 @@ pub struct SpecArgs {
     /// How to draft tokens for the target to verify.
     #[arg(long, value_enum, default_value = "none")]
     pub spec: SpecMethod,
-    /// The draft model for `--spec draft` (same tokenizer as the target).
+    /// The draft model for `--spec draft` (same tokenizer as the target), or the EAGLE
+    /// head's folder for `--spec eagle` (default: the head trained for the default model).
     #[arg(long)]
     pub draft_model: Option<ModelArg>,
     /// Layers of the target that draft for `--spec early-exit`.
@@ -128,7 +129,7 @@ pub struct SpecArgs {
     /// The most tokens drafted per step (each request's length adapts to its acceptance).
     #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
     pub draft_len: usize,
-    /// KV blocks of 16 tokens in the draft model's cache (`draft` and `early-exit`).
+    /// KV blocks of 16 tokens in the draft model's cache (`draft`, `early-exit`, `eagle`).
     #[arg(long, default_value_t = 1024, allow_negative_numbers = true)]
     pub draft_kv_blocks: usize,
     /// How the draft model's weights are stored: its own precision (`auto`) or FP8.
@@ -151,7 +152,7 @@ impl SpecArgs {
     ) -> Result<Option<Box<dyn Proposer>>, Box<dyn std::error::Error>> {
         check_settings(self.draft_len, self.synthetic_acceptance).map_err(spec_error)?;
         if self.synthetic_acceptance.is_some() && self.spec == SpecMethod::None {
-            return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit)".into());
+            return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit|eagle)".into());
         }
         let choice = ProposerChoice {
             method: self.spec,

@@ -117,7 +117,8 @@ impl<B: Backend> Engine<B> {
         state.stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
 
         let start = Instant::now();
-        let logits = self.prefill_seq(&mut seq)?;
+        let observer = spec.as_mut().map(|s| &mut *s.proposer).filter(|p| p.wants_hidden());
+        let logits = self.prefill_seq(&mut seq, observer)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let decode_start = Instant::now();
         let mut new_tokens = vec![sampler.sample(&logits, &seq.history)];
@@ -176,7 +177,8 @@ impl<B: Backend> Engine<B> {
         let table = reserve(&mut seq.blocks, history.len() - 1, row.len())?;
         meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
         let step_start = Instant::now();
-        let out = self.backend.forward_step(&self.model, &mut seq.kv, &meta, self.model.num_layers())?;
+        let wants_hidden = spec.as_ref().is_some_and(|s| s.proposer.wants_hidden());
+        let (out, hidden) = self.forward(&mut seq.kv, &meta, wants_hidden)?;
         let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
         let vocab = self.model.config.vocab_size;
         let new_tokens = if ids_suffice(sampler) {
@@ -190,6 +192,11 @@ impl<B: Backend> Engine<B> {
         state.cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
         if let Some(s) = spec {
             let accepted = new_tokens.len() - 1;
+            if let Some(hidden) = hidden {
+                // The positions verified: the last token and the accepted drafts.
+                let width = hidden.len() / row.len();
+                s.proposer.observe(SEQ, history.len() - 1, &hidden[..(accepted + 1) * width]);
+            }
             state.stats.record(draft.tokens.len(), accepted);
             state.acceptance.record(draft.tokens.len(), accepted);
             // The proposer holds the history and its draft; the target kept `accepted` of
@@ -215,15 +222,22 @@ impl<B: Backend> Engine<B> {
         Ok(Sequence { kv, blocks, history: prompt, limits })
     }
 
-    /// Runs the sequence's prompt through the model in chunks; returns the last position's
-    /// logits.
-    fn prefill_seq(&self, seq: &mut Sequence<B>) -> Result<Vec<f32>, EngineError> {
+    /// Runs the sequence's prompt through the model in chunks, handing its hidden states to
+    /// `observer` (a proposer that reads them); returns the last position's logits.
+    fn prefill_seq<'p>(
+        &self,
+        seq: &mut Sequence<B>,
+        mut observer: Option<&mut (dyn Proposer + 'p)>,
+    ) -> Result<Vec<f32>, EngineError> {
         let mut logits = vec![];
         for (i, chunk) in seq.history.clone().chunks(PREFILL_CHUNK).enumerate() {
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             let table = reserve(&mut seq.blocks, i * PREFILL_CHUNK, chunk.len())?;
             meta.push_row(chunk, (i * PREFILL_CHUNK) as u32, &table, 1);
-            let out = self.backend.forward_step(&self.model, &mut seq.kv, &meta, self.model.num_layers())?;
+            let (out, hidden) = self.forward(&mut seq.kv, &meta, observer.is_some())?;
+            if let (Some(p), Some(hidden)) = (observer.as_deref_mut(), hidden) {
+                p.observe(SEQ, i * PREFILL_CHUNK, &hidden);
+            }
             logits = self.backend.to_host(&out)?;
         }
         Ok(logits)
@@ -239,6 +253,21 @@ impl<B: Backend> Engine<B> {
                 self.backend.to_host(&self.backend.forward_step(&self.model, kv, &meta, self.model.num_layers())?)?;
         }
         Ok(logits)
+    }
+
+    /// The target's forward over `meta` (replayable), or with `hidden` the forward that also
+    /// keeps the hidden state of every token (`[tokens, hidden]`, on the host).
+    fn forward(
+        &self,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+        hidden: bool,
+    ) -> Result<(B::Tensor, Option<Vec<f32>>), BackendError> {
+        if !hidden {
+            return Ok((self.backend.forward_step(&self.model, kv, meta, self.model.num_layers())?, None));
+        }
+        let (logits, h) = self.model.forward_hidden(&self.backend, kv, meta)?;
+        Ok((logits, Some(self.backend.to_host(&h)?)))
     }
 }
 

@@ -21,7 +21,7 @@ use metrics::{counter, gauge};
 
 use super::intake::Intake;
 use super::mailbox::{Mailbox, MailboxSender};
-use super::messages::{DraftPoolUsage, VerifyMsg};
+use super::messages::{DraftPoolUsage, HiddenStates, VerifyMsg};
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use super::verifier::panic_message;
@@ -57,6 +57,8 @@ pub struct Drafter {
     /// Set when the proposer panicked: its state is unknown, so it is not used again and
     /// rows go on without drafts (the output is the target's either way).
     broken: bool,
+    /// The Verifier's hidden states of verified positions, for a proposer that reads them.
+    pub hidden: Option<crossbeam_channel::Receiver<HiddenStates>>,
 }
 
 impl Drafter {
@@ -67,12 +69,19 @@ impl Drafter {
         timeline: Option<Arc<Timeline>>,
     ) -> Self {
         let seqs = HashMap::new();
-        Drafter { proposer, seqs, verifier, intake, pool: None, timeline, warned: false, broken: false }
+        Drafter { proposer, seqs, verifier, intake, pool: None, timeline, warned: false, broken: false, hidden: None }
     }
 
     /// Fills the drafts of `plan`'s decoding rows.
     pub fn draft(&mut self, plan: &mut StepPlan) {
         let start = Instant::now();
+        // The previous step's hidden states arrived before this plan (sent before its
+        // `StepDone`).
+        while let Some(msg) = self.hidden.as_ref().and_then(|rx| rx.try_recv().ok()) {
+            for row in msg.0 {
+                self.proposer.observe(row.id.0, row.start, &row.rows);
+            }
+        }
         for id in &plan.finished {
             self.seqs.remove(id);
             self.proposer.release(id.0);
@@ -102,6 +111,10 @@ impl Drafter {
     /// accepted whole: elsewhere the guess would most likely be thrown away, and drafting
     /// still takes compute (and memory bandwidth) from the target.
     pub fn pre_draft(&mut self, plan: &StepPlan) {
+        // A proposer reading the target's hidden states drafts from verified positions only.
+        if self.proposer.wants_hidden() {
+            return;
+        }
         let start = Instant::now();
         let promising =
             |r: &RowPlan| !r.draft.tokens.is_empty() && self.seqs.get(&r.id).is_some_and(|s| s.all_accepted);

@@ -29,6 +29,16 @@ where
         let vocab = self.vocab_size();
         Ok(self.forward(meta)?.chunks(vocab).map(argmax).collect())
     }
+    /// From now on, keep the hidden states every forward computes (for a proposer that
+    /// reads them); false when this executor has none to keep.
+    fn keep_hidden(&mut self) -> bool {
+        false
+    }
+    /// The last forward's hidden states after the final norm, `[tokens, hidden]` row-major
+    /// in the batch's token order, when kept.
+    fn take_hidden(&mut self) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 /// The target model with its paged KV cache (block ids are the KvAllocator's).
@@ -36,6 +46,27 @@ pub struct ModelExecutor<B: Backend> {
     pub backend: B,
     pub model: Arc<Llama<B>>,
     pub kv: KvCache<B>,
+    /// The last forward's hidden states, when asked to keep them (`Some` from then on).
+    hidden: Option<Vec<f32>>,
+}
+
+impl<B: Backend> ModelExecutor<B> {
+    pub fn new(backend: B, model: Arc<Llama<B>>, kv: KvCache<B>) -> Self {
+        ModelExecutor { backend, model, kv, hidden: None }
+    }
+
+    /// The logits of `meta`, keeping the hidden states when asked to. A GPU replays the
+    /// graph it captured for a step of this shape (`forward_step`), unless the hidden
+    /// states are kept: that forward runs as is.
+    fn logits(&mut self, meta: &BatchMeta) -> Result<B::Tensor, BackendError> {
+        if self.hidden.is_none() {
+            let layers = self.model.num_layers();
+            return self.backend.forward_step(&self.model, &mut self.kv, meta, layers);
+        }
+        let (logits, hidden) = self.model.forward_hidden(&self.backend, &mut self.kv, meta)?;
+        self.hidden = Some(self.backend.to_host(&hidden)?);
+        Ok(logits)
+    }
 }
 
 impl<B: Backend> Executor<BackendError> for ModelExecutor<B> {
@@ -48,16 +79,22 @@ impl<B: Backend> Executor<BackendError> for ModelExecutor<B> {
     }
 
     fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, BackendError> {
-        // `forward_step`: a GPU replays the graph it captured for a step of this shape.
-        let layers = self.model.num_layers();
-        let logits = self.backend.forward_step(&self.model, &mut self.kv, meta, layers)?;
+        let logits = self.logits(meta)?;
         self.backend.to_host(&logits)
     }
 
     fn forward_ids(&mut self, meta: &BatchMeta) -> Result<Vec<u32>, BackendError> {
-        let layers = self.model.num_layers();
-        let logits = self.backend.forward_step(&self.model, &mut self.kv, meta, layers)?;
+        let logits = self.logits(meta)?;
         self.backend.argmax_rows(&logits, self.model.config.vocab_size)
+    }
+
+    fn keep_hidden(&mut self) -> bool {
+        self.hidden.get_or_insert_with(Vec::new);
+        true
+    }
+
+    fn take_hidden(&mut self) -> Option<Vec<f32>> {
+        self.hidden.as_mut().map(std::mem::take)
     }
 }
 

@@ -165,6 +165,21 @@ pub enum EndReason {
 /// `RowPlan::draft`): what the GPU threads receive on their crossbeam channels.
 pub type VerifyMsg = StepPlan;
 
+/// Verifier → Drafter, when the proposer reads the target's hidden states (EAGLE): those
+/// of the positions a step verified. Sent before the step's `StepDone`, so the Drafter has
+/// them before the plan that follows.
+#[derive(Debug, Default)]
+pub struct HiddenStates(pub Vec<RowHidden>);
+
+/// One row's hidden states after the target's final norm: positions `start..` of the
+/// request's sequence, `[n, hidden]` row-major.
+#[derive(Debug)]
+pub struct RowHidden {
+    pub id: RequestId,
+    pub start: usize,
+    pub rows: Vec<f32>,
+}
+
 /// Block usage of the target pool and the draft model's pool (with a draft model).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct KvPoolStats {

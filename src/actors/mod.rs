@@ -175,7 +175,7 @@ impl RuntimeBuilder {
         let context = if window.is_some() { WINDOWED_CONTEXT } else { model.config.max_position_embeddings };
         let info = ModelInfo { vocab: model.config.vocab_size, context, eos };
         let builder = RuntimeBuilder { config: c, kv_info: Some((storage, per_token)), ..self };
-        builder.build_with(ModelExecutor { backend, model, kv }, info, tokenizer)
+        builder.build_with(ModelExecutor::new(backend, model, kv), info, tokenizer)
     }
 
     /// Starts the runtime around any executor (the no-op one for benchmarks); `kv_blocks`
@@ -300,10 +300,14 @@ impl ActorSetup {
     }
 }
 
+/// Steps' hidden states on their way to the Drafter: it takes each before the next plan,
+/// so one is ever waiting; a few more leave room.
+const HIDDEN_STATES_CHANNEL: usize = 4;
+
 /// Starts the GPU workers' OS threads: the Verifier, and with speculation the Drafter in
 /// front of it.
 fn start_workers<X, E>(
-    exec: X,
+    mut exec: X,
     info: &ModelInfo,
     c: &RuntimeConfig,
     speculation: Option<Speculation>,
@@ -315,14 +319,25 @@ where
     X: Executor<E>,
     E: Into<ExecutorError> + 'static,
 {
+    // A proposer that reads the target's hidden states gets them from the Verifier directly.
+    let wants_hidden = speculation.as_ref().is_some_and(|s| s.proposer.wants_hidden()) && exec.keep_hidden();
+    let (hidden_tx, hidden_rx) = match wants_hidden {
+        true => {
+            let (tx, rx) = crossbeam_channel::bounded(HIDDEN_STATES_CHANNEL);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
     let mut verifier = verifier::Verifier::new(exec, c.block_size, info.eos.clone(), intake.clone());
     verifier.synthetic_acceptance = speculation.as_ref().and_then(|s| s.synthetic_acceptance);
     verifier.timeline = timeline.clone();
+    verifier.hidden = hidden_tx;
     let mut threads = vec![];
     let verify_rx = match speculation {
         Some(spec) => {
             let (verify_tx, verify_rx) = mailbox::bounded(2);
-            let drafter = drafter::Drafter::new(spec.proposer, verify_tx, intake, timeline);
+            let mut drafter = drafter::Drafter::new(spec.proposer, verify_tx, intake, timeline);
+            drafter.hidden = hidden_rx;
             let t = std::thread::Builder::new().name("specula-drafter".into());
             threads.push(t.spawn(move || drafter.run(plans))?);
             verify_rx

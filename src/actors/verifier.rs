@@ -23,7 +23,7 @@ use super::error::{DownReason, ExecutorError, ForwardOutput, StepError};
 use super::executor::Executor;
 use super::intake::Intake;
 use super::mailbox::Mailbox;
-use super::messages::{ExecutorStopped, StepDone, StepFailure, VerifyMsg};
+use super::messages::{ExecutorStopped, HiddenStates, RowHidden, StepDone, StepFailure, VerifyMsg};
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use crate::backend::BatchMeta;
@@ -62,6 +62,8 @@ pub struct Verifier<X, E> {
     /// Benchmarks only: accept each draft token with this probability.
     pub synthetic_acceptance: Option<f64>,
     pub timeline: Option<Arc<Timeline>>,
+    /// Where the hidden states of verified positions go, for a proposer that reads them.
+    pub hidden: Option<crossbeam_channel::Sender<HiddenStates>>,
     error: PhantomData<fn() -> E>,
 }
 
@@ -76,6 +78,7 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
             intake,
             synthetic_acceptance: None,
             timeline: None,
+            hidden: None,
             error: PhantomData,
         }
     }
@@ -111,7 +114,25 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
             offset += n;
             out.push(self.outcome(row, scores));
         }
+        self.send_hidden(plan, &meta, &out);
         Ok(out)
+    }
+
+    /// Passes the hidden states of each row's verified positions (its tokens and accepted
+    /// drafts) to the Drafter; those of rejected drafts are dropped here.
+    fn send_hidden(&mut self, plan: &StepPlan, meta: &BatchMeta, out: &[RowOutcome]) {
+        let Some(tx) = &self.hidden else { return };
+        let Some(all) = self.exec.take_hidden() else { return };
+        let width = all.len() / meta.num_tokens().max(1);
+        let rows = plan.rows.iter().zip(&meta.rows).zip(out).map(|((row, m), o)| {
+            let from = m.start as usize * width;
+            RowHidden { id: row.id, start: row.computed, rows: all[from..from + o.computed * width].to_vec() }
+        });
+        // The Drafter takes them before the next plan: the channel never holds more than a
+        // step's. Were it full, drafting would restart from later positions, nothing worse.
+        if tx.try_send(HiddenStates(rows.collect())).is_err() {
+            tracing::warn!("the drafter's hidden states channel is full; dropping a step's");
+        }
     }
 
     /// The step's batch, with each row's sequence state brought up to the plan.

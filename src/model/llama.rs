@@ -152,6 +152,21 @@ impl<B: Backend> Llama<B> {
     /// The forward through the first `num_layers` layers, then the final norm and head: the
     /// full model when `num_layers` is the layer count, an early-exit draft model otherwise.
     pub fn forward_layers(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta, num_layers: usize) -> Result<B::Tensor> {
+        let (batch, h) = self.trunk(b, kv, meta, num_layers)?;
+        self.logits(b, &batch, &h, meta)
+    }
+
+    /// The full forward, keeping what EAGLE heads read: the logits, and the hidden state of
+    /// every token of the batch after the final norm (`[tokens, hidden]`, the features the
+    /// LM head reads), computed once for both.
+    pub fn forward_hidden(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta) -> Result<(B::Tensor, B::Tensor)> {
+        let (batch, h) = self.trunk(b, kv, meta, self.layers.len())?;
+        Ok((self.logits(b, &batch, &h, meta)?, h))
+    }
+
+    /// The layers, ending in the final norm (or, for an early exit, in its norm): the
+    /// normalized hidden state of every token, `[tokens, hidden]`.
+    fn trunk(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta, num_layers: usize) -> Result<(B::Batch, B::Tensor)> {
         let c = &self.config;
         let eps = c.rms_norm_eps;
         let (num_heads, num_kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -171,13 +186,28 @@ impl<B: Backend> Llama<B> {
             let next_norm = self.layers.get(l + 1).filter(|_| l + 1 < num_layers).map_or(&self.norm, |n| &n.attn_norm);
             h = b.add_rms_norm(&mut x, &b.matmul(&mlp, &layer.w_down)?, next_norm, eps)?;
         }
+        Ok((batch, h))
+    }
+
+    /// The LM head over the rows of `h` the batch wants logits for.
+    fn logits(&self, b: &B, batch: &B::Batch, h: &B::Tensor, meta: &BatchMeta) -> Result<B::Tensor> {
         if meta.logits_for.is_empty() {
             // Prompt chunks only (a prompt longer than the step): the KV is written, and
             // nothing is projected onto the vocabulary. The logits are `[0, vocab]`.
-            return b.upload(&HostTensor::new(vec![0, c.vocab_size], vec![]));
+            return b.upload(&HostTensor::new(vec![0, self.config.vocab_size], vec![]));
         }
-        let h = b.gather_logit_rows(&h, &batch)?;
-        b.matmul(&h, self.lm_head.as_ref().unwrap_or(&self.embed))
+        let h = b.gather_logit_rows(h, batch)?;
+        b.matmul(&h, self.lm_head())
+    }
+
+    /// The token embedding table, `[vocab, hidden]` (EAGLE heads share it).
+    pub fn embed_table(&self) -> &B::Tensor {
+        &self.embed
+    }
+
+    /// The LM head, `[vocab, hidden]`: its own, or the embedding table when tied.
+    pub fn lm_head(&self) -> &B::Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 
     pub fn num_layers(&self) -> usize {

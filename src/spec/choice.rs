@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use super::eagle::{EagleProposer, DEFAULT_HEAD};
 use super::{check_draft_compatible, ModelProposer, NgramProposer, Proposer, SpecError, SpecMethod};
 use crate::backend::{Backend, BackendError};
 use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
@@ -10,7 +11,8 @@ use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProposerChoice {
     pub method: SpecMethod,
-    /// The draft model for `SpecMethod::Draft` (its tokenizer must match the target's).
+    /// The draft model for `SpecMethod::Draft` (its tokenizer must match the target's), or
+    /// the head's folder for `SpecMethod::Eagle` (default: `eagle::DEFAULT_HEAD`).
     pub draft_model: Option<ModelSource>,
     /// The target's layers that draft for `SpecMethod::EarlyExit`.
     pub draft_layers: usize,
@@ -54,6 +56,16 @@ impl ProposerChoice {
                 )?;
                 let layers = draft.model.num_layers();
                 Some(Box::new(ModelProposer::new(backend, Arc::new(draft.model), layers, blocks, block_size)?))
+            }
+            SpecMethod::Eagle => {
+                let dir = match &self.draft_model {
+                    Some(ModelSource::Path(p)) => p.clone(),
+                    Some(ModelSource::Dummy(_)) => {
+                        return Err(SpecError::DraftModel("an EAGLE head is a folder".into()))
+                    }
+                    None => DEFAULT_HEAD.into(),
+                };
+                Some(Box::new(EagleProposer::load(new_backend()?, target.clone(), &dir, blocks, block_size)?))
             }
         })
     }

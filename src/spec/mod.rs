@@ -3,11 +3,13 @@
 
 mod choice;
 mod draft_model;
+pub mod eagle;
 mod stats;
 
 pub use crate::core::spec::Draft;
 pub use choice::ProposerChoice;
 pub use draft_model::ModelProposer;
+pub use eagle::{EagleProposer, HeadSize};
 pub use stats::SpecStats;
 
 use crate::backend::BackendError;
@@ -43,6 +45,15 @@ pub trait Proposer: Send {
     fn kv_stats(&self) -> Option<KvStats> {
         None
     }
+    /// Whether this proposer reads the target's hidden states (EAGLE): the target then keeps
+    /// them and hands those of verified positions to `observe`. Such a proposer drafts from
+    /// verified positions only, never ahead of the target.
+    fn wants_hidden(&self) -> bool {
+        false
+    }
+    /// The target's hidden states after its final norm at positions `start..` of `seq`,
+    /// `[n, hidden]` row-major: verified tokens only.
+    fn observe(&mut self, _seq: SeqId, _start: usize, _hidden: &[f32]) {}
 }
 
 /// One sequence's part of `Proposer::propose_many`.
@@ -71,6 +82,9 @@ pub enum SpecMethod {
     Ngram,
     Draft,
     EarlyExit,
+    /// An EAGLE head over the target's hidden states (`draft_model`: the head's folder;
+    /// without one, the head trained for the default model).
+    Eagle,
 }
 
 /// Prompt lookup: no model, no state.
@@ -155,6 +169,10 @@ pub enum SpecError {
     SyntheticRate(f64),
     #[error("could not load the draft model: {0}")]
     DraftModel(String),
+    #[error("could not load the EAGLE head: {0}")]
+    EagleHead(#[source] crate::model::LoadError),
+    #[error("the EAGLE head's {what} is {head}, the target's is {target}: it was trained for another model")]
+    HeadMismatch { what: HeadSize, head: usize, target: usize },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }

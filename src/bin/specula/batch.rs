@@ -154,11 +154,12 @@ impl Batch {
             }
             let o = self.timeline.summary();
             eprintln!(
-                "[speculative: {} drafted, {} accepted ({:.0}%), {:.2} tokens per step{}; drafting {:.0} ms + pre-drafting {:.0} ms, verifying {:.0} ms, overlapped {:.0} ms]",
+                "[speculative: {} drafted, {} accepted ({:.0}%), {:.2} tokens per step, acceptance per position {}{}; drafting {:.0} ms + pre-drafting {:.0} ms, verifying {:.0} ms, overlapped {:.0} ms]",
                 spec.drafted,
                 spec.accepted,
                 100.0 * spec.acceptance_rate(),
                 spec.mean_accepted_length,
+                spec.acceptance_per_position.iter().map(|a| format!("{a:.2}")).collect::<Vec<_>>().join(" "),
                 if spec.synthetic { ", SYNTHETIC acceptance" } else { "" },
                 o.draft_ms,
                 o.pre_draft_ms,

@@ -1,0 +1,419 @@
+//! EAGLE drafting: the head computes what an f64 reference of its math says (as
+//! `scripts/eagle/common.py` runs it); greedy output with `--spec eagle` equals plain greedy
+//! output token for token, at batch 1 and 8, on a tiny random model with a tiny random head
+//! and on the default model with the checked-in head; sampled output follows the target's
+//! distribution; heads are loaded in each supported layout, and a head made for another
+//! model is refused with a typed error.
+
+mod common;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use common::random_llama::tiny;
+use common::runtime::{assert_all_blocks_free, shared};
+use common::tiny::{Rng, StDtype};
+use common::TempDir;
+use futures::executor::block_on;
+use safetensors::tensor::TensorView;
+use specula::actors::{collect, Runtime};
+use specula::backend::cpu::CpuBackend;
+use specula::backend::{Backend, BatchMeta};
+use specula::core::sampling::{distribution, SamplingParams};
+use specula::engine::{Engine, SpecOptions};
+use specula::model::{KvCache, Llama, Tokenizer};
+use specula::request::{GenerateRequest, Prompt};
+use specula::spec::eagle::{EagleHead, DEFAULT_HEAD};
+use specula::spec::{EagleProposer, HeadSize, SpecError, Speculation};
+
+// A tiny head, written as the EAGLE-1 safetensors layout.
+
+/// The head's shape beside the tiny target's (hidden 64, 4 heads of 16, 2 KV heads).
+struct HeadSpec {
+    hidden: usize,
+    vocab: usize,
+    bias: bool,
+    dtype: StDtype,
+    /// Standard deviation of the matrices, times 1/sqrt(fan-in).
+    scale: f64,
+}
+
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = 16;
+const INTER: usize = 96;
+const THETA: f64 = 10000.0;
+const EPS: f64 = 1e-5;
+
+impl HeadSpec {
+    fn new(vocab: usize) -> Self {
+        HeadSpec { hidden: 64, vocab, bias: true, dtype: StDtype::F32, scale: 1.0 }
+    }
+
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (h, q, kv) = (self.hidden, HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
+        let p = |s: &str| format!("layers.0.{s}.weight");
+        let mut out = vec![
+            ("fc.weight".to_string(), vec![h, 2 * h]),
+            (p("self_attn.q_proj"), vec![q, h]),
+            (p("self_attn.k_proj"), vec![kv, h]),
+            (p("self_attn.v_proj"), vec![kv, h]),
+            (p("self_attn.o_proj"), vec![h, q]),
+            (p("post_attention_layernorm"), vec![h]),
+            (p("mlp.gate_proj"), vec![INTER, h]),
+            (p("mlp.up_proj"), vec![INTER, h]),
+            (p("mlp.down_proj"), vec![h, INTER]),
+        ];
+        if self.bias {
+            out.push(("fc.bias".to_string(), vec![h]));
+        }
+        out
+    }
+
+    fn config(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["EagleLlamaForCausalLM"], "model_type": "llama", "eagle_version": 1,
+            "hidden_size": self.hidden, "intermediate_size": INTER, "num_hidden_layers": 1,
+            "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS, "head_dim": HEAD_DIM,
+            "rope_theta": THETA, "rms_norm_eps": EPS, "vocab_size": self.vocab, "torch_dtype": "float32",
+        })
+    }
+
+    /// Writes the head into `dir`; returns its weights as stored (rounded to the dtype).
+    fn write(&self, dir: &Path, seed: u64) -> Weights {
+        let mut rng = Rng(seed);
+        let mut weights = Weights::new();
+        for (name, shape) in self.shapes() {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = match shape.len() {
+                1 if name.ends_with("bias") => (0..n).map(|_| (0.1 * rng.normal()) as f32).collect(),
+                1 => (0..n).map(|_| (1.0 + 0.2 * rng.normal()) as f32).collect(),
+                _ => {
+                    let std = self.scale / (shape[1] as f64).sqrt();
+                    (0..n).map(|_| (std * rng.normal()) as f32).collect()
+                }
+            };
+            weights.insert(name, data.iter().map(|&x| self.dtype.round(x)).collect());
+        }
+        let encoded: Vec<(String, Vec<usize>, safetensors::Dtype, Vec<u8>)> = self
+            .shapes()
+            .into_iter()
+            .map(|(name, shape)| {
+                let (dt, bytes) = self.dtype.encode(&weights[&name]);
+                (name, shape, dt, bytes)
+            })
+            .collect();
+        let views = encoded.iter().map(|(n, s, dt, b)| (n.clone(), TensorView::new(*dt, s.clone(), b).unwrap()));
+        std::fs::write(dir.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+        std::fs::write(dir.join("config.json"), self.config().to_string()).unwrap();
+        weights
+    }
+}
+
+type Weights = std::collections::HashMap<String, Vec<f32>>;
+
+fn proposer(target: &Arc<Llama<CpuBackend>>, dir: &Path) -> EagleProposer<CpuBackend> {
+    EagleProposer::load(CpuBackend::new(), target.clone(), dir, 64, 16).expect("the head loads")
+}
+
+// The f64 reference of the head (scripts/eagle/common.py: EagleHead.forward_cached).
+
+/// `w` `[out, in]` times `x`.
+fn matvec(w: &[f32], x: &[f64]) -> Vec<f64> {
+    w.chunks(x.len()).map(|row| row.iter().zip(x).map(|(&a, b)| a as f64 * b).sum()).collect()
+}
+
+fn rope(x: &mut [f64], pos: usize) {
+    for head in x.chunks_mut(HEAD_DIM) {
+        let half = HEAD_DIM / 2;
+        for i in 0..half {
+            let angle = pos as f64 / THETA.powf(2.0 * i as f64 / HEAD_DIM as f64);
+            let (a, b) = (head[i], head[i + half]);
+            head[i] = a * angle.cos() - b * angle.sin();
+            head[i + half] = b * angle.cos() + a * angle.sin();
+        }
+    }
+}
+
+/// The head's output at every entry of one sequence (entry i at position i), causal.
+fn reference(w: &Weights, h: usize, emb: &[Vec<f64>], feats: &[Vec<f64>]) -> Vec<Vec<f64>> {
+    let p = |s: &str| &w[&format!("layers.0.{s}.weight")];
+    let zeros = vec![0f32; h];
+    let bias = w.get("fc.bias").unwrap_or(&zeros);
+    let mut xs = vec![];
+    let (mut keys, mut values, mut queries) = (vec![], vec![], vec![]);
+    for (i, (e, f)) in emb.iter().zip(feats).enumerate() {
+        let input: Vec<f64> = e.iter().chain(f).copied().collect();
+        let x: Vec<f64> = matvec(&w["fc.weight"], &input).iter().zip(bias).map(|(a, &b)| a + b as f64).collect();
+        let (mut q, mut k) = (matvec(p("self_attn.q_proj"), &x), matvec(p("self_attn.k_proj"), &x));
+        rope(&mut q, i);
+        rope(&mut k, i);
+        queries.push(q);
+        keys.push(k);
+        values.push(matvec(p("self_attn.v_proj"), &x));
+        xs.push(x);
+    }
+    let mut out = vec![];
+    for (i, mut x) in xs.into_iter().enumerate() {
+        let mut attn = vec![0f64; HEADS * HEAD_DIM];
+        for hq in 0..HEADS {
+            let kvh = hq / (HEADS / KV_HEADS);
+            let q = &queries[i][hq * HEAD_DIM..(hq + 1) * HEAD_DIM];
+            let kv = |t: &Vec<f64>| t[kvh * HEAD_DIM..(kvh + 1) * HEAD_DIM].to_vec();
+            let scores: Vec<f64> = (0..=i)
+                .map(|j| q.iter().zip(kv(&keys[j])).map(|(a, b)| a * b).sum::<f64>() / (HEAD_DIM as f64).sqrt())
+                .collect();
+            let m = scores.iter().cloned().fold(f64::MIN, f64::max);
+            let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+            for (j, s) in scores.iter().enumerate() {
+                for (d, v) in kv(&values[j]).iter().enumerate() {
+                    attn[hq * HEAD_DIM + d] += (s - m).exp() / z * v;
+                }
+            }
+        }
+        x.iter_mut().zip(matvec(p("self_attn.o_proj"), &attn)).for_each(|(a, b)| *a += b);
+        let rms = (x.iter().map(|v| v * v).sum::<f64>() / h as f64 + EPS).sqrt();
+        let n: Vec<f64> = x.iter().zip(p("post_attention_layernorm")).map(|(v, &g)| v / rms * g as f64).collect();
+        let (g, u) = (matvec(p("mlp.gate_proj"), &n), matvec(p("mlp.up_proj"), &n));
+        let act: Vec<f64> = g.iter().zip(&u).map(|(g, u)| g / (1.0 + (-g).exp()) * u).collect();
+        x.iter_mut().zip(matvec(p("mlp.down_proj"), &act)).for_each(|(a, b)| *a += b);
+        out.push(x);
+    }
+    out
+}
+
+#[test]
+fn the_head_computes_what_the_reference_says_in_each_layout() {
+    let target = tiny(64, 1, 0.5);
+    let b = CpuBackend::new();
+    let tokens: Vec<u32> = vec![3, 17, 42, 8, 8, 61, 0, 29, 33];
+    let mut meta = BatchMeta::new(4);
+    meta.push_row(&tokens, 0, &[2, 0, 1], tokens.len());
+    let emb: Vec<Vec<f64>> = b
+        .to_host(&b.embed(target.embed_table(), &meta).unwrap())
+        .unwrap()
+        .chunks(64)
+        .map(|r| r.iter().map(|&x| x as f64).collect())
+        .collect();
+    let mut rng = Rng(7);
+    let feats: Vec<Vec<f64>> = tokens.iter().map(|_| (0..64).map(|_| rng.normal()).collect()).collect();
+    let flat: Vec<f32> = feats.iter().flatten().map(|&x| x as f32).collect();
+    for (bias, dtype) in [(true, StDtype::F32), (false, StDtype::F16), (true, StDtype::Bf16)] {
+        let dir = TempDir::new("eagle-head");
+        let spec = HeadSpec { bias, dtype, ..HeadSpec::new(64) };
+        let weights = spec.write(dir.path(), 5);
+        let head = EagleHead::load(dir.path(), &target.config, &b).expect("the head loads");
+        let mut kv = head.kv_cache(&b, 4, 4).unwrap();
+        let (got, logits) = head.step(&b, &target, &mut kv, &meta, &flat).unwrap();
+        let want = reference(&weights, 64, &emb, &feats);
+        let want_flat: Vec<f64> = want.concat();
+        let err = common::relative_error(&got, &want_flat);
+        assert!(err < 1e-5, "bias {bias}, {dtype:?}: relative error {err:e}");
+        // The draft logits are the target's LM head over the prediction.
+        let logits = b.to_host(&logits).unwrap();
+        assert_eq!(logits.len(), tokens.len() * 64);
+    }
+}
+
+#[test]
+fn a_head_made_for_another_model_is_refused_with_both_sizes() {
+    let target = Arc::new(tiny(64, 1, 0.5));
+    let cases = [
+        (HeadSpec { hidden: 32, ..HeadSpec::new(64) }, HeadSize::Hidden, 32, 64),
+        (HeadSpec::new(80), HeadSize::Vocab, 80, 64),
+    ];
+    for (spec, what, head, want) in cases {
+        let dir = TempDir::new("eagle-mismatch");
+        spec.write(dir.path(), 3);
+        match EagleProposer::load(CpuBackend::new(), target.clone(), dir.path(), 16, 16) {
+            Err(SpecError::HeadMismatch { what: w, head: h, target: t }) => {
+                assert_eq!((w, h, t), (what, head, want));
+            }
+            Err(e) => panic!("{what}: wrong error {e}"),
+            Ok(_) => panic!("{what}: a mismatched head was accepted"),
+        }
+    }
+    let missing = TempDir::new("eagle-missing");
+    let err = EagleProposer::load(CpuBackend::new(), target, missing.path(), 16, 16).err().expect("no head there");
+    assert!(matches!(err, SpecError::EagleHead(_)), "{err}");
+}
+
+// Losslessness.
+
+fn token_requests(vocab: u32) -> Vec<GenerateRequest> {
+    (0..8u32)
+        .map(|i| GenerateRequest {
+            max_tokens: 7 + 3 * i as usize,
+            ignore_eos: true,
+            ..GenerateRequest::new(Prompt::Tokens((0..2 + 2 * i).map(|j| (i * 7 + j * 5) % vocab).collect()))
+        })
+        .collect()
+}
+
+#[test]
+fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
+    let target = Arc::new(tiny(64, 1, 0.5));
+    let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
+    let dir = TempDir::new("eagle-lossless");
+    HeadSpec::new(64).write(dir.path(), 9);
+    let reqs = token_requests(64);
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    for k in [1, 3, 6] {
+        let mut p = proposer(&engine.model, dir.path());
+        for (i, req) in reqs.iter().enumerate() {
+            let spec = SpecOptions { proposer: &mut p, max_draft: k, synthetic_acceptance: None };
+            let out = engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
+            assert_eq!(out.token_ids, want[i], "engine, k={k}, request {i}");
+        }
+        let spec =
+            Speculation { proposer: Box::new(proposer(&target, dir.path())), max_draft: k, synthetic_acceptance: None };
+        let h = Runtime::builder()
+            .speculation(spec)
+            .max_batch(8)
+            .build(CpuBackend::new(), target.clone(), None::<Tokenizer>)
+            .unwrap();
+        let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
+        for (i, out) in outs.into_iter().enumerate() {
+            assert_eq!(out.unwrap().token_ids, want[i], "runtime batch 8, k={k}, request {i}");
+        }
+        let alone = block_on(collect(h.generate(reqs[5].clone()))).unwrap();
+        assert_eq!(alone.token_ids, want[5], "runtime batch 1, k={k}");
+        assert!(alone.speculative.unwrap().drafted > 0, "the head drafted");
+        assert_all_blocks_free(&h);
+    }
+}
+
+const PROMPTS: [&str; 8] = [
+    "What are the main differences between tea and coffee?",
+    "How do I pack a suitcase for a week-long trip?",
+    "Write a JavaScript function that reverses a string.",
+    "Write a short poem about the sea.",
+    "Explain to a five-year-old why the sky is blue.",
+    "I feel nervous before exams. Any advice?",
+    "Describe a reusable water bottle for an online shop.",
+    "A car travels 120 km in 1.5 hours. What is its average speed?",
+];
+
+fn chat(text: &str, max_tokens: usize) -> GenerateRequest {
+    use specula::model::chat::ChatMessage;
+    GenerateRequest { max_tokens, ..GenerateRequest::new(Prompt::Chat(vec![ChatMessage::user(text.to_string())])) }
+}
+
+#[test]
+fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
+    let Some(s) = shared() else { return };
+    let head = Path::new(DEFAULT_HEAD);
+    let reqs: Vec<GenerateRequest> = PROMPTS.iter().map(|p| chat(p, 24)).collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| s.engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let mut p = EagleProposer::load(CpuBackend::new(), s.engine.model.clone(), head, 64, 16).unwrap();
+    let mut stats = specula::spec::SpecStats::default();
+    for (i, req) in reqs.iter().enumerate().take(3) {
+        let spec = SpecOptions { proposer: &mut p, max_draft: 4, synthetic_acceptance: None };
+        let out = s.engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
+        assert_eq!(out.token_ids, want[i], "engine, request {i}");
+        stats.merge(&out.speculative.unwrap());
+    }
+    // The head's first draft holds about 40% of the time on such prompts; a head that read
+    // the wrong features (or none) would almost never be right among 49152 tokens.
+    let first = stats.acceptance_per_position[0];
+    assert!(first > 0.2, "the trained head's first draft should often hold: {first:.2} ({stats:?})");
+    let proposer = Box::new(EagleProposer::load(CpuBackend::new(), s.model.clone(), head, 256, 16).unwrap());
+    let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None };
+    let h = Runtime::builder()
+        .speculation(spec)
+        .max_batch(8)
+        .build(CpuBackend::new(), s.model.clone(), Some(s.tokenizer.clone()))
+        .unwrap();
+    let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
+    for (i, out) in outs.into_iter().enumerate() {
+        let out = out.unwrap();
+        assert_eq!(out.token_ids, want[i], "runtime batch 8, request {i}");
+        assert!(out.speculative.is_some());
+    }
+    let alone = block_on(collect(h.generate(reqs[0].clone()))).unwrap();
+    assert_eq!(alone.token_ids, want[0], "runtime batch 1");
+    let st = alone.speculative.unwrap();
+    assert!(st.accepted > 0, "{st:?}");
+    assert_all_blocks_free(&h);
+}
+
+// Sampling.
+
+/// The exact distribution of the `n`-th generated token (1-based): the sum over every
+/// sequence of earlier tokens of its probability times the next token's distribution.
+fn nth_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams, n: usize) -> Vec<f64> {
+    let b = CpuBackend::new();
+    let last_logits = |tokens: &[u32]| {
+        let mut kv = KvCache::new(&b, &model.config, 16, 4).unwrap();
+        let mut meta = BatchMeta::new(4);
+        meta.push_row(tokens, 0, &(0..16).collect::<Vec<_>>(), 1);
+        b.to_host(&model.forward(&b, &mut kv, &meta).unwrap()).unwrap()
+    };
+    let mut out = vec![0f64; model.config.vocab_size];
+    let mut stack = vec![(prompt.to_vec(), 1f64)];
+    while let Some((context, p)) = stack.pop() {
+        let next = distribution(&last_logits(&context), &context, params);
+        for (t, &pt) in next.iter().enumerate().filter(|(_, &q)| q > 0.0) {
+            if context.len() - prompt.len() + 1 == n {
+                out[t] += p * pt as f64;
+            } else {
+                stack.push(([context.as_slice(), &[t as u32]].concat(), p * pt as f64));
+            }
+        }
+    }
+    out
+}
+
+/// Pearson's statistic over bins expecting at least 5 (the rest pooled), and the 1%
+/// critical value for its degrees of freedom (Wilson–Hilferty).
+fn chi_square(counts: &[usize], expected: &[f64]) -> (f64, f64) {
+    let n: usize = counts.iter().sum();
+    let (mut stat, mut bins, mut pooled) = (0.0, 0usize, (0.0, 0.0));
+    for (&c, &p) in counts.iter().zip(expected) {
+        let e = p * n as f64;
+        if e >= 5.0 {
+            (stat, bins) = (stat + (c as f64 - e).powi(2) / e, bins + 1);
+        } else {
+            pooled = (pooled.0 + c as f64, pooled.1 + e);
+        }
+    }
+    if pooled.1 >= 5.0 {
+        (stat, bins) = (stat + (pooled.0 - pooled.1).powi(2) / pooled.1, bins + 1);
+    }
+    let k = (bins - 1) as f64;
+    (stat, k * (1.0 - 2.0 / (9.0 * k) + 2.326 * (2.0 / (9.0 * k)).sqrt()).powi(3))
+}
+
+#[test]
+fn sampled_eagle_follows_the_target_distribution() {
+    let vocab = 48;
+    let engine = Engine::new(CpuBackend::new(), tiny(vocab, 11, 0.7), None);
+    let dir = TempDir::new("eagle-sampled");
+    // Small weights: a flat draft distribution, so drafts are both accepted and rejected.
+    HeadSpec { scale: 0.3, ..HeadSpec::new(vocab) }.write(dir.path(), 4);
+    let prompt = vec![3u32, 9, 27];
+    let params = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
+    // The third token: drafted whether the first decoding step drafts or (costs unknown
+    // yet) runs plain and the second drafts.
+    let expected = nth_token_distribution(&engine.model, &prompt, &params, 3);
+    let mut p = proposer(&engine.model, dir.path());
+    let (mut counts, mut drafted, mut accepted) = (vec![0usize; vocab], 0, 0);
+    for i in 0..20_000u64 {
+        let sampling = SamplingParams { seed: Some(i), ..params.clone() };
+        let req = GenerateRequest {
+            max_tokens: 3,
+            ignore_eos: true,
+            sampling,
+            ..GenerateRequest::new(Prompt::Tokens(prompt.clone()))
+        };
+        let spec = SpecOptions { proposer: &mut p, max_draft: 3, synthetic_acceptance: None };
+        let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
+        counts[out.token_ids[2] as usize] += 1;
+        let st = out.speculative.unwrap();
+        (drafted, accepted) = (drafted + st.drafted, accepted + st.accepted);
+    }
+    let (stat, critical) = chi_square(&counts, &expected);
+    eprintln!("chi2 {stat:.2} (1% critical {critical:.2}); acceptance {accepted}/{drafted}");
+    assert!(accepted > 0 && accepted < drafted, "both acceptances and rejections: {accepted}/{drafted}");
+    assert!(stat < critical, "chi-square {stat:.1} exceeds the 1% critical value {critical:.1}");
+}
