@@ -7,9 +7,10 @@
 # plain decoding on held-out chat prompts (bench/eagle_prompts.py: templates and topics the
 # head never saw in training), one request at a time: decode tok/s, tokens per step and the
 # acceptance at each draft position, over all prompts.
-# Usage: bench/spec_cpu.sh [path/to/specula]
+# Usage: bench/spec_cpu.sh [path/to/specula]      (BACKEND=cuda runs the same on a GPU)
 set -euo pipefail
 bin=${1:-target/release/specula}
+backend=${BACKEND:-cpu}
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 text="The comittee met on Tuesday to reveiw the budjet. After a long discusion, the comittee aproved the budjet with minor changes, and the chair thanked everyone for there work. The next meeting will be held in two weeks. Members are asked to send there reports to the secretery before Friday, so that they can be shared with the hole group. Questions about the agenda should go to the chair."
@@ -19,7 +20,7 @@ printf '%-22s %7s %6s %9s %6s %9s %9s %9s %11s\n' \
 for spec in "none" "ngram --draft-len 4" "ngram --draft-len 8" "early-exit --draft-layers 24 --draft-len 4" \
     "eagle --draft-len 4"; do
     # shellcheck disable=SC2086
-    "$bin" generate --chat --prompts-file "$dir/prompt.txt" --max-tokens 160 --json \
+    "$bin" generate --backend "$backend" --chat --prompts-file "$dir/prompt.txt" --max-tokens 160 --json \
         --timeline "$dir/timeline.json" --spec $spec >"$dir/out.json" 2>/dev/null
     python3 - "$(echo $spec | sed "s/--draft-len /k=/; s/--draft-layers /L=/" | cut -c1-40)" "$dir/out.json" "$dir/timeline.json" <<'PY'
 import json, os, sys
@@ -41,7 +42,7 @@ python3 "$(dirname "$0")/eagle_prompts.py" >"$dir/heldout.txt"
 printf '%-22s %7s %6s %9s %6s  %s\n' method "tok/s" accept "tok/step" tokens "acceptance per position"
 for spec in "none" "eagle --draft-len 2" "eagle --draft-len 4" "eagle --draft-len 6"; do
     # shellcheck disable=SC2086
-    "$bin" generate --chat --prompts-file "$dir/heldout.txt" --concurrency 1 --max-tokens 128 --json \
+    "$bin" generate --backend "$backend" --chat --prompts-file "$dir/heldout.txt" --concurrency 1 --max-tokens 128 --json \
         --spec $spec >"$dir/out.json" 2>"$dir/err.txt"
     python3 - "$(echo $spec | sed "s/--draft-len /k=/")" "$dir/out.json" "$dir/err.txt" <<'PY'
 import json, re, sys
