@@ -12,9 +12,9 @@ use clap::Args;
 use crate::actors::{ConfigError, ConfigField, RuntimeBuilder, RuntimeError, RuntimeHandle};
 use crate::backend::{Backend, BackendError};
 use crate::device::{Device, OnDevice};
-use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
+use crate::model::{load_model_shard, load_model_with, Llama, LoadOptions, ModelSource, Shard, Tokenizer, WeightDtype};
 use crate::spec::{check_settings, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
-use crate::tensor::{AttnWindow, KvDtype, KvOptions, WindowError};
+use crate::tensor::{AttnWindow, KvDtype, KvOptions, RankGroup, WindowError};
 pub use default_model::{default_model_path, FetchError, ModelArg};
 pub use log::install_tracing;
 
@@ -50,6 +50,11 @@ pub struct ModelArgs {
     /// attention sinks).
     #[arg(long, value_name = "S", default_value_t = 0, requires = "attention_window", allow_negative_numbers = true)]
     pub sink_tokens: usize,
+    /// Split the target over N ranks (tensor parallelism: attention heads and the MLP's
+    /// intermediate features). On the CPU the ranks are threads of this process; the GPU
+    /// path (NCCL) is not there yet, so CUDA refuses N > 1.
+    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true)]
+    pub tensor_parallel: usize,
 }
 
 impl ModelArgs {
@@ -67,6 +72,71 @@ impl ModelArgs {
     pub fn source(&self) -> Result<ModelSource, FetchError> {
         self.model.resolve()
     }
+}
+
+/// The target as `--tensor-parallel` asks: one model, or its ranks (rank order) with their
+/// group.
+pub enum Target<B: Backend> {
+    Whole(B, Arc<Llama<B>>),
+    Split(Arc<dyn RankGroup>, Vec<(B, Arc<Llama<B>>)>),
+}
+
+/// A target loaded from the options, with its tokenizer and name.
+pub struct LoadedTarget<B: Backend> {
+    pub target: Target<B>,
+    pub tokenizer: Option<Tokenizer>,
+    pub name: String,
+}
+
+impl<B: Backend> Target<B> {
+    /// The whole model, or rank 0's part (what a proposer checks the target against).
+    pub fn model(&self) -> &Arc<Llama<B>> {
+        match self {
+            Target::Whole(_, m) => m,
+            Target::Split(_, ranks) => &ranks[0].1,
+        }
+    }
+
+    /// The backend that runs the whole model, or rank 0's.
+    pub fn backend(&self) -> &B {
+        match self {
+            Target::Whole(b, _) => b,
+            Target::Split(_, ranks) => &ranks[0].0,
+        }
+    }
+
+    /// Starts `builder`'s runtime around this target.
+    pub fn build(self, builder: RuntimeBuilder, tokenizer: Option<Tokenizer>) -> Result<RuntimeHandle, RuntimeError> {
+        match self {
+            Target::Whole(backend, model) => builder.build(backend, model, tokenizer),
+            Target::Split(group, ranks) => builder.build_tensor_parallel(group, ranks, tokenizer),
+        }
+    }
+}
+
+/// Loads the target `args` name on a backend from `new_backend`: whole, or with
+/// `--tensor-parallel N` (N > 1) each rank's part on a backend of the group that backend
+/// makes (refused, typed, by a backend without an all-reduce across ranks).
+pub fn load_target<B: Backend>(
+    args: &ModelArgs,
+    new_backend: &dyn Fn() -> Result<B, BackendError>,
+) -> Result<LoadedTarget<B>, Box<dyn std::error::Error>> {
+    let (source, options, backend) = (args.source()?, args.load_options(), new_backend()?);
+    if args.tensor_parallel == 1 {
+        let loaded = load_model_with(&source, &options, &backend)?;
+        let target = Target::Whole(backend, Arc::new(loaded.model));
+        return Ok(LoadedTarget { target, tokenizer: loaded.tokenizer, name: loaded.name });
+    }
+    let ranks = args.tensor_parallel;
+    let (group, backends) = backend.tensor_parallel(ranks)?;
+    let (mut parts, mut first) = (Vec::with_capacity(ranks), None);
+    for (rank, backend) in backends.into_iter().enumerate() {
+        let loaded = load_model_shard(&source, &options, Shard { rank, ranks }, &backend)?;
+        parts.push((backend, Arc::new(loaded.model)));
+        first.get_or_insert((loaded.tokenizer, loaded.name));
+    }
+    let (tokenizer, name) = first.unwrap_or_default();
+    Ok(LoadedTarget { target: Target::Split(group, parts), tokenizer, name })
 }
 
 /// A runtime started from the options.
@@ -99,16 +169,15 @@ impl OnDevice for StartRuntime<'_> {
 
     fn run<B: Backend>(self, new_backend: &dyn Fn() -> Result<B, BackendError>) -> Self::Output {
         let kv = self.model.kv_options()?;
-        let backend = new_backend()?;
-        let loaded = load_model_with(&self.model.source()?, &self.model.load_options(), &backend)?;
+        let loaded = load_target(self.model, new_backend)?;
         let chat_template = loaded.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
-        let model = Arc::new(loaded.model);
         let mut builder = self.builder.gpu_memory_fraction(self.model.gpu_memory_fraction).kv_cache(kv);
-        if let Some(spec) = self.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
+        let target = loaded.target.model();
+        if let Some(spec) = self.spec.speculation(target, loaded.tokenizer.as_ref(), new_backend)? {
             self.spec.warn_if_synthetic();
             builder = builder.speculation(spec);
         }
-        let handle = builder.build(backend, model, loaded.tokenizer).map_err(runtime_error)?;
+        let handle = loaded.target.build(builder, loaded.tokenizer).map_err(runtime_error)?;
         Ok(Started { handle, name: loaded.name, chat_template })
     }
 }

@@ -42,6 +42,7 @@ pub mod mailbox;
 pub mod messages;
 pub mod metrics;
 pub mod streamer;
+pub mod tensor_parallel;
 pub mod timeline;
 pub mod verifier;
 
@@ -56,6 +57,7 @@ pub use error::{ConfigError, ConfigField, DownReason, ExecutorError, RuntimeErro
 pub use executor::{Executor, ModelExecutor, NoopExecutor};
 pub use handle::{collect, EventStream, Health, RuntimeHandle};
 pub use messages::{Event, KvPoolStats, RuntimeStats};
+pub use tensor_parallel::{TpExecutor, TpRank};
 pub use timeline::{Overlap, Span, Timeline, Work};
 
 use crate::backend::Backend;
@@ -63,7 +65,7 @@ use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvManager;
 use crate::core::lengths::{Lengths, WINDOWED_CONTEXT};
 use crate::core::scheduler::{Scheduler, SchedulerConfig};
-use crate::model::{KvCache, Llama, Tokenizer};
+use crate::model::{KvCache, Llama, ModelConfig, Tokenizer};
 use crate::spec::{check_settings, SpecStats, Speculation};
 use crate::tensor::KvOptions;
 use handle::Inner;
@@ -156,26 +158,43 @@ impl RuntimeBuilder {
         tokenizer: Option<impl Into<Arc<Tokenizer>>>,
     ) -> Result<RuntimeHandle, RuntimeError> {
         let (model, tokenizer) = (model.into(), tokenizer.map(Into::into));
-        let window = self.config.kv.window.or_else(|| model.config.default_window());
+        let (builder, num_blocks) = self.sized(&backend, &model.config, 1)?;
+        let c = &builder.config;
+        let kv = KvCache::with_options(&backend, &model.config, num_blocks, c.block_size, c.kv)?;
+        let info = builder.model_info(&model.config, tokenizer.as_deref());
+        builder.build_with(ModelExecutor::new(backend, model, kv), info, tokenizer)
+    }
+
+    /// The pool's size for `model` (one rank's configuration) on `backend`, with `ranks`
+    /// such ranks: the attention window resolved, and the KV storage and bytes per token
+    /// (all ranks together) kept for the runtime's stats. On a device with memory of its own
+    /// each rank's pool fills its own device; on the CPU the ranks share one budget.
+    fn sized<B: Backend>(self, backend: &B, model: &ModelConfig, ranks: usize) -> Result<(Self, usize), RuntimeError> {
+        let window = self.config.kv.window.or_else(|| model.default_window());
         let mut c = RuntimeConfig { kv: KvOptions { window, ..self.config.kv }, ..self.config.clone() };
         let storage = backend.kv_storage(c.kv.dtype)?;
-        let per_token = KvCache::<B>::bytes_per_token(&model.config, storage);
+        let per_rank = KvCache::<B>::bytes_per_token(model, storage);
+        let sharing = if backend.memory()?.is_some() { 1 } else { ranks };
         let num_blocks = match c.kv_blocks {
             Some(n) => n,
             None => {
                 // Never more than every row at the full context (or its window) needs.
-                let held = c.held_tokens().unwrap_or(model.config.max_position_embeddings);
+                let held = c.held_tokens().unwrap_or(model.max_position_embeddings);
                 let most = c.max_batch * held.div_ceil(c.block_size);
-                BlockPool::blocks_for_budget(config::kv_budget(&c, &backend)?, per_token, c.block_size).min(most)
+                let budget = config::kv_budget(&c, backend)?;
+                BlockPool::blocks_for_budget(budget, per_rank * sharing, c.block_size).min(most)
             }
         };
         c.kv_blocks = Some(num_blocks);
-        let kv = KvCache::with_options(&backend, &model.config, num_blocks, c.block_size, c.kv)?;
-        let eos = tokenizer.as_ref().map(|t| t.eos_ids.clone()).unwrap_or_default();
-        let context = if window.is_some() { WINDOWED_CONTEXT } else { model.config.max_position_embeddings };
-        let info = ModelInfo { vocab: model.config.vocab_size, context, eos };
-        let builder = RuntimeBuilder { config: c, kv_info: Some((storage, per_token)), ..self };
-        builder.build_with(ModelExecutor::new(backend, model, kv), info, tokenizer)
+        Ok((RuntimeBuilder { config: c, kv_info: Some((storage, per_rank * ranks)), ..self }, num_blocks))
+    }
+
+    /// What Intake and the Verifier know of `model` (its window resolved by `sized`).
+    fn model_info(&self, model: &ModelConfig, tokenizer: Option<&Tokenizer>) -> ModelInfo {
+        let eos = tokenizer.map(|t| t.eos_ids.clone()).unwrap_or_default();
+        let windowed = self.config.kv.window.is_some();
+        let context = if windowed { WINDOWED_CONTEXT } else { model.max_position_embeddings };
+        ModelInfo { vocab: model.vocab_size, context, eos }
     }
 
     /// Starts the runtime around any executor (the no-op one for benchmarks); `kv_blocks`

@@ -5,6 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use indicatif::ProgressBar;
 
+use super::shard::Shard;
 use super::weight_loader::{load_weight, LoadOptions};
 use super::{LoadError, ModelConfig, WeightSource};
 use crate::tensor::{
@@ -26,7 +27,10 @@ pub struct Layer<T> {
 }
 
 pub struct Llama<B: Backend> {
+    /// The shape this model computes with: a tensor-parallel rank's counts only its own
+    /// heads, KV heads and intermediate features.
     pub config: ModelConfig,
+    shard: Shard,
     embed: B::Tensor, // [vocab, hidden]
     layers: Vec<Layer<B::Tensor>>,
     norm: B::Tensor,            // [hidden]
@@ -110,10 +114,27 @@ impl<B: Backend> Llama<B> {
         backend: &B,
         progress: &ProgressBar,
     ) -> std::result::Result<Self, LoadError> {
+        Self::load_shard(config, weights, options, Shard::WHOLE, backend, progress)
+    }
+
+    /// Loads the part of the model one tensor-parallel rank holds (`shard`; the whole model
+    /// for `Shard::WHOLE`). A split the model's shape does not allow is refused before any
+    /// weight is read. `config` is the whole model's.
+    pub fn load_shard(
+        config: ModelConfig,
+        weights: Weights,
+        options: &LoadOptions,
+        shard: Shard,
+        backend: &B,
+        progress: &ProgressBar,
+    ) -> std::result::Result<Self, LoadError> {
+        let local = shard.local_config(&config)?;
         let c = &config;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         progress.set_length(c.num_layers as u64 + 2);
-        let get = |name: &str, shape: &[usize]| load_weight(&weights, options, backend, name, shape);
+        let get = |name: &str, shape: &[usize]| {
+            load_weight(&weights, options, backend, name, shape, &shard.split(name, &local))
+        };
         let embed = get("model.embed_tokens.weight", &[c.vocab_size, h])?;
         progress.inc(1);
         let mut layers = Vec::with_capacity(c.num_layers);
@@ -140,7 +161,12 @@ impl<B: Backend> Llama<B> {
         let lm_head = if has_head { Some(get("lm_head.weight", &[c.vocab_size, h])?) } else { None };
         let inv_freq = backend.upload(&HostTensor::new(vec![c.head_dim / 2], c.rope_inv_freq()))?;
         progress.inc(1);
-        Ok(Llama { config, embed, layers, norm, lm_head, inv_freq })
+        Ok(Llama { config: local, shard, embed, layers, norm, lm_head, inv_freq })
+    }
+
+    /// Which part of the model this is: `Shard::WHOLE`, or a tensor-parallel rank's.
+    pub fn shard(&self) -> Shard {
+        self.shard
     }
 
     /// Runs the batch through all layers, writing its keys and values into `kv`, and returns
@@ -181,10 +207,16 @@ impl<B: Backend> Llama<B> {
             };
             let attn =
                 b.rope_attention(&mut q, &mut k, &v, &mut kv.k[l], &mut kv.v[l], &batch, &self.inv_freq, shape)?;
-            h = b.add_rms_norm(&mut x, &b.matmul(&attn, &layer.wo)?, &layer.mlp_norm, eps)?;
+            // o and down are row-parallel: each rank's product is a partial sum over its
+            // heads (features); the all-reduce makes it whole (a no-op on one rank).
+            let mut o = b.matmul(&attn, &layer.wo)?;
+            b.all_reduce(&mut o)?;
+            h = b.add_rms_norm(&mut x, &o, &layer.mlp_norm, eps)?;
             let mlp = b.swiglu(&h, &layer.w_gate, &layer.w_up)?;
             let next_norm = self.layers.get(l + 1).filter(|_| l + 1 < num_layers).map_or(&self.norm, |n| &n.attn_norm);
-            h = b.add_rms_norm(&mut x, &b.matmul(&mlp, &layer.w_down)?, next_norm, eps)?;
+            let mut down = b.matmul(&mlp, &layer.w_down)?;
+            b.all_reduce(&mut down)?;
+            h = b.add_rms_norm(&mut x, &down, next_norm, eps)?;
         }
         Ok((batch, h))
     }

@@ -9,7 +9,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use super::gguf::GgufFile;
 use super::llama::Weights;
 use super::safetensors::SafetensorsWeights;
-use super::{Llama, LoadError, LoadOptions, ModelConfig, Preset, Tokenizer};
+use super::{Llama, LoadError, LoadOptions, ModelConfig, Preset, Shard, Tokenizer};
 use crate::tensor::Backend;
 
 #[derive(Debug, Clone, PartialEq)]
@@ -50,20 +50,36 @@ pub fn load_model_with<B: Backend>(
     options: &LoadOptions,
     backend: &B,
 ) -> Result<LoadedModel<B>, LoadError> {
+    load_model_shard(source, options, Shard::WHOLE, backend)
+}
+
+/// Loads the part of the model `source` names that one tensor-parallel rank holds.
+pub fn load_model_shard<B: Backend>(
+    source: &ModelSource,
+    options: &LoadOptions,
+    shard: Shard,
+    backend: &B,
+) -> Result<LoadedModel<B>, LoadError> {
     match source {
-        ModelSource::Path(p) => load_path(p, options, backend),
+        ModelSource::Path(p) => load_path(p, options, shard, backend),
         ModelSource::Dummy(preset) => {
             let config = preset.config();
             let weights = Weights::Dummy { seed: 0 };
-            let model = with_progress("dummy weights", |bar| Llama::load_with(config, weights, options, backend, bar))?;
+            let load = |bar: &ProgressBar| Llama::load_shard(config, weights, options, shard, backend, bar);
+            let model = with_progress("dummy weights", load)?;
             Ok(LoadedModel { model, tokenizer: None, name: format!("dummy:{preset:?}") })
         }
     }
 }
 
-fn load_path<B: Backend>(path: &Path, options: &LoadOptions, backend: &B) -> Result<LoadedModel<B>, LoadError> {
+fn load_path<B: Backend>(
+    path: &Path,
+    options: &LoadOptions,
+    shard: Shard,
+    backend: &B,
+) -> Result<LoadedModel<B>, LoadError> {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let load = |config, weights, bar: &ProgressBar| Llama::load_with(config, weights, options, backend, bar);
+    let load = |config, weights, bar: &ProgressBar| Llama::load_shard(config, weights, options, shard, backend, bar);
     if path.is_dir() {
         let config = ModelConfig::from_hf_json(&path.join("config.json"))?;
         let weights = SafetensorsWeights::open_dir(path)?;
@@ -75,7 +91,7 @@ fn load_path<B: Backend>(path: &Path, options: &LoadOptions, backend: &B) -> Res
         return Err(LoadError::io(path, std::io::Error::new(std::io::ErrorKind::NotFound, "no such file or folder")));
     }
     if path.extension().is_some_and(|e| e == "safetensors") {
-        return load_path(path.parent().unwrap_or(Path::new(".")), options, backend);
+        return load_path(path.parent().unwrap_or(Path::new(".")), options, shard, backend);
     }
     let gguf = GgufFile::open(path)?;
     let config = gguf.config()?;

@@ -9,13 +9,15 @@ pub mod gguf;
 pub mod llama;
 pub mod loader;
 pub mod safetensors;
+pub mod shard;
 pub mod tokenizer;
 pub mod weight_loader;
 
 pub use config::{ConfigField, InvalidConfig, ModelConfig, Preset, RopeScaling};
 pub use llama::{ForwardStep, KvCache, Llama, Weights};
 
-pub use loader::{load_model, load_model_with, LoadedModel, ModelSource};
+pub use loader::{load_model, load_model_shard, load_model_with, LoadedModel, ModelSource};
+pub use shard::{Shard, ShardError};
 pub use tokenizer::Tokenizer;
 pub use weight_loader::{LoadOptions, WeightDtype};
 
@@ -63,6 +65,8 @@ pub enum LoadError {
     Tokenizer { path: PathBuf, msg: String },
     #[error("{0}")]
     Backend(#[from] BackendError),
+    #[error("{0}")]
+    Shard(#[from] shard::ShardError),
 }
 
 impl LoadError {

@@ -3,6 +3,7 @@
 
 use super::dummy::{seed_for, DUMMY_STD};
 use super::llama::Weights;
+use super::shard::Split;
 use super::{LoadError, WeightSource};
 use crate::tensor::quant::{ActivationScheme, Fp8Weight, QuantWeight};
 use crate::tensor::random::normal_values;
@@ -48,13 +49,15 @@ impl LoadOptions {
     }
 }
 
-/// One weight, named by its Hugging Face key, stored on `backend` as `options` ask.
+/// One weight, named by its Hugging Face key and of the checkpoint's `shape`, stored on
+/// `backend` as `options` ask: whole, or the part `split` names (a tensor-parallel rank's).
 pub(crate) fn load_weight<B: Backend>(
     weights: &Weights,
     options: &LoadOptions,
     backend: &B,
     name: &str,
     shape: &[usize],
+    split: &Split,
 ) -> Result<B::Tensor, LoadError> {
     // Only projections are quantized: norms are vectors, and the embedding table is read a
     // row at a time (and serves as a tied head, which therefore stays as stored).
@@ -62,10 +65,70 @@ pub(crate) fn load_weight<B: Backend>(
         &[rows, cols] if options.dtype == WeightDtype::Fp8 && name != "model.embed_tokens.weight" => Some([rows, cols]),
         _ => None,
     };
-    match weights {
-        Weights::Source(src) => from_source(*src, backend, name, shape, to_fp8),
-        Weights::Dummy { seed } => dummy(backend, shape, seed_for(name, *seed), to_fp8),
+    let (Split::Rows(_) | Split::Cols(_), &[rows, cols]) = (split, shape) else {
+        return match weights {
+            Weights::Source(src) => from_source(*src, backend, name, shape, to_fp8),
+            Weights::Dummy { seed } => dummy(backend, shape, seed_for(name, *seed), to_fp8),
+        };
+    };
+    let whole = whole_on_host(weights, name, [rows, cols])?;
+    // Quantized whole before it is cut, so that every row keeps the scale it has at one rank.
+    let whole = match (whole, to_fp8) {
+        (Part::Dense(t), Some(shape)) => Part::Quant(fp8_weight(shape, &t.data)),
+        (Part::Quant(q @ QuantWeight::Blocks(_)), Some(shape)) => Part::Quant(fp8_weight(shape, &q.to_f32())),
+        (whole, _) => whole,
+    };
+    match whole.cut(split) {
+        Part::Quant(q) => upload_quantized(backend, &q),
+        Part::Dense(t) => Ok(backend.upload(&t)?),
     }
+}
+
+/// A matrix on the host before it is cut: as the file stores it, or dense f32.
+enum Part {
+    Quant(QuantWeight),
+    Dense(HostTensor),
+}
+
+impl Part {
+    fn cut(self, split: &Split) -> Part {
+        match (self, split) {
+            (Part::Quant(q), Split::Rows(r)) => Part::Quant(q.slice_rows(r.clone())),
+            (Part::Quant(q), Split::Cols(c)) => match q.slice_cols(c.clone()) {
+                Some(q) => Part::Quant(q),
+                // GGML blocks cut inside a block: dequantized (the values are the same).
+                None => Part::Dense(HostTensor::new(q.shape().to_vec(), q.to_f32())).cut(split),
+            },
+            (Part::Dense(t), Split::Rows(r)) => {
+                let k = t.shape[1];
+                Part::Dense(HostTensor::new(vec![r.len(), k], t.data[r.start * k..r.end * k].to_vec()))
+            }
+            (Part::Dense(t), Split::Cols(c)) => {
+                let data = t.data.chunks(t.shape[1]).flat_map(|row| row[c.clone()].iter().copied()).collect();
+                Part::Dense(HostTensor::new(vec![t.shape[0], c.len()], data))
+            }
+            (whole, Split::Whole) => whole,
+        }
+    }
+}
+
+/// The whole matrix on the host (a rank cuts its part out of it).
+fn whole_on_host(weights: &Weights, name: &str, shape: [usize; 2]) -> Result<Part, LoadError> {
+    Ok(match weights {
+        Weights::Source(src) => match src.quantized(name, &shape)? {
+            Some(q) => Part::Quant(q),
+            None => Part::Dense(src.tensor(name, &shape)?),
+        },
+        // The values `CpuBackend::random` makes for the whole matrix.
+        Weights::Dummy { seed } => {
+            let values = normal_values(shape[0] * shape[1], DUMMY_STD, seed_for(name, *seed));
+            Part::Dense(HostTensor::new(shape.to_vec(), values))
+        }
+    })
+}
+
+fn fp8_weight(shape: [usize; 2], values: &[f32]) -> QuantWeight {
+    QuantWeight::Fp8(Fp8Weight::quantize(shape, values, ActivationScheme::WeightOnly))
 }
 
 fn from_source<B: Backend>(
@@ -102,8 +165,7 @@ fn dummy<B: Backend>(
 
 /// Quantizes `values` per output channel, weight-only, and stores the result.
 fn upload_fp8<B: Backend>(backend: &B, shape: [usize; 2], values: &[f32]) -> Result<B::Tensor, LoadError> {
-    let w = Fp8Weight::quantize(shape, values, ActivationScheme::WeightOnly);
-    upload_quantized(backend, &QuantWeight::Fp8(w))
+    upload_quantized(backend, &fp8_weight(shape, values))
 }
 
 /// Stores a quantized matrix as is where the backend computes on it, else its values.

@@ -32,6 +32,12 @@ impl ProposerChoice {
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Box<dyn Proposer>>, SpecError> {
         let (blocks, block_size) = (self.draft_kv_blocks.max(1), crate::prompt::BLOCK_SIZE);
+        // These draft with the target's own weights, which a tensor-parallel target holds
+        // split over its ranks.
+        let reads_target = matches!(self.method, SpecMethod::EarlyExit | SpecMethod::Eagle);
+        if reads_target && !target.shard().is_whole() {
+            return Err(SpecError::SplitTarget { method: self.method, ranks: target.shard().ranks });
+        }
         Ok(match self.method {
             SpecMethod::None => None,
             SpecMethod::Ngram => Some(Box::new(NgramProposer::default())),

@@ -173,6 +173,10 @@ pub enum SpecError {
     EagleHead(#[source] crate::model::LoadError),
     #[error("the EAGLE head's {what} is {head}, the target's is {target}: it was trained for another model")]
     HeadMismatch { what: HeadSize, head: usize, target: usize },
+    /// A proposer that drafts with the target's own layers, for a target split by tensor
+    /// parallelism.
+    #[error("the {method:?} proposer drafts with the target's own layers, which tensor parallelism splits over {ranks} ranks (a draft model or n-grams can draft)")]
+    SplitTarget { method: SpecMethod, ranks: usize },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }

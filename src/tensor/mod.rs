@@ -11,7 +11,7 @@ pub mod random;
 
 pub use batch::{BatchMeta, RowMeta, NO_BLOCK};
 pub use kv::{AttnWindow, KvDtype, KvLayout, KvOptions, KvStorage, WindowError};
-pub use ops::{AttnShape, Backend, BackendError, DeviceMemory, KvFeature, Result, StepKey};
+pub use ops::{AttnShape, Backend, BackendError, DeviceMemory, KvFeature, RankGroup, Result, StepKey};
 
 /// A tensor on the host, f32, row-major: a weight dequantized at load, or an input a caller
 /// builds. Weight names follow the Hugging Face checkpoint keys

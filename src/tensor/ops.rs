@@ -18,6 +18,10 @@ pub enum BackendError {
     /// A feature this backend does not implement, refused when it is configured.
     #[error("the {backend} backend does not support {feature}")]
     Unsupported { backend: &'static str, feature: KvFeature },
+    /// Tensor parallelism over more than one rank on a backend without an all-reduce
+    /// across ranks (CUDA, until NCCL is there), refused when it is configured.
+    #[error("the {backend} backend cannot split a model over {ranks} ranks: it has no all-reduce across devices yet (NCCL); run tensor parallelism on the CPU backend")]
+    NoTensorParallel { backend: &'static str, ranks: usize },
 }
 
 /// KV-cache features a backend may lack.
@@ -63,6 +67,15 @@ pub struct AttnShape {
     pub num_kv_heads: usize,
     pub head_dim: usize,
     pub window: Option<AttnWindow>,
+}
+
+/// The ranks of a tensor-parallel group seen as one, beside each rank's `all_reduce`: when
+/// one rank's step fails, the others must not wait for it.
+pub trait RankGroup: Send + Sync {
+    /// Makes every all-reduce in progress, or to come, fail until `reset`.
+    fn abort(&self);
+    /// Ready for the next step; only called while no rank is inside one.
+    fn reset(&self);
 }
 
 /// The ops of one Llama forward. Activations are 2-D `[tokens, features]` row-major.
@@ -164,6 +177,25 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// Sums `x` over the ranks of the tensor-parallel group this backend is one rank of,
+    /// leaving the same sum on every rank (added in rank order, so the bits do not depend
+    /// on timing). A backend that holds the whole model is a group of one: nothing to do.
+    fn all_reduce(&self, _x: &mut Self::Tensor) -> Result<()> {
+        Ok(())
+    }
+    /// `ranks` backends on this device forming one tensor-parallel group (rank order), and
+    /// the group. A backend provides this and `all_reduce`; the rest of tensor parallelism
+    /// (the cut, the rank threads) is shared. Refused by default.
+    fn tensor_parallel(&self, ranks: usize) -> Result<(std::sync::Arc<dyn RankGroup>, Vec<Self>)>
+    where
+        Self: Sized,
+    {
+        Err(BackendError::NoTensorParallel { backend: self.kind(), ranks })
+    }
+    /// The backend's kind, as errors name it.
+    fn kind(&self) -> &'static str {
+        "this"
+    }
     /// The rows of `x` named by the batch's `logits_for`.
     fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;

@@ -2,17 +2,20 @@
 //! same sequence of operations whatever else is in the batch, so a row's logits never
 //! depend on its neighbours (greedy speculative output then equals plain output exactly).
 
+pub mod collective;
 mod kernels;
 pub mod kv;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use rayon::prelude::*;
 
 use crate::tensor::quant::{ActivationScheme, QuantFormat, QuantWeight};
 use crate::tensor::random::normal_values;
 use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, KvDtype, KvLayout, KvStorage, Result};
-use crate::tensor::{RowMeta, NO_BLOCK};
+use crate::tensor::{RankGroup, RowMeta, NO_BLOCK};
+use collective::{CpuGroup, CpuRank};
 use kernels::{dot, dot_tile, dot_tile_fp8, dot_tile_quant};
 use kv::CpuKv;
 
@@ -73,15 +76,26 @@ fn dense(shape: Vec<usize>, data: Vec<f32>) -> CpuTensor {
     CpuTensor::Dense(HostTensor::new(shape, data))
 }
 
+/// The CPU backend: the whole model, or one rank of a tensor-parallel group
+/// (`CpuBackend::group`) whose `all_reduce` meets the other ranks' threads.
 #[derive(Debug, Default, Clone)]
-pub struct CpuBackend;
+pub struct CpuBackend {
+    rank: Option<CpuRank>,
+}
 
 /// Output rows handed to one worker; large enough to amortise scheduling.
 const ROWS_PER_TASK: usize = 32;
 
 impl CpuBackend {
     pub fn new() -> Self {
-        CpuBackend
+        CpuBackend { rank: None }
+    }
+
+    /// The ranks of a tensor-parallel group of `ranks` (each to run on a thread of its
+    /// own), and the group, which stops them all when one fails.
+    pub fn group(ranks: usize) -> (Arc<CpuGroup>, Vec<CpuBackend>) {
+        let (group, handles) = CpuGroup::new(ranks);
+        (group, handles.into_iter().map(|rank| CpuBackend { rank: Some(rank) }).collect())
     }
 }
 
@@ -269,6 +283,26 @@ impl Backend for CpuBackend {
         let (gate, up) = (gate.dense(), up.dense());
         let data = gate.data.iter().zip(&up.data).map(|(&g, &u)| g / (1.0 + (-g).exp()) * u).collect();
         Ok(dense(gate.shape.clone(), data))
+    }
+
+    fn kind(&self) -> &'static str {
+        "cpu"
+    }
+
+    /// Ranks are threads of this process, meeting in `CpuGroup`'s all-reduce.
+    fn tensor_parallel(&self, ranks: usize) -> Result<(Arc<dyn RankGroup>, Vec<CpuBackend>)> {
+        if ranks == 0 {
+            return Err(BackendError::Invalid("tensor parallelism needs at least one rank".into()));
+        }
+        let (group, backends) = CpuBackend::group(ranks);
+        Ok((group, backends))
+    }
+
+    fn all_reduce(&self, x: &mut CpuTensor) -> Result<()> {
+        match &self.rank {
+            None => Ok(()),
+            Some(r) => r.group.all_reduce(r.index, &mut x.dense_mut().data),
+        }
     }
 
     fn gather_logit_rows(&self, x: &CpuTensor, batch: &BatchMeta) -> Result<CpuTensor> {

@@ -265,6 +265,11 @@ impl Backend for CudaBackend {
         format!("cuda ({}, {})", self.device_name, self.kernels.arch)
     }
 
+    /// Refuses `tensor_parallel` over several ranks by name (no NCCL all-reduce yet).
+    fn kind(&self) -> &'static str {
+        "cuda"
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
         let out;
         if t.shape.len() == 1 {

@@ -11,8 +11,8 @@ use serde_json::json;
 
 use specula::actors::{collect, Runtime, RuntimeHandle, Timeline};
 use specula::backend::{Backend, BackendError};
+use specula::cli::load_target;
 use specula::engine::Completion;
-use specula::model::load_model_with;
 use specula::request::{GenerateRequest, Prompt, RequestError};
 use specula::spec::SpecStats;
 
@@ -30,7 +30,16 @@ pub fn run<B: Backend>(
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<(), Error> {
     let text = std::fs::read_to_string(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let prompts: Vec<&str> = text.lines().collect();
+    run_prompts(args, &text.lines().collect::<Vec<_>>(), file, new_backend)
+}
+
+/// `prompts` (the lines of `file`) through the runtime, printed in order.
+pub fn run_prompts<B: Backend>(
+    args: &GenerateArgs,
+    prompts: &[&str],
+    file: &Path,
+    new_backend: &dyn Fn() -> Result<B, BackendError>,
+) -> Result<(), Error> {
     if prompts.is_empty() {
         return Err(format!("{}: no prompts", file.display()).into());
     }
@@ -85,26 +94,24 @@ fn start<B: Backend>(
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<Batch, Error> {
     let kv = args.load.kv_options()?;
-    let backend = new_backend()?;
-    let loaded = load_model_with(&args.load.source()?, &args.load.load_options(), &backend)?;
-    let model = Arc::new(loaded.model);
+    let loaded = load_target(&args.load, new_backend)?;
     let mut builder = Runtime::builder()
         .kv_cache(kv)
         .max_batch(concurrency.min(lines))
         .max_waiting(lines.max(1024))
         .gpu_memory_fraction(args.load.gpu_memory_fraction);
     let timeline = Arc::new(Timeline::default());
-    if let Some(spec) = args.spec.speculation(&model, loaded.tokenizer.as_ref(), new_backend)? {
+    if let Some(spec) = args.spec.speculation(loaded.target.model(), loaded.tokenizer.as_ref(), new_backend)? {
         args.spec.warn_if_synthetic();
         builder = builder.speculation(spec).timeline(timeline.clone());
     } else if args.timeline.is_some() {
         builder = builder.timeline(timeline.clone());
     }
     let ids_only = loaded.tokenizer.is_none();
-    if let Some(m) = backend.memory()? {
+    if let Some(m) = loaded.target.backend().memory()? {
         eprintln!("device memory before the KV pool: {:.1} of {:.1} GiB free", gib(m.free), gib(m.total));
     }
-    let handle = builder.build(backend, model, loaded.tokenizer)?;
+    let handle = loaded.target.build(builder, loaded.tokenizer)?;
     if let Ok(stats) = futures::executor::block_on(handle.stats()) {
         let kv = stats.kv_cache;
         let storage = kv.storage.map_or("?", |s| s.name());

@@ -97,6 +97,11 @@ fn run_on<B: Backend>(
 ) -> Result<(), Box<dyn std::error::Error>> {
     match &args.prompts_file {
         Some(file) => batch::run(args, file, new_backend),
+        // The single-request engine runs a whole model: a split one goes through the runtime.
+        None if args.load.tensor_parallel > 1 => {
+            let prompt = [args.prompt.as_deref().unwrap_or_default()];
+            batch::run_prompts(args, &prompt, std::path::Path::new("--prompt"), new_backend)
+        }
         None => generate(args, new_backend),
     }
 }

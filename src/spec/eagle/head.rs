@@ -15,6 +15,7 @@ use std::path::Path;
 
 use super::HeadSize;
 use crate::model::safetensors::SafetensorsWeights;
+use crate::model::shard::Split;
 use crate::model::weight_loader::{load_weight, LoadOptions};
 use crate::model::{KvCache, Llama, LoadError, ModelConfig, WeightSource, Weights};
 use crate::spec::SpecError;
@@ -60,7 +61,8 @@ impl<B: Backend> EagleHead<B> {
         let c = &config;
         let (h, q, kv, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let weights = Weights::Source(src);
-        let get = |name: &str, shape: &[usize]| load_weight(&weights, &LoadOptions::default(), b, name, shape);
+        let get =
+            |name: &str, shape: &[usize]| load_weight(&weights, &LoadOptions::default(), b, name, shape, &Split::Whole);
         let p = |s: &str| format!("layers.0.{s}.weight");
         Ok(EagleHead {
             fc: b.upload(&fc_with_bias(src, h)?)?,

@@ -5,6 +5,7 @@
 pub mod e4m3;
 mod fp8;
 mod ggml;
+mod slice;
 
 pub use fp8::{quantize as quantize_e4m3, ActivationScheme, Fp8Weight, ScaleGranularity};
 pub use ggml::{BlockWeight, QuantFormat, BLOCK};
