@@ -200,7 +200,7 @@ fn runtime_samples(
     let vocab = target.config.vocab_size;
     let proposer = Box::new(ModelProposer::new(CpuBackend::new(), Arc::new(draft), 2, 1024, 4).unwrap());
     let h = Runtime::builder()
-        .speculation(Speculation { proposer, max_draft, synthetic_acceptance: None, tree: None })
+        .speculation(Speculation { proposer, max_draft, synthetic_acceptance: None })
         .max_batch(16)
         .build(CpuBackend::new(), target, None::<specula::model::Tokenizer>)
         .unwrap();

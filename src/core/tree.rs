@@ -155,7 +155,7 @@ pub fn select_tree(cands: &[Candidate], budget: usize) -> (TreeDraft, Vec<usize>
     (draft, ids)
 }
 
-/// The `k` largest entries of `probs` as (index, probability), largest first, ties to the
+/// The `k` largest entries of `values` (probabilities, logits) with their index, largest first, ties to the
 /// lower index.
 pub fn top_k(probs: &[f32], k: usize) -> Vec<(u32, f32)> {
     let mut best: Vec<(u32, f32)> = Vec::with_capacity(k + 1);

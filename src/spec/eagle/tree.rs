@@ -46,21 +46,21 @@ impl<B: Backend> EagleProposer<B> {
         let req = ProposeRequest { seq, history, k: scratch.max(1), sampling: &sampling };
         let Some(first) = self.first_row(0, &req)? else { return Ok(TreeDraft::default()) };
         let prefix = (history.len() - 1 - self.seqs[&seq].base) as u32;
-        let (root_feature, probs) = self.run_first(seq, &first)?;
+        let (root_feature, probs) = self.run_first(seq, &first, shape.top_k)?;
         let mut g = Growing {
             cands: vec![],
             features: HashMap::new(),
             nodes: HashMap::new(),
             mask: TreeMask { prefix, first: 0, parents: vec![] },
         };
-        let mut level = g.expand(None, &probs, shape.top_k);
+        let mut level = g.expand(None, &probs);
         for _ in 1..shape.depth {
             let run = g.frontier(&level, shape.top_k);
-            let (feats, probs) = self.run_level(seq, &mut g, &run, &root_feature)?;
+            let (feats, probs) = self.run_level(seq, &mut g, &run, &root_feature, shape.top_k)?;
             level = vec![];
             for ((&c, f), p) in run.iter().zip(feats).zip(probs) {
                 g.features.insert(c, f);
-                level.extend(g.expand(Some(c), &p, shape.top_k));
+                level.extend(g.expand(Some(c), &p));
             }
         }
         let st = self.seqs.get_mut(&seq).expect("first_row found the sequence");
@@ -69,10 +69,10 @@ impl<B: Backend> EagleProposer<B> {
     }
 
     /// The first row: catches the head up and predicts the root's feature and distribution.
-    fn run_first(&mut self, seq: SeqId, row: &Row) -> Result<(Vec<f32>, Vec<f32>), BackendError> {
+    fn run_first(&mut self, seq: SeqId, row: &Row, k: usize) -> Result<(Vec<f32>, Vec<(u32, f64)>), BackendError> {
         let mut meta = BatchMeta::new(self.kv.block_size as u32);
         meta.push_row(&row.tokens, row.pos as u32, &self.seqs[&seq].blocks, 1);
-        let (mut feats, mut probs) = self.head_forward(&meta, &row.features)?;
+        let (mut feats, mut probs) = self.head_forward(&meta, &row.features, k)?;
         Ok((feats.pop().unwrap_or_default(), probs.pop().unwrap_or_default()))
     }
 
@@ -83,7 +83,8 @@ impl<B: Backend> EagleProposer<B> {
         g: &mut Growing,
         run: &[usize],
         root_feature: &[f32],
-    ) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), BackendError> {
+        k: usize,
+    ) -> Result<HeadOut, BackendError> {
         g.mask.first = g.mask.parents.len() as u32;
         let mut features = Vec::with_capacity(run.len() * self.hidden());
         for &c in run {
@@ -95,29 +96,27 @@ impl<B: Backend> EagleProposer<B> {
         let tokens: Vec<u32> = run.iter().map(|&c| g.cands[c].token).collect();
         let mut meta = BatchMeta::new(self.kv.block_size as u32);
         meta.push_tree_row(&tokens, g.mask.clone(), &self.seqs[&seq].blocks, true)?;
-        self.head_forward(&meta, &features)
+        self.head_forward(&meta, &features, k)
     }
 
-    /// One head forward: each logit row's predicted feature and its softmax.
-    fn head_forward(
-        &mut self,
-        meta: &BatchMeta,
-        features: &[f32],
-    ) -> Result<(Vec<Vec<f32>>, Vec<Vec<f32>>), BackendError> {
+    /// One head forward: each logit row's predicted feature and its `k` likeliest tokens
+    /// with their log-probabilities.
+    fn head_forward(&mut self, meta: &BatchMeta, features: &[f32], k: usize) -> Result<HeadOut, BackendError> {
         let (out, logits) = self.head.step(&self.backend, &self.target, &mut self.kv, meta, features)?;
         let vocab = self.target.config.vocab_size;
-        let probs = self.backend.to_host(&logits)?.chunks(vocab).map(softmax).collect();
-        Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), probs))
+        let tops = self.backend.to_host(&logits)?.chunks(vocab).map(|row| top_log_probs(row, k)).collect();
+        Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), tops))
     }
 }
 
 impl Growing {
-    /// Adds the `k` likeliest children of `parent` (None: the root); returns their indices.
-    fn expand(&mut self, parent: Option<usize>, probs: &[f32], k: usize) -> Vec<usize> {
+    /// Adds the children `top` (tokens and log-probabilities) of `parent` (None: the root);
+    /// returns their indices.
+    fn expand(&mut self, parent: Option<usize>, top: &[(u32, f64)]) -> Vec<usize> {
         let base = parent.map_or(0.0, |p| self.cands[p].score);
         let start = self.cands.len();
-        for (token, p) in top_k(probs, k) {
-            self.cands.push(Candidate { token, parent, score: base + (p as f64).ln() });
+        for &(token, logp) in top {
+            self.cands.push(Candidate { token, parent, score: base + logp });
         }
         (start..self.cands.len()).collect()
     }
@@ -132,9 +131,13 @@ impl Growing {
     }
 }
 
-fn softmax(logits: &[f32]) -> Vec<f32> {
+/// Predicted features, and each row's likeliest tokens with their log-probabilities.
+type HeadOut = (Vec<Vec<f32>>, Vec<Vec<(u32, f64)>>);
+
+/// The `k` largest logits' tokens with their log-softmax (temperature 1).
+fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
     let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let exps: Vec<f64> = logits.iter().map(|&l| ((l - max) as f64).exp()).collect();
-    let sum: f64 = exps.iter().sum();
-    exps.iter().map(|&e| (e / sum) as f32).collect()
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    top_k(logits, k).into_iter().map(|(t, l)| (t, l as f64 - lse)).collect()
 }
