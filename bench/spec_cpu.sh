@@ -10,7 +10,7 @@
 # (`--spec-tree N`, EAGLE-2 style, drafted as deep as --draft-len) on the same held-out
 # prompts through the one-request engine (`generate --prompt`, where trees run): tokens per
 # target step, decode tok/s and acceptance per depth; TREES="16:4 32:4" sets the trees
-# (nodes:children per node).
+# (nodes:children per node), ENGINE_TOKENS the tokens per prompt (default 128).
 # Usage: bench/spec_cpu.sh [path/to/specula]      (BACKEND=cuda runs the same on a GPU)
 set -euo pipefail
 bin=${1:-target/release/specula}
@@ -75,7 +75,7 @@ for spec in "${configs[@]}"; do
     : >"$dir/engine.json"
     while IFS= read -r prompt; do
         # shellcheck disable=SC2086
-        "$bin" generate --backend "$backend" --chat --prompt "$prompt" --max-tokens 128 --json \
+        "$bin" generate --backend "$backend" --chat --prompt "$prompt" --max-tokens "${ENGINE_TOKENS:-128}" --json \
             --spec $spec >>"$dir/engine.json" 2>/dev/null
     done <"$dir/heldout.txt"
     python3 - "$(echo $spec | sed "s/--draft-len /k=/; s/--spec-tree /tree=/; s/--tree-top-k /top=/")" "$dir/engine.json" <<'PY'

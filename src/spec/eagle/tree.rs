@@ -69,7 +69,7 @@ impl<B: Backend> EagleProposer<B> {
     }
 
     /// The first row: catches the head up and predicts the root's feature and distribution.
-    fn run_first(&mut self, seq: SeqId, row: &Row, k: usize) -> Result<(Vec<f32>, Vec<(u32, f64)>), BackendError> {
+    fn run_first(&mut self, seq: SeqId, row: &Row, k: usize) -> Result<(Vec<f32>, TopTokens), BackendError> {
         let mut meta = BatchMeta::new(self.kv.block_size as u32);
         meta.push_row(&row.tokens, row.pos as u32, &self.seqs[&seq].blocks, 1);
         let (mut feats, mut probs) = self.head_forward(&meta, &row.features, k)?;
@@ -131,8 +131,11 @@ impl Growing {
     }
 }
 
-/// Predicted features, and each row's likeliest tokens with their log-probabilities.
-type HeadOut = (Vec<Vec<f32>>, Vec<Vec<(u32, f64)>>);
+/// A row's likeliest tokens with their log-probabilities.
+type TopTokens = Vec<(u32, f64)>;
+
+/// Predicted features, and each row's likeliest tokens.
+type HeadOut = (Vec<Vec<f32>>, Vec<TopTokens>);
 
 /// The `k` largest logits' tokens with their log-softmax (temperature 1).
 fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
