@@ -263,10 +263,7 @@ impl SpecArgs {
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Speculation>, Box<dyn std::error::Error>> {
         if self.spec_tree.is_some() {
-            return Err(
-                "--spec-tree runs one request at a time (`generate --prompt`); the batching runtime drafts chains"
-                    .into(),
-            );
+            return Err(spec_error(SpecError::TreeInRuntime));
         }
         let proposer = self.proposer(target, tokenizer, new_backend)?;
         Ok(proposer.map(|proposer| Speculation {
@@ -298,6 +295,9 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
         )
         .into(),
         SpecError::TreeSampling => "--spec-tree verifies greedy requests only (--temperature 0)".into(),
+        SpecError::TreeInRuntime => {
+            "--spec-tree runs one request at a time (`generate --prompt`); the batching runtime drafts chains".into()
+        }
         other => other.into(),
     }
 }
