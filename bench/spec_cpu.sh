@@ -6,7 +6,11 @@
 # while the Verifier verified. Then EAGLE (the head trained for the default model) against
 # plain decoding on held-out chat prompts (bench/eagle_prompts.py: templates and topics the
 # head never saw in training), one request at a time: decode tok/s, tokens per step and the
-# acceptance at each draft position, over all prompts.
+# acceptance at each draft position, over all prompts. Last, plain, chain and tree EAGLE
+# (`--spec-tree N`, EAGLE-2 style, drafted as deep as --draft-len) on the same held-out
+# prompts through the one-request engine (`generate --prompt`, where trees run): tokens per
+# target step, decode tok/s and acceptance per depth; TREES="16:4 32:4" sets the trees
+# (nodes:children per node), ENGINE_TOKENS the tokens per prompt (default 128).
 # Usage: bench/spec_cpu.sh [path/to/specula]      (BACKEND=cuda runs the same on a GPU)
 set -euo pipefail
 bin=${1:-target/release/specula}
@@ -57,5 +61,40 @@ steps = sum((r.get("speculative") or {}).get("steps", 0) for r in rows)
 m = re.search(r"acceptance per position ([0-9. ]+)", open(err).read())
 print("%-22s %7.1f %6.2f %9.2f %6d  %s" % (name, decoded / (ms / 1e3), accepted / drafted if drafted else float("nan"),
       (accepted + steps) / steps if steps else 1.0, tokens, m.group(1).strip() if m else "-"))
+PY
+done
+
+echo
+echo "one request at a time through the engine (generate --prompt), held-out prompts:"
+printf '%-28s %7s %9s %6s  %s\n' method "tok/s" "tok/step" tokens "acceptance per depth"
+configs=("none" "eagle --draft-len 4" "eagle --draft-len 6")
+for t in ${TREES:-16:4 24:4 32:4 32:8}; do
+    configs+=("eagle --draft-len 6 --spec-tree ${t%%:*} --tree-top-k ${t##*:}")
+done
+for spec in "${configs[@]}"; do
+    : >"$dir/engine.json"
+    while IFS= read -r prompt; do
+        # shellcheck disable=SC2086
+        "$bin" generate --backend "$backend" --chat --prompt "$prompt" --max-tokens "${ENGINE_TOKENS:-128}" --json \
+            --spec $spec >>"$dir/engine.json" 2>/dev/null
+    done <"$dir/heldout.txt"
+    python3 - "$(echo $spec | sed "s/--draft-len /k=/; s/--spec-tree /tree=/; s/--tree-top-k /top=/")" "$dir/engine.json" <<'PY'
+import json, sys
+name, out = sys.argv[1:]
+rows = [json.loads(l) for l in open(out) if l.strip()]
+tokens = sum(r["usage"]["completion_tokens"] for r in rows)
+decoded = sum(r["usage"]["completion_tokens"] - 1 for r in rows)
+ms = sum(r["timings"]["decode_ms"] for r in rows)
+specs = [r["speculative"] for r in rows if r.get("speculative")]
+steps = sum(s["steps"] for s in specs)
+accepted = sum(s["accepted"] for s in specs)
+depth = max((len(s["acceptance_per_position"]) for s in specs), default=0)
+# Steps reaching each depth, over all prompts (weights: each prompt's steps at that depth).
+per = []
+for d in range(depth):
+    w = [(s["steps"], s["acceptance_per_position"][d]) for s in specs if len(s["acceptance_per_position"]) > d]
+    per.append(sum(a * b for a, b in w) / max(1, sum(a for a, _ in w)))
+print("%-28s %7.1f %9.2f %6d  %s" % (name, decoded / (ms / 1e3), (accepted + steps) / steps if steps else 1.0,
+      tokens, " ".join("%.2f" % p for p in per) or "-"))
 PY
 done

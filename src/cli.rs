@@ -14,6 +14,7 @@ use crate::backend::{Backend, BackendError};
 use crate::device::{Device, OnDevice};
 use crate::model::{load_model_shard, load_model_with, Llama, LoadOptions, ModelSource, Shard, Tokenizer, WeightDtype};
 use crate::spec::{check_settings, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
+use crate::spec::{TreeShape, MAX_TREE_NODES, MAX_TREE_TOP_K};
 use crate::tensor::{AttnWindow, KvDtype, KvOptions, RankGroup, WindowError};
 pub use default_model::{default_model_path, FetchError, ModelArg};
 pub use log::install_tracing;
@@ -208,6 +209,14 @@ pub struct SpecArgs {
     /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
     #[arg(long, allow_negative_numbers = true)]
     pub synthetic_acceptance: Option<f64>,
+    /// With `--spec eagle`: draft a tree of up to N tokens per step (EAGLE-2), as deep as
+    /// `--draft-len`, verified in one forward; greedy requests, one at a time (`generate
+    /// --prompt`).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub spec_tree: Option<usize>,
+    /// With `--spec-tree`: children considered per node, and nodes expanded per depth.
+    #[arg(long, value_name = "K", default_value_t = 4, requires = "spec_tree", allow_negative_numbers = true)]
+    pub tree_top_k: usize,
 }
 
 impl SpecArgs {
@@ -233,6 +242,19 @@ impl SpecArgs {
         choice.build(target, tokenizer, new_backend).map_err(spec_error)
     }
 
+    /// The tree the options ask for (`--spec-tree`), checked: EAGLE only, a shape in range.
+    pub fn tree_shape(&self) -> Result<Option<TreeShape>, Box<dyn std::error::Error>> {
+        let Some(nodes) = self.spec_tree else { return Ok(None) };
+        if self.spec != SpecMethod::Eagle {
+            return Err("--spec-tree needs --spec eagle (the EAGLE head drafts trees)".into());
+        }
+        let top_k = self.tree_top_k;
+        if !(1..=MAX_TREE_NODES).contains(&nodes) || !(1..=MAX_TREE_TOP_K).contains(&top_k) {
+            return Err(spec_error(SpecError::TreeShape { nodes, top_k }));
+        }
+        Ok(Some(TreeShape { nodes, top_k, depth: self.draft_len }))
+    }
+
     /// Speculation for the runtime, or None for plain decoding.
     pub fn speculation<B: Backend>(
         &self,
@@ -240,6 +262,9 @@ impl SpecArgs {
         tokenizer: Option<&Tokenizer>,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Speculation>, Box<dyn std::error::Error>> {
+        if self.spec_tree.is_some() {
+            return Err(spec_error(SpecError::TreeInRuntime));
+        }
         let proposer = self.proposer(target, tokenizer, new_backend)?;
         Ok(proposer.map(|proposer| Speculation {
             proposer,
@@ -265,6 +290,14 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
         }
         SpecError::DraftLen(n) => format!("--draft-len must be between 1 and {MAX_DRAFT_LEN}, got {n}").into(),
         SpecError::SyntheticRate(r) => format!("--synthetic-acceptance must be in [0, 1], got {r}").into(),
+        SpecError::TreeShape { nodes, top_k } => format!(
+            "--spec-tree must be between 1 and {MAX_TREE_NODES} and --tree-top-k between 1 and {MAX_TREE_TOP_K}, got {nodes} and {top_k}"
+        )
+        .into(),
+        SpecError::TreeSampling => "--spec-tree verifies greedy requests only (--temperature 0)".into(),
+        SpecError::TreeInRuntime => {
+            "--spec-tree runs one request at a time (`generate --prompt`); the batching runtime drafts chains".into()
+        }
         other => other.into(),
     }
 }

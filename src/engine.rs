@@ -1,6 +1,8 @@
 //! The simplest way to run a model: one request at a time, prefill then decode, on any
 //! backend. The runtime (actors, batching, speculation) builds on the same pieces.
 
+mod tree;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -18,7 +20,8 @@ use crate::core::step_cost::StepCost;
 use crate::model::{ForwardStep, KvCache, Llama, Tokenizer};
 use crate::prompt::{tokenize_prompt, BLOCK_SIZE};
 use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
-use crate::spec::{ids_suffice, verify, verify_ids, Draft, Proposer, SeqId, SpecStats, MAX_DRAFT_LEN};
+use crate::spec::{ids_suffice, verify, verify_ids, Draft, Proposer, SeqId, SpecError, SpecStats, MAX_DRAFT_LEN};
+use crate::spec::{TreeShape, MAX_TREE_NODES};
 use crate::tensor::KvOptions;
 
 /// Tokens per forward while prefilling: bounds the activations' memory.
@@ -30,6 +33,8 @@ pub enum EngineError {
     Request(#[from] RequestError),
     #[error(transparent)]
     Backend(#[from] BackendError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,6 +108,9 @@ impl<B: Backend> Engine<B> {
         mut on_delta: impl FnMut(&[u32], &str),
     ) -> Result<Completion, EngineError> {
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
+        if let Some(s) = spec.as_ref().filter(|s| s.tree.is_some()) {
+            tree::check_tree(s, req.sampling.is_greedy())?;
+        }
         let config = &self.model.config;
         // The engine sizes its own cache for the request: only the context limits it.
         let lengths = Lengths { context: self.context_len(), kv_tokens: usize::MAX, held: None };
@@ -126,7 +134,11 @@ impl<B: Backend> Engine<B> {
             if let Some(finish) = out.push(&new_tokens, &mut seq.history, &mut on_delta) {
                 break finish;
             }
-            new_tokens = self.decode_step(&mut seq, spec.as_mut(), &mut state, &mut sampler, req)?;
+            let tree = spec.as_ref().and_then(|s| s.tree);
+            new_tokens = match (spec.as_mut(), tree) {
+                (Some(s), Some(shape)) => self.tree_step(&mut seq, s, shape, &mut state, &mut sampler)?,
+                (s, _) => self.decode_step(&mut seq, s, &mut state, &mut sampler, req)?,
+            };
         };
         if let Some(s) = spec.as_mut() {
             s.proposer.release(SEQ);
@@ -214,8 +226,9 @@ impl<B: Backend> Engine<B> {
     /// The request's own cache: blocks for its whole length, or under an attention window
     /// for the blocks the window keeps (each step gives back what slid out of it).
     fn sequence(&self, prompt: Vec<u32>, limits: SeqLimits) -> Result<Sequence<B>, EngineError> {
-        let step = PREFILL_CHUNK.max(1 + MAX_DRAFT_LEN);
-        let whole = limits.max_len.div_ceil(BLOCK_SIZE);
+        let step = PREFILL_CHUNK.max(1 + MAX_DRAFT_LEN).max(1 + MAX_TREE_NODES);
+        // A tree's nodes lie past the positions it may fill: room for them at the end.
+        let whole = (limits.max_len + MAX_TREE_NODES).div_ceil(BLOCK_SIZE);
         let num_blocks = self.kv.window.map_or(whole, |w| whole.min(window_held(w, BLOCK_SIZE, step) / BLOCK_SIZE));
         let kv = KvCache::with_options(&self.backend, &self.model.config, num_blocks, BLOCK_SIZE, self.kv)?;
         let blocks = KvManager::with_window(BlockPool::new(num_blocks, BLOCK_SIZE), self.kv.window);
@@ -281,6 +294,9 @@ pub struct SpecOptions<'a> {
     /// Benchmarks only: accept each draft token with this probability whatever its value.
     /// The output is then not the model's; it is labelled `synthetic` in the statistics.
     pub synthetic_acceptance: Option<f64>,
+    /// Draft a tree of this shape each step instead of a chain (greedy requests, a
+    /// proposer that drafts trees); `max_draft` is then unused.
+    pub tree: Option<TreeShape>,
 }
 
 /// The request's sequence in the engine's own cache.

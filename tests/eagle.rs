@@ -20,11 +20,11 @@ use specula::actors::{collect, Runtime};
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BatchMeta};
 use specula::core::sampling::{distribution, SamplingParams};
-use specula::engine::{Engine, SpecOptions};
+use specula::engine::{Engine, EngineError, SpecOptions};
 use specula::model::{KvCache, Llama, Tokenizer};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::eagle::{EagleHead, DEFAULT_HEAD};
-use specula::spec::{EagleProposer, HeadSize, SpecError, Speculation};
+use specula::spec::{EagleProposer, HeadSize, SpecError, Speculation, TreeShape};
 
 // A tiny head, written as the EAGLE-1 safetensors layout.
 
@@ -261,7 +261,7 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     for k in [1, 3, 6] {
         let mut p = proposer(&engine.model, dir.path());
         for (i, req) in reqs.iter().enumerate() {
-            let spec = SpecOptions { proposer: &mut p, max_draft: k, synthetic_acceptance: None };
+            let spec = SpecOptions { proposer: &mut p, max_draft: k, synthetic_acceptance: None, tree: None };
             let out = engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
             assert_eq!(out.token_ids, want[i], "engine, k={k}, request {i}");
         }
@@ -281,6 +281,71 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
         assert!(alone.speculative.unwrap().drafted > 0, "the head drafted");
         assert_all_blocks_free(&h);
     }
+}
+
+fn tree(nodes: usize, top_k: usize, depth: usize) -> Option<TreeShape> {
+    Some(TreeShape { nodes, top_k, depth })
+}
+
+#[test]
+fn greedy_tree_eagle_on_a_tiny_random_model_equals_plain_greedy() {
+    let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
+    let dir = TempDir::new("eagle-tree-lossless");
+    HeadSpec::new(64).write(dir.path(), 9);
+    let reqs = token_requests(64);
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    for shape in [tree(1, 1, 1), tree(8, 2, 3), tree(16, 4, 6), tree(32, 8, 5)] {
+        let mut p = proposer(&engine.model, dir.path());
+        let mut stats = specula::spec::SpecStats::default();
+        for (i, req) in reqs.iter().enumerate() {
+            let spec = SpecOptions { proposer: &mut p, max_draft: 4, synthetic_acceptance: None, tree: shape };
+            let out = engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
+            assert_eq!(out.token_ids, want[i], "engine, {shape:?}, request {i}");
+            stats.merge(&out.speculative.unwrap());
+        }
+        assert!(stats.steps > 0 && stats.drafted > 0, "{shape:?}: {stats:?}");
+    }
+}
+
+#[test]
+fn a_tree_refuses_sampling_and_proposers_without_trees() {
+    let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
+    let dir = TempDir::new("eagle-tree-refusals");
+    HeadSpec::new(64).write(dir.path(), 9);
+    let mut p = proposer(&engine.model, dir.path());
+    let sampled = GenerateRequest {
+        sampling: SamplingParams { temperature: 0.8, ..SamplingParams::default() },
+        ..token_requests(64)[1].clone()
+    };
+    let spec = SpecOptions { proposer: &mut p, max_draft: 3, synthetic_acceptance: None, tree: tree(8, 2, 3) };
+    let err = engine.generate_speculative(&sampled, Some(spec), |_, _| {}).unwrap_err();
+    assert!(matches!(err, EngineError::Spec(SpecError::TreeSampling)), "{err}");
+    let mut ngram = specula::spec::NgramProposer::default();
+    let spec = SpecOptions { proposer: &mut ngram, max_draft: 3, synthetic_acceptance: None, tree: tree(8, 2, 3) };
+    let err = engine.generate_speculative(&token_requests(64)[1], Some(spec), |_, _| {}).unwrap_err();
+    assert!(matches!(err, EngineError::Spec(SpecError::TreeProposer)), "{err}");
+}
+
+#[test]
+fn greedy_tree_eagle_on_the_default_model_equals_plain_greedy_and_accepts_more() {
+    let Some(s) = shared() else { return };
+    let head = Path::new(DEFAULT_HEAD);
+    let reqs: Vec<GenerateRequest> = PROMPTS.iter().map(|p| chat(p, 32)).collect();
+    let mut p = EagleProposer::load(CpuBackend::new(), s.engine.model.clone(), head, 64, 16).unwrap();
+    let (mut chain, mut treed) = (specula::spec::SpecStats::default(), specula::spec::SpecStats::default());
+    for (i, req) in reqs.iter().enumerate().skip(3).take(3) {
+        let want = s.engine.generate(req, |_, _| {}).unwrap().token_ids;
+        let spec = SpecOptions { proposer: &mut p, max_draft: 5, synthetic_acceptance: None, tree: tree(24, 4, 5) };
+        let out = s.engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
+        assert_eq!(out.token_ids, want, "tree, request {i}");
+        treed.merge(&out.speculative.unwrap());
+        let spec = SpecOptions { proposer: &mut p, max_draft: 5, synthetic_acceptance: None, tree: None };
+        chain.merge(&s.engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap().speculative.unwrap());
+    }
+    // Several candidates per depth hold more often than one.
+    let (t, c) = (treed.mean_accepted_length, chain.mean_accepted_length);
+    eprintln!("tokens per step: tree {t:.2} ({treed:?}), chain {c:.2}");
+    assert!(t > c, "tree {t:.2} vs chain {c:.2}");
 }
 
 const PROMPTS: [&str; 8] = [
@@ -308,7 +373,7 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
     let mut p = EagleProposer::load(CpuBackend::new(), s.engine.model.clone(), head, 64, 16).unwrap();
     let mut stats = specula::spec::SpecStats::default();
     for (i, req) in reqs.iter().enumerate().take(3) {
-        let spec = SpecOptions { proposer: &mut p, max_draft: 4, synthetic_acceptance: None };
+        let spec = SpecOptions { proposer: &mut p, max_draft: 4, synthetic_acceptance: None, tree: None };
         let out = s.engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
         assert_eq!(out.token_ids, want[i], "engine, request {i}");
         stats.merge(&out.speculative.unwrap());
@@ -406,7 +471,7 @@ fn sampled_eagle_follows_the_target_distribution() {
             sampling,
             ..GenerateRequest::new(Prompt::Tokens(prompt.clone()))
         };
-        let spec = SpecOptions { proposer: &mut p, max_draft: 3, synthetic_acceptance: None };
+        let spec = SpecOptions { proposer: &mut p, max_draft: 3, synthetic_acceptance: None, tree: None };
         let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
         counts[out.token_ids[2] as usize] += 1;
         let st = out.speculative.unwrap();

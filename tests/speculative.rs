@@ -19,7 +19,7 @@ fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> Gen
 }
 
 fn spec_ids(engine: &Engine<CpuBackend>, req: &GenerateRequest, proposer: &mut dyn Proposer, k: usize) -> Vec<u32> {
-    let spec = SpecOptions { proposer, max_draft: k, synthetic_acceptance: None };
+    let spec = SpecOptions { proposer, max_draft: k, synthetic_acceptance: None, tree: None };
     let out = engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
     assert!(out.speculative.is_some(), "speculative stats");
     out.token_ids
@@ -73,7 +73,7 @@ fn greedy_speculation_on_the_default_model_equals_plain_greedy() {
         let mut ngram = NgramProposer::default();
         let mut early = ModelProposer::new(CpuBackend::new(), engine.model.clone(), 6, 64, 16).unwrap();
         for (name, proposer) in [("ngram", &mut ngram as &mut dyn Proposer), ("early-exit", &mut early)] {
-            let spec = SpecOptions { proposer, max_draft: 6, synthetic_acceptance: None };
+            let spec = SpecOptions { proposer, max_draft: 6, synthetic_acceptance: None, tree: None };
             let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
             assert_eq!(out.token_ids, plain.token_ids, "{name}");
             assert_eq!(out.text, plain.text, "{name}");
@@ -83,7 +83,7 @@ fn greedy_speculation_on_the_default_model_equals_plain_greedy() {
         if words.len() > 4 {
             let stopped = GenerateRequest { stop: vec![words[3].to_string()], ..req.clone() };
             let plain_stop = engine.generate(&stopped, |_, _| {}).unwrap();
-            let spec = SpecOptions { proposer: &mut ngram, max_draft: 8, synthetic_acceptance: None };
+            let spec = SpecOptions { proposer: &mut ngram, max_draft: 8, synthetic_acceptance: None, tree: None };
             let spec_stop = engine.generate_speculative(&stopped, Some(spec), |_, _| {}).unwrap();
             assert_eq!((spec_stop.text, spec_stop.token_ids), (plain_stop.text, plain_stop.token_ids));
         }
@@ -166,7 +166,7 @@ fn sampled_speculation_follows_the_target_distribution() {
         for i in 0..samples {
             let sampling = SamplingParams { seed: Some(i as u64), ..params.clone() };
             let req = request(prompt.clone(), 2, sampling);
-            let spec = SpecOptions { proposer: &mut proposer, max_draft: 3, synthetic_acceptance: None };
+            let spec = SpecOptions { proposer: &mut proposer, max_draft: 3, synthetic_acceptance: None, tree: None };
             let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
             counts[out.token_ids[1] as usize] += 1;
             let stats = out.speculative.unwrap();

@@ -11,3 +11,4 @@ pub mod sampling;
 pub mod scheduler;
 pub mod spec;
 pub mod step_cost;
+pub mod tree;

@@ -88,6 +88,15 @@ impl<B: Backend> KvCache<B> {
         Ok(KvCache { k, v, block_size, num_blocks, storage, window: options.window, id })
     }
 
+    /// Copies every layer's keys and values from slot `from` to slot `to`, pair by pair in
+    /// order: a verified tree path moved onto consecutive positions.
+    pub fn copy_slots(&mut self, backend: &B, moves: &[(u32, u32)]) -> Result<()> {
+        for cache in self.k.iter_mut().chain(self.v.iter_mut()) {
+            backend.copy_kv(cache, moves)?;
+        }
+        Ok(())
+    }
+
     /// Bytes one cached token takes across all layers, keys and values, stored as `storage`
     /// (an FP8 head's scale included).
     pub fn bytes_per_token(config: &ModelConfig, storage: KvStorage) -> usize {

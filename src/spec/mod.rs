@@ -17,6 +17,7 @@ use crate::core::kv_manager::KvStats;
 use crate::core::ngram;
 use crate::core::sampling::{distribution, Sampler, SamplingParams};
 use crate::core::spec::{accept_greedy, accept_sampled};
+pub use crate::core::tree::{TreeDraft, TreeShape, MAX_TREE_NODES, MAX_TREE_TOP_K};
 
 /// Identifies a sequence to a proposer that keeps per-sequence state (a draft KV cache).
 pub type SeqId = u64;
@@ -54,6 +55,15 @@ pub trait Proposer: Send {
     /// The target's hidden states after its final norm at positions `start..` of `seq`,
     /// `[n, hidden]` row-major: verified tokens only.
     fn observe(&mut self, _seq: SeqId, _start: usize, _hidden: &[f32]) {}
+    /// Whether this proposer drafts trees (`propose_tree`).
+    fn drafts_trees(&self) -> bool {
+        false
+    }
+    /// A tree of draft tokens continuing `history`, as `shape` bounds it (greedy requests:
+    /// the likeliest continuations). Empty from a proposer that drafts no trees.
+    fn propose_tree(&mut self, _seq: SeqId, _history: &[u32], _shape: TreeShape) -> Result<TreeDraft, BackendError> {
+        Ok(TreeDraft::default())
+    }
 }
 
 /// One sequence's part of `Proposer::propose_many`.
@@ -177,6 +187,18 @@ pub enum SpecError {
     /// parallelism.
     #[error("the {method:?} proposer drafts with the target's own layers, which tensor parallelism splits over {ranks} ranks (a draft model or n-grams can draft)")]
     SplitTarget { method: SpecMethod, ranks: usize },
+    #[error("tree speculation needs a proposer that drafts trees (the EAGLE head)")]
+    TreeProposer,
+    #[error("tree speculation verifies greedy requests only (temperature 0): sampling over a tree is not implemented")]
+    TreeSampling,
+    #[error("synthetic_acceptance applies to chains of drafts, not trees")]
+    TreeSynthetic,
+    #[error("tree speculation runs in the one-request engine; the batching runtime drafts chains")]
+    TreeInRuntime,
+    #[error(
+        "a tree needs 1 to {MAX_TREE_NODES} nodes and 1 to {MAX_TREE_TOP_K} children per node, got {nodes} and {top_k}"
+    )]
+    TreeShape { nodes: usize, top_k: usize },
     #[error(transparent)]
     Backend(#[from] BackendError),
 }

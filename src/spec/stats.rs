@@ -13,7 +13,8 @@ pub struct SpecStats {
     pub accepted: u64,
     /// Tokens produced per verification step (accepted drafts + the target's own token).
     pub mean_accepted_length: f64,
-    /// Fraction of drafts accepted at each draft position (1st, 2nd, ...).
+    /// Fraction of drafts accepted at each draft position (1st, 2nd, ...); with a tree,
+    /// the fraction of steps whose accepted path reached each depth, of those whose tree did.
     pub acceptance_per_position: Vec<f64>,
     #[serde(skip)]
     per_position: Vec<(u64, u64)>,
@@ -30,16 +31,23 @@ impl SpecStats {
 
     /// Records one verification of `drafted` tokens of which the first `accepted` held.
     pub fn record(&mut self, drafted: usize, accepted: usize) {
-        if drafted == 0 {
+        self.record_tree(drafted, drafted, accepted);
+    }
+
+    /// Records one verification of a tree of `nodes` drafts, `depth` deep, whose accepted
+    /// path is `accepted` long: the acceptance per position is then per depth (a chain is a
+    /// tree as deep as it is long).
+    pub fn record_tree(&mut self, nodes: usize, depth: usize, accepted: usize) {
+        if nodes == 0 {
             return;
         }
         self.steps += 1;
-        self.drafted += drafted as u64;
+        self.drafted += nodes as u64;
         self.accepted += accepted as u64;
-        if self.per_position.len() < drafted.min(MAX_DRAFT_POSITIONS) {
-            self.per_position.resize(drafted.min(MAX_DRAFT_POSITIONS), (0, 0));
+        if self.per_position.len() < depth.min(MAX_DRAFT_POSITIONS) {
+            self.per_position.resize(depth.min(MAX_DRAFT_POSITIONS), (0, 0));
         }
-        for (i, slot) in self.per_position.iter_mut().enumerate().take(drafted) {
+        for (i, slot) in self.per_position.iter_mut().enumerate().take(depth) {
             slot.0 += 1;
             slot.1 += (i < accepted) as u64;
         }
@@ -100,5 +108,15 @@ mod tests {
         total.merge(&other);
         assert_eq!((total.steps, total.drafted, total.accepted), (3, 10, 6));
         assert_eq!(total.acceptance_per_position, vec![2.0 / 3.0, 2.0 / 3.0, 0.5, 0.5]);
+    }
+
+    #[test]
+    fn trees_count_nodes_drafted_and_depths_reached() {
+        let mut s = SpecStats::default();
+        s.record_tree(16, 4, 3);
+        s.record_tree(16, 2, 1);
+        assert_eq!((s.steps, s.drafted, s.accepted), (2, 32, 4));
+        assert_eq!(s.mean_accepted_length, 3.0);
+        assert_eq!(s.acceptance_per_position, vec![1.0, 0.5, 1.0, 0.0]);
     }
 }

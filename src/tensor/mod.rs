@@ -9,7 +9,7 @@ mod ops;
 pub mod quant;
 pub mod random;
 
-pub use batch::{BatchMeta, RowMeta, NO_BLOCK};
+pub use batch::{BatchMeta, RowMeta, TreeMask, NO_BLOCK, NO_PARENT};
 pub use kv::{AttnWindow, KvDtype, KvLayout, KvOptions, KvStorage, WindowError};
 pub use ops::{AttnShape, Backend, BackendError, DeviceMemory, KvFeature, RankGroup, Result, StepKey};
 

@@ -29,6 +29,9 @@ pub enum BackendError {
 pub enum KvFeature {
     Storage(KvStorage),
     Dtype(KvDtype),
+    /// Rows whose tokens read a tree of cached positions (`TreeMask`), and moving cached
+    /// entries (`Backend::copy_kv`): tree speculation.
+    TreeAttention,
 }
 
 impl std::fmt::Display for KvFeature {
@@ -36,6 +39,7 @@ impl std::fmt::Display for KvFeature {
         match self {
             KvFeature::Storage(s) => write!(f, "a {s} KV cache"),
             KvFeature::Dtype(d) => write!(f, "--kv-cache-dtype {d:?}"),
+            KvFeature::TreeAttention => f.write_str("tree attention (tree speculation)"),
         }
     }
 }
@@ -136,7 +140,8 @@ pub trait Backend: Send + Sync + 'static {
     fn rope(&self, x: &mut Self::Tensor, batch: &Self::Batch, inv_freq: &Self::Tensor, head_dim: usize) -> Result<()>;
     /// Writes `k`, `v` into the cache at the batch's slots, then attends each query token
     /// causally to its row's cached positions `0..=position` (those of `shape.window` when
-    /// there is one). Returns `[tokens, heads * head_dim]`.
+    /// there is one); a tree row's token reads its prefix and its ancestors (`TreeMask`).
+    /// Returns `[tokens, heads * head_dim]`.
     #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
@@ -199,6 +204,10 @@ pub trait Backend: Send + Sync + 'static {
     /// The rows of `x` named by the batch's `logits_for`.
     fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;
+    /// Copies cached entries (keys or values of one layer) from slot `from` to slot `to`,
+    /// pair by pair in order: a verified tree path moved to consecutive positions.
+    /// A backend without tree attention refuses it (`KvFeature::TreeAttention`).
+    fn copy_kv(&self, cache: &mut Self::Tensor, moves: &[(u32, u32)]) -> Result<()>;
     /// Whether the device can run further work after a step failed (a CUDA context with a
     /// sticky error cannot). The CPU always can.
     fn healthy(&self) -> Result<()> {

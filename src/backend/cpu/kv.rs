@@ -78,6 +78,20 @@ impl CpuKv {
         }
     }
 
+    /// Copies the stored entry at slot `from` to slot `to`, as stored (no rounding again).
+    pub fn copy(&mut self, from: usize, to: usize) {
+        let kv_dim = self.heads * self.head_dim;
+        let (src, dst) = (from * kv_dim, to * kv_dim);
+        match &mut self.data {
+            Data::F32(d) => d.copy_within(src..src + kv_dim, dst),
+            Data::Bf16(d) => d.copy_within(src..src + kv_dim, dst),
+            Data::Fp8 { codes, exps } => {
+                codes.copy_within(src..src + kv_dim, dst);
+                exps.copy_within(from * self.heads..(from + 1) * self.heads, to * self.heads);
+            }
+        }
+    }
+
     /// The keys (or values) of KV head `head` at `slot`: borrowed where stored as f32, else
     /// dequantized into `scratch`.
     pub fn head<'a>(&'a self, slot: usize, head: usize, scratch: &'a mut [f32]) -> &'a [f32] {

@@ -14,7 +14,7 @@ use rayon::prelude::*;
 use crate::tensor::quant::{ActivationScheme, QuantFormat, QuantWeight};
 use crate::tensor::random::normal_values;
 use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, KvDtype, KvLayout, KvStorage, Result};
-use crate::tensor::{RankGroup, RowMeta, NO_BLOCK};
+use crate::tensor::{AttnWindow, RankGroup, RowMeta, TreeMask, NO_BLOCK};
 use collective::{CpuGroup, CpuRank};
 use kernels::{dot, dot_tile, dot_tile_fp8, dot_tile_quant};
 use kv::CpuKv;
@@ -316,6 +316,18 @@ impl Backend for CpuBackend {
         Ok(dense(vec![batch.logits_for.len(), d], data))
     }
 
+    fn copy_kv(&self, cache: &mut CpuTensor, moves: &[(u32, u32)]) -> Result<()> {
+        let CpuTensor::Kv(kv) = cache else {
+            return Err(BackendError::Invalid("copy_kv: the cache is not a KV cache tensor".into()));
+        };
+        let slots = kv.slots() as u32;
+        if let Some(&(from, to)) = moves.iter().find(|&&(f, t)| f >= slots || t >= slots) {
+            return Err(BackendError::Invalid(format!("copy_kv: slot {from} or {to} outside the cache ({slots})")));
+        }
+        moves.iter().for_each(|&(from, to)| kv.copy(from as usize, to as usize));
+        Ok(())
+    }
+
     fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
         match x {
             CpuTensor::Kv(kv) => Ok(kv.to_f32()),
@@ -384,9 +396,10 @@ fn read_slots(batch: &BatchMeta, t: usize, shape: AttnShape, cache_slots: usize)
     let row = row_of(batch, t)?;
     let pos = batch.positions[t] as usize;
     let bs = batch.block_size as usize;
-    let positions: Box<dyn Iterator<Item = usize>> = match shape.window {
-        None => Box::new(0..=pos),
-        Some(w) => Box::new((0..w.sinks().min(pos + 1)).chain(w.first_recent(pos).max(w.sinks())..=pos)),
+    let positions: Box<dyn Iterator<Item = usize>> = match (&row.tree, shape.window) {
+        (Some(tree), window) => Box::new(tree_positions(tree, t as u32 - row.start, pos, window).into_iter()),
+        (None, None) => Box::new(0..=pos),
+        (None, Some(w)) => Box::new((0..w.sinks().min(pos + 1)).chain(w.first_recent(pos).max(w.sinks())..=pos)),
     };
     positions
         .map(|p| {
@@ -395,6 +408,18 @@ fn read_slots(batch: &BatchMeta, t: usize, shape: AttnShape, cache_slots: usize)
             slot.ok_or_else(|| BackendError::Invalid(format!("attention: position {p} has no block in the cache")))
         })
         .collect()
+}
+
+/// The storage positions the `i`-th token of a tree row reads, in position order: the
+/// prefix, then its ancestors and itself (each at `pos` less its distance to the token),
+/// those the window keeps.
+fn tree_positions(tree: &TreeMask, i: u32, pos: usize, window: Option<AttnWindow>) -> Vec<usize> {
+    let keep = |p: usize| window.is_none_or(|w| w.attends(pos, p));
+    let path = tree.path(tree.first + i);
+    let prefix = (0..tree.prefix as usize).filter(|&p| keep(p));
+    let depth = path.len();
+    let nodes = path.iter().enumerate().filter(|&(d, _)| keep(pos + d + 1 - depth));
+    prefix.chain(nodes.map(|(_, &n)| (tree.prefix + n) as usize)).collect()
 }
 
 fn row_of(batch: &BatchMeta, t: usize) -> Result<&RowMeta> {

@@ -322,6 +322,11 @@ impl Backend for CudaBackend {
         Ok(Some(DeviceMemory { free, total }))
     }
 
+    /// Tree speculation is not in the attention kernels yet (`prepare` refuses tree rows).
+    fn copy_kv(&self, _cache: &mut CudaTensor, _moves: &[(u32, u32)]) -> Result<()> {
+        Err(BackendError::Unsupported { backend: "cuda", feature: KvFeature::TreeAttention })
+    }
+
     /// Refuses what its attention kernels cannot read: another storage than bf16.
     fn kv_cache(&self, slots: usize, layout: &KvLayout) -> Result<CudaTensor> {
         if layout.storage != KvStorage::Bf16 {
@@ -333,7 +338,11 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    /// Refuses tree rows: the attention kernels read causal rows only.
     fn prepare(&self, meta: &BatchMeta) -> Result<CudaBatch> {
+        if meta.rows.iter().any(|r| r.tree.is_some()) {
+            return Err(BackendError::Unsupported { backend: "cuda", feature: KvFeature::TreeAttention });
+        }
         if let Some((buf, max_blocks)) = self.capture_batch.lock().expect("capture lock").clone() {
             // Capturing: the graph's buffer already holds this step's values.
             // Enough splits for the last position the graph's block tables can hold.

@@ -116,11 +116,13 @@ fn generate<B: Backend>(
     let loaded = load_model_with(&args.load.source()?, &args.load.load_options(), &backend)?;
     let engine = Engine::new(backend, loaded.model, loaded.tokenizer).with_kv(kv);
     let request = args.request(args.prompt.as_deref().unwrap_or_default());
+    let tree = args.spec.tree_shape()?;
     let mut proposer = args.spec.proposer(&engine.model, engine.tokenizer.as_ref(), new_backend)?;
     let spec = proposer.as_deref_mut().map(|proposer| SpecOptions {
         proposer,
         max_draft: args.spec.draft_len,
         synthetic_acceptance: args.spec.synthetic_acceptance,
+        tree,
     });
     args.spec.warn_if_synthetic();
     let stdout = std::io::stdout();

@@ -49,7 +49,8 @@ impl Pair {
     }
 
     fn run(&mut self, tokens: usize, max_draft: usize, synthetic: Option<f64>) -> Result<Completion> {
-        let options = SpecOptions { proposer: &mut self.proposer, max_draft, synthetic_acceptance: synthetic };
+        let options =
+            SpecOptions { proposer: &mut self.proposer, max_draft, synthetic_acceptance: synthetic, tree: None };
         let request = GenerateRequest { max_tokens: tokens, ..self.request.clone() };
         Ok(self.engine.generate_speculative(&request, Some(options), |_, _| {})?)
     }

@@ -31,7 +31,7 @@ pub fn compare(gpu: &CudaBackend, model: &str, tokens: usize) -> Result<Vec<Spec
         let proposers: [(String, &mut dyn Proposer, usize); 2] =
             [("ngram k<=8".into(), &mut ngram, 8), (format!("early-exit {exit_layers}L k<=4"), &mut early, 4)];
         for (label, proposer, max_draft) in proposers {
-            let options = SpecOptions { proposer, max_draft, synthetic_acceptance: None };
+            let options = SpecOptions { proposer, max_draft, synthetic_acceptance: None, tree: None };
             let done = engine.generate_speculative(&req, Some(options), |_, _| {})?;
             let stats = done.speculative.unwrap_or_default();
             out.push(outcome(name, label, &plain, &done.token_ids, stats.drafted, stats.accepted));

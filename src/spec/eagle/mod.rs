@@ -13,6 +13,7 @@
 //! draft never leaves anything behind.
 
 mod head;
+mod tree;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,7 +24,7 @@ use rand::SeedableRng;
 
 pub use head::{check_sizes, EagleHead, DEFAULT_HEAD};
 
-use super::{Draft, ProposeRequest, Proposer, SeqId, SpecError};
+use super::{Draft, ProposeRequest, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
@@ -294,6 +295,14 @@ impl<B: Backend> Proposer for EagleProposer<B> {
 
     fn wants_hidden(&self) -> bool {
         true
+    }
+
+    fn drafts_trees(&self) -> bool {
+        true
+    }
+
+    fn propose_tree(&mut self, seq: SeqId, history: &[u32], shape: TreeShape) -> Result<TreeDraft, BackendError> {
+        self.draft_tree(seq, history, shape)
     }
 
     fn observe(&mut self, seq: SeqId, start: usize, hidden: &[f32]) {

@@ -1,0 +1,146 @@
+//! EAGLE-2 drafting: the head grows a tree one depth per forward, expanding the `top_k`
+//! candidates of highest cumulative probability at each depth into their `top_k` likeliest
+//! children; the tree kept is the `nodes` candidates of highest cumulative probability.
+//!
+//! ```text
+//!  head cache:  target entries 0 .. prefix-1 | run nodes prefix+0, prefix+1, ...  (scratch)
+//!  depth 1:     the first row's distribution → top_k children of the root
+//!  depth d+1:   the top_k depth-d candidates run as one tree row (each reads the prefix
+//!               and its run ancestors) → top_k children each
+//! ```
+//! A run node reads its parent's predicted feature (the root's children: the first row's);
+//! the drafted entries are scratch, as in chain drafting.
+
+use std::collections::HashMap;
+
+use super::{EagleProposer, Row};
+use crate::backend::{Backend, BackendError, BatchMeta};
+use crate::core::tree::{select_tree, top_k, Candidate, TreeDraft, TreeShape};
+use crate::spec::{ProposeRequest, SeqId};
+use crate::tensor::{TreeMask, NO_PARENT};
+
+/// A tree growing in the head: the candidates so far, and the head's own tree of the
+/// candidates it ran.
+struct Growing {
+    cands: Vec<Candidate>,
+    /// Predicted feature of each candidate run (what its children's entries read).
+    features: HashMap<usize, Vec<f32>>,
+    /// The head node of each candidate run.
+    nodes: HashMap<usize, u32>,
+    /// The head's tree: each run node's parent node.
+    mask: TreeMask,
+}
+
+impl<B: Backend> EagleProposer<B> {
+    /// A tree of up to `shape.nodes` drafts continuing `history`, `shape.depth` deep at
+    /// most (greedy drafting: the head's probabilities at temperature 1 rank candidates);
+    /// empty when the head has no features to draft from.
+    pub(super) fn draft_tree(
+        &mut self,
+        seq: SeqId,
+        history: &[u32],
+        shape: TreeShape,
+    ) -> Result<TreeDraft, BackendError> {
+        let sampling = crate::core::sampling::SamplingParams::default();
+        let scratch = shape.top_k * shape.depth.saturating_sub(1);
+        let req = ProposeRequest { seq, history, k: scratch.max(1), sampling: &sampling };
+        let Some(first) = self.first_row(0, &req)? else { return Ok(TreeDraft::default()) };
+        let prefix = (history.len() - 1 - self.seqs[&seq].base) as u32;
+        let (root_feature, probs) = self.run_first(seq, &first, shape.top_k)?;
+        let mut g = Growing {
+            cands: vec![],
+            features: HashMap::new(),
+            nodes: HashMap::new(),
+            mask: TreeMask { prefix, first: 0, parents: vec![] },
+        };
+        let mut level = g.expand(None, &probs);
+        for _ in 1..shape.depth {
+            let run = g.frontier(&level, shape.top_k);
+            let (feats, probs) = self.run_level(seq, &mut g, &run, &root_feature, shape.top_k)?;
+            level = vec![];
+            for ((&c, f), p) in run.iter().zip(feats).zip(probs) {
+                g.features.insert(c, f);
+                level.extend(g.expand(Some(c), &p));
+            }
+        }
+        let st = self.seqs.get_mut(&seq).expect("first_row found the sequence");
+        st.cached = history.len() - 1;
+        Ok(select_tree(&g.cands, shape.nodes).0)
+    }
+
+    /// The first row: catches the head up and predicts the root's feature and distribution.
+    fn run_first(&mut self, seq: SeqId, row: &Row, k: usize) -> Result<(Vec<f32>, TopTokens), BackendError> {
+        let mut meta = BatchMeta::new(self.kv.block_size as u32);
+        meta.push_row(&row.tokens, row.pos as u32, &self.seqs[&seq].blocks, 1);
+        let (mut feats, mut probs) = self.head_forward(&meta, &row.features, k)?;
+        Ok((feats.pop().unwrap_or_default(), probs.pop().unwrap_or_default()))
+    }
+
+    /// Runs the candidates `run` (one depth) as one tree row.
+    fn run_level(
+        &mut self,
+        seq: SeqId,
+        g: &mut Growing,
+        run: &[usize],
+        root_feature: &[f32],
+        k: usize,
+    ) -> Result<HeadOut, BackendError> {
+        g.mask.first = g.mask.parents.len() as u32;
+        let mut features = Vec::with_capacity(run.len() * self.hidden());
+        for &c in run {
+            let parent = g.cands[c].parent;
+            g.mask.parents.push(parent.map_or(NO_PARENT, |p| g.nodes[&p]));
+            g.nodes.insert(c, g.mask.parents.len() as u32 - 1);
+            features.extend_from_slice(parent.map_or(root_feature, |p| &g.features[&p]));
+        }
+        let tokens: Vec<u32> = run.iter().map(|&c| g.cands[c].token).collect();
+        let mut meta = BatchMeta::new(self.kv.block_size as u32);
+        meta.push_tree_row(&tokens, g.mask.clone(), &self.seqs[&seq].blocks, true)?;
+        self.head_forward(&meta, &features, k)
+    }
+
+    /// One head forward: each logit row's predicted feature and its `k` likeliest tokens
+    /// with their log-probabilities.
+    fn head_forward(&mut self, meta: &BatchMeta, features: &[f32], k: usize) -> Result<HeadOut, BackendError> {
+        let (out, logits) = self.head.step(&self.backend, &self.target, &mut self.kv, meta, features)?;
+        let vocab = self.target.config.vocab_size;
+        let tops = self.backend.to_host(&logits)?.chunks(vocab).map(|row| top_log_probs(row, k)).collect();
+        Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), tops))
+    }
+}
+
+impl Growing {
+    /// Adds the children `top` (tokens and log-probabilities) of `parent` (None: the root);
+    /// returns their indices.
+    fn expand(&mut self, parent: Option<usize>, top: &[(u32, f64)]) -> Vec<usize> {
+        let base = parent.map_or(0.0, |p| self.cands[p].score);
+        let start = self.cands.len();
+        for &(token, logp) in top {
+            self.cands.push(Candidate { token, parent, score: base + logp });
+        }
+        (start..self.cands.len()).collect()
+    }
+
+    /// The `k` candidates of `level` of highest score, in candidate order (parents first).
+    fn frontier(&self, level: &[usize], k: usize) -> Vec<usize> {
+        let mut best = level.to_vec();
+        best.sort_by(|&a, &b| self.cands[b].score.total_cmp(&self.cands[a].score).then(a.cmp(&b)));
+        best.truncate(k);
+        best.sort_unstable();
+        best
+    }
+}
+
+/// A row's likeliest tokens with their log-probabilities.
+type TopTokens = Vec<(u32, f64)>;
+
+/// Predicted features, and each row's likeliest tokens.
+type HeadOut = (Vec<Vec<f32>>, Vec<TopTokens>);
+
+/// The `k` largest logits' tokens with their log-softmax (temperature 1).
+fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    top_k(logits, k).into_iter().map(|(t, l)| (t, l as f64 - lse)).collect()
+}
