@@ -14,7 +14,7 @@ use crate::backend::{Backend, BackendError};
 use crate::device::{Device, OnDevice};
 use crate::model::{load_model_shard, load_model_with, Llama, LoadOptions, ModelSource, Shard, Tokenizer, WeightDtype};
 use crate::spec::{check_settings, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
-use crate::spec::{TreeShape, MAX_TREE_NODES, MAX_TREE_TOP_K};
+use crate::spec::{DraftLengths, TreeShape, MAX_TREE_NODES, MAX_TREE_TOP_K};
 use crate::tensor::{AttnWindow, KvDtype, KvOptions, RankGroup, WindowError};
 pub use default_model::{default_model_path, FetchError, ModelArg};
 pub use log::install_tracing;
@@ -199,6 +199,11 @@ pub struct SpecArgs {
     /// The most tokens drafted per step (each request's length adapts to its acceptance).
     #[arg(long, default_value_t = 4, allow_negative_numbers = true)]
     pub draft_len: usize,
+    /// `adaptive`: each row's length follows its acceptance and the measured step costs,
+    /// and drafting is held off where it delivers less than plain decoding; `fixed`: always
+    /// `--draft-len`.
+    #[arg(long, value_enum, default_value = "adaptive")]
+    pub draft_lengths: DraftLengths,
     /// KV blocks of 16 tokens in the draft model's cache (`draft`, `early-exit`, `eagle`).
     #[arg(long, default_value_t = 1024, allow_negative_numbers = true)]
     pub draft_kv_blocks: usize,
@@ -270,6 +275,7 @@ impl SpecArgs {
             proposer,
             max_draft: self.draft_len,
             synthetic_acceptance: self.synthetic_acceptance,
+            lengths: self.draft_lengths,
         }))
     }
 

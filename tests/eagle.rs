@@ -24,7 +24,7 @@ use specula::engine::{Engine, EngineError, SpecOptions};
 use specula::model::{KvCache, Llama, Tokenizer};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::eagle::{EagleHead, DEFAULT_HEAD};
-use specula::spec::{EagleProposer, HeadSize, SpecError, Speculation, TreeShape};
+use specula::spec::{DraftLengths, EagleProposer, HeadSize, SpecError, Speculation, TreeShape};
 
 // A tiny head, written as the EAGLE-1 safetensors layout.
 
@@ -265,8 +265,12 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
             let out = engine.generate_speculative(req, Some(spec), |_, _| {}).unwrap();
             assert_eq!(out.token_ids, want[i], "engine, k={k}, request {i}");
         }
-        let spec =
-            Speculation { proposer: Box::new(proposer(&target, dir.path())), max_draft: k, synthetic_acceptance: None };
+        let spec = Speculation {
+            proposer: Box::new(proposer(&target, dir.path())),
+            max_draft: k,
+            synthetic_acceptance: None,
+            lengths: Default::default(),
+        };
         let h = Runtime::builder()
             .speculation(spec)
             .max_batch(8)
@@ -383,7 +387,8 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
     let first = stats.acceptance_per_position[0];
     assert!(first > 0.2, "the trained head's first draft should often hold: {first:.2} ({stats:?})");
     let proposer = Box::new(EagleProposer::load(CpuBackend::new(), s.model.clone(), head, 256, 16).unwrap());
-    let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None };
+    // Fixed lengths: drafting may not pay on a CPU, and this checks that its drafts are used.
+    let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths: DraftLengths::Fixed };
     let h = Runtime::builder()
         .speculation(spec)
         .max_batch(8)

@@ -37,7 +37,7 @@ fn speculation(model: &Arc<Llama<CpuBackend>>, method: Method, max_draft: usize,
             Box::new(ModelProposer::new(CpuBackend::new(), model.clone(), 6, draft_blocks, 16).unwrap())
         }
     };
-    Speculation { proposer, max_draft, synthetic_acceptance: None }
+    Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: Default::default() }
 }
 
 fn runtime(s: &Shared, spec: Speculation, configure: fn(RuntimeBuilder) -> RuntimeBuilder) -> RuntimeHandle {
@@ -204,7 +204,12 @@ fn greedy_speculation_on_tiny_random_models_equals_plain_greedy() {
     ];
     for (name, make) in proposers {
         for k in [1, 3, 8] {
-            let spec = Speculation { proposer: make(&target, &draft), max_draft: k, synthetic_acceptance: None };
+            let spec = Speculation {
+                proposer: make(&target, &draft),
+                max_draft: k,
+                synthetic_acceptance: None,
+                lengths: Default::default(),
+            };
             let h = Runtime::builder()
                 .speculation(spec)
                 .max_batch(6)
@@ -267,6 +272,7 @@ fn drafting_overlaps_verification_and_rejections_change_nothing() {
             proposer: Box::new(Counting { calls: 0, wrong_every }),
             max_draft: 4,
             synthetic_acceptance: None,
+            lengths: Default::default(),
         };
         let h = Runtime::builder()
             .speculation(spec)

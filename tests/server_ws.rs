@@ -278,7 +278,12 @@ async fn a_vanished_client_frees_its_requests() {
 async fn a_speculating_server_reports_its_drafts() {
     use specula::spec::{NgramProposer, Speculation};
     let _one_at_a_time = exclusive().await;
-    let spec = Speculation { proposer: Box::new(NgramProposer::default()), max_draft: 8, synthetic_acceptance: None };
+    let spec = Speculation {
+        proposer: Box::new(NgramProposer::default()),
+        max_draft: 8,
+        synthetic_acceptance: None,
+        lengths: Default::default(),
+    };
     let srv = server_support::start(specula::actors::Runtime::builder().speculation(spec), None);
     let prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick";
     let mut ws = connect_with(&srv, None).await.unwrap();

@@ -196,11 +196,12 @@ fn runtime_samples(
     (max_draft, max_tokens, position): (usize, usize, usize),
 ) -> (Vec<usize>, (u64, u64)) {
     use specula::actors::{collect, Runtime};
-    use specula::spec::Speculation;
+    use specula::spec::{DraftLengths, Speculation};
     let vocab = target.config.vocab_size;
     let proposer = Box::new(ModelProposer::new(CpuBackend::new(), Arc::new(draft), 2, 1024, 4).unwrap());
     let h = Runtime::builder()
-        .speculation(Speculation { proposer, max_draft, synthetic_acceptance: None })
+        // Fixed lengths: this checks distributions, and on a CPU drafting may not pay.
+        .speculation(Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: DraftLengths::Fixed })
         .max_batch(16)
         .build(CpuBackend::new(), target, None::<specula::model::Tokenizer>)
         .unwrap();

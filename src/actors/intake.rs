@@ -216,6 +216,9 @@ impl Intake {
             Ok(outcomes) => {
                 if done.decode_only {
                     self.sched.record_timing(done.tokens, done.seconds, done.drafted, done.draft_seconds);
+                    let delivered = outcomes.iter().map(|o| o.new_tokens.len()).sum();
+                    let seconds = done.seconds + done.draft_seconds;
+                    self.sched.record_delivery(outcomes.len(), done.drafted > 0, delivered, seconds);
                 }
                 self.sched.update(&outcomes);
                 let said = outcomes.into_iter().filter(|o| !o.new_tokens.is_empty() || o.finish.is_some());

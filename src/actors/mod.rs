@@ -65,6 +65,7 @@ use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvManager;
 use crate::core::lengths::{Lengths, WINDOWED_CONTEXT};
 use crate::core::scheduler::{Scheduler, SchedulerConfig};
+use crate::core::spec::DraftLengths;
 use crate::model::{KvCache, Llama, ModelConfig, Tokenizer};
 use crate::spec::{check_settings, SpecStats, Speculation};
 use crate::tensor::KvOptions;
@@ -227,7 +228,10 @@ impl RuntimeBuilder {
         let health = Arc::new(Health::default());
         ::metrics::gauge!(metrics::HEALTHY).set(1.0);
         let actors = ActorSetup {
-            sched: scheduler(&c, self.speculation.as_ref().map_or(0, |s| s.max_draft)),
+            sched: scheduler(
+                &c,
+                self.speculation.as_ref().map_or((0, Default::default()), |s| (s.max_draft, s.lengths)),
+            ),
             limits: intake::Limits {
                 vocab: info.vocab,
                 lengths: Lengths { context: info.context, kv_tokens: num_blocks * c.block_size, held: c.held_tokens() },
@@ -251,13 +255,14 @@ impl RuntimeBuilder {
     }
 }
 
-fn scheduler(c: &RuntimeConfig, max_draft: usize) -> Scheduler {
+fn scheduler(c: &RuntimeConfig, (max_draft, lengths): (usize, DraftLengths)) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         max_batch: c.max_batch,
         step_tokens: c.step_tokens,
         max_waiting: c.max_waiting,
         block_size: c.block_size,
         max_draft,
+        lengths,
     })
 }
 

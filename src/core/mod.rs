@@ -10,5 +10,6 @@ pub mod ngram;
 pub mod sampling;
 pub mod scheduler;
 pub mod spec;
+pub mod spec_guard;
 pub mod step_cost;
 pub mod tree;

@@ -26,7 +26,8 @@ use std::sync::Arc;
 
 use crate::core::lengths::{row_tokens, SeqLimits};
 use crate::core::sampling::SamplingParams;
-use crate::core::spec::{AcceptanceTracker, Draft};
+use crate::core::spec::{AcceptanceTracker, Draft, DraftLengths};
+use crate::core::spec_guard::SpecGuard;
 use crate::core::step_cost::StepCost;
 use crate::request::{FinishReason, RequestId};
 
@@ -49,8 +50,9 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     pub block_size: usize,
     /// Most draft tokens a decoding row carries (0: no speculation). Each request's actual
-    /// length adapts to its acceptance and to the batch size.
+    /// length adapts to its acceptance and to the batch size, unless `lengths` is fixed.
     pub max_draft: usize,
+    pub lengths: DraftLengths,
 }
 
 /// One request's wish for the next step, in priority order.
@@ -180,13 +182,17 @@ struct Seq {
 
 /// Draft positions to reserve for a running row: only when it is decoding (its last token
 /// is its only uncomputed one), never past its length limit (`SeqLimits::draft_room`).
-fn draft_len(seq: &mut Seq, max_draft: usize, batch: usize, cost: &StepCost) -> usize {
+fn draft_len(seq: &mut Seq, max_draft: usize, lengths: DraftLengths, batch: usize, cost: &StepCost) -> usize {
     let limits = seq.params.limits;
     let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > limits.prompt_len;
     if max_draft == 0 || !decoding {
         return 0;
     }
-    seq.acceptance.draft_len(max_draft, batch, cost).min(limits.draft_room(seq.tokens.len()))
+    let wanted = match lengths {
+        DraftLengths::Adaptive => seq.acceptance.draft_len(max_draft, batch, cost),
+        DraftLengths::Fixed => max_draft,
+    };
+    wanted.min(limits.draft_room(seq.tokens.len()))
 }
 
 /// The queue is full: the caller gets an overload error.
@@ -209,6 +215,8 @@ pub struct Scheduler {
     preemptions: u64,
     /// What steps and drafts cost, for choosing draft lengths.
     cost: StepCost,
+    /// What steps with and without drafts deliver, for holding drafting off where it loses.
+    guard: SpecGuard,
 }
 
 impl Scheduler {
@@ -226,6 +234,7 @@ impl Scheduler {
             finished: vec![],
             preemptions: 0,
             cost: StepCost::default(),
+            guard: SpecGuard::default(),
         }
     }
 
@@ -315,6 +324,8 @@ impl Scheduler {
         let mut asks = vec![];
         let mut commits = std::mem::take(&mut self.commits);
         let batch = self.running.len();
+        let held_off = self.cfg.lengths == DraftLengths::Adaptive && !self.guard.allows(batch);
+        let max_draft = if held_off { 0 } else { self.cfg.max_draft };
         for &id in &self.running {
             let seq = self.seqs.get_mut(&id).expect("running seq");
             if seq.computed > seq.committed {
@@ -323,7 +334,7 @@ impl Scheduler {
             }
             // A row left without budget still asks (for nothing): it holds blocks, so it
             // stays a preemption candidate for the rows before it.
-            let drafts = draft_len(seq, self.cfg.max_draft, batch, &self.cost);
+            let drafts = draft_len(seq, max_draft, self.cfg.lengths, batch, &self.cost);
             let n = row_tokens(seq.tokens.len() - seq.computed, drafts, budget);
             budget -= n;
             asks.push(Ask { id, computed: seq.computed, new_tokens: n, lookup: None, running: true });
@@ -396,6 +407,12 @@ impl Scheduler {
     pub fn record_timing(&mut self, tokens: usize, seconds: f64, drafted: usize, draft_seconds: f64) {
         self.cost.record_step(tokens, seconds);
         self.cost.record_draft(drafted, draft_seconds);
+    }
+
+    /// A decoding step of `rows` rows delivered `tokens` new tokens in `seconds` (its forward
+    /// and the drafting it waited for); `drafted`: whether it carried drafts.
+    pub fn record_delivery(&mut self, rows: usize, drafted: bool, tokens: usize, seconds: f64) {
+        self.guard.record(rows, drafted, tokens, seconds);
     }
 
     /// Applies a step's results; returns the requests that finished.

@@ -75,6 +75,17 @@ impl Draft {
     }
 }
 
+/// How a row's draft length is chosen.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum DraftLengths {
+    /// Per row and step, from the acceptance and the measured step costs, and none where
+    /// drafting measurably delivers less than plain decoding (`core::spec_guard`).
+    #[default]
+    Adaptive,
+    /// Always the most allowed (room permitting): for tests and experiments.
+    Fixed,
+}
+
 /// Batch size from which speculation is off: a full batch already keeps the hardware busy,
 /// and verifying drafts would only add work.
 pub const SPECULATION_OFF_AT_BATCH: usize = 32;

@@ -6,7 +6,7 @@ mod draft_model;
 pub mod eagle;
 mod stats;
 
-pub use crate::core::spec::Draft;
+pub use crate::core::spec::{Draft, DraftLengths};
 pub use choice::ProposerChoice;
 pub use draft_model::ModelProposer;
 pub use eagle::{EagleProposer, HeadSize};
@@ -83,6 +83,8 @@ pub struct Speculation {
     /// Benchmarks only: accept each draft token with this probability whatever its value.
     /// The output is then not the model's; it is labelled `synthetic` in the statistics.
     pub synthetic_acceptance: Option<f64>,
+    /// Adaptive (the default) or always `max_draft`.
+    pub lengths: DraftLengths,
 }
 
 /// Which proposer, as chosen on the command line.

@@ -98,7 +98,14 @@ impl Sim {
 }
 
 fn cfg(max_batch: usize, step_tokens: usize) -> SchedulerConfig {
-    SchedulerConfig { max_batch, step_tokens, max_waiting: 64, block_size: 4, max_draft: 0 }
+    SchedulerConfig {
+        max_batch,
+        step_tokens,
+        max_waiting: 64,
+        block_size: 4,
+        max_draft: 0,
+        lengths: Default::default(),
+    }
 }
 
 #[test]
