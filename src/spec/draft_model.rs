@@ -128,10 +128,7 @@ impl<B: Backend> Proposer for ModelProposer<B> {
     /// All sequences advance together, one forward per draft position: first each catches
     /// up on the history its cache lacks, then each feeds its last drafted token.
     fn propose_many(&mut self, reqs: &[ProposeRequest]) -> Vec<Result<Draft, BackendError>> {
-        let mut drafts: Vec<Draft> = reqs
-            .iter()
-            .map(|r| Draft { tokens: Vec::with_capacity(r.k), probs: (!r.sampling.is_greedy()).then(Vec::new) })
-            .collect();
+        let mut drafts: Vec<Draft> = reqs.iter().map(ProposeRequest::empty_draft).collect();
         // Only sampling rows need the context (for penalties); greedy rows skip the copy.
         let mut contexts: Vec<Vec<u32>> =
             reqs.iter().map(|r| if r.sampling.is_greedy() { vec![] } else { r.history.to_vec() }).collect();

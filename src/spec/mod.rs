@@ -75,6 +75,13 @@ pub struct ProposeRequest<'a> {
     pub sampling: &'a SamplingParams,
 }
 
+impl ProposeRequest<'_> {
+    /// An empty draft for this request, with room for the probabilities if it samples.
+    pub fn empty_draft(&self) -> Draft {
+        Draft { tokens: Vec::with_capacity(self.k), probs: (!self.sampling.is_greedy()).then(Vec::new) }
+    }
+}
+
 /// Speculative decoding as the runtime runs it.
 pub struct Speculation {
     pub proposer: Box<dyn Proposer>,

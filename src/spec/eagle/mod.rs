@@ -246,10 +246,7 @@ impl<B: Backend> Proposer for EagleProposer<B> {
 
     /// All sequences advance together, one head forward per draft position.
     fn propose_many(&mut self, reqs: &[ProposeRequest]) -> Vec<Result<Draft, BackendError>> {
-        let mut drafts: Vec<Draft> = reqs
-            .iter()
-            .map(|r| Draft { tokens: Vec::with_capacity(r.k), probs: (!r.sampling.is_greedy()).then(Vec::new) })
-            .collect();
+        let mut drafts: Vec<Draft> = reqs.iter().map(ProposeRequest::empty_draft).collect();
         let mut out: Vec<Option<BackendError>> = reqs.iter().map(|_| None).collect();
         let mut rows = vec![];
         for (i, r) in reqs.iter().enumerate() {
