@@ -57,6 +57,18 @@ pub struct KvStats {
     pub window_recycled: u64,
 }
 
+impl KvStats {
+    /// What a bare pool can say of itself (no prefix lookups, no window).
+    pub fn of_pool(pool: &BlockPool) -> Self {
+        KvStats {
+            num_blocks: pool.num_blocks(),
+            used: pool.num_used(),
+            cached: pool.num_cached(),
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug)]
 pub struct KvManager {
     pool: BlockPool,
@@ -87,12 +99,10 @@ impl KvManager {
 
     pub fn stats(&self) -> KvStats {
         KvStats {
-            num_blocks: self.pool.num_blocks(),
-            used: self.pool.num_used(),
             peak_used: self.peak_used,
-            cached: self.pool.num_cached(),
             prefix: self.prefix,
             window_recycled: self.recycled,
+            ..KvStats::of_pool(&self.pool)
         }
     }
 

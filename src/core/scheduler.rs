@@ -324,7 +324,8 @@ impl Scheduler {
         let mut asks = vec![];
         let mut commits = std::mem::take(&mut self.commits);
         let batch = self.running.len();
-        let held_off = self.cfg.lengths == DraftLengths::Adaptive && !self.guard.allows(batch);
+        let adaptive = self.cfg.max_draft > 0 && self.cfg.lengths == DraftLengths::Adaptive;
+        let held_off = adaptive && !self.guard.allows(batch);
         let max_draft = if held_off { 0 } else { self.cfg.max_draft };
         for &id in &self.running {
             let seq = self.seqs.get_mut(&id).expect("running seq");

@@ -121,32 +121,27 @@ impl StepCost {
     /// verifications); above them all, on the line but no cheaper than the largest.
     pub fn step_seconds(&self, tokens: usize) -> Option<f64> {
         let (fixed, per_token) = self.fit()?;
-        let size = self.sizes[bucket(tokens)];
-        if size.weight > 0.0 {
-            return Some(size.seconds / size.weight);
+        let at = bucket(tokens);
+        if let Some((_, t)) = self.measured(at) {
+            return Some(t);
         }
-        let measured = self.by_size();
         let n = tokens as f64;
-        let below = measured.iter().rev().find(|&&(m, _)| m < tokens);
-        let above = measured.iter().find(|&&(m, _)| m > tokens);
+        let below = (1..at).rev().find_map(|i| self.measured(i));
+        let above = (at + 1..BUCKETS).find_map(|i| self.measured(i));
         Some(match (below, above) {
-            (Some(&(m0, t0)), Some(&(m1, t1))) => t0 + (t1 - t0) * (n - m0 as f64) / (m1 - m0) as f64,
-            (None, Some(&(m1, t1))) => t1 * n / m1 as f64,
-            (Some(&(_, t0)), None) => (fixed + per_token * n).max(t0),
+            (Some((m0, t0)), Some((m1, t1))) => t0 + (t1 - t0) * (n - m0 as f64) / (m1 - m0) as f64,
+            (None, Some((m1, t1))) => t1 * n / m1 as f64,
+            (Some((_, t0)), None) => (fixed + per_token * n).max(t0),
             (None, None) => fixed + per_token * n,
         })
     }
 
-    /// The measured seconds of each step size (above `EXACT_SIZES`, each power-of-two
-    /// bucket under its upper end).
-    pub fn by_size(&self) -> Vec<(usize, f64)> {
-        let sizes = self.sizes.iter().enumerate().filter(|(_, s)| s.weight > 0.0);
-        sizes
-            .map(|(i, s)| {
-                let tokens = if i <= EXACT_SIZES { i } else { EXACT_SIZES << (i - EXACT_SIZES) };
-                (tokens, s.seconds / s.weight)
-            })
-            .collect()
+    /// Bucket `i`'s step size (above `EXACT_SIZES`, the upper end of its power-of-two range)
+    /// and mean seconds, if measured.
+    fn measured(&self, i: usize) -> Option<(usize, f64)> {
+        let s = self.sizes[i];
+        let tokens = if i <= EXACT_SIZES { i } else { EXACT_SIZES << (i - EXACT_SIZES) };
+        (s.weight > 0.0).then(|| (tokens, s.seconds / s.weight))
     }
 
     fn draft_per_token(&self) -> f64 {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::{Draft, ProposeRequest, Proposer, SeqId};
+use super::{propose_one, Draft, ProposeRequest, Proposer, SeqId};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
@@ -121,8 +121,7 @@ impl<B: Backend> Proposer for ModelProposer<B> {
         k: usize,
         sampling: &SamplingParams,
     ) -> Result<Draft, BackendError> {
-        let req = ProposeRequest { seq, history, k, sampling };
-        self.propose_many(&[req]).pop().expect("one result per request")
+        propose_one(self, ProposeRequest { seq, history, k, sampling })
     }
 
     /// All sequences advance together, one forward per draft position: first each catches
@@ -186,11 +185,6 @@ impl<B: Backend> Proposer for ModelProposer<B> {
     }
 
     fn kv_stats(&self) -> Option<KvStats> {
-        Some(KvStats {
-            num_blocks: self.pool.num_blocks(),
-            used: self.pool.num_used(),
-            cached: self.pool.num_cached(),
-            ..Default::default()
-        })
+        Some(KvStats::of_pool(&self.pool))
     }
 }

@@ -75,6 +75,11 @@ pub struct ProposeRequest<'a> {
     pub sampling: &'a SamplingParams,
 }
 
+/// `Proposer::propose` for a proposer whose `propose_many` does the work.
+pub fn propose_one(p: &mut (impl Proposer + ?Sized), req: ProposeRequest) -> Result<Draft, BackendError> {
+    p.propose_many(&[req]).pop().expect("one result per request")
+}
+
 impl ProposeRequest<'_> {
     /// An empty draft for this request, with room for the probabilities if it samples.
     pub fn empty_draft(&self) -> Draft {

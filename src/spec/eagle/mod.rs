@@ -24,7 +24,7 @@ use rand::SeedableRng;
 
 pub use head::{check_sizes, EagleHead, DEFAULT_HEAD};
 
-use super::{Draft, ProposeRequest, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
+use super::{propose_one, Draft, ProposeRequest, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
@@ -240,8 +240,7 @@ impl<B: Backend> Proposer for EagleProposer<B> {
         k: usize,
         sampling: &SamplingParams,
     ) -> Result<Draft, BackendError> {
-        let req = ProposeRequest { seq, history, k, sampling };
-        self.propose_many(&[req]).pop().expect("one result per request")
+        propose_one(self, ProposeRequest { seq, history, k, sampling })
     }
 
     /// All sequences advance together, one head forward per draft position.
@@ -282,12 +281,7 @@ impl<B: Backend> Proposer for EagleProposer<B> {
     }
 
     fn kv_stats(&self) -> Option<KvStats> {
-        Some(KvStats {
-            num_blocks: self.pool.num_blocks(),
-            used: self.pool.num_used(),
-            cached: self.pool.num_cached(),
-            ..Default::default()
-        })
+        Some(KvStats::of_pool(&self.pool))
     }
 
     fn wants_hidden(&self) -> bool {
