@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use common::random_llama::tiny;
 use common::runtime::{assert_all_blocks_free, shared};
+use common::sampling::{assert_follows, nth_token_distribution};
 use common::tiny::{Rng, StDtype};
 use common::TempDir;
 use futures::executor::block_on;
@@ -19,9 +20,9 @@ use safetensors::tensor::TensorView;
 use specula::actors::{collect, Runtime};
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BatchMeta};
-use specula::core::sampling::{distribution, SamplingParams};
+use specula::core::sampling::SamplingParams;
 use specula::engine::{Engine, EngineError, SpecOptions};
-use specula::model::{KvCache, Llama, Tokenizer};
+use specula::model::{Llama, Tokenizer};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::eagle::{EagleHead, DEFAULT_HEAD};
 use specula::spec::{DraftLengths, EagleProposer, HeadSize, SpecError, Speculation, TreeShape};
@@ -409,51 +410,6 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
 
 // Sampling.
 
-/// The exact distribution of the `n`-th generated token (1-based): the sum over every
-/// sequence of earlier tokens of its probability times the next token's distribution.
-fn nth_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams, n: usize) -> Vec<f64> {
-    let b = CpuBackend::new();
-    let last_logits = |tokens: &[u32]| {
-        let mut kv = KvCache::new(&b, &model.config, 16, 4).unwrap();
-        let mut meta = BatchMeta::new(4);
-        meta.push_row(tokens, 0, &(0..16).collect::<Vec<_>>(), 1);
-        b.to_host(&model.forward(&b, &mut kv, &meta).unwrap()).unwrap()
-    };
-    let mut out = vec![0f64; model.config.vocab_size];
-    let mut stack = vec![(prompt.to_vec(), 1f64)];
-    while let Some((context, p)) = stack.pop() {
-        let next = distribution(&last_logits(&context), &context, params);
-        for (t, &pt) in next.iter().enumerate().filter(|(_, &q)| q > 0.0) {
-            if context.len() - prompt.len() + 1 == n {
-                out[t] += p * pt as f64;
-            } else {
-                stack.push(([context.as_slice(), &[t as u32]].concat(), p * pt as f64));
-            }
-        }
-    }
-    out
-}
-
-/// Pearson's statistic over bins expecting at least 5 (the rest pooled), and the 1%
-/// critical value for its degrees of freedom (Wilson–Hilferty).
-fn chi_square(counts: &[usize], expected: &[f64]) -> (f64, f64) {
-    let n: usize = counts.iter().sum();
-    let (mut stat, mut bins, mut pooled) = (0.0, 0usize, (0.0, 0.0));
-    for (&c, &p) in counts.iter().zip(expected) {
-        let e = p * n as f64;
-        if e >= 5.0 {
-            (stat, bins) = (stat + (c as f64 - e).powi(2) / e, bins + 1);
-        } else {
-            pooled = (pooled.0 + c as f64, pooled.1 + e);
-        }
-    }
-    if pooled.1 >= 5.0 {
-        (stat, bins) = (stat + (pooled.0 - pooled.1).powi(2) / pooled.1, bins + 1);
-    }
-    let k = (bins - 1) as f64;
-    (stat, k * (1.0 - 2.0 / (9.0 * k) + 2.326 * (2.0 / (9.0 * k)).sqrt()).powi(3))
-}
-
 #[test]
 fn sampled_eagle_follows_the_target_distribution() {
     let vocab = 48;
@@ -482,8 +438,5 @@ fn sampled_eagle_follows_the_target_distribution() {
         let st = out.speculative.unwrap();
         (drafted, accepted) = (drafted + st.drafted, accepted + st.accepted);
     }
-    let (stat, critical) = chi_square(&counts, &expected);
-    eprintln!("chi2 {stat:.2} (1% critical {critical:.2}); acceptance {accepted}/{drafted}");
-    assert!(accepted > 0 && accepted < drafted, "both acceptances and rejections: {accepted}/{drafted}");
-    assert!(stat < critical, "chi-square {stat:.1} exceeds the 1% critical value {critical:.1}");
+    assert_follows("eagle", &counts, &expected, (drafted, accepted));
 }

@@ -6,11 +6,11 @@ mod common;
 use std::sync::Arc;
 
 use common::random_llama::tiny;
+use common::sampling::{assert_follows, nth_token_distribution, second_token_distribution};
 use specula::backend::cpu::CpuBackend;
-use specula::backend::{Backend, BatchMeta};
-use specula::core::sampling::{distribution, SamplingParams};
+use specula::core::sampling::SamplingParams;
 use specula::engine::{Engine, SpecOptions};
-use specula::model::{load_model, KvCache, Llama, ModelSource};
+use specula::model::{load_model, Llama, ModelSource};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::{ModelProposer, NgramProposer, Proposer};
 
@@ -90,64 +90,6 @@ fn greedy_speculation_on_the_default_model_equals_plain_greedy() {
     }
 }
 
-/// The exact distribution of the `n`-th generated token (1-based): the sum over every
-/// sequence of earlier tokens of its probability times the next token's distribution.
-fn nth_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams, n: usize) -> Vec<f64> {
-    let b = CpuBackend::new();
-    let last_logits = |tokens: &[u32]| {
-        let mut kv = KvCache::new(&b, &model.config, 16, 4).unwrap();
-        let mut meta = BatchMeta::new(4);
-        meta.push_row(tokens, 0, &(0..16).collect::<Vec<_>>(), 1);
-        b.to_host(&model.forward(&b, &mut kv, &meta).unwrap()).unwrap()
-    };
-    let mut out = vec![0f64; model.config.vocab_size];
-    let mut stack = vec![(prompt.to_vec(), 1f64)];
-    while let Some((context, p)) = stack.pop() {
-        let next = distribution(&last_logits(&context), &context, params);
-        for (t, &pt) in next.iter().enumerate().filter(|(_, &q)| q > 0.0) {
-            if context.len() - prompt.len() + 1 == n {
-                out[t] += p * pt as f64;
-            } else {
-                let mut longer = context.clone();
-                longer.push(t as u32);
-                stack.push((longer, p * pt as f64));
-            }
-        }
-    }
-    out
-}
-
-fn second_token_distribution(model: &Llama<CpuBackend>, prompt: &[u32], params: &SamplingParams) -> Vec<f64> {
-    nth_token_distribution(model, prompt, params, 2)
-}
-
-/// Pearson's statistic over bins with an expected count of at least 5 (the rest pooled).
-fn chi_square(counts: &[usize], expected: &[f64], n: usize) -> (f64, usize) {
-    let (mut stat, mut bins, mut pooled_c, mut pooled_e) = (0.0, 0, 0.0, 0.0);
-    for (&c, &p) in counts.iter().zip(expected) {
-        let e = p * n as f64;
-        if e >= 5.0 {
-            stat += (c as f64 - e).powi(2) / e;
-            bins += 1;
-        } else {
-            pooled_c += c as f64;
-            pooled_e += e;
-        }
-    }
-    if pooled_e >= 5.0 {
-        stat += (pooled_c - pooled_e).powi(2) / pooled_e;
-        bins += 1;
-    }
-    (stat, bins - 1)
-}
-
-/// The chi-square quantile at p = 0.01 (Wilson–Hilferty approximation).
-fn chi_square_critical(dof: usize) -> f64 {
-    let k = dof as f64;
-    let z = 2.326; // the standard normal's 99th percentile
-    k * (1.0 - 2.0 / (9.0 * k) + z * (2.0 / (9.0 * k)).sqrt()).powi(3)
-}
-
 #[test]
 fn sampled_speculation_follows_the_target_distribution() {
     let vocab = 48;
@@ -174,15 +116,6 @@ fn sampled_speculation_follows_the_target_distribution() {
         }
         assert_follows(&format!("T={temperature} top_p={top_p}"), &counts, &expected, (drafted, accepted));
     }
-}
-
-/// Asserts that `counts` follow `expected` (chi-square, p = 0.01) and that the drafts behind
-/// them were both accepted and rejected (`drafted`, `accepted`).
-fn assert_follows(label: &str, counts: &[usize], expected: &[f64], (drafted, accepted): (u64, u64)) {
-    let (stat, dof) = chi_square(counts, expected, counts.iter().sum());
-    eprintln!("{label}: chi2 {stat:.3} on {dof} dof; acceptance {accepted}/{drafted}");
-    assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
-    assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
 }
 
 /// Runs 20,000 seeded requests of `max_tokens` tokens through a runtime where `draft`

@@ -8,6 +8,7 @@ pub mod gguf_writer;
 pub mod random_llama;
 pub mod reference;
 pub mod runtime;
+pub mod sampling;
 pub mod tiny;
 pub mod vocab;
 
