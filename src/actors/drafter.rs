@@ -109,8 +109,10 @@ impl Drafter {
     /// Drafts ahead for the rows of `plan` while the Verifier verifies it: the target's next
     /// token plus a next draft as long as this one. Only for rows whose last draft was
     /// accepted whole: elsewhere the guess would most likely be thrown away, and drafting
-    /// still takes compute (and memory bandwidth) from the target.
-    pub fn pre_draft(&mut self, plan: &StepPlan) {
+    /// still takes compute (and memory bandwidth) from the target. One token per row at a
+    /// time, stopping as soon as `next_plan_came()`: a pre-draft must never delay the next
+    /// plan (what is made by then is kept and the plan's draft goes on from it).
+    pub fn pre_draft(&mut self, plan: &StepPlan, next_plan_came: impl Fn() -> bool) {
         // A proposer reading the target's hidden states drafts from verified positions only.
         if self.proposer.wants_hidden() {
             return;
@@ -118,12 +120,24 @@ impl Drafter {
         let start = Instant::now();
         let promising =
             |r: &RowPlan| !r.draft.tokens.is_empty() && self.seqs.get(&r.id).is_some_and(|s| s.all_accepted);
-        let rows: Vec<(RequestId, usize)> =
+        let mut goals: Vec<(RequestId, usize)> =
             plan.rows.iter().filter(|r| promising(r)).map(|r| (r.id, 2 * r.draft.tokens.len() + 1)).collect();
-        self.extend(&rows);
-        if !rows.is_empty() {
+        let ahead = |d: &Self, id: &RequestId| d.seqs.get(id).map_or(0, |s| s.ahead.tokens.len());
+        let mut drafted = 0;
+        while !next_plan_came() {
+            goals.retain(|(id, goal)| ahead(self, id) < *goal);
+            let next: Vec<(RequestId, usize)> = goals.iter().map(|(id, _)| (*id, ahead(self, id) + 1)).collect();
+            if next.is_empty() {
+                break;
+            }
+            self.extend(&next);
+            // A row whose proposer had nothing more (or failed) stops here.
+            goals.retain(|(id, _)| next.iter().any(|(n, want)| n == id && ahead(self, id) >= *want));
+            drafted += next.len();
+        }
+        if drafted > 0 {
             self.publish_pool();
-            self.record(Work::PreDraft, plan.step, rows.iter().map(|r| r.1).sum(), start);
+            self.record(Work::PreDraft, plan.step, drafted, start);
         }
     }
 
@@ -243,7 +257,7 @@ impl Drafter {
                 break;
             }
             if let Some(mut plan) = pre {
-                self.caught(&mut plan, |d, plan| d.pre_draft(plan));
+                self.caught(&mut plan, |d, plan| d.pre_draft(plan, || !plans.is_empty()));
             }
         }
     }

@@ -64,6 +64,11 @@ pub struct Mailbox<T> {
 }
 
 impl<T> Mailbox<T> {
+    /// Whether no message waits (one may arrive right after).
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
     /// The next message, sleeping while there is none; an error once every sender is gone
     /// and the mailbox is empty.
     pub fn recv(&self) -> Result<T, RecvError> {
