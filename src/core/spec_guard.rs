@@ -1,9 +1,11 @@
 //! Speculation that never loses. Whatever the cost model predicts, the runtime compares what
 //! steps actually deliver, in tokens per second of wall time (the drafting waited for
 //! included), with drafts and without, per batch-size bucket. Where drafting delivers less
-//! than plain decoding, steps run plain, and one step in `RECHECK_EVERY` drafts again to see
-//! whether that still holds: at worst a few percent below plain decoding, at best the gain
-//! the draft-length policy finds.
+//! than plain decoding, steps run plain, and now and then a step drafts again to see whether
+//! that still holds: after `FIRST_RECHECK` steps, then twice as long each time drafting still
+//! loses (up to `LAST_RECHECK`), because a recheck costs most where drafting loses most (a
+//! batch of 8 verifying 5 tokens each on a compute-bound CPU pays nearly 5 steps). At worst
+//! a few percent below plain decoding, at best the gain the draft-length policy finds.
 
 /// Batch-size buckets: 1, 2, 3–4, 5–8, …, 65 and more.
 const BUCKETS: usize = 8;
@@ -11,8 +13,10 @@ const BUCKETS: usize = 8;
 const FORGET: f64 = 0.9;
 /// Steps measured (decayed) before a rate is trusted.
 const MIN_WEIGHT: f64 = 3.0;
-/// While drafting loses at a batch size, one step in this many drafts anyway.
-const RECHECK_EVERY: u32 = 32;
+/// While drafting loses at a batch size, the steps held plain before it is tried again: the
+/// first time, and at most.
+const FIRST_RECHECK: u32 = 32;
+const LAST_RECHECK: u32 = 1024;
 
 /// Decayed totals of tokens delivered and the seconds they took.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -40,6 +44,8 @@ pub struct SpecGuard {
     drafting: [Delivery; BUCKETS],
     /// Steps held plain since drafting last ran, per bucket.
     held: [u32; BUCKETS],
+    /// The steps to hold plain before the next recheck, per bucket (0: `FIRST_RECHECK`).
+    next_recheck: [u32; BUCKETS],
 }
 
 fn bucket(rows: usize) -> usize {
@@ -56,16 +62,24 @@ impl SpecGuard {
     }
 
     /// Whether a step of `rows` rows may carry drafts: yes unless drafting has delivered
-    /// fewer tokens per second than plain steps at this batch size, and then once in
-    /// `RECHECK_EVERY` steps.
+    /// fewer tokens per second than plain steps at this batch size, and then only to recheck.
     pub fn allows(&mut self, rows: usize) -> bool {
         let b = bucket(rows);
         let losing = matches!(
             (self.drafting[b].per_second(), self.plain[b].per_second()),
             (Some(drafting), Some(plain)) if drafting < plain
         );
-        self.held[b] = if losing { (self.held[b] + 1) % RECHECK_EVERY } else { 0 };
-        self.held[b] == 0
+        if !losing {
+            (self.held[b], self.next_recheck[b]) = (0, 0);
+            return true;
+        }
+        let wait = self.next_recheck[b].max(FIRST_RECHECK);
+        self.held[b] += 1;
+        if self.held[b] < wait {
+            return false;
+        }
+        (self.held[b], self.next_recheck[b]) = (0, (2 * wait).min(LAST_RECHECK));
+        true
     }
 }
 
@@ -85,8 +99,10 @@ mod tests {
     #[test]
     fn drafting_that_delivers_less_runs_only_to_recheck() {
         let mut g = measured(8, 850.0, 540.0);
-        let allowed = (0..3 * RECHECK_EVERY).filter(|_| g.allows(8)).count();
-        assert_eq!(allowed, 3);
+        let rechecks: Vec<u32> = (1..=20 * FIRST_RECHECK).filter(|_| g.allows(8)).collect();
+        let first = FIRST_RECHECK;
+        // Each recheck that still loses doubles the wait for the next.
+        assert_eq!(rechecks, [first, 3 * first, 7 * first, 15 * first]);
         // Other batch sizes keep their own record.
         assert!((0..5).all(|_| g.allows(1)));
     }
