@@ -22,7 +22,7 @@ use super::streamer::Streamer;
 use super::{Health, Running};
 use crate::core::kv_manager::KvStats;
 use crate::core::lengths::Lengths;
-use crate::core::scheduler::{Fit, QueueFull, RowOutcome, Scheduler};
+use crate::core::scheduler::{Fit, QueueFull, RowOutcome, Scheduler, StepTiming};
 use crate::model::Tokenizer;
 use crate::request::{RequestError, RequestId};
 
@@ -215,10 +215,14 @@ impl Intake {
         match done.result {
             Ok(outcomes) => {
                 if done.decode_only {
-                    self.sched.record_timing(done.tokens, done.seconds, done.drafted, done.draft_seconds);
-                    let delivered = outcomes.iter().map(|o| o.new_tokens.len()).sum();
-                    let seconds = done.seconds + done.draft_seconds;
-                    self.sched.record_delivery(outcomes.len(), done.drafted > 0, delivered, seconds);
+                    self.sched.record_step(StepTiming {
+                        tokens: done.tokens,
+                        seconds: done.seconds,
+                        drafted: done.drafted,
+                        draft_seconds: done.draft_seconds,
+                        rows: outcomes.len(),
+                        delivered: outcomes.iter().map(|o| o.new_tokens.len()).sum(),
+                    });
                 }
                 self.sched.update(&outcomes);
                 let said = outcomes.into_iter().filter(|o| !o.new_tokens.is_empty() || o.finish.is_some());

@@ -32,6 +32,20 @@ use crate::core::step_cost::StepCost;
 use crate::request::{FinishReason, RequestId};
 
 /// What the model side needs to know about a request (sampling, when to stop).
+/// What a decoding step took and gave (`Scheduler::record_step`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTiming {
+    /// Query tokens in the forward, and its seconds.
+    pub tokens: usize,
+    pub seconds: f64,
+    /// Draft tokens the step carried, and the seconds of drafting it waited for.
+    pub drafted: usize,
+    pub draft_seconds: f64,
+    /// Rows, and the new tokens they got.
+    pub rows: usize,
+    pub delivered: usize,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqParams {
     pub sampling: SamplingParams,
@@ -403,17 +417,15 @@ impl Scheduler {
         StepPlan { step: self.step, rows, finished: std::mem::take(&mut self.finished), draft_seconds: 0.0 }
     }
 
-    /// A step's forward over `tokens` query tokens took `seconds`, after `draft_seconds`
-    /// of drafting `drafted` tokens.
-    pub fn record_timing(&mut self, tokens: usize, seconds: f64, drafted: usize, draft_seconds: f64) {
-        self.cost.record_step(tokens, seconds);
-        self.cost.record_draft(drafted, draft_seconds);
-    }
-
-    /// A decoding step of `rows` rows delivered `tokens` new tokens in `seconds` (its forward
-    /// and the drafting it waited for); `drafted`: whether it carried drafts.
-    pub fn record_delivery(&mut self, rows: usize, drafted: bool, tokens: usize, seconds: f64) {
-        self.guard.record(rows, drafted, tokens, seconds);
+    /// A decoding step's forward over `tokens` query tokens took `seconds`, after
+    /// `draft_seconds` of drafting `drafted` tokens, and delivered `delivered` new tokens
+    /// over `rows` rows. A warm-up step (the first of its size: a GPU captures its graph)
+    /// or a stall says nothing about what drafting delivers, and is left out of that too.
+    pub fn record_step(&mut self, s: StepTiming) {
+        self.cost.record_draft(s.drafted, s.draft_seconds);
+        if self.cost.record_step(s.tokens, s.seconds) {
+            self.guard.record(s.rows, s.drafted > 0, s.delivered, s.seconds + s.draft_seconds);
+        }
     }
 
     /// Applies a step's results; returns the requests that finished.

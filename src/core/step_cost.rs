@@ -73,16 +73,17 @@ impl Default for StepCost {
 
 impl StepCost {
     /// A forward step over `tokens` query tokens took `seconds`. The first step of each
-    /// size, and a step far slower than predicted (a stall), are left out.
-    pub fn record_step(&mut self, tokens: usize, seconds: f64) {
+    /// size, and a step far slower than predicted (a stall), are left out; returns whether
+    /// this one counted.
+    pub fn record_step(&mut self, tokens: usize, seconds: f64) -> bool {
         let bit = 1 << tokens.min(SeenSizes::BITS as usize - 1);
         if self.seen & bit == 0 {
             self.seen |= bit;
-            return;
+            return false;
         }
         let (n, t) = (tokens as f64, seconds);
         if self.step_seconds(tokens).is_some_and(|predicted| t > 4.0 * predicted + 1e-3) {
-            return;
+            return false;
         }
         let size = &mut self.sizes[bucket(tokens)];
         size.weight = SIZE_FORGET * size.weight + 1.0;
@@ -92,6 +93,7 @@ impl StepCost {
         self.sum_t = FORGET * self.sum_t + t;
         self.sum_nn = FORGET * self.sum_nn + n * n;
         self.sum_nt = FORGET * self.sum_nt + n * t;
+        true
     }
 
     /// Drafting `tokens` tokens took `seconds` (of time the target waited for).
@@ -195,7 +197,9 @@ mod tests {
         warming.record_step(11, 0.5);
         assert_eq!(warming.fit(), measured(6.4e-3, 1.2e-3, 0.0).fit(), "the first 11-token step is a warm-up");
         let mut same_size = StepCost::default();
-        (0..10).for_each(|_| same_size.record_step(1, 0.01));
+        for _ in 0..10 {
+            same_size.record_step(1, 0.01);
+        }
         assert_eq!(same_size.fit(), None, "one step size cannot separate the two costs");
     }
 

@@ -109,6 +109,26 @@ fn cfg(max_batch: usize, step_tokens: usize) -> SchedulerConfig {
 }
 
 #[test]
+fn warm_up_steps_do_not_count_in_what_drafting_delivers() {
+    let mut s = Scheduler::new(SchedulerConfig { max_draft: 8, ..cfg(8, 512) });
+    let step = |tokens, seconds, drafted, delivered| StepTiming {
+        tokens,
+        seconds,
+        drafted,
+        draft_seconds: 0.0,
+        rows: 8,
+        delivered,
+    };
+    // The first plain step of 8 rows captures a graph: a hundred times slower than the rest.
+    s.record_step(step(8, 1.0, 0, 8));
+    for _ in 0..5 {
+        s.record_step(step(8, 0.0095, 0, 8));
+        s.record_step(step(72, 0.030, 64, 20));
+    }
+    assert!(!s.guard.allows(8), "plain steps deliver 842 tok/s, drafting ones 667");
+}
+
+#[test]
 fn prefill_is_chunked_under_the_token_budget() {
     let mut s = Sim::new(cfg(4, 4), 16);
     s.add(6, (0..10).collect(), 1); // id 6: max_tokens 7 by the sim's rule
