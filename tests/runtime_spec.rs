@@ -246,20 +246,21 @@ impl Executor for SlowNoop {
 /// Proposes `last + 1, last + 2, ...` (what the no-op target says), except that every
 /// `wrong_every`-th proposal is off by one; each call takes a while.
 struct Counting {
-    calls: usize,
     wrong_every: usize,
 }
 
 impl Proposer for Counting {
     fn propose(&mut self, _: SeqId, history: &[u32], k: usize, _: &SamplingParams) -> Result<Draft, BackendError> {
         std::thread::sleep(Duration::from_millis(2));
-        self.calls += 1;
         let last = *history.last().unwrap();
-        let mut tokens: Vec<u32> = (1..=k as u32).map(|i| (last + i) % VOCAB as u32).collect();
-        if self.calls.is_multiple_of(self.wrong_every) {
-            tokens[k / 2] = (tokens[k / 2] + 1) % VOCAB as u32;
-        }
-        Ok(Draft { tokens, probs: None })
+        // Wrong at every `wrong_every`-th sequence position, however the drafting is split
+        // into calls.
+        let token = |i: usize| {
+            let right = (last as usize + i) % VOCAB;
+            let wrong = (history.len() + i - 1).is_multiple_of(self.wrong_every);
+            (if wrong { right + 1 } else { right } % VOCAB) as u32
+        };
+        Ok(Draft { tokens: (1..=k).map(token).collect(), probs: None })
     }
 }
 
@@ -269,7 +270,7 @@ fn drafting_overlaps_verification_and_rejections_change_nothing() {
     for wrong_every in [1_000_000, 3] {
         let timeline = Arc::new(Timeline::default());
         let spec = Speculation {
-            proposer: Box::new(Counting { calls: 0, wrong_every }),
+            proposer: Box::new(Counting { wrong_every }),
             max_draft: 4,
             synthetic_acceptance: None,
             lengths: Default::default(),

@@ -196,14 +196,21 @@ struct Seq {
 
 /// Draft positions to reserve for a running row: only when it is decoding (its last token
 /// is its only uncomputed one), never past its length limit (`SeqLimits::draft_room`).
-fn draft_len(seq: &mut Seq, max_draft: usize, lengths: DraftLengths, batch: usize, cost: &StepCost) -> usize {
+fn draft_len(
+    seq: &mut Seq,
+    max_draft: usize,
+    lengths: DraftLengths,
+    batch: usize,
+    cost: &StepCost,
+    step: u64,
+) -> usize {
     let limits = seq.params.limits;
     let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > limits.prompt_len;
     if max_draft == 0 || !decoding {
         return 0;
     }
     let wanted = match lengths {
-        DraftLengths::Adaptive => seq.acceptance.draft_len(max_draft, batch, cost),
+        DraftLengths::Adaptive => seq.acceptance.draft_len(max_draft, batch, cost, step),
         DraftLengths::Fixed => max_draft,
     };
     wanted.min(limits.draft_room(seq.tokens.len()))
@@ -349,7 +356,7 @@ impl Scheduler {
             }
             // A row left without budget still asks (for nothing): it holds blocks, so it
             // stays a preemption candidate for the rows before it.
-            let drafts = draft_len(seq, max_draft, self.cfg.lengths, batch, &self.cost);
+            let drafts = draft_len(seq, max_draft, self.cfg.lengths, batch, &self.cost, self.step);
             let n = row_tokens(seq.tokens.len() - seq.computed, drafts, budget);
             budget -= n;
             asks.push(Ask { id, computed: seq.computed, new_tokens: n, lookup: None, running: true });

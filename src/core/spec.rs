@@ -146,8 +146,8 @@ impl AcceptanceTracker {
     /// not pay, but one token every `PROBE_EVERY` steps to keep measuring, and a neighbour
     /// of the best every `EXPLORE_EVERY` choices); before that, draft position i is
     /// accepted with probability about rateⁱ, so drafting stops where that falls below 10%,
-    /// and every other step is a plain one.
-    pub fn draft_len(&mut self, max: usize, batch: usize, cost: &StepCost) -> usize {
+    /// and every odd `step` (the batch's step number) is a plain one.
+    pub fn draft_len(&mut self, max: usize, batch: usize, cost: &StepCost, step: u64) -> usize {
         let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
         let cap = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1).min(max);
         if cap == 0 {
@@ -155,7 +155,7 @@ impl AcceptanceTracker {
         }
         match cost.best_draft_len(self.rate(), cap, batch) {
             Some(k) => self.known_cost_len(k, cap),
-            None => self.unknown_cost_len(max, cap),
+            None => self.unknown_cost_len(max, cap, step),
         }
     }
 
@@ -178,18 +178,17 @@ impl AcceptanceTracker {
         }
     }
 
-    /// Costs unknown: draft as far as acceptance suggests on every other step (the first
-    /// included), and not at all on the others, so that both plain steps and verifications
-    /// get measured.
-    fn unknown_cost_len(&mut self, max: usize, cap: usize) -> usize {
+    /// Costs unknown: draft as far as acceptance suggests on even steps and not at all on
+    /// odd ones, the same for every row of a batch (rows that joined at different times
+    /// would otherwise take turns, and no step of the whole batch would ever run plain), so
+    /// that both plain steps and verifications get measured.
+    fn unknown_cost_len(&self, max: usize, cap: usize, step: u64) -> usize {
+        if step % 2 == 1 {
+            return 0;
+        }
         let rate = self.rate();
         let by_acceptance = if rate >= 0.99 { max } else { (0.1f64.ln() / rate.max(0.01).ln()).ceil() as usize };
-        self.flip = !self.flip;
-        if self.flip {
-            by_acceptance.clamp(1, cap)
-        } else {
-            0
-        }
+        by_acceptance.clamp(1, cap)
     }
 }
 
@@ -246,7 +245,8 @@ mod tests {
     fn draft_length_follows_acceptance_and_batch() {
         // Costs unknown: by acceptance, every other step plain (to measure costs).
         let unknown = StepCost::default();
-        let two = |t: &mut AcceptanceTracker, batch| [t.draft_len(8, batch, &unknown), t.draft_len(8, batch, &unknown)];
+        let two =
+            |t: &mut AcceptanceTracker, batch| [t.draft_len(8, batch, &unknown, 0), t.draft_len(8, batch, &unknown, 1)];
         let mut t = AcceptanceTracker::default();
         assert_eq!(two(&mut t, 1), [7, 0]); // 0.7⁷ ≈ 0.08
         for _ in 0..20 {
@@ -267,7 +267,7 @@ mod tests {
         for n in [1, 2, 5, 9, 1, 3].repeat(5) {
             dear.record_step(n, 0.01 * n as f64);
         }
-        let lens: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| t.draft_len(8, 1, &dear)).collect();
+        let lens: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| t.draft_len(8, 1, &dear, 0)).collect();
         assert_eq!(lens.iter().filter(|&&k| k == 1).count(), 2, "{lens:?}");
         assert_eq!(lens.iter().filter(|&&k| k == 0).count(), 2 * PROBE_EVERY as usize - 2);
     }
@@ -281,7 +281,7 @@ mod tests {
         }
         let best = cost.best_draft_len(0.8, 10, 1).unwrap();
         let mut t = AcceptanceTracker { accepted: 8.0, trials: 10.0, ..AcceptanceTracker::default() };
-        let lens: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| t.draft_len(10, 1, &cost)).collect();
+        let lens: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| t.draft_len(10, 1, &cost, 0)).collect();
         let count = |k| lens.iter().filter(|&&l| l == k).count();
         assert_eq!((count(best), count(best + 1), count(best - 1)), (lens.len() - 2, 1, 1), "{lens:?}");
     }
