@@ -19,7 +19,7 @@
 // of every layer. Lane l holds dimensions l*PL..l*PL+PL-1 of a head, so the partner of each
 // (dimension i pairs with i + HD/2, the Hugging Face layout) sits in lane l ^ 16.
 //
-// With an attention window (the attn_split_win_* kernels), a token at `pos` reads only
+// With an attention window (the *_win_* kernels), a token at `pos` reads only
 // positions p with p < sinks or pos - p < window; the others are neither loaded (their blocks may be back
 // in the pool: the table holds NO_BLOCK there) nor scored. A split left with nothing keeps
 // its max at -inf, which the merges weigh as 0; the token's own split always has itself.
@@ -62,12 +62,9 @@ __device__ __forceinline__ void load_bf16(const __nv_bfloat16* p, float* out) {
     for (int i = 0; i < PL; i++) out[i] = bf16_to_f32(p[i]);
 }
 
-// The exact value of an E4M3 code (0x7f and 0xff are NaN), as src/tensor/quant/e4m3.rs.
-__device__ __forceinline__ float e4m3_value(uint32_t c) {
-    const uint32_t e = (c >> 3) & 15u, m = c & 7u;
-    float mag = e == 0 ? (float)m * (1.f / 512.f) : __uint_as_float(((e + 120u) << 23) | (m << 20));
-    if (e == 15u && m == 7u) mag = __int_as_float(0x7fc00000);
-    return (c & 0x80u) ? -mag : mag;
+// 2^e exactly, for e in [-127, 127] (2^-127 is subnormal), without ldexpf's range handling.
+__device__ __forceinline__ float exp2_int(int e) {
+    return e >= -126 ? __int_as_float((e + 127) << 23) : __int_as_float(0x00400000);
 }
 
 // The smallest e with amax <= 448 * 2^e (448 = 0.875 * 2^9), at least -127; 0 for an
@@ -90,7 +87,8 @@ __device__ __forceinline__ int head_scale_exp(const float* v) {
 }
 
 __device__ __forceinline__ uint32_t e4m3_code(float x, int e) {
-    return (uint32_t)__nv_cvt_float_to_fp8(ldexpf(x, -e), __NV_SATFINITE, __NV_E4M3);
+    // x / 2^e is exact (a subnormal result would round, but to a code of 0 all the same).
+    return (uint32_t)__nv_cvt_float_to_fp8(__fmul_rn(x, exp2_int(-e)), __NV_SATFINITE, __NV_E4M3);
 }
 
 // Stores one head (the warp's PL values per lane) at element `at` of the cache; with FP8,
@@ -131,18 +129,22 @@ struct KvPos {
         load_bf16<PL>((const __nv_bfloat16*)kc + at, k);
         load_bf16<PL>((const __nv_bfloat16*)vc + at, v);
     }
-    __device__ __forceinline__ void get(float* kf, float* vf) const {
+    // The values, and the scales the key's dot product and the value's weight take (1).
+    __device__ __forceinline__ void get(float* kf, float* vf, float& ks, float& vs) const {
 #pragma unroll
         for (int i = 0; i < PL; i++) {
             kf[i] = k[i];
             vf[i] = v[i];
         }
+        ks = vs = 1.f;
     }
 };
 
-// FP8: the PL codes packed in a word and the scale exponent, dequantized at use (as the
-// CPU does: code value times 2^e, in f32), so that the same registers keep twice the
-// positions' loads in flight.
+// FP8: the PL codes packed in a word and the scale exponent, decoded at use (two codes per
+// instruction, exactly: every E4M3 value is an f16), so that the same registers keep twice
+// the positions' loads in flight. The scale 2^e is applied to the key's dot product and to
+// the value's softmax weight rather than to each value: multiplying by a power of two is
+// exact, so this is the CPU's code value times 2^e, with one multiply instead of PL.
 template <int PL>
 struct KvPos<PL, true> {
     static_assert(PL == 2 || PL == 4, "FP8 heads of 64 or 128 dimensions");
@@ -175,13 +177,20 @@ struct KvPos<PL, true> {
         ke = kx[scale_at];
         ve = vx[scale_at];
     }
-    __device__ __forceinline__ void get(float* kf, float* vf) const {
-        const float ks = ldexpf(1.f, ke), vs = ldexpf(1.f, ve);
+    __device__ __forceinline__ static void decode(uint32_t w, float* out) {
 #pragma unroll
-        for (int i = 0; i < PL; i++) {
-            kf[i] = __fmul_rn(e4m3_value((k >> (8 * i)) & 0xffu), ks);
-            vf[i] = __fmul_rn(e4m3_value((v >> (8 * i)) & 0xffu), vs);
+        for (int i = 0; i < PL; i += 2) {
+            const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> (8 * i)), __NV_E4M3);
+            const float2 f = __half22float2(__half2(h));  // .x from the lower byte
+            out[i] = f.x;
+            out[i + 1] = f.y;
         }
+    }
+    __device__ __forceinline__ void get(float* kf, float* vf, float& ks, float& vs) const {
+        decode(k, kf);
+        decode(v, vf);
+        ks = exp2_int(ke);
+        vs = exp2_int(ve);
     }
 };
 
@@ -234,6 +243,8 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     const int kv_dim = kv_heads * HD;
     const uint32_t* table = block_tables + (size_t)token_row[t] * max_blocks;
     const float scale = 1.0f / sqrtf((float)HD);
+    // Block sizes are powers of two in practice: a shift rather than a division per position.
+    const int bs_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
     // Positions from first_pos on are this step's: token first_tok + (p - first_pos).
     const int first_tok = row_first[t], first_pos = positions[first_tok];
     float cs[PL], sn[PL];  // token t's rotation
@@ -290,7 +301,8 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
                 }
                 kv[u].set(kf, vf);
             } else if (read) {
-                const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
+                const int blk = bs_shift >= 0 ? p >> bs_shift : p / block_size;
+                const size_t slot = (size_t)table[blk] * block_size + (p - blk * block_size);
                 kv[u].load(k_cache, v_cache, k_exps, v_exps, slot * kv_dim + kvh * HD + lane * PL,
                            slot * kv_heads + kvh);
             }
@@ -300,20 +312,20 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
             const int p = p0 + u * ATTN_WARPS;
             if (p >= end) break;
             if (WINDOWED && p >= sinks && pos - p >= window) continue;  // left out by the window
-            float kf[PL], vf[PL];
-            kv[u].get(kf, vf);
+            float kf[PL], vf[PL], ks, vs;
+            kv[u].get(kf, vf, ks, vs);
 #pragma unroll
             for (int j = 0; j < MAX_GROUP; j++) {
                 if (j < g) {
                     float d = 0.f;
 #pragma unroll
                     for (int i = 0; i < PL; i++) d = fmaf(qr[j][i], kf[i], d);
-                    const float s = warp_sum(d) * scale;
+                    const float s = warp_sum(d) * ks * scale;
                     const float mn = fmaxf(m[j], s);
-                    const float corr = expf(m[j] - mn), e = expf(s - mn);
+                    const float corr = expf(m[j] - mn), e = expf(s - mn), ev = e * vs;
                     l[j] = l[j] * corr + e;
 #pragma unroll
-                    for (int i = 0; i < PL; i++) acc[j][i] = fmaf(e, vf[i], acc[j][i] * corr);
+                    for (int i = 0; i < PL; i++) acc[j][i] = fmaf(ev, vf[i], acc[j][i] * corr);
                     m[j] = mn;
                 }
             }
