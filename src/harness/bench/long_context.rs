@@ -39,31 +39,7 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<LongContextReport
     let bandwidth = copy_bandwidth(&gpu, out)?;
     let mut rows = vec![];
     for &dtype in &opts.kv_cache_dtypes {
-        let most = opts.context.iter().max().copied().unwrap_or(0) + WARM_UP + opts.decode_tokens + 1;
-        let options = KvOptions { dtype, window: None };
-        let mut kv = KvCache::with_options(&gpu, &model.config, most.div_ceil(BLOCK), BLOCK, options)?;
-        let per_token = KvCache::<CudaBackend>::bytes_per_token(&model.config, kv.storage) as f64;
-        for &context in &opts.context {
-            let tok_s = decode_at(&gpu, &model, &mut kv, context, opts.decode_tokens)?;
-            // The timed steps attend to context + WARM_UP .. + decode_tokens positions.
-            let kv_bytes = per_token * (context + WARM_UP + opts.decode_tokens / 2) as f64;
-            let ceiling_tok_s = bandwidth / (weights + kv_bytes);
-            let row = ContextRow {
-                ceiling_tok_s,
-                context,
-                kv_bytes,
-                kv_dtype: kv.storage.name(),
-                tok_s,
-                weight_bytes: weights,
-            };
-            writeln!(
-                out,
-                "{} KV, context {context}: {tok_s:.1} tok/s, {:.1}% of the ceiling",
-                row.kv_dtype,
-                100.0 * row.fraction()
-            )?;
-            rows.push(row);
-        }
+        rows.extend(decode_rows(&Setup { gpu: &gpu, model: &model, weights, bandwidth }, dtype, opts, out)?);
     }
     Ok(LongContextReport {
         copy_bandwidth_bytes_per_s: bandwidth,
@@ -74,6 +50,35 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<LongContextReport
         rows,
         weight_dtype: dtype_label(opts.dtype),
     })
+}
+
+/// The loaded model on the GPU, its weight bytes and the copy bandwidth.
+struct Setup<'a> {
+    gpu: &'a CudaBackend,
+    model: &'a Llama<CudaBackend>,
+    weights: f64,
+    bandwidth: f64,
+}
+
+/// Decode at each `--context` over one cache of `dtype`, long enough for the longest.
+fn decode_rows(s: &Setup, dtype: KvDtype, opts: &BenchOptions, out: &mut dyn Write) -> Result<Vec<ContextRow>> {
+    let most = opts.context.iter().max().copied().unwrap_or(0) + WARM_UP + opts.decode_tokens + 1;
+    let options = KvOptions { dtype, window: None };
+    let mut kv = KvCache::with_options(s.gpu, &s.model.config, most.div_ceil(BLOCK), BLOCK, options)?;
+    let per_token = KvCache::<CudaBackend>::bytes_per_token(&s.model.config, kv.storage) as f64;
+    let mut rows = vec![];
+    for &context in &opts.context {
+        let tok_s = decode_at(s.gpu, s.model, &mut kv, context, opts.decode_tokens)?;
+        // The timed steps attend to context + WARM_UP .. + decode_tokens positions.
+        let kv_bytes = per_token * (context + WARM_UP + opts.decode_tokens / 2) as f64;
+        let ceiling_tok_s = s.bandwidth / (s.weights + kv_bytes);
+        let kv_dtype = kv.storage.name();
+        let row = ContextRow { ceiling_tok_s, context, kv_bytes, kv_dtype, tok_s, weight_bytes: s.weights };
+        let percent = 100.0 * row.fraction();
+        writeln!(out, "{kv_dtype} KV, context {context}: {tok_s:.1} tok/s, {percent:.1}% of the ceiling")?;
+        rows.push(row);
+    }
+    Ok(rows)
 }
 
 /// The pool `Runtime::builder().build` would size for this model with `dtype` (default
