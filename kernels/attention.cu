@@ -3,16 +3,23 @@
 // positions 0..=position, read through the row's block table.
 //
 // The step's own keys and values are written to the cache by the same kernel: positions
-// the step adds are read from the k and v inputs (rounded to bf16 exactly as the cache
-// stores them), so no block reads a cache entry that another block is writing, and one
-// launch per layer is saved.
+// the step adds are read from the k and v inputs (rounded exactly as the cache stores
+// them), so no block reads a cache entry that another block is writing, and one launch per
+// layer is saved.
+//
+// The cache holds bf16, or (the attn_split_fp8_* kernels) FP8 E4M3 codes with one scale
+// per token and KV head, 2^e with e in a signed byte: the smallest power of two that brings
+// the head's largest magnitude under 448 (src/tensor/kv.rs says why). The quantization is
+// the CPU's (src/backend/cpu/kv.rs) bit for bit: the exponent comes from frexpf, exact;
+// dividing by a power of two is exact; the conversion rounds to nearest even and saturates
+// as the CPU's encoder does. Half the bytes per position: long contexts read half as much.
 //
 // RoPE can happen here too (inv_freq non-null): q and the step's keys arrive unrotated and
 // are rotated as they are loaded (before the keys are stored), which saves the rope launch
 // of every layer. Lane l holds dimensions l*PL..l*PL+PL-1 of a head, so the partner of each
 // (dimension i pairs with i + HD/2, the Hugging Face layout) sits in lane l ^ 16.
 //
-// With an attention window (the attn_split_win_* kernels), a token at `pos` reads only
+// With an attention window (the *_win_* kernels), a token at `pos` reads only
 // positions p with p < sinks or pos - p < window; the others are neither loaded (their blocks may be back
 // in the pool: the table holds NO_BLOCK there) nor scored. A split left with nothing keeps
 // its max at -inf, which the merges weigh as 0; the token's own split always has itself.
@@ -24,18 +31,27 @@
 // size is fixed, so a token's arithmetic depends only on its own position: results are
 // the same whatever else is in the batch (decode and verification agree bit for bit).
 #include "common.cuh"
+#include <cuda_fp8.h>
 
 #define ATTN_WARPS 4
 #define ATTN_UNROLL 4
 #define MAX_GROUP 8
-#define MAX_SPLITS 64  // as batch::MAX_SPLITS
+#define SHORT_SPLITS 64  // as batch::SHORT_SPLITS
+#define LONG_SPLIT 256   // as batch::LONG_SPLIT
+#define MAX_SPLITS 256   // as batch::MAX_SPLITS
 
 // Positions per split for a token at `pos`: `min_split`, doubled until the token needs at
-// most MAX_SPLITS splits. Short splits keep many blocks in flight at short contexts (where
-// a step's attention is latency-bound); the cap keeps the merge short at long ones. It
-// depends on the token's own position only, so decode and verification still agree bitwise.
+// most SHORT_SPLITS splits or the split reaches LONG_SPLIT positions, then doubled again
+// only past MAX_SPLITS splits. Short splits keep many blocks in flight at short contexts
+// (where a step's attention is latency-bound); past 16k positions the splits grow in number
+// instead, so that a batch-1 decode step still has enough blocks to keep the memory busy
+// (64 splits of one KV head's 8 groups are fewer blocks than an H100 holds at once, and
+// every block of a long split waits on its loads in turn); the cap bounds the merge and
+// the partial sums. It depends on the token's own position only, so decode and
+// verification still agree bitwise.
 __device__ __forceinline__ int split_len(int pos, int min_split) {
     int len = min_split;
+    while (pos + 1 > len * SHORT_SPLITS && len < LONG_SPLIT) len *= 2;
     while (pos + 1 > len * MAX_SPLITS) len *= 2;
     return len;
 }
@@ -46,12 +62,137 @@ __device__ __forceinline__ void load_bf16(const __nv_bfloat16* p, float* out) {
     for (int i = 0; i < PL; i++) out[i] = bf16_to_f32(p[i]);
 }
 
-// What the cache would hold for these f32 values.
-template <int PL>
-__device__ __forceinline__ void load_rounded(const float* p, float* out) {
-#pragma unroll
-    for (int i = 0; i < PL; i++) out[i] = bf16_to_f32(__float2bfloat16_rn(p[i]));
+// 2^e exactly, for e in [-127, 127] (2^-127 is subnormal), without ldexpf's range handling.
+__device__ __forceinline__ float exp2_int(int e) {
+    return e >= -126 ? __int_as_float((e + 127) << 23) : __int_as_float(0x00400000);
 }
+
+// The smallest e with amax <= 448 * 2^e (448 = 0.875 * 2^9), at least -127; 0 for an
+// all-zero or non-finite head: `quantize_head` in src/backend/cpu/kv.rs.
+__device__ __forceinline__ int kv_scale_exp(float amax) {
+    if (!(amax > 0.f && amax <= 3.4028234663852886e38f)) return 0;  // zero, NaN or infinite
+    int ex;
+    const float mant = frexpf(amax, &ex);  // amax = mant * 2^ex, mant in [0.5, 1)
+    return max(-127, min(127, ex - 9 + (mant > 0.875f ? 1 : 0)));
+}
+
+// The scale exponent of one head whose values the warp holds (PL per lane); every lane of
+// the warp must take part.
+template <int PL>
+__device__ __forceinline__ int head_scale_exp(const float* v) {
+    float amax = 0.f;
+#pragma unroll
+    for (int i = 0; i < PL; i++) amax = fmaxf(amax, fabsf(v[i]));
+    return kv_scale_exp(warp_max(amax));
+}
+
+__device__ __forceinline__ uint32_t e4m3_code(float x, int e) {
+    // x / 2^e is exact (a subnormal result would round, but to a code of 0 all the same).
+    return (uint32_t)__nv_cvt_float_to_fp8(__fmul_rn(x, exp2_int(-e)), __NV_SATFINITE, __NV_E4M3);
+}
+
+// Stores one head (the warp's PL values per lane) at element `at` of the cache; with FP8,
+// lane 0 stores the scale exponent at `scale_at`. Every lane of the warp must take part.
+template <int PL, bool FP8>
+__device__ __forceinline__ void store_head(void* cache, signed char* exps, size_t at, size_t scale_at,
+                                           const float* v, int lane) {
+    if constexpr (FP8) {
+        const int e = head_scale_exp<PL>(v);
+        uint8_t* dst = (uint8_t*)cache + at;
+#pragma unroll
+        for (int i = 0; i < PL; i++) dst[i] = (uint8_t)e4m3_code(v[i], e);
+        if (lane == 0) exps[scale_at] = (signed char)e;
+    } else {
+        __nv_bfloat16* dst = (__nv_bfloat16*)cache + at;
+#pragma unroll
+        for (int i = 0; i < PL; i++) dst[i] = __float2bfloat16_rn(v[i]);
+    }
+}
+
+// One position's key and value as a lane holds them between their load and their use:
+// f32 values for a bf16 cache.
+template <int PL, bool FP8>
+struct KvPos {
+    float k[PL], v[PL];
+    // The step's own key and value: what the cache will hold for them. Every lane of the
+    // warp must take part (as for FP8 below).
+    __device__ __forceinline__ void set(const float* kf, const float* vf) {
+#pragma unroll
+        for (int i = 0; i < PL; i++) {
+            k[i] = bf16_to_f32(__float2bfloat16_rn(kf[i]));
+            v[i] = bf16_to_f32(__float2bfloat16_rn(vf[i]));
+        }
+    }
+    // Element `at` of the caches (a multiple of PL).
+    __device__ __forceinline__ void load(const void* kc, const void* vc, const signed char*, const signed char*,
+                                         size_t at, size_t) {
+        load_bf16<PL>((const __nv_bfloat16*)kc + at, k);
+        load_bf16<PL>((const __nv_bfloat16*)vc + at, v);
+    }
+    // The values, and the scales the key's dot product and the value's weight take (1).
+    __device__ __forceinline__ void get(float* kf, float* vf, float& ks, float& vs) const {
+#pragma unroll
+        for (int i = 0; i < PL; i++) {
+            kf[i] = k[i];
+            vf[i] = v[i];
+        }
+        ks = vs = 1.f;
+    }
+};
+
+// FP8: the PL codes packed in a word and the scale exponent, decoded at use (two codes per
+// instruction, exactly: every E4M3 value is an f16), so that the same registers keep twice
+// the positions' loads in flight. The scale 2^e is applied to the key's dot product and to
+// the value's softmax weight rather than to each value: multiplying by a power of two is
+// exact, so this is the CPU's code value times 2^e, with one multiply instead of PL.
+template <int PL>
+struct KvPos<PL, true> {
+    static_assert(PL == 2 || PL == 4, "FP8 heads of 64 or 128 dimensions");
+    uint32_t k, v;
+    int ke, ve;
+    __device__ __forceinline__ static uint32_t pack(const float* x, int e) {
+        uint32_t w = 0;
+#pragma unroll
+        for (int i = 0; i < PL; i++) w |= e4m3_code(x[i], e) << (8 * i);
+        return w;
+    }
+    __device__ __forceinline__ void set(const float* kf, const float* vf) {
+        ke = head_scale_exp<PL>(kf);
+        ve = head_scale_exp<PL>(vf);
+        k = pack(kf, ke);
+        v = pack(vf, ve);
+    }
+    __device__ __forceinline__ static uint32_t load_codes(const void* cache, size_t at) {
+        const uint8_t* src = (const uint8_t*)cache + at;  // `at` is a multiple of PL: aligned
+        if constexpr (PL == 4) {
+            return *(const uint32_t*)src;
+        } else {
+            return (uint32_t)(*(const unsigned short*)src);
+        }
+    }
+    __device__ __forceinline__ void load(const void* kc, const void* vc, const signed char* kx,
+                                         const signed char* vx, size_t at, size_t scale_at) {
+        k = load_codes(kc, at);
+        v = load_codes(vc, at);
+        ke = kx[scale_at];
+        ve = vx[scale_at];
+    }
+    __device__ __forceinline__ static void decode(uint32_t w, float* out) {
+#pragma unroll
+        for (int i = 0; i < PL; i += 2) {
+            const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w >> (8 * i)), __NV_E4M3);
+            const float2 f = __half22float2(__half2(h));  // .x from the lower byte
+            out[i] = f.x;
+            out[i + 1] = f.y;
+        }
+    }
+    __device__ __forceinline__ void get(float* kf, float* vf, float& ks, float& vs) const {
+        decode(k, kf);
+        decode(v, vf);
+        ks = exp2_int(ke);
+        vs = exp2_int(ve);
+    }
+};
 
 // cos and sin of this lane's dimensions at position `pos`, formed as kernels/rope.cu forms
 // them (angle reduced modulo 2*pi in f64, then an f32 sincos).
@@ -80,9 +221,12 @@ __device__ __forceinline__ void rope_rotate(float* v, const float* cs, const flo
 
 // partial: [tokens, heads, max_splits, HD + 2] holding (max score, sum of exp, unnormalised
 // output) per split. grid: (kv_heads, tokens, max_splits), block: 32 * ATTN_WARPS.
-template <int HD, bool WINDOWED>
+// k_cache, v_cache: [slots, kv_heads * HD], bf16 or E4M3; k_exps, v_exps (FP8 only):
+// [slots, kv_heads] scale exponents.
+template <int HD, bool WINDOWED, bool FP8>
 __device__ void attn_split(const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,
-                           __nv_bfloat16* __restrict__ k_cache, __nv_bfloat16* __restrict__ v_cache,
+                           void* __restrict__ k_cache, void* __restrict__ v_cache, signed char* __restrict__ k_exps,
+                           signed char* __restrict__ v_exps,
                            const uint32_t* __restrict__ positions, const uint32_t* __restrict__ slots,
                            const uint32_t* __restrict__ token_row, const uint32_t* __restrict__ row_first,
                            const uint32_t* __restrict__ block_tables, int max_blocks, int block_size, int heads,
@@ -99,21 +243,24 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     const int kv_dim = kv_heads * HD;
     const uint32_t* table = block_tables + (size_t)token_row[t] * max_blocks;
     const float scale = 1.0f / sqrtf((float)HD);
+    // Block sizes are powers of two in practice: a shift rather than a division per position.
+    const int bs_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
     // Positions from first_pos on are this step's: token first_tok + (p - first_pos).
     const int first_tok = row_first[t], first_pos = positions[first_tok];
     float cs[PL], sn[PL];  // token t's rotation
     if (inv_freq) rope_angles<PL>(positions[t], inv_freq, lane, cs, sn);
     if (split == 0 && warp == 0) {  // the one block that stores token t's key and value for this head
         const size_t src = (size_t)t * kv_dim + kvh * HD + lane * PL, dst = (size_t)slots[t] * kv_dim + kvh * HD + lane * PL;
-        float kr[PL];
-#pragma unroll
-        for (int i = 0; i < PL; i++) kr[i] = k_new[src + i];
-        if (inv_freq) rope_rotate<PL>(kr, cs, sn, lane);
+        const size_t scale_at = (size_t)slots[t] * kv_heads + kvh;
+        float kr[PL], vr[PL];
 #pragma unroll
         for (int i = 0; i < PL; i++) {
-            k_cache[dst + i] = __float2bfloat16_rn(kr[i]);
-            v_cache[dst + i] = __float2bfloat16_rn(v_new[src + i]);
+            kr[i] = k_new[src + i];
+            vr[i] = v_new[src + i];
         }
+        if (inv_freq) rope_rotate<PL>(kr, cs, sn, lane);
+        store_head<PL, FP8>(k_cache, k_exps, dst, scale_at, kr, lane);
+        store_head<PL, FP8>(v_cache, v_exps, dst, scale_at, vr, lane);
     }
 
     float qr[MAX_GROUP][PL], m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][PL];
@@ -128,53 +275,57 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
         }
         if (inv_freq && j < g) rope_rotate<PL>(qr[j], cs, sn, lane);
     }
-    // Each warp takes positions start + warp, + ATTN_WARPS, ...; ATTN_UNROLL of them are
-    // loaded before any is used, so that the loads' latency overlaps (one at a time, the
-    // loop was a chain of dependent memory round trips).
-    for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * ATTN_UNROLL) {
-        float kf[ATTN_UNROLL][PL], vf[ATTN_UNROLL][PL];
+    // Each warp takes positions start + warp, + ATTN_WARPS, ...; UNROLL of them are loaded
+    // before any is used, so that the loads' latency overlaps (one at a time, the loop was a
+    // chain of dependent memory round trips). FP8 positions take half the registers: twice
+    // as many. The order in which a warp takes its positions is the same either way.
+    constexpr int UNROLL = FP8 ? 2 * ATTN_UNROLL : ATTN_UNROLL;
+    for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * UNROLL) {
+        KvPos<PL, FP8> kv[UNROLL];
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
+        for (int u = 0; u < UNROLL; u++) {
             const int p = p0 + u * ATTN_WARPS;
             const bool read = p < end && (!WINDOWED || p < sinks || pos - p < window);  // uniform in the warp
             if (read && p >= first_pos) {
                 const size_t off = (size_t)(first_tok + p - first_pos) * kv_dim + kvh * HD + lane * PL;
+                float kf[PL], vf[PL];
+#pragma unroll
+                for (int i = 0; i < PL; i++) {
+                    kf[i] = k_new[off + i];
+                    vf[i] = v_new[off + i];
+                }
                 if (inv_freq) {
                     float pc[PL], ps[PL];
                     rope_angles<PL>(p, inv_freq, lane, pc, ps);
-#pragma unroll
-                    for (int i = 0; i < PL; i++) kf[u][i] = k_new[off + i];
-                    rope_rotate<PL>(kf[u], pc, ps, lane);
-#pragma unroll
-                    for (int i = 0; i < PL; i++) kf[u][i] = bf16_to_f32(__float2bfloat16_rn(kf[u][i]));
-                } else {
-                    load_rounded<PL>(k_new + off, kf[u]);
+                    rope_rotate<PL>(kf, pc, ps, lane);
                 }
-                load_rounded<PL>(v_new + off, vf[u]);
+                kv[u].set(kf, vf);
             } else if (read) {
-                const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-                const size_t off = slot * kv_dim + kvh * HD + lane * PL;
-                load_bf16<PL>(k_cache + off, kf[u]);
-                load_bf16<PL>(v_cache + off, vf[u]);
+                const int blk = bs_shift >= 0 ? p >> bs_shift : p / block_size;
+                const size_t slot = (size_t)table[blk] * block_size + (p - blk * block_size);
+                kv[u].load(k_cache, v_cache, k_exps, v_exps, slot * kv_dim + kvh * HD + lane * PL,
+                           slot * kv_heads + kvh);
             }
         }
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
+        for (int u = 0; u < UNROLL; u++) {
             const int p = p0 + u * ATTN_WARPS;
             if (p >= end) break;
             if (WINDOWED && p >= sinks && pos - p >= window) continue;  // left out by the window
+            float kf[PL], vf[PL], ks, vs;
+            kv[u].get(kf, vf, ks, vs);
 #pragma unroll
             for (int j = 0; j < MAX_GROUP; j++) {
                 if (j < g) {
                     float d = 0.f;
 #pragma unroll
-                    for (int i = 0; i < PL; i++) d = fmaf(qr[j][i], kf[u][i], d);
-                    const float s = warp_sum(d) * scale;
+                    for (int i = 0; i < PL; i++) d = fmaf(qr[j][i], kf[i], d);
+                    const float s = warp_sum(d) * ks * scale;
                     const float mn = fmaxf(m[j], s);
-                    const float corr = expf(m[j] - mn), e = expf(s - mn);
+                    const float corr = expf(m[j] - mn), e = expf(s - mn), ev = e * vs;
                     l[j] = l[j] * corr + e;
 #pragma unroll
-                    for (int i = 0; i < PL; i++) acc[j][i] = fmaf(e, vf[u][i], acc[j][i] * corr);
+                    for (int i = 0; i < PL; i++) acc[j][i] = fmaf(ev, vf[i], acc[j][i] * corr);
                     m[j] = mn;
                 }
             }
@@ -213,18 +364,22 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     }
 }
 
-#define ATTN_ARGS                                                                                            \
-    const float *q, const float *k, const float *v, __nv_bfloat16 *kc, __nv_bfloat16 *vc,                   \
+#define ATTN_ARGS                                                                                             \
+    const float *q, const float *k, const float *v, void *kc, void *vc, signed char *ke, signed char *ve,    \
         const uint32_t *positions, const uint32_t *slots, const uint32_t *token_row, const uint32_t *row_first, \
         const uint32_t *block_tables, int max_blocks, int block_size, int heads, int kv_heads, int max_splits,  \
         float *partial, const float *inv_freq, int min_split, int window, int sinks
-#define ATTN_PASS                                                                                                \
-    q, k, v, kc, vc, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads, kv_heads, \
-        max_splits, partial, inv_freq, min_split, window, sinks
-extern "C" __global__ void attn_split_hd64(ATTN_ARGS) { attn_split<64, false>(ATTN_PASS); }
-extern "C" __global__ void attn_split_hd128(ATTN_ARGS) { attn_split<128, false>(ATTN_PASS); }
-extern "C" __global__ void attn_split_win_hd64(ATTN_ARGS) { attn_split<64, true>(ATTN_PASS); }
-extern "C" __global__ void attn_split_win_hd128(ATTN_ARGS) { attn_split<128, true>(ATTN_PASS); }
+#define ATTN_PASS                                                                                                 \
+    q, k, v, kc, vc, ke, ve, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads, \
+        kv_heads, max_splits, partial, inv_freq, min_split, window, sinks
+extern "C" __global__ void attn_split_hd64(ATTN_ARGS) { attn_split<64, false, false>(ATTN_PASS); }
+extern "C" __global__ void attn_split_hd128(ATTN_ARGS) { attn_split<128, false, false>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd64(ATTN_ARGS) { attn_split<64, true, false>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd128(ATTN_ARGS) { attn_split<128, true, false>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_hd64(ATTN_ARGS) { attn_split<64, false, true>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_hd128(ATTN_ARGS) { attn_split<128, false, true>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_win_hd64(ATTN_ARGS) { attn_split<64, true, true>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_win_hd128(ATTN_ARGS) { attn_split<128, true, true>(ATTN_PASS); }
 
 // out[t, h * head_dim + d] from the splits that token t used. grid: (heads, tokens), block: head_dim.
 extern "C" __global__ void attn_merge(const float* __restrict__ partial, const uint32_t* __restrict__ positions,
@@ -236,8 +391,11 @@ extern "C" __global__ void attn_merge(const float* __restrict__ partial, const u
     const int splits = (positions[t] + len) / len;  // ceil((position + 1) / len)
     const float* src = partial + ((size_t)t * heads + h) * max_splits * (head_dim + 2);
     float mx = -INFINITY;
+    // Unrolled so that the loads of several splits are in flight at once (up to 256 splits).
+#pragma unroll 8
     for (int s = 0; s < splits; s++) mx = fmaxf(mx, src[s * (head_dim + 2)]);
     float sum = 0.f, acc = 0.f;
+#pragma unroll 8
     for (int s = 0; s < splits; s++) {
         const float* p = src + s * (head_dim + 2);
         const float c = expf(p[0] - mx);

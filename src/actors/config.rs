@@ -18,7 +18,8 @@ pub struct RuntimeConfig {
     pub block_size: usize,
     /// The KV pool: an exact block count (wins if set); else on a GPU what
     /// `gpu_memory_fraction` of its memory leaves free once the model is loaded, counted in
-    /// the backend's bytes per value; else (CPU) a budget of `kv_bytes`.
+    /// the storage's bytes per token (an FP8 head's scale included); else (CPU) a budget of
+    /// `kv_bytes`.
     pub kv_bytes: usize,
     pub kv_blocks: Option<usize>,
     pub gpu_memory_fraction: f64,

@@ -47,6 +47,9 @@ pub enum HarnessError {
     Request(#[from] crate::request::RequestError),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineError),
+    /// The runtime's sizing of a KV pool (the long-context benchmark asks it).
+    #[error(transparent)]
+    Runtime(#[from] crate::actors::RuntimeError),
     #[cfg(feature = "cuda")]
     #[error(transparent)]
     Driver(#[from] cudarc::driver::DriverError),

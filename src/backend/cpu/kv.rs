@@ -62,6 +62,15 @@ impl CpuKv {
         n / (self.heads * self.head_dim).max(1)
     }
 
+    /// An FP8 cache's codes `[slots, kv_dim]` and scale exponents `[slots, kv_heads]`, as
+    /// stored (None for another storage).
+    pub fn fp8_bytes(&self) -> Option<(&[u8], &[i8])> {
+        match &self.data {
+            Data::Fp8 { codes, exps } => Some((codes, exps)),
+            _ => None,
+        }
+    }
+
     /// Stores one token's keys (or values) of every KV head at `slot`.
     pub fn write(&mut self, slot: usize, row: &[f32]) {
         let kv_dim = self.heads * self.head_dim;
@@ -160,5 +169,35 @@ mod tests {
         let e = quantize_head(&[1.0, -0.5, 0.0], &mut codes);
         assert_eq!(e, -8);
         assert_eq!(codes.map(|c| e4m3::to_f32(c) * exp2(e)), [1.0, -0.5, 0.0]);
+    }
+
+    /// `kv_scale_exp` in kernels/attention.cu: from frexp's (mantissa in [0.5, 1), exponent),
+    /// `ex - 9`, plus one when the mantissa is above 0.875 (448 = 0.875 · 2^9).
+    fn kernel_scale_exp(amax: f32) -> i8 {
+        if !(amax > 0.0 && amax.is_finite()) {
+            return 0;
+        }
+        let (bits, subnormal) = (amax.to_bits(), amax < f32::MIN_POSITIVE);
+        let (mant, ex) = if subnormal {
+            let lead = 31 - bits.leading_zeros() as i32; // the value is bits · 2^-149
+            (bits as f64 / 2f64.powi(lead + 1), lead - 148)
+        } else {
+            let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f00_0000);
+            (m as f64, ((bits >> 23) & 0xff) as i32 - 126)
+        };
+        (ex - 9 + i32::from(mant > 0.875)).clamp(-127, 127) as i8
+    }
+
+    #[test]
+    fn the_kernels_exponent_formula_is_the_cpus() {
+        let edges = [448.0, 448.5, 224.0, 1.0, 1.75, 1.7500001, 3.5, 1e-40, f32::MIN_POSITIVE, 1e-45, f32::MAX];
+        let mut bits = 0x0000_0001u32;
+        let samples = edges.into_iter().chain(std::iter::from_fn(|| {
+            bits = bits.wrapping_mul(2_654_435_761).wrapping_add(12_345);
+            Some(f32::from_bits(bits & 0x7fff_ffff))
+        }));
+        for amax in samples.take(200_000).filter(|a| a.is_finite()) {
+            assert_eq!(kernel_scale_exp(amax), scale_exponent(amax as f64), "amax {amax:e}");
+        }
     }
 }

@@ -62,6 +62,14 @@ impl CpuTensor {
         }
     }
 
+    /// The KV cache this tensor is, if it is one.
+    pub fn kv(&self) -> Option<&CpuKv> {
+        match self {
+            CpuTensor::Kv(kv) => Some(kv),
+            _ => None,
+        }
+    }
+
     /// `[rows, cols]` of the tensor seen as a matrix.
     fn dims(&self) -> (usize, usize) {
         match self {

@@ -1,4 +1,5 @@
-//! Host side of kernels/attention.cu: paged attention as split and merge kernels.
+//! Host side of kernels/attention.cu: paged attention as split and merge kernels, over a
+//! bf16 or an FP8 KV cache.
 
 use super::batch::CudaBatch;
 use super::device::launch;
@@ -30,15 +31,13 @@ impl CudaBackend {
         if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
             return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
         }
-        let kern = &self.kernels;
-        let split = match (s.head_dim, s.window.is_some()) {
-            (64, false) => &kern.attn_split_hd64,
-            (128, false) => &kern.attn_split_hd128,
-            (64, true) => &kern.attn_split_win_hd64,
-            (128, true) => &kern.attn_split_win_hd128,
-            (d, _) => return Err(BackendError::Invalid(format!("attention: head_dim {d} not supported (64, 128)"))),
-        };
-        Self::expect(k_cache, DType::Bf16, "k cache")?;
+        let fp8 = k_cache.dtype == DType::Fp8;
+        let split = self.kernels.attn_split(s.head_dim, s.window.is_some(), fp8).ok_or_else(|| {
+            BackendError::Invalid(format!("attention: head_dim {} not supported (64, 128)", s.head_dim))
+        })?;
+        for cache in [&*k_cache, &*v_cache] {
+            Self::expect_kv(cache, if fp8 { DType::Fp8 } else { DType::Bf16 }, kv_dim)?;
+        }
         Self::expect(k, DType::F32, "attention k")?;
         Self::expect(v, DType::F32, "attention v")?;
         Self::expect(q, DType::F32, "attention q")?;
@@ -46,7 +45,8 @@ impl CudaBackend {
         let partial = self.alloc(vec![n, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
         // Also stores this step's keys and values in the caches (see kernels/attention.cu).
         launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
-            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), batch.positions(), batch.slots(),
+            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), k_cache.scales_ptr(), v_cache.scales_ptr(),
+            batch.positions(), batch.slots(),
             batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
             batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
             inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32,
@@ -56,5 +56,19 @@ impl CudaBackend {
             partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
             batch.min_split as i32)?;
         Ok(out)
+    }
+}
+
+impl CudaBackend {
+    /// A KV cache of `dtype` whose rows are `kv_dim` wide; an FP8 one with its exponents.
+    fn expect_kv(cache: &CudaTensor, dtype: DType, kv_dim: usize) -> Result<()> {
+        Self::expect(cache, dtype, "KV cache")?;
+        if cache.dims().1 != kv_dim || (dtype == DType::Fp8) != cache.scales.is_some() {
+            return Err(BackendError::Invalid(format!(
+                "KV cache: {:?} is not a cache of rows {kv_dim} wide",
+                cache.shape
+            )));
+        }
+        Ok(())
     }
 }

@@ -61,12 +61,20 @@ pub fn blocks_needed(meta: &BatchMeta) -> usize {
     meta.rows.iter().map(|r| r.block_table.len()).max().unwrap_or(0).max(1)
 }
 
+/// Splits per token while splits are short (below `LONG_SPLIT` positions); as SHORT_SPLITS
+/// in kernels/attention.cu.
+pub const SHORT_SPLITS: usize = 64;
+/// The split length from which long contexts get more splits rather than longer ones.
+pub const LONG_SPLIT: usize = 256;
 /// The most splits any token's attention uses; must match MAX_SPLITS in kernels/attention.cu.
-pub const MAX_SPLITS: usize = 64;
+pub const MAX_SPLITS: usize = 256;
 
 /// Positions per attention split for a token at `pos`, as `split_len` in kernels/attention.cu.
 pub fn split_len(pos: usize, min_split: usize) -> usize {
     let mut len = min_split.max(1);
+    while pos + 1 > len * SHORT_SPLITS && len < LONG_SPLIT {
+        len *= 2;
+    }
     while pos + 1 > len * MAX_SPLITS {
         len *= 2;
     }
@@ -133,6 +141,10 @@ mod tests {
         assert_eq!((split_len(1023, 16), splits_at(1023, 16)), (16, 64));
         assert_eq!((split_len(1024, 16), splits_at(1024, 16)), (32, 33));
         assert_eq!((split_len(3999, 16), splits_at(3999, 16)), (64, 63));
-        assert!((0..20_000).all(|p| splits_at(p, 8) <= MAX_SPLITS));
+        // Past 16k positions, more splits of 256 rather than longer ones, up to 256 splits.
+        assert_eq!((split_len(16_383, 16), splits_at(16_383, 16)), (256, 64));
+        assert_eq!((split_len(32_767, 16), splits_at(32_767, 16)), (256, 128));
+        assert_eq!((split_len(131_071, 16), splits_at(131_071, 16)), (512, 256));
+        assert!((0..200_000).step_by(7).all(|p| splits_at(p, 8) <= MAX_SPLITS));
     }
 }

@@ -220,6 +220,9 @@ pub struct Kernels {
     /// With an attention window (positions it leaves out are neither read nor scored).
     pub attn_split_win_hd64: CudaFunction,
     pub attn_split_win_hd128: CudaFunction,
+    /// Over an FP8 KV cache: `[hd64, hd128]`, without and with a window.
+    pub attn_split_fp8: [CudaFunction; 2],
+    pub attn_split_fp8_win: [CudaFunction; 2],
     pub attn_merge: CudaFunction,
     pub argmax_rows: CudaFunction,
     /// The architecture the cubins were built for.
@@ -284,9 +287,29 @@ impl Kernels {
             attn_split_hd128: get("attn_split_hd128")?,
             attn_split_win_hd64: get("attn_split_win_hd64")?,
             attn_split_win_hd128: get("attn_split_win_hd128")?,
+            attn_split_fp8: [get("attn_split_fp8_hd64")?, get("attn_split_fp8_hd128")?],
+            attn_split_fp8_win: [get("attn_split_fp8_win_hd64")?, get("attn_split_fp8_win_hd128")?],
             attn_merge: get("attn_merge")?,
             argmax_rows: get("argmax_rows")?,
             arch,
+        })
+    }
+}
+
+impl Kernels {
+    /// The attention split kernel for a head size, with or without a window, over a bf16
+    /// or an FP8 cache (None: a head size the kernels do not take).
+    pub fn attn_split(&self, head_dim: usize, windowed: bool, fp8: bool) -> Option<&CudaFunction> {
+        let i = match head_dim {
+            64 => 0,
+            128 => 1,
+            _ => return None,
+        };
+        Some(match (windowed, fp8) {
+            (false, false) => [&self.attn_split_hd64, &self.attn_split_hd128][i],
+            (true, false) => [&self.attn_split_win_hd64, &self.attn_split_win_hd128][i],
+            (false, true) => &self.attn_split_fp8[i],
+            (true, true) => &self.attn_split_fp8_win[i],
         })
     }
 }
@@ -308,6 +331,8 @@ mod tests {
             "swiglu_fp8_t16",
             "quantize_rows_fp8",
             "attn_merge",
+            "attn_split_fp8_hd128",
+            "attn_split_fp8_win_hd64",
             "argmax_rows",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");

@@ -1,4 +1,4 @@
-//! The CUDA backend (feature `cuda`): bf16 or FP8 weights, a bf16 KV cache, f32 residual
+//! The CUDA backend (feature `cuda`): bf16 or FP8 weights, a bf16 or FP8 KV cache, f32 residual
 //! stream, kernels from `kernels/*.cu` compiled by NVRTC at start-up, one tensor-core matmul
 //! for every step of up to 64 tokens (`matmul.rs`), cuBLAS for longer bf16 steps, CUDA
 //! graphs for decode-sized steps (see `graph.rs`).
@@ -14,6 +14,7 @@ pub mod device;
 mod fp8;
 pub mod graph;
 pub mod kernels;
+mod kv;
 pub mod matmul;
 pub mod tensor;
 
@@ -305,11 +306,12 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
-    /// bf16 only: its attention kernels read no FP8 cache yet.
+    /// bf16 by default; FP8 E4M3 with a power-of-two scale per token and KV head, as the CPU
+    /// stores it (kernels/attention.cu writes and reads both).
     fn kv_storage(&self, dtype: KvDtype) -> Result<KvStorage> {
         match dtype {
             KvDtype::Auto | KvDtype::Bf16 => Ok(KvStorage::Bf16),
-            KvDtype::Fp8 => Err(BackendError::Unsupported { backend: "cuda", feature: KvFeature::Dtype(dtype) }),
+            KvDtype::Fp8 => Ok(KvStorage::Fp8),
         }
     }
 
@@ -327,15 +329,10 @@ impl Backend for CudaBackend {
         Err(BackendError::Unsupported { backend: "cuda", feature: KvFeature::TreeAttention })
     }
 
-    /// Refuses what its attention kernels cannot read: another storage than bf16.
+    /// bf16 or FP8 (codes and scale exponents, `kv.rs`); refuses f32, which its attention
+    /// kernels do not read.
     fn kv_cache(&self, slots: usize, layout: &KvLayout) -> Result<CudaTensor> {
-        if layout.storage != KvStorage::Bf16 {
-            let feature = KvFeature::Storage(layout.storage);
-            return Err(BackendError::Unsupported { backend: "cuda", feature });
-        }
-        let out = self.alloc(vec![slots, layout.kv_dim()], DType::Bf16)?;
-        self.dev.memset_zero(out.ptr(), out.bytes())?;
-        Ok(out)
+        self.alloc_kv(slots, layout)
     }
 
     /// Refuses tree rows: the attention kernels read causal rows only.

@@ -12,7 +12,8 @@ use super::device::DeviceBuf;
 pub enum DType {
     F32,
     Bf16,
-    /// E4M3 with one f32 scale per row (`CudaTensor::scales`), in kernels/matmul.cu's layout.
+    /// E4M3: a weight with one f32 scale per row (`CudaTensor::scales`), in kernels/matmul.cu's
+    /// layout, or a KV cache with one signed-byte scale exponent per token and KV head (`kv.rs`).
     Fp8,
 }
 
@@ -32,7 +33,8 @@ pub struct CudaTensor {
     pub(crate) buf: Arc<DeviceBuf>,
     pub shape: Vec<usize>,
     pub dtype: DType,
-    /// FP8 weights: one f32 per row, the row's scale times 2^120 (see kernels/matmul.cu).
+    /// FP8 weights: one f32 per row, the row's scale times 2^120 (see kernels/matmul.cu); an
+    /// FP8 KV cache: `[slots, kv_heads]` scale exponents, one i8 each.
     pub(crate) scales: Option<Arc<DeviceBuf>>,
 }
 
@@ -41,7 +43,7 @@ impl CudaTensor {
         CudaTensor { buf: Arc::new(buf), shape, dtype, scales: None }
     }
 
-    /// FP8 weights: the E4M3 bytes and their per-row scales.
+    /// FP8 weights or KV cache: the E4M3 bytes and their scales.
     pub(crate) fn fp8(buf: DeviceBuf, scales: DeviceBuf, shape: Vec<usize>) -> Self {
         CudaTensor { scales: Some(Arc::new(scales)), ..Self::new(buf, shape, DType::Fp8) }
     }

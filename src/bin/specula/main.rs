@@ -74,7 +74,7 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         Command::Bench(BenchArgs { serve: Some(BenchServe::Serve(args)), .. }) => {
             Ok(loadgen::run(&args, &mut stdout()).map(drop)?)
         }
-        Command::Bench(BenchArgs { gpu, .. }) => Ok(bench::run(&gpu, &mut stdout()).map(drop)?),
+        Command::Bench(BenchArgs { gpu, .. }) => Ok(bench::run(&gpu, &mut stdout())?),
         Command::Serve(args) => serve::run(args),
     }
 }

@@ -8,9 +8,22 @@ use super::{dtype_label, Variant};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BatchMeta};
 use crate::harness::{model_source, Result};
-use crate::model::{load_model_with, ForwardStep, KvCache, Llama, LoadOptions, WeightDtype};
+use crate::model::{load_model_with, ForwardStep, KvCache, Llama, LoadOptions, ModelConfig, WeightDtype};
 
 pub const BLOCK: usize = 16;
+
+/// Bytes of weights one decode step reads: bf16, or with `fp8` one byte for each projection
+/// (and untied head) value; the embedding table and norms stay bf16.
+pub fn weight_bytes(c: &ModelConfig, dtype: WeightDtype) -> f64 {
+    let all = c.parameter_count() as f64;
+    match dtype {
+        WeightDtype::Auto => all * 2.0,
+        WeightDtype::Fp8 => {
+            let kept = (c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) as f64;
+            (all - kept) + kept * 2.0
+        }
+    }
+}
 
 impl Variant {
     pub fn apply(&self, gpu: &CudaBackend) {
@@ -38,18 +51,9 @@ impl<'a> Run<'a> {
         Ok(Run { gpu, model: loaded.model, kv, table: (0..blocks as u32).collect(), tokens: vec![], dtype })
     }
 
-    /// Bytes of weights one decode step reads: bf16, or with `fp8` one byte for each
-    /// projection (and untied head) value; the embedding table and norms stay bf16.
+    /// Bytes of weights one decode step reads (`weight_bytes`).
     pub fn weight_bytes(&self) -> f64 {
-        let c = &self.model.config;
-        let all = c.parameter_count() as f64;
-        match self.dtype {
-            WeightDtype::Auto => all * 2.0,
-            WeightDtype::Fp8 => {
-                let kept = (c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) as f64;
-                (all - kept) + kept * 2.0
-            }
-        }
+        weight_bytes(&self.model.config, self.dtype)
     }
 
     pub fn dtype_label(&self) -> &'static str {

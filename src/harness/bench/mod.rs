@@ -4,11 +4,16 @@
 //! denominator), batch-1 greedy decode tok/s per model (CUDA graphs on and off), the time
 //! of one verification step with k drafts relative to one decode step, and whether a draft
 //! model on its own stream overlaps the target's work (a timeline from CUDA events).
+//! With `--context`, instead: decode at long contexts per KV cache storage, and the
+//! requests the runtime's KV pool holds (`long_context.rs`).
 
 #[cfg(feature = "cuda")]
 mod decode;
 #[cfg(feature = "cuda")]
 mod kernels;
+#[cfg(feature = "cuda")]
+mod long_context;
+mod long_report;
 #[cfg(feature = "cuda")]
 mod overlap;
 mod report;
@@ -19,11 +24,13 @@ mod speculative;
 
 use std::io::Write;
 
+pub use self::long_report::{ContextRow, LongContextReport, PoolFit};
 pub use self::report::{
     BenchReport, DecodeRow, KernelRow, KernelTable, Overlap, SpecReport, SpecRow, VariantRate, VerifyRow,
 };
 use super::Result;
 use crate::model::WeightDtype;
+use crate::tensor::KvDtype;
 
 #[derive(clap::Args)]
 pub struct BenchOptions {
@@ -61,6 +68,16 @@ pub struct BenchOptions {
     /// (projection matrices in FP8 E4M3, one scale per output channel).
     #[arg(long, value_enum, default_value = "auto")]
     pub dtype: WeightDtype,
+    /// Context lengths, comma-separated (e.g. 1000,32000,128000): time batch-1 decode of
+    /// the first model there, per `--kv-cache-dtypes`, instead of the other measurements.
+    #[arg(long, value_delimiter = ',')]
+    pub context: Vec<usize>,
+    /// The KV cache storages `--context` compares.
+    #[arg(long, value_enum, default_value = "bf16,fp8", value_delimiter = ',')]
+    pub kv_cache_dtypes: Vec<KvDtype>,
+    /// With `--context`: the request length whose count the KV pool holds is reported.
+    #[arg(long, default_value_t = 4096)]
+    pub request_tokens: usize,
 }
 
 /// One way of running decode steps, for side-by-side comparisons in one process.
@@ -89,19 +106,25 @@ pub fn dtype_label(dtype: WeightDtype) -> &'static str {
 }
 
 #[cfg(not(feature = "cuda"))]
-pub fn run(_: &BenchOptions, _out: &mut dyn Write) -> Result<BenchReport> {
+pub fn run(_: &BenchOptions, _out: &mut dyn Write) -> Result<()> {
     Err(super::HarnessError::NoCuda)
 }
 
-/// Runs every measurement. `out` gets the lines a person watches (the device, the copy
-/// bandwidth, each model as it loads), and each table of the report as soon as it is
-/// complete, so that a later step that fails leaves the earlier results on screen. With
-/// `json`, the report is written there too, at the end.
+/// Runs every measurement (with `--context`, the long-context ones only). `out` gets the
+/// lines a person watches (the device, the copy bandwidth, each model as it loads), and each
+/// table of the report as soon as it is complete, so that a later step that fails leaves the
+/// earlier results on screen. With `json`, the report is written there too, at the end.
 #[cfg(feature = "cuda")]
-pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<BenchReport> {
-    let report = run::run(opts, out)?;
+pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<()> {
+    let json = if opts.context.is_empty() {
+        serde_json::to_string_pretty(&run::run(opts, out)?)?
+    } else {
+        let report = long_context::run(opts, out)?;
+        write!(out, "{report}")?;
+        serde_json::to_string_pretty(&report)?
+    };
     if let Some(path) = &opts.json {
-        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+        std::fs::write(path, json)?;
     }
-    Ok(report)
+    Ok(())
 }

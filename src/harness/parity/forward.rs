@@ -9,7 +9,7 @@ use crate::model::chat::ChatMessage;
 use crate::model::{load_model_with, ForwardStep, KvCache, LoadOptions, LoadedModel, WeightDtype};
 use crate::request::Prompt;
 
-const BLOCK: u32 = 16;
+pub const BLOCK: u32 = 16;
 
 /// Both backends with the file's weights, then both with FP8 weights quantized at load.
 pub fn compare(cpu: &CpuBackend, gpu: &CudaBackend, model: &str, steps: usize) -> Result<Vec<ForwardRow>> {
@@ -129,7 +129,7 @@ fn fp8_vs_f32(
 /// Re-runs the last k + 1 decode steps as one verification row (same tokens, same
 /// positions): batch invariance says the logits are the same bits, for every k. Returns
 /// the k whose logits differ.
-fn verify_differs(
+pub fn verify_differs(
     gpu: &CudaBackend,
     lg: &LoadedModel<CudaBackend>,
     kg: &mut KvCache<CudaBackend>,
@@ -166,7 +166,7 @@ pub fn prompts() -> Vec<(&'static str, Prompt)> {
     ]
 }
 
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
+pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     let scale = want.iter().fold(0f64, |m, &w| m.max(w.abs() as f64)).max(1e-30);
     got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w as f64).abs())) / scale
 }

@@ -1,9 +1,12 @@
 //! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, then the
-//! whole forward of a real model against the CPU backend, then speculative decoding against
-//! plain decoding on the GPU.
+//! whole forward of a real model against the CPU backend, then the model with an FP8 KV
+//! cache against the bf16 cache on the GPU, then speculative decoding against plain
+//! decoding on the GPU.
 
 #[cfg(feature = "cuda")]
 mod forward;
+#[cfg(feature = "cuda")]
+mod kv;
 #[cfg(feature = "cuda")]
 mod ops;
 mod report;
@@ -12,7 +15,7 @@ mod speculative;
 
 use std::io::Write;
 
-pub use self::report::{ForwardRow, OpRow, ParityFailures, ParityReport, SpeculativeRow};
+pub use self::report::{ForwardRow, KvRow, OpRow, ParityFailures, ParityReport, SpeculativeRow};
 use super::Result;
 
 /// Largest error an op may show: max |gpu - cpu| / max |cpu|.
@@ -53,6 +56,7 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     let ops = ops::all(&cpu, &gpu, seed)?;
     let with_model = opts.model != "none";
     let forward = if with_model { forward::compare(&cpu, &gpu, &opts.model, opts.tokens)? } else { vec![] };
+    let kv_fp8 = if with_model { kv::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
     let speculative = if with_model { speculative::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
-    Ok(ParityReport { seed, model: opts.model.clone(), tokens: opts.tokens, ops, forward, speculative })
+    Ok(ParityReport { seed, model: opts.model.clone(), tokens: opts.tokens, ops, forward, kv_fp8, speculative })
 }

@@ -1,6 +1,8 @@
 //! Each op on both backends with the same random inputs. Weights are rounded to bf16
 //! before the CPU sees them, so the comparison measures the kernels, not the storage.
 
+mod fp8_kv;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -78,6 +80,7 @@ pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>>
             AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128, window },
         ] {
             attention(&mut c, shape)?;
+            fp8_kv::attention(&mut c, shape)?;
         }
     }
     elementwise(&mut c)?;
@@ -232,11 +235,9 @@ fn rope(c: &mut Ctx, preset: Preset) -> Result<()> {
 }
 
 /// Three rows: a decode token deep in a scrambled block table, a verification row of 5
-/// tokens, and a 40-token prefill from position 0.
-fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
+/// tokens, and a 40-token prefill from position 0; and the cache's slots.
+fn attention_meta(c: &mut Ctx, s: AttnShape) -> (BatchMeta, usize) {
     let (bs, blocks) = (16u32, 128usize);
-    let kv_dim = s.num_kv_heads * s.head_dim;
-    let slots = blocks * bs as usize;
     let mut perm: Vec<u32> = (0..blocks as u32).collect();
     for i in (1..perm.len()).rev() {
         perm.swap(i, c.rng.random_range(0..=i));
@@ -252,6 +253,13 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
             row.block_table.iter_mut().take(first).skip(w.sinks().div_ceil(bs as usize)).for_each(|b| *b = NO_BLOCK);
         }
     }
+    (meta, blocks * bs as usize)
+}
+
+/// Attention over a bf16 cache (the rows of `attention_meta`).
+fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
+    let kv_dim = s.num_kv_heads * s.head_dim;
+    let (meta, slots) = attention_meta(c, s);
     let n = meta.num_tokens();
     let q = HostTensor::new(vec![n, s.num_heads * s.head_dim], c.values(n * s.num_heads * s.head_dim, 2.0));
     let k = HostTensor::new(vec![n, kv_dim], bf16_round(c.values(n * kv_dim, 2.0)));

@@ -32,6 +32,23 @@ pub struct ForwardRow {
     pub fp8_vs_f32: Option<(bool, f64)>,
 }
 
+/// The model on the GPU with an FP8 KV cache against the bf16 cache, for one prompt.
+pub struct KvRow {
+    pub prompt: String,
+    pub steps: usize,
+    /// Greedy tokens equal before the first difference.
+    pub equal: usize,
+    pub first_diff: Option<usize>,
+    /// bf16 logit of its own choice minus its logit of the FP8 run's choice, at the first difference.
+    pub margin: Option<f32>,
+    /// Steps whose top-1 token agrees (the bf16 run's tokens fed to both).
+    pub top1: usize,
+    /// max |fp8 - bf16| / max |bf16| of the logits.
+    pub max_logit_err: f64,
+    /// As `ForwardRow::verify_differs`, over the FP8 cache.
+    pub verify_differs: Vec<usize>,
+}
+
 /// Greedy speculative decoding against plain greedy decoding, both on the GPU.
 pub struct SpeculativeRow {
     pub prompt: &'static str,
@@ -58,6 +75,8 @@ pub struct ParityReport {
     pub tokens: usize,
     pub ops: Vec<OpRow>,
     pub forward: Vec<ForwardRow>,
+    /// The FP8 KV cache against bf16, on the GPU.
+    pub kv_fp8: Vec<KvRow>,
     pub speculative: Vec<SpeculativeRow>,
 }
 
@@ -80,7 +99,8 @@ impl ParityReport {
         let failures = ParityFailures {
             ops: self.ops.iter().filter(|r| !r.pass).count(),
             speculative: self.speculative.iter().filter(|s| !s.pass()).count(),
-            invariance: self.forward.iter().filter(|f| !f.verify_differs.is_empty()).count(),
+            invariance: self.forward.iter().filter(|f| !f.verify_differs.is_empty()).count()
+                + self.kv_fp8.iter().filter(|k| !k.verify_differs.is_empty()).count(),
         };
         if failures.ops > 0 || failures.speculative > 0 || failures.invariance > 0 {
             return Err(failures);
@@ -88,17 +108,19 @@ impl ParityReport {
         Ok(())
     }
 
-    /// Prompts whose greedy tokens on the GPU parted from the CPU's: allowed (a near-tie can
-    /// go either way), so not a failure; the CPU margin at the first difference tells.
+    /// Prompts whose greedy tokens on the GPU parted from the CPU's (or with the FP8 KV cache
+    /// from the bf16 cache's): allowed (a near-tie can go either way), so not a failure; the
+    /// margin at the first difference tells.
     pub fn diverged(&self) -> usize {
         self.forward.iter().filter(|f| f.equal < f.steps).count()
+            + self.kv_fp8.iter().filter(|k| k.equal < k.steps).count()
     }
 
     /// A word for the reader when prompts diverged.
     pub fn note(&self) -> Option<String> {
         let n = self.diverged();
         (n > 0).then(|| {
-            format!("note: {n} prompts diverged; see the cpu margin at the first difference (a near-tie is < ~0.05)")
+            format!("note: {n} prompts diverged; see the margin at the first difference (a near-tie is < ~0.05)")
         })
     }
 }
@@ -113,6 +135,9 @@ impl fmt::Display for ParityReport {
         }
         if !self.forward.is_empty() {
             self.fmt_forward(f)?;
+        }
+        if !self.kv_fp8.is_empty() {
+            self.fmt_kv_fp8(f)?;
         }
         if !self.speculative.is_empty() {
             self.fmt_speculative(f)?;
@@ -157,6 +182,40 @@ impl ParityReport {
             )?;
         }
         Ok(())
+    }
+
+    fn fmt_kv_fp8(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(
+            f,
+            "\n== fp8 KV cache vs bf16 KV cache on the GPU: {} (greedy, bf16 tokens fed to both) ==",
+            self.model
+        )?;
+        writeln!(
+            f,
+            "{:<10} {:>8} {:>13} {:>12} {:>8} {:>11} {:>16}",
+            "prompt", "equal", "first differ", "bf16 margin", "top-1", "logits err", "verify==decode"
+        )?;
+        for r in &self.kv_fp8 {
+            writeln!(
+                f,
+                "{:<10} {:>5}/{:<2} {:>13} {:>12} {:>5}/{:<2} {:>11.2e} {:>16}",
+                r.prompt,
+                r.equal,
+                r.steps,
+                r.first_diff.map_or("-".into(), |s| s.to_string()),
+                r.margin.map_or("-".into(), |m| format!("{m:.4}")),
+                r.top1,
+                r.steps,
+                r.max_logit_err,
+                if r.verify_differs.is_empty() {
+                    "bitwise".to_string()
+                } else {
+                    format!("DIFFERS {:?}", r.verify_differs)
+                },
+            )?;
+        }
+        let (agree, total) = self.kv_fp8.iter().fold((0, 0), |(a, t), r| (a + r.top1, t + r.steps));
+        writeln!(f, "top-1 agreement over the prompts: {agree}/{total}")
     }
 
     fn fmt_speculative(&self, f: &mut fmt::Formatter) -> fmt::Result {
@@ -206,6 +265,16 @@ mod tests {
                 verify_differs: vec![],
                 fp8_vs_f32: Some((true, 1.4e-2)),
             }],
+            kv_fp8: vec![KvRow {
+                prompt: "chat".into(),
+                steps: 64,
+                equal: 40,
+                first_diff: Some(40),
+                margin: Some(0.0625),
+                top1: 62,
+                max_logit_err: 3.1e-2,
+                verify_differs: vec![],
+            }],
             speculative: vec![SpeculativeRow {
                 prompt: "fib",
                 proposer: "ngram k<=8".into(),
@@ -232,9 +301,11 @@ mod tests {
         assert!(
             text.contains("fib        ngram k<=8                  64/64              -        90        40  pass\n")
         );
+        assert!(text.contains("chat          40/64            40       0.0625    62/64     3.10e-2          bitwise\n"));
+        assert!(text.contains("top-1 agreement over the prompts: 62/64\n"));
         let failures = r.check().unwrap_err();
         assert_eq!((failures.ops, failures.speculative, failures.invariance), (1, 0, 0));
-        assert_eq!(r.diverged(), 1);
-        assert!(r.note().unwrap().starts_with("note: 1 prompts diverged"));
+        assert_eq!(r.diverged(), 2);
+        assert!(r.note().unwrap().starts_with("note: 2 prompts diverged"));
     }
 }
