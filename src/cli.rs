@@ -190,8 +190,9 @@ pub struct SpecArgs {
     /// How to draft tokens for the target to verify.
     #[arg(long, value_enum, default_value = "none")]
     pub spec: SpecMethod,
-    /// The draft model for `--spec draft` (same tokenizer as the target), or the EAGLE
-    /// head's folder for `--spec eagle` (default: the head trained for the default model).
+    /// The draft model for `--spec draft` (same tokenizer as the target), the EAGLE head's
+    /// folder for `--spec eagle` (default: the head trained for the default model), or the
+    /// Medusa heads' folder for `--spec medusa` (`dummy:SHAPE`: random heads, labelled).
     #[arg(long)]
     pub draft_model: Option<ModelArg>,
     /// Layers of the target that draft for `--spec early-exit`.
@@ -215,9 +216,9 @@ pub struct SpecArgs {
     /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
     #[arg(long, allow_negative_numbers = true)]
     pub synthetic_acceptance: Option<f64>,
-    /// With `--spec eagle`: draft a tree of up to N tokens per step (EAGLE-2), as deep as
+    /// With `--spec eagle` or `medusa`: draft a tree of up to N tokens per step, as deep as
     /// `--draft-len`, verified in one forward; greedy requests, one at a time (`generate
-    /// --prompt`).
+    /// --prompt`). `--spec lookahead` always drafts trees, in the same place.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub spec_tree: Option<usize>,
     /// With `--spec-tree`: children considered per node, and nodes expanded per depth.

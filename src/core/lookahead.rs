@@ -154,10 +154,16 @@ impl Lookahead {
     /// Takes the target's greedy token after each node of the last draft (`targets[0]`:
     /// after the root): the top level's outputs become a new level, and once the window is
     /// full each column's n-gram goes to the pool and the oldest level goes.
+    /// Anything but the last draft's targets (one per node, and the root's) is ignored.
     pub fn update(&mut self, tree: &TreeDraft, targets: &[u32]) {
+        let (branch, verify_nodes) = (std::mem::take(&mut self.branch), std::mem::take(&mut self.verify_nodes));
+        let last_node = branch.last().and_then(|top| top.last()).copied().unwrap_or(verify_nodes);
+        if targets.len() != tree.len() + 1 || last_node > tree.len() {
+            return;
+        }
         let accept = accept_tree_greedy(tree, targets);
-        self.pool_accepted += accept.path.iter().filter(|&&n| n <= self.verify_nodes).count() as u64;
-        let Some(top) = self.branch.last() else { return };
+        self.pool_accepted += accept.path.iter().filter(|&&n| n <= verify_nodes).count() as u64;
+        let Some(top) = branch.last() else { return };
         let new: Vec<u32> = top.iter().map(|&n| targets[n]).collect();
         if self.levels.len() == self.config.ngram - 1 {
             for j in 0..self.config.window {
@@ -182,6 +188,10 @@ mod tests {
         let t = la.draft(7, 10);
         // No n-grams yet: the branch only, level 0 a chain.
         assert_eq!((t.parents.clone(), la.verify_nodes), (vec![0, 1, 2], 0));
+        // Targets of another tree (a step that drafted nothing) change nothing.
+        la.update(&TreeDraft::default(), &[1]);
+        assert_eq!(la.levels.len(), 1);
+        let t = la.draft(7, 10);
         la.update(&t, &[1, 2, 3, 4]);
         assert_eq!(la.levels, vec![vec![7, 7, 7], vec![2, 3, 4]]);
         let t = la.draft(9, 10);
