@@ -127,9 +127,9 @@ fn medusa_and_lookahead_run_labelled_and_refuse_what_they_cannot_do() {
     let file = dir.join("prompts.txt");
     let batch = ["generate", "--model", model, "--prompts-file", file.to_str().unwrap()];
     for (args, want) in [
-        (vec![&base[..], &["--spec", "medusa"]].concat(), "--spec medusa needs --draft-model DIR"),
-        (vec![&base[..], &["--spec", "lookahead", "--lookahead-ngram", "1"]].concat(), "--lookahead-ngram at least 2"),
-        (vec![&batch[..], &["--spec", "lookahead"]].concat(), "--spec lookahead runs one request at a time"),
+        ([&base[..], &["--spec", "medusa"]].concat(), "--spec medusa needs --draft-model DIR"),
+        ([&base[..], &["--spec", "lookahead", "--lookahead-ngram", "1"]].concat(), "--lookahead-ngram at least 2"),
+        ([&batch[..], &["--spec", "lookahead"]].concat(), "--spec lookahead runs one request at a time"),
     ] {
         let out = specula(&args);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));
