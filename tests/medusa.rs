@@ -2,7 +2,7 @@
 //! reference of their math says (ResBlocks, then their own or the target's LM head); heads
 //! made for another model are refused with a typed error; greedy output with `--spec
 //! medusa` (chains and trees) equals plain greedy output token for token, on a tiny random
-//! model and on the default model.
+//! model (engine, and the runtime at batch 1 and 6) and on the default model.
 
 mod common;
 
@@ -199,11 +199,15 @@ fn greedy_medusa_on_a_tiny_random_model_equals_plain_greedy() {
         }
         assert!(stats.steps > 0 && stats.drafted > 0 && !stats.random_heads, "{shape:?}: {stats:?}");
     }
-    // Chains also run through the batching runtime.
+    // Chains also run through the batching runtime, alone and all requests at once.
     let proposer = Box::new(MedusaProposer::load(CpuBackend::new(), target.clone(), dir.path()).unwrap());
     let spec = Speculation { proposer, max_draft: 3, synthetic_acceptance: None, lengths: Default::default() };
     let h = Runtime::builder().speculation(spec).max_batch(8).build(CpuBackend::new(), target, None::<Tokenizer>);
     let h = h.unwrap();
+    let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
+    for (i, out) in outs.into_iter().enumerate() {
+        assert_eq!(out.unwrap().token_ids, want[i], "runtime batch {}, request {i}", reqs.len());
+    }
     let alone = block_on(collect(h.generate(reqs[5].clone()))).unwrap();
     assert_eq!(alone.token_ids, want[5], "runtime batch 1");
     assert!(alone.speculative.unwrap().drafted > 0, "the heads drafted");
