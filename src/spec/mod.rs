@@ -123,9 +123,10 @@ pub enum SpecMethod {
     /// without one, the head trained for the default model).
     Eagle,
     /// Medusa heads over the target's last hidden state (`draft_model`: the heads' folder;
-    /// `dummy:` random heads, labelled).
+    /// `dummy:` random heads, labelled); trees (`--spec-tree`) one request at a time.
     Medusa,
-    /// Lookahead decoding: Jacobi iterations and an n-gram pool, verified as one tree.
+    /// Lookahead decoding: Jacobi iterations and an n-gram pool, verified as one tree;
+    /// one request at a time (`generate --prompt`), greedy.
     Lookahead,
 }
 
