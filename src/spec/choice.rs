@@ -13,8 +13,9 @@ use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProposerChoice {
     pub method: SpecMethod,
-    /// The draft model for `SpecMethod::Draft` (its tokenizer must match the target's), or
-    /// the head's folder for `SpecMethod::Eagle` (default: `eagle::DEFAULT_HEAD`).
+    /// The draft model for `SpecMethod::Draft` (its tokenizer must match the target's), the
+    /// head's folder for `SpecMethod::Eagle` (default: `eagle::DEFAULT_HEAD`), or the heads'
+    /// folder for `SpecMethod::Medusa` (`Dummy`: random heads; none: refused).
     pub draft_model: Option<ModelSource>,
     /// The target's layers that draft for `SpecMethod::EarlyExit`.
     pub draft_layers: usize,
