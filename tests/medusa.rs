@@ -2,7 +2,7 @@
 //! reference of their math says (ResBlocks, then their own or the target's LM head); heads
 //! made for another model are refused with a typed error; greedy output with `--spec
 //! medusa` (chains and trees) equals plain greedy output token for token, on a tiny random
-//! model (engine, and the runtime at batch 1 and 6) and on the default model.
+//! model (engine, and the runtime at batch 1 and 8) and on the default model.
 
 mod common;
 
@@ -166,7 +166,7 @@ fn heads_made_for_another_model_are_refused_with_both_sizes() {
 // Losslessness.
 
 fn token_requests(vocab: u32) -> Vec<GenerateRequest> {
-    (0..6u32)
+    (0..8u32)
         .map(|i| GenerateRequest {
             max_tokens: 7 + 4 * i as usize,
             ignore_eos: true,
