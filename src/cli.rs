@@ -13,7 +13,8 @@ use crate::actors::{ConfigError, ConfigField, RuntimeBuilder, RuntimeError, Runt
 use crate::backend::{Backend, BackendError};
 use crate::device::{Device, OnDevice};
 use crate::model::{load_model_shard, load_model_with, Llama, LoadOptions, ModelSource, Shard, Tokenizer, WeightDtype};
-use crate::spec::{check_settings, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation, MAX_DRAFT_LEN};
+use crate::spec::MAX_DRAFT_LEN;
+use crate::spec::{check_settings, LookaheadConfig, Proposer, ProposerChoice, SpecError, SpecMethod, Speculation};
 use crate::spec::{DraftLengths, TreeShape, MAX_TREE_NODES, MAX_TREE_TOP_K};
 use crate::tensor::{AttnWindow, KvDtype, KvOptions, RankGroup, WindowError};
 pub use default_model::{default_model_path, FetchError, ModelArg};
@@ -189,8 +190,9 @@ pub struct SpecArgs {
     /// How to draft tokens for the target to verify.
     #[arg(long, value_enum, default_value = "none")]
     pub spec: SpecMethod,
-    /// The draft model for `--spec draft` (same tokenizer as the target), or the EAGLE
-    /// head's folder for `--spec eagle` (default: the head trained for the default model).
+    /// The draft model for `--spec draft` (same tokenizer as the target), the EAGLE head's
+    /// folder for `--spec eagle` (default: the head trained for the default model), or the
+    /// Medusa heads' folder for `--spec medusa` (`dummy:SHAPE`: random heads, labelled).
     #[arg(long)]
     pub draft_model: Option<ModelArg>,
     /// Layers of the target that draft for `--spec early-exit`.
@@ -214,14 +216,23 @@ pub struct SpecArgs {
     /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
     #[arg(long, allow_negative_numbers = true)]
     pub synthetic_acceptance: Option<f64>,
-    /// With `--spec eagle`: draft a tree of up to N tokens per step (EAGLE-2), as deep as
+    /// With `--spec eagle` or `medusa`: draft a tree of up to N tokens per step, as deep as
     /// `--draft-len`, verified in one forward; greedy requests, one at a time (`generate
-    /// --prompt`).
+    /// --prompt`). `--spec lookahead` always drafts trees, in the same place.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub spec_tree: Option<usize>,
     /// With `--spec-tree`: children considered per node, and nodes expanded per depth.
     #[arg(long, value_name = "K", default_value_t = 4, requires = "spec_tree", allow_negative_numbers = true)]
     pub tree_top_k: usize,
+    /// With `--spec lookahead`: guesses per Jacobi level (W).
+    #[arg(long, value_name = "W", default_value_t = 5, allow_negative_numbers = true)]
+    pub lookahead_window: usize,
+    /// With `--spec lookahead`: n-gram size (N); the window keeps N - 1 levels.
+    #[arg(long, value_name = "N", default_value_t = 4, allow_negative_numbers = true)]
+    pub lookahead_ngram: usize,
+    /// With `--spec lookahead`: candidate n-grams verified per step (G).
+    #[arg(long, value_name = "G", default_value_t = 5, allow_negative_numbers = true)]
+    pub lookahead_guesses: usize,
 }
 
 impl SpecArgs {
@@ -235,7 +246,7 @@ impl SpecArgs {
     ) -> Result<Option<Box<dyn Proposer>>, Box<dyn std::error::Error>> {
         check_settings(self.draft_len, self.synthetic_acceptance).map_err(spec_error)?;
         if self.synthetic_acceptance.is_some() && self.spec == SpecMethod::None {
-            return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit|eagle)".into());
+            return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit|eagle|medusa)".into());
         }
         let choice = ProposerChoice {
             method: self.spec,
@@ -243,15 +254,31 @@ impl SpecArgs {
             draft_layers: self.draft_layers,
             draft_kv_blocks: self.draft_kv_blocks,
             draft_dtype: self.draft_dtype,
+            lookahead: self.lookahead_config(),
         };
         choice.build(target, tokenizer, new_backend).map_err(spec_error)
     }
 
-    /// The tree the options ask for (`--spec-tree`), checked: EAGLE only, a shape in range.
+    fn lookahead_config(&self) -> LookaheadConfig {
+        LookaheadConfig { window: self.lookahead_window, ngram: self.lookahead_ngram, guesses: self.lookahead_guesses }
+    }
+
+    /// The tree the options ask for (`--spec-tree`, or lookahead's own), checked: a
+    /// proposer that drafts trees, a shape in range.
     pub fn tree_shape(&self) -> Result<Option<TreeShape>, Box<dyn std::error::Error>> {
+        if self.spec == SpecMethod::Lookahead {
+            if self.spec_tree.is_some() {
+                return Err("--spec lookahead sizes its tree with --lookahead-window, -ngram and -guesses".into());
+            }
+            let c = self.lookahead_config();
+            if !c.is_valid() {
+                return Err(spec_error(SpecError::LookaheadShape(c)));
+            }
+            return Ok(Some(TreeShape { nodes: c.max_nodes(), top_k: 1, depth: c.depth() }));
+        }
         let Some(nodes) = self.spec_tree else { return Ok(None) };
-        if self.spec != SpecMethod::Eagle {
-            return Err("--spec-tree needs --spec eagle (the EAGLE head drafts trees)".into());
+        if !matches!(self.spec, SpecMethod::Eagle | SpecMethod::Medusa) {
+            return Err("--spec-tree needs --spec eagle or medusa (their heads draft trees)".into());
         }
         let top_k = self.tree_top_k;
         if !(1..=MAX_TREE_NODES).contains(&nodes) || !(1..=MAX_TREE_TOP_K).contains(&top_k) {
@@ -269,6 +296,9 @@ impl SpecArgs {
     ) -> Result<Option<Speculation>, Box<dyn std::error::Error>> {
         if self.spec_tree.is_some() {
             return Err(spec_error(SpecError::TreeInRuntime));
+        }
+        if self.spec == SpecMethod::Lookahead {
+            return Err(spec_error(SpecError::LookaheadInRuntime));
         }
         let proposer = self.proposer(target, tokenizer, new_backend)?;
         Ok(proposer.map(|proposer| Speculation {
@@ -291,6 +321,17 @@ impl SpecArgs {
 pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
     match e {
         SpecError::MissingDraftModel => "--spec draft needs --draft-model PATH".into(),
+        SpecError::MissingMedusaHead => {
+            "--spec medusa needs --draft-model DIR (config.json and medusa_lm_head.safetensors), or --draft-model dummy:SHAPE for random heads (labelled random_heads)".into()
+        }
+        SpecError::LookaheadShape(c) => format!(
+            "--lookahead-window must be at least 1, --lookahead-ngram at least 2, and (window + guesses) * (ngram - 1) at most {MAX_TREE_NODES}, got {}, {} and {}",
+            c.window, c.ngram, c.guesses
+        )
+        .into(),
+        SpecError::LookaheadInRuntime => {
+            "--spec lookahead runs one request at a time (`generate --prompt`, greedy)".into()
+        }
         SpecError::DraftLayers { got, max } => {
             format!("--draft-layers must be between 1 and {max} (the target's layers), got {got}").into()
         }

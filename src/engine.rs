@@ -123,6 +123,7 @@ impl<B: Backend> Engine<B> {
         let mut sampler = Sampler::new(req.sampling.clone());
         let mut state = Speculating::default();
         state.stats.synthetic = spec.as_ref().is_some_and(|s| s.synthetic_acceptance.is_some());
+        state.stats.random_heads = spec.as_ref().is_some_and(|s| s.proposer.random_weights());
 
         let start = Instant::now();
         let observer = spec.as_mut().map(|s| &mut *s.proposer).filter(|p| p.wants_hidden());

@@ -110,3 +110,29 @@ fn a_config_sliding_window_lets_generation_run_past_the_context_with_fp8_kv() {
         assert_eq!(json["usage"]["completion_tokens"], 100, "{extra:?}: past the context of 64: {json}");
     }
 }
+
+#[test]
+fn medusa_and_lookahead_run_labelled_and_refuse_what_they_cannot_do() {
+    let dir = TempDir::new("cli-lookahead");
+    long_context_model(dir.path());
+    let model = dir.path().to_str().unwrap();
+    let base = ["generate", "--model", model, "--prompt", "The quick brown fox", "--max-tokens", "6", "--json"];
+    let random = ["--spec", "medusa", "--draft-model", "dummy:smollm2-135m", "--spec-tree", "8"];
+    let out = specula(&[&base[..], &random].concat());
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"random_heads\":true"), "{}", text(&out));
+    let out = specula(&[&base[..], &["--spec", "lookahead"]].concat());
+    assert!(out.status.success() && text(&out).contains("\"speculative\":{"), "{}", text(&out));
+    std::fs::write(dir.join("prompts.txt"), "The quick brown fox\n").unwrap();
+    let file = dir.join("prompts.txt");
+    let batch = ["generate", "--model", model, "--prompts-file", file.to_str().unwrap()];
+    for (args, want) in [
+        ([&base[..], &["--spec", "medusa"]].concat(), "--spec medusa needs --draft-model DIR"),
+        ([&base[..], &["--spec", "lookahead", "--lookahead-ngram", "1"]].concat(), "--lookahead-ngram at least 2"),
+        ([&batch[..], &["--spec", "lookahead"]].concat(), "--spec lookahead runs one request at a time"),
+    ] {
+        let out = specula(&args);
+        assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+        assert!(text(&out).contains(want), "{}", text(&out));
+    }
+}

@@ -241,7 +241,11 @@ impl RuntimeBuilder {
             tokenizer,
             plans: plan_tx,
             health: health.clone(),
-            spec_stats: self.speculation.as_ref().map(|s| SpecStats::new(s.synthetic_acceptance.is_some())),
+            spec_stats: self.speculation.as_ref().map(|s| {
+                let mut stats = SpecStats::new(s.synthetic_acceptance.is_some());
+                stats.random_heads = s.proposer.random_weights();
+                stats
+            }),
             intake_mailbox: c.max_waiting + c.mailbox,
             mailbox: c.mailbox,
         };

@@ -6,6 +6,7 @@ pub mod draft_sync;
 pub mod finish;
 pub mod kv_manager;
 pub mod lengths;
+pub mod lookahead;
 pub mod ngram;
 pub mod sampling;
 pub mod scheduler;

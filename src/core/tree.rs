@@ -170,6 +170,14 @@ pub fn top_k(probs: &[f32], k: usize) -> Vec<(u32, f32)> {
     best
 }
 
+/// The `k` largest logits' tokens with their log-softmax (temperature 1).
+pub fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let lse = max as f64 + sum.ln();
+    top_k(logits, k).into_iter().map(|(t, l)| (t, l as f64 - lse)).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

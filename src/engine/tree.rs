@@ -49,6 +49,7 @@ impl<B: Backend> Engine<B> {
         let (out, hidden) = self.forward(&mut seq.kv, &meta, wants_hidden)?;
         let targets = self.tree_targets(&out, &draft, history, sampler)?;
         let accept = accept_tree_greedy(&draft, &targets);
+        s.proposer.tree_verified(SEQ, &draft, &targets);
         state.cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
         seq.kv.copy_slots(&self.backend, &path_moves(&accept, p, &table))?;
         if let Some(hidden) = hidden {

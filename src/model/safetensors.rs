@@ -64,6 +64,11 @@ impl SafetensorsWeights {
         Ok(SafetensorsWeights { shards, index, fp8: None })
     }
 
+    /// The shape of tensor `name` as stored, if the files hold it.
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        self.view(name).ok().map(|(_, v)| v.shape().to_vec())
+    }
+
     /// The tensor `name` and the file holding it.
     fn view(&self, name: &str) -> Result<(&Path, TensorView<'_>), LoadError> {
         let first = &self.shards[0].0;

@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use super::eagle::{EagleProposer, DEFAULT_HEAD};
-use super::{check_draft_compatible, ModelProposer, NgramProposer, Proposer, SpecError, SpecMethod};
+use super::medusa::MedusaProposer;
+use super::{check_draft_compatible, LookaheadConfig, LookaheadProposer, ModelProposer, NgramProposer};
+use super::{Proposer, SpecError, SpecMethod};
 use crate::backend::{Backend, BackendError};
 use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, WeightDtype};
 
@@ -11,8 +13,9 @@ use crate::model::{load_model_with, Llama, LoadOptions, ModelSource, Tokenizer, 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProposerChoice {
     pub method: SpecMethod,
-    /// The draft model for `SpecMethod::Draft` (its tokenizer must match the target's), or
-    /// the head's folder for `SpecMethod::Eagle` (default: `eagle::DEFAULT_HEAD`).
+    /// The draft model for `SpecMethod::Draft` (its tokenizer must match the target's), the
+    /// head's folder for `SpecMethod::Eagle` (default: `eagle::DEFAULT_HEAD`), or the heads'
+    /// folder for `SpecMethod::Medusa` (`Dummy`: random heads; none: refused).
     pub draft_model: Option<ModelSource>,
     /// The target's layers that draft for `SpecMethod::EarlyExit`.
     pub draft_layers: usize,
@@ -20,7 +23,12 @@ pub struct ProposerChoice {
     pub draft_kv_blocks: usize,
     /// How the draft model's weights are stored (`Fp8`: quantized at load).
     pub draft_dtype: WeightDtype,
+    /// The window, n-gram size and verification set of `SpecMethod::Lookahead`.
+    pub lookahead: LookaheadConfig,
 }
+
+/// Random Medusa heads (`dummy:`): as many as Medusa's usual checkpoints have.
+const RANDOM_MEDUSA_HEADS: usize = 4;
 
 impl ProposerChoice {
     /// The proposer, or None for `SpecMethod::None`. A drafting model runs on a backend of
@@ -34,7 +42,7 @@ impl ProposerChoice {
         let (blocks, block_size) = (self.draft_kv_blocks.max(1), crate::prompt::BLOCK_SIZE);
         // These draft with the target's own weights, which a tensor-parallel target holds
         // split over its ranks.
-        let reads_target = matches!(self.method, SpecMethod::EarlyExit | SpecMethod::Eagle);
+        let reads_target = matches!(self.method, SpecMethod::EarlyExit | SpecMethod::Eagle | SpecMethod::Medusa);
         if reads_target && !target.shard().is_whole() {
             return Err(SpecError::SplitTarget { method: self.method, ranks: target.shard().ranks });
         }
@@ -73,6 +81,25 @@ impl ProposerChoice {
                 };
                 Some(Box::new(EagleProposer::load(new_backend()?, target.clone(), &dir, blocks, block_size)?))
             }
+            SpecMethod::Medusa => Some(self.medusa(target, new_backend()?)?),
+            SpecMethod::Lookahead => {
+                if !self.lookahead.is_valid() {
+                    return Err(SpecError::LookaheadShape(self.lookahead));
+                }
+                Some(Box::new(LookaheadProposer::new(self.lookahead)))
+            }
         })
+    }
+
+    /// Medusa heads from their folder, or random ones for `dummy:`.
+    fn medusa<B: Backend>(&self, target: &Arc<Llama<B>>, backend: B) -> Result<Box<dyn Proposer>, SpecError> {
+        Ok(Box::new(match &self.draft_model {
+            Some(ModelSource::Path(dir)) => MedusaProposer::load(backend, target.clone(), dir)?,
+            Some(ModelSource::Dummy(_)) => {
+                tracing::warn!("Medusa heads with random weights: their drafts are guesses (labelled random_heads)");
+                MedusaProposer::random(backend, target.clone(), RANDOM_MEDUSA_HEADS)?
+            }
+            None => return Err(SpecError::MissingMedusaHead),
+        }))
     }
 }

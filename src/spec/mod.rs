@@ -4,12 +4,17 @@
 mod choice;
 mod draft_model;
 pub mod eagle;
+mod lookahead;
+pub mod medusa;
 mod stats;
 
+pub use crate::core::lookahead::LookaheadConfig;
 pub use crate::core::spec::{Draft, DraftLengths};
 pub use choice::ProposerChoice;
 pub use draft_model::ModelProposer;
 pub use eagle::{EagleProposer, HeadSize};
+pub use lookahead::LookaheadProposer;
+pub use medusa::MedusaProposer;
 pub use stats::SpecStats;
 
 use crate::backend::BackendError;
@@ -64,6 +69,14 @@ pub trait Proposer: Send {
     fn propose_tree(&mut self, _seq: SeqId, _history: &[u32], _shape: TreeShape) -> Result<TreeDraft, BackendError> {
         Ok(TreeDraft::default())
     }
+    /// The target's greedy token after each node of the tree it just verified for `seq`
+    /// (`targets[0]`: after the row's last token): lookahead learns from all of them.
+    fn tree_verified(&mut self, _seq: SeqId, _draft: &TreeDraft, _targets: &[u32]) {}
+    /// Whether the drafts come from random weights (Medusa heads made up for measuring
+    /// cost): the statistics say so.
+    fn random_weights(&self) -> bool {
+        false
+    }
 }
 
 /// One sequence's part of `Proposer::propose_many`.
@@ -109,6 +122,12 @@ pub enum SpecMethod {
     /// An EAGLE head over the target's hidden states (`draft_model`: the head's folder;
     /// without one, the head trained for the default model).
     Eagle,
+    /// Medusa heads over the target's last hidden state (`draft_model`: the heads' folder;
+    /// `dummy:` random heads, labelled); trees (`--spec-tree`) one request at a time.
+    Medusa,
+    /// Lookahead decoding: Jacobi iterations and an n-gram pool, verified as one tree;
+    /// one request at a time (`generate --prompt`), greedy.
+    Lookahead,
 }
 
 /// Prompt lookup: no model, no state.
@@ -195,13 +214,21 @@ pub enum SpecError {
     DraftModel(String),
     #[error("could not load the EAGLE head: {0}")]
     EagleHead(#[source] crate::model::LoadError),
-    #[error("the EAGLE head's {what} is {head}, the target's is {target}: it was trained for another model")]
+    #[error("the draft head's {what} is {head}, the target's is {target}: it was trained for another model")]
     HeadMismatch { what: HeadSize, head: usize, target: usize },
     /// A proposer that drafts with the target's own layers, for a target split by tensor
     /// parallelism.
     #[error("the {method:?} proposer drafts with the target's own layers, which tensor parallelism splits over {ranks} ranks (a draft model or n-grams can draft)")]
     SplitTarget { method: SpecMethod, ranks: usize },
-    #[error("tree speculation needs a proposer that drafts trees (the EAGLE head)")]
+    #[error("could not load the Medusa heads: {0}")]
+    MedusaHead(#[source] crate::model::LoadError),
+    #[error("Medusa drafting needs trained heads (`draft_model`: a folder of config.json and medusa_lm_head.safetensors), or `dummy:` for random ones")]
+    MissingMedusaHead,
+    #[error("a lookahead shape needs window >= 1, ngram >= 2 and (window + guesses) * (ngram - 1) <= {MAX_TREE_NODES}, got {0:?}")]
+    LookaheadShape(LookaheadConfig),
+    #[error("lookahead decoding verifies a tree each step: it runs in the one-request engine, greedy requests only")]
+    LookaheadInRuntime,
+    #[error("tree speculation needs a proposer that drafts trees (EAGLE, Medusa, lookahead)")]
     TreeProposer,
     #[error("tree speculation verifies greedy requests only (temperature 0): sampling over a tree is not implemented")]
     TreeSampling,

@@ -21,6 +21,9 @@ pub struct SpecStats {
     /// Set when acceptance was forced (benchmark mode): the output is not the model's.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub synthetic: bool,
+    /// Set when the drafts came from random weights (Medusa heads made up to measure cost).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub random_heads: bool,
 }
 
 impl SpecStats {
@@ -57,6 +60,7 @@ impl SpecStats {
     /// Adds another request's statistics (server-wide or batch totals).
     pub fn merge(&mut self, other: &SpecStats) {
         self.synthetic |= other.synthetic;
+        self.random_heads |= other.random_heads;
         if other.steps == 0 {
             return;
         }

@@ -147,12 +147,13 @@ fn generate<B: Backend>(
         );
         if let Some(s) = &completion.speculative {
             eprintln!(
-                "[speculative: {} drafted, {} accepted ({:.0}%), {:.2} tokens per step{}]",
+                "[speculative: {} drafted, {} accepted ({:.0}%), {:.2} tokens per step{}{}]",
                 s.drafted,
                 s.accepted,
                 100.0 * s.acceptance_rate(),
                 s.mean_accepted_length,
-                if s.synthetic { ", SYNTHETIC acceptance" } else { "" }
+                if s.synthetic { ", SYNTHETIC acceptance" } else { "" },
+                if s.random_heads { ", RANDOM heads" } else { "" }
             );
         }
     }

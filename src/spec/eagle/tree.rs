@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use super::{EagleProposer, Row};
 use crate::backend::{Backend, BackendError, BatchMeta};
-use crate::core::tree::{select_tree, top_k, Candidate, TreeDraft, TreeShape};
+use crate::core::tree::{select_tree, top_log_probs, Candidate, TreeDraft, TreeShape};
 use crate::spec::{ProposeRequest, SeqId};
 use crate::tensor::{TreeMask, NO_PARENT};
 
@@ -136,11 +136,3 @@ type TopTokens = Vec<(u32, f64)>;
 
 /// Predicted features, and each row's likeliest tokens.
 type HeadOut = (Vec<Vec<f32>>, Vec<TopTokens>);
-
-/// The `k` largest logits' tokens with their log-softmax (temperature 1).
-fn top_log_probs(logits: &[f32], k: usize) -> Vec<(u32, f64)> {
-    let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    let lse = max as f64 + sum.ln();
-    top_k(logits, k).into_iter().map(|(t, l)| (t, l as f64 - lse)).collect()
-}
