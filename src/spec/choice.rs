@@ -20,6 +20,8 @@ pub struct ProposerChoice {
     pub draft_kv_blocks: usize,
     /// How the draft model's weights are stored (`Fp8`: quantized at load).
     pub draft_dtype: WeightDtype,
+    /// The device number (a GPU) a draft model runs on; default: the target's.
+    pub draft_device: Option<usize>,
 }
 
 impl ProposerChoice {
@@ -46,12 +48,13 @@ impl ProposerChoice {
                 if !(1..=max).contains(&self.draft_layers) {
                     return Err(SpecError::DraftLayers { got: self.draft_layers, max });
                 }
-                let p = ModelProposer::new(new_backend()?, target.clone(), self.draft_layers, blocks, block_size)?;
+                let backend = self.backend(new_backend, true)?;
+                let p = ModelProposer::new(backend, target.clone(), self.draft_layers, blocks, block_size)?;
                 Some(Box::new(p))
             }
             SpecMethod::Draft => {
                 let source = self.draft_model.as_ref().ok_or(SpecError::MissingDraftModel)?;
-                let backend = new_backend()?;
+                let backend = self.backend(new_backend, false)?;
                 let draft = load_model_with(source, &LoadOptions::dtype(self.draft_dtype), &backend)
                     .map_err(|e| SpecError::DraftModel(e.to_string()))?;
                 check_draft_compatible(
@@ -71,8 +74,26 @@ impl ProposerChoice {
                     }
                     None => DEFAULT_HEAD.into(),
                 };
-                Some(Box::new(EagleProposer::load(new_backend()?, target.clone(), &dir, blocks, block_size)?))
+                let backend = self.backend(new_backend, true)?;
+                Some(Box::new(EagleProposer::load(backend, target.clone(), &dir, blocks, block_size)?))
             }
         })
+    }
+
+    /// The drafting model's backend: from `new_backend` (the target's device, its own
+    /// stream), or on `draft_device`. A proposer that reads the target's weights
+    /// (`reads_target`) stays on the target's device.
+    fn backend<B: Backend>(
+        &self,
+        new_backend: &dyn Fn() -> Result<B, BackendError>,
+        reads_target: bool,
+    ) -> Result<B, SpecError> {
+        let backend = new_backend()?;
+        let Some(device) = self.draft_device else { return Ok(backend) };
+        let there = backend.on_device(device)?;
+        if reads_target && there.device_ordinal() != backend.device_ordinal() {
+            return Err(SpecError::DraftDevice { method: self.method, device });
+        }
+        Ok(there)
     }
 }

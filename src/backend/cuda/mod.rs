@@ -10,13 +10,16 @@
 mod attention;
 pub mod batch;
 pub mod blas;
+mod cut;
 pub mod device;
 mod fp8;
 pub mod graph;
 pub mod kernels;
 pub mod matmul;
+mod nccl;
 pub mod tensor;
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
@@ -46,6 +49,8 @@ pub struct CudaBackend {
     /// Set while `graph::Graphs` captures a step: the batch buffer `prepare` must use.
     capture_batch: Mutex<Option<(Arc<DeviceBuf>, usize)>>,
     device_name: String,
+    /// This backend's place in a tensor-parallel group (`tensor_parallel`), if any.
+    rank: Option<nccl::NcclRank>,
 }
 
 impl CudaBackend {
@@ -76,6 +81,19 @@ impl CudaBackend {
         Self::on(self.dev.ctx.clone(), self.kernels.clone(), self.tuning)
     }
 
+    /// A backend on GPU `ordinal`: a sibling of this one on its own GPU, else a backend
+    /// with that GPU's context and kernels.
+    fn on_gpu(&self, ordinal: usize) -> Result<Self> {
+        let visible = visible_gpus();
+        if ordinal >= visible {
+            return Err(BackendError::NoSuchGpu { ordinal, visible });
+        }
+        if ordinal == self.dev.ctx.ordinal() {
+            return self.sibling();
+        }
+        Self::new(ordinal)
+    }
+
     fn on(ctx: Arc<CudaContext>, kernels: Arc<Kernels>, tuning: MatmulTuning) -> Result<Self> {
         let dev = Device::new(ctx.clone())?;
         let blas = Blas::new(&dev.stream)?;
@@ -93,6 +111,7 @@ impl CudaBackend {
             graphs: Graphs::default(),
             capture_batch: Mutex::new(None),
             device_name,
+            rank: None,
         })
     }
 
@@ -222,6 +241,11 @@ fn check_libraries() -> Result<()> {
     Ok(())
 }
 
+/// GPUs the driver shows (0 if it cannot say).
+fn visible_gpus() -> usize {
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
 /// Keep freed memory in the stream-ordered pool instead of returning it to the driver at
 /// every synchronisation: every step allocates the same sizes again.
 fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
@@ -265,9 +289,26 @@ impl Backend for CudaBackend {
         format!("cuda ({}, {})", self.device_name, self.kernels.arch)
     }
 
-    /// Refuses `tensor_parallel` over several ranks by name (no NCCL all-reduce yet).
     fn kind(&self) -> &'static str {
         "cuda"
+    }
+
+    /// Rank i on GPU i, all in one NCCL group (see `nccl.rs`); one rank is a group too.
+    fn tensor_parallel(&self, ranks: usize) -> Result<(Arc<dyn crate::tensor::RankGroup>, Vec<CudaBackend>)> {
+        let (group, backends) = self.nccl_group(ranks)?;
+        Ok((group, backends))
+    }
+
+    fn all_reduce(&self, x: &mut CudaTensor) -> Result<()> {
+        self.nccl_all_reduce(x)
+    }
+
+    fn on_device(&self, ordinal: usize) -> Result<CudaBackend> {
+        self.on_gpu(ordinal)
+    }
+
+    fn device_ordinal(&self) -> Option<usize> {
+        Some(self.dev.ctx.ordinal())
     }
 
     fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
@@ -296,6 +337,17 @@ impl Backend for CudaBackend {
 
     fn random_fp8(&self, shape: [usize; 2], std: f32, seed: u64) -> Result<Option<CudaTensor>> {
         matmul::fp8_fits(shape).then(|| self.random_fp8_matrix(shape, std, seed)).transpose()
+    }
+
+    fn random_part(
+        &self,
+        shape: [usize; 2],
+        std: f32,
+        seed: u64,
+        part: [Range<usize>; 2],
+    ) -> Result<Option<CudaTensor>> {
+        let [rows, cols] = part;
+        self.random_cut(shape, std, seed, rows, cols).map(Some)
     }
 
     fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<CudaTensor> {

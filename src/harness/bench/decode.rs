@@ -41,15 +41,7 @@ impl<'a> Run<'a> {
     /// Bytes of weights one decode step reads: bf16, or with `fp8` one byte for each
     /// projection (and untied head) value; the embedding table and norms stay bf16.
     pub fn weight_bytes(&self) -> f64 {
-        let c = &self.model.config;
-        let all = c.parameter_count() as f64;
-        match self.dtype {
-            WeightDtype::Auto => all * 2.0,
-            WeightDtype::Fp8 => {
-                let kept = (c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) as f64;
-                (all - kept) + kept * 2.0
-            }
-        }
+        weight_bytes(&self.model.config, self.dtype)
     }
 
     pub fn dtype_label(&self) -> &'static str {
@@ -103,5 +95,17 @@ impl<'a> Run<'a> {
             times.push(start.elapsed().as_secs_f64() * 1e3);
         }
         Ok(median(times))
+    }
+}
+
+/// Bytes of weights one decode step of a model of `c` reads (see `Run::weight_bytes`).
+pub fn weight_bytes(c: &crate::model::ModelConfig, dtype: WeightDtype) -> f64 {
+    let all = c.parameter_count() as f64;
+    match dtype {
+        WeightDtype::Auto => all * 2.0,
+        WeightDtype::Fp8 => {
+            let kept = (c.vocab_size * c.hidden_size + (2 * c.num_layers + 1) * c.hidden_size) as f64;
+            (all - kept) + kept * 2.0
+        }
     }
 }

@@ -54,7 +54,7 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<BenchReport> {
 }
 
 /// Device-to-device copy of 1 GiB, median of 20: bytes read + written per second.
-fn copy_bandwidth(gpu: &CudaBackend, out: &mut dyn Write) -> Result<f64> {
+pub(super) fn copy_bandwidth(gpu: &CudaBackend, out: &mut dyn Write) -> Result<f64> {
     let copy = gpu.time_copy(1 << 30, 20)?;
     let copy_ms = median(copy.into_iter().map(|t| t as f64).collect());
     let bandwidth = 2.0 * (1u64 << 30) as f64 / (copy_ms / 1e3); // read + write

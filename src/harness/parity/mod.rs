@@ -1,6 +1,6 @@
 //! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, then the
 //! whole forward of a real model against the CPU backend, then speculative decoding against
-//! plain decoding on the GPU.
+//! plain decoding on the GPU, then tensor parallelism (NCCL) against the plain path.
 
 #[cfg(feature = "cuda")]
 mod forward;
@@ -9,10 +9,12 @@ mod ops;
 mod report;
 #[cfg(feature = "cuda")]
 mod speculative;
+#[cfg(feature = "cuda")]
+mod tensor_parallel;
 
 use std::io::Write;
 
-pub use self::report::{ForwardRow, OpRow, ParityFailures, ParityReport, SpeculativeRow};
+pub use self::report::{ForwardRow, OpRow, ParityFailures, ParityReport, SpeculativeRow, TpRow};
 use super::Result;
 
 /// Largest error an op may show: max |gpu - cpu| / max |cpu|.
@@ -54,5 +56,12 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     let with_model = opts.model != "none";
     let forward = if with_model { forward::compare(&cpu, &gpu, &opts.model, opts.tokens)? } else { vec![] };
     let speculative = if with_model { speculative::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
-    Ok(ParityReport { seed, model: opts.model.clone(), tokens: opts.tokens, ops, forward, speculative })
+    writeln!(
+        out,
+        "tensor parallelism: {} (and the model), NCCL with one rank against the plain path",
+        tensor_parallel::DUMMY
+    )?;
+    let tensor_parallel = tensor_parallel::compare(&gpu, &opts.model, opts.tokens)?;
+    let (model, tokens) = (opts.model.clone(), opts.tokens);
+    Ok(ParityReport { seed, model, tokens, ops, forward, speculative, tensor_parallel })
 }
