@@ -19,14 +19,15 @@
 #
 # Environment: LOG_DIR (default /tmp/specula-tp), CUDA_HOME (default /usr/local/cuda),
 # DECODE_TOKENS (default 128), MAX_TOKENS (the speculative runs, default 256),
-# GPU_MEMORY_FRACTION (the 70B FP8 runs, default 0.97), NCCL_NVLS_ENABLE (default 0:
+# GPU_MEMORY_FRACTION (the 70B FP8 runs, default 0.99), NGPU (default: nvidia-smi -L's
+# count), NCCL_NVLS_ENABLE (default 0:
 # NVLink multicast stays off; Specula also sets it to 0 when it is unset).
 set -uo pipefail
 BIN=${1:-target/release/specula}
 LOG_DIR=${LOG_DIR:-/tmp/specula-tp}
 DECODE_TOKENS=${DECODE_TOKENS:-128}
 MAX_TOKENS=${MAX_TOKENS:-256}
-GPU_MEMORY_FRACTION=${GPU_MEMORY_FRACTION:-0.97}
+GPU_MEMORY_FRACTION=${GPU_MEMORY_FRACTION:-0.99}
 mkdir -p "$LOG_DIR"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export LD_LIBRARY_PATH="$CUDA_HOME/lib64:${LD_LIBRARY_PATH:-}"
@@ -58,8 +59,8 @@ find_nccl() {
 }
 find_nccl || exit 1
 
-NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
-[ "$NGPU" -ge 1 ] || { echo "no GPU visible (nvidia-smi -L)"; exit 1; }
+NGPU=${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')}
+[ "$NGPU" -ge 1 ] || { echo "no GPU visible (nvidia-smi -L; or set NGPU)"; exit 1; }
 echo "GPUs visible: $NGPU"
 status=0
 step() { # name, command...: runs it, its output to $LOG_DIR/name.log, the tail on failure
