@@ -44,12 +44,15 @@ fn nccl_err(call: &'static str) -> impl Fn(result::NcclError) -> BackendError {
     move |e| BackendError::Nccl { call, code: format!("{:?}", e.0) }
 }
 
-/// NCCL's own defaults, unless the user set them: NVLink multicast (NVLS) off, since the
-/// machines we run on do not support it reliably and NCCL would try it on Hopper; and all
+/// NCCL settings, each unless the user set it: NVLink multicast (NVLS) off, since the
+/// machines we run on do not support it reliably and NCCL would try it on Hopper; all
 /// connections made when the communicators are (not lazily at the first all-reduce, which
-/// may be inside a graph capture). Set before the first communicator reads them.
+/// may be inside a graph capture); and no registration of captured buffers (a zero-copy
+/// path for large messages; ours are a few KB, and graph arenas are plain allocations).
+/// Set in this process's environment before the first communicator reads them.
 fn set_nccl_defaults() {
-    for (name, value) in [("NCCL_NVLS_ENABLE", "0"), ("NCCL_RUNTIME_CONNECT", "0")] {
+    let defaults = [("NCCL_NVLS_ENABLE", "0"), ("NCCL_RUNTIME_CONNECT", "0"), ("NCCL_GRAPH_REGISTER", "0")];
+    for (name, value) in defaults {
         if std::env::var_os(name).is_none() {
             std::env::set_var(name, value);
         }
@@ -170,4 +173,20 @@ fn warm_up(backends: &[CudaBackend]) -> Result<()> {
     queued?;
     ended?;
     backends.iter().try_for_each(|b| b.synchronize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_nccl_is_a_typed_error_naming_the_libraries_looked_for() {
+        match check_nccl() {
+            Ok(()) => {} // installed on this machine
+            Err(BackendError::NcclMissing { searched }) => {
+                assert!(searched.iter().any(|s| s == "libnccl.so"), "{searched:?}");
+            }
+            Err(e) => panic!("expected NcclMissing, got {e}"),
+        }
+    }
 }
