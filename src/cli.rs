@@ -206,9 +206,10 @@ pub struct SpecArgs {
     /// KV blocks of 16 tokens in the draft model's cache (`draft`, `early-exit`, `eagle`).
     #[arg(long, default_value_t = 1024, allow_negative_numbers = true)]
     pub draft_kv_blocks: usize,
-    /// The GPU the draft model runs on, with its own context and stream (default: the
-    /// target's). Its proposed token ids reach the target through the host: a few bytes
-    /// per step. `--spec draft` only: the other proposers read the target's weights.
+    /// The GPU the draft model (or EAGLE head) runs on, with its own context and stream
+    /// (default: the target's). Its proposed token ids reach the target through the host: a
+    /// few bytes per step. An EAGLE head gets a copy of the target's embedding and LM head
+    /// there. Not for `early-exit`, which runs the target's own layers.
     #[arg(long, value_name = "K", allow_negative_numbers = true)]
     pub draft_device: Option<usize>,
     /// How the draft model's weights are stored: its own precision (`auto`) or FP8.
@@ -242,7 +243,7 @@ impl SpecArgs {
             return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit|eagle)".into());
         }
         if self.draft_device.is_some() && matches!(self.spec, SpecMethod::None | SpecMethod::Ngram) {
-            return Err("--draft-device needs a drafting model (--spec draft)".into());
+            return Err("--draft-device needs a drafting model (--spec draft or --spec eagle)".into());
         }
         let choice = ProposerChoice {
             method: self.spec,
@@ -315,7 +316,7 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
         .into(),
         SpecError::TreeSampling => "--spec-tree verifies greedy requests only (--temperature 0)".into(),
         SpecError::DraftDevice { method, device } => format!(
-            "--draft-device {device}: the {method:?} proposer reads the target's weights on the target's device; --draft-device applies to --spec draft"
+            "--draft-device {device}: the {method:?} proposer runs the target's own layers on the target's device; --draft-device applies to --spec draft and --spec eagle"
         )
         .into(),
         SpecError::TreeInRuntime => {

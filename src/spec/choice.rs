@@ -74,15 +74,33 @@ impl ProposerChoice {
                     }
                     None => DEFAULT_HEAD.into(),
                 };
-                let backend = self.backend(new_backend, true)?;
-                Some(Box::new(EagleProposer::load(backend, target.clone(), &dir, blocks, block_size)?))
+                let (backend, target) = self.head_backend(target, new_backend)?;
+                Some(Box::new(EagleProposer::load(backend, target, &dir, blocks, block_size)?))
             }
         })
     }
 
+    /// The EAGLE head's backend and the target it reads: on the target's device, or on
+    /// `draft_device` with a copy of the target's embedding and LM head there (the head
+    /// reads nothing else of the target's weights; its hidden states come through the host).
+    fn head_backend<B: Backend>(
+        &self,
+        target: &Arc<Llama<B>>,
+        new_backend: &dyn Fn() -> Result<B, BackendError>,
+    ) -> Result<(B, Arc<Llama<B>>), SpecError> {
+        let base = new_backend()?;
+        let Some(device) = self.draft_device else { return Ok((base, target.clone())) };
+        let there = base.on_device(device)?;
+        if there.device_ordinal() == base.device_ordinal() {
+            return Ok((there, target.clone()));
+        }
+        let copy = target.head_copy(&base, &there)?;
+        Ok((there, Arc::new(copy)))
+    }
+
     /// The drafting model's backend: from `new_backend` (the target's device, its own
-    /// stream), or on `draft_device`. A proposer that reads the target's weights
-    /// (`reads_target`) stays on the target's device.
+    /// stream), or on `draft_device`. A proposer that reads the target's layers
+    /// (`reads_target`: early exit) stays on the target's device.
     fn backend<B: Backend>(
         &self,
         new_backend: &dyn Fn() -> Result<B, BackendError>,

@@ -201,8 +201,8 @@ pub enum SpecError {
     /// parallelism.
     #[error("the {method:?} proposer drafts with the target's own layers, which tensor parallelism splits over {ranks} ranks (a draft model or n-grams can draft)")]
     SplitTarget { method: SpecMethod, ranks: usize },
-    /// A device for a proposer that reads the target's weights, other than the target's.
-    #[error("the {method:?} proposer reads the target's weights, on the target's device: draft_device {device} applies to a draft model")]
+    /// A device for a proposer that runs the target's own layers, other than the target's.
+    #[error("the {method:?} proposer runs the target's own layers, on the target's device: draft_device {device} applies to a draft model or an EAGLE head")]
     DraftDevice { method: SpecMethod, device: usize },
     #[error("tree speculation needs a proposer that drafts trees (the EAGLE head)")]
     TreeProposer,

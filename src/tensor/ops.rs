@@ -233,6 +233,14 @@ pub trait Backend: Send + Sync + 'static {
     {
         Err(BackendError::NoDevices { backend: self.kind() })
     }
+    /// A copy of `t`, a tensor of `from` (another device of this kind, or the same), on
+    /// this backend's device. Refused by backends without numbered devices.
+    fn copy_from(&self, _t: &Self::Tensor, _from: &Self) -> Result<Self::Tensor>
+    where
+        Self: Sized,
+    {
+        Err(BackendError::NoDevices { backend: self.kind() })
+    }
     /// The number of the device this backend runs on, where devices are numbered (GPUs).
     fn device_ordinal(&self) -> Option<usize> {
         None

@@ -1,7 +1,8 @@
-//! A tensor-parallel rank's part of a dummy (random) weight, made on the GPU: the whole
-//! matrix as `random` makes it, then the rank's rows or columns copied out of it by one
-//! strided copy. Every rank count thus cuts the same matrix that one rank holds whole,
-//! and a 70B model needs no host-side generation.
+//! Weights copied into place on a GPU. A tensor-parallel rank's part of a dummy (random)
+//! weight is made on its GPU: the whole matrix as `random` makes it, then the rank's rows
+//! or columns copied out of it by one strided copy, so every rank count cuts the same
+//! matrix that one rank holds whole, and a 70B model needs no host-side generation. And a
+//! tensor of another GPU is copied here whole (`copy_from_gpu`).
 
 use std::ops::Range;
 
@@ -51,5 +52,38 @@ impl CudaBackend {
             .result()
             .map_err(driver_err("strided copy"))?;
         Ok(out)
+    }
+}
+
+impl CudaBackend {
+    /// A copy of `t`, a tensor of `from` (any GPU), on this backend's GPU: the weights an
+    /// EAGLE head on another GPU reads of its target (embedding, LM head).
+    pub(super) fn copy_from_gpu(&self, t: &CudaTensor, from: &CudaBackend) -> Result<CudaTensor> {
+        // Everything queued on `from`'s GPU (the target's loading, on any of its streams)
+        // is done before the copy reads it.
+        from.dev.ctx.synchronize().map_err(driver_err("synchronizing the source GPU"))?;
+        let buf = self.peer_copy(t.ptr(), t.buf.bytes(), from)?;
+        let mut out = CudaTensor::new(buf, t.shape.clone(), t.dtype);
+        if let Some(scales) = &t.scales {
+            out.scales = Some(std::sync::Arc::new(self.peer_copy(scales.ptr(), scales.bytes(), from)?));
+        }
+        Ok(out)
+    }
+
+    /// `bytes` bytes at `src` in `from`'s context, copied into a fresh buffer here (through
+    /// NVLink or PCIe; the driver stages it when the GPUs cannot reach each other).
+    fn peer_copy(&self, src: u64, bytes: usize, from: &CudaBackend) -> Result<super::device::DeviceBuf> {
+        let dst = self.dev.alloc(bytes)?;
+        if bytes == 0 {
+            return Ok(dst);
+        }
+        self.dev.bind()?;
+        let (dst_ctx, src_ctx) = (self.dev.ctx.cu_ctx(), from.dev.ctx.cu_ctx());
+        // SAFETY: both allocations hold `bytes` bytes; the source is not written meanwhile
+        // (weights), and the copy is ordered before this backend's later work.
+        unsafe { sys::cuMemcpyPeerAsync(dst.ptr(), dst_ctx, src, src_ctx, bytes, self.dev.stream.cu_stream()) }
+            .result()
+            .map_err(driver_err("copy between GPUs"))?;
+        Ok(dst)
     }
 }

@@ -311,6 +311,10 @@ impl Backend for CudaBackend {
         Some(self.dev.ctx.ordinal())
     }
 
+    fn copy_from(&self, t: &CudaTensor, from: &CudaBackend) -> Result<CudaTensor> {
+        self.copy_from_gpu(t, from)
+    }
+
     fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
         let out;
         if t.shape.len() == 1 {
