@@ -10,13 +10,13 @@
 mod attention;
 pub mod batch;
 pub mod blas;
-mod cut;
 pub mod device;
 mod fp8;
 pub mod graph;
 pub mod kernels;
 pub mod matmul;
 mod nccl;
+mod placement;
 pub mod tensor;
 
 use std::ops::Range;
@@ -79,19 +79,6 @@ impl CudaBackend {
     /// model while this one runs the target).
     pub fn sibling(&self) -> Result<Self> {
         Self::on(self.dev.ctx.clone(), self.kernels.clone(), self.tuning)
-    }
-
-    /// A backend on GPU `ordinal`: a sibling of this one on its own GPU, else a backend
-    /// with that GPU's context and kernels.
-    fn on_gpu(&self, ordinal: usize) -> Result<Self> {
-        let visible = visible_gpus();
-        if ordinal >= visible {
-            return Err(BackendError::NoSuchGpu { ordinal, visible });
-        }
-        if ordinal == self.dev.ctx.ordinal() {
-            return self.sibling();
-        }
-        Self::new(ordinal)
     }
 
     fn on(ctx: Arc<CudaContext>, kernels: Arc<Kernels>, tuning: MatmulTuning) -> Result<Self> {
@@ -239,11 +226,6 @@ fn check_libraries() -> Result<()> {
         ));
     }
     Ok(())
-}
-
-/// GPUs the driver shows (0 if it cannot say).
-fn visible_gpus() -> usize {
-    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
 }
 
 /// Keep freed memory in the stream-ordered pool instead of returning it to the driver at

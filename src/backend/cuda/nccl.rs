@@ -134,7 +134,7 @@ impl CudaBackend {
         if ranks == 0 {
             return Err(BackendError::Invalid("tensor parallelism needs at least one rank".into()));
         }
-        let visible = super::visible_gpus();
+        let visible = super::placement::visible_gpus();
         if ranks > visible {
             return Err(BackendError::TooFewGpus { ranks, visible });
         }

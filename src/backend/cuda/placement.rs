@@ -1,18 +1,37 @@
-//! Weights copied into place on a GPU. A tensor-parallel rank's part of a dummy (random)
-//! weight is made on its GPU: the whole matrix as `random` makes it, then the rank's rows
-//! or columns copied out of it by one strided copy, so every rank count cuts the same
-//! matrix that one rank holds whole, and a 70B model needs no host-side generation. And a
-//! tensor of another GPU is copied here whole (`copy_from_gpu`).
+//! Which GPU holds what. A backend on a given GPU (`on_gpu`). A tensor-parallel rank's
+//! part of a dummy (random) weight is made on its GPU: the whole matrix as `random` makes
+//! it, then the rank's rows or columns copied out of it by one strided copy, so every rank
+//! count cuts the same matrix that one rank holds whole, and a 70B model needs no
+//! host-side generation. And a tensor of another GPU is copied here whole
+//! (`copy_from_gpu`).
 
 use std::ops::Range;
 
-use cudarc::driver::sys;
+use cudarc::driver::{sys, CudaContext};
 
 use super::device::driver_err;
 use super::{CudaBackend, CudaTensor, DType};
 use crate::tensor::{Backend, BackendError, Result};
 
+/// GPUs the driver shows (0 if it cannot say).
+pub(super) fn visible_gpus() -> usize {
+    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+}
+
 impl CudaBackend {
+    /// A backend on GPU `ordinal`: a sibling of this one on its own GPU, else a backend
+    /// with that GPU's context and kernels.
+    pub(super) fn on_gpu(&self, ordinal: usize) -> Result<Self> {
+        let visible = visible_gpus();
+        if ordinal >= visible {
+            return Err(BackendError::NoSuchGpu { ordinal, visible });
+        }
+        if ordinal == self.dev.ctx.ordinal() {
+            return self.sibling();
+        }
+        Self::new(ordinal)
+    }
+
     /// Rows `rows` and columns `cols` of the `[shape[0], shape[1]]` matrix `random(shape,
     /// std, seed)` makes.
     pub(super) fn random_cut(
