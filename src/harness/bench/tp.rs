@@ -177,11 +177,13 @@ mod measure {
     /// Milliseconds of `calls` all-reduces of `[1, width]` f32 on this rank: replayed from
     /// one graph (median of `REPS`), and launched one by one. Every rank runs this at once.
     fn time_all_reduces(b: &CudaBackend, calls: usize, width: usize) -> Result<(f64, f64)> {
-        let mut x = b.upload_f32(&HostTensor::new(vec![1, width], vec![0.0; width]))?; // sums stay 0
+        let mut x = b.upload_f32(&HostTensor::new(vec![1, width], vec![0.0; width]))?;
         let mut meta = BatchMeta::new(16);
         meta.push_row(&[0], 0, &[0], 1);
         let key = StepKey { computation: ALL_REDUCES, kv_cache: u64::MAX };
+        // The zeroing keeps the graph from being empty: with one rank, NCCL queues nothing.
         let step = |x: &mut crate::backend::cuda::CudaTensor| -> crate::backend::Result<_> {
+            b.device().memset_zero(x.ptr(), x.bytes())?;
             (0..calls).try_for_each(|_| b.all_reduce(x))?;
             Ok(x.clone())
         };
