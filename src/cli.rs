@@ -53,10 +53,11 @@ pub struct ModelArgs {
     #[arg(long, value_name = "S", default_value_t = 0, requires = "attention_window", allow_negative_numbers = true)]
     pub sink_tokens: usize,
     /// Split the target over N ranks (tensor parallelism: attention heads and the MLP's
-    /// intermediate features). On the CPU the ranks are threads of this process; the GPU
-    /// path (NCCL) is not there yet, so CUDA refuses N > 1.
-    #[arg(long, value_name = "N", default_value_t = 1, allow_negative_numbers = true)]
-    pub tensor_parallel: usize,
+    /// intermediate features). On the CPU the ranks are threads of this process; on CUDA,
+    /// rank i runs on GPU i and the ranks sum their parts through NCCL. N = 1 runs the same
+    /// path with one rank; without the option the whole model runs as is.
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub tensor_parallel: Option<usize>,
 }
 
 impl ModelArgs {
@@ -117,19 +118,18 @@ impl<B: Backend> Target<B> {
 }
 
 /// Loads the target `args` name on a backend from `new_backend`: whole, or with
-/// `--tensor-parallel N` (N > 1) each rank's part on a backend of the group that backend
-/// makes (refused, typed, by a backend without an all-reduce across ranks).
+/// `--tensor-parallel N` each rank's part on a backend of the group that backend makes
+/// (refused, typed, by a backend without an all-reduce across ranks).
 pub fn load_target<B: Backend>(
     args: &ModelArgs,
     new_backend: &dyn Fn() -> Result<B, BackendError>,
 ) -> Result<LoadedTarget<B>, Box<dyn std::error::Error>> {
     let (source, options, backend) = (args.source()?, args.load_options(), new_backend()?);
-    if args.tensor_parallel == 1 {
+    let Some(ranks) = args.tensor_parallel else {
         let loaded = load_model_with(&source, &options, &backend)?;
         let target = Target::Whole(backend, Arc::new(loaded.model));
         return Ok(LoadedTarget { target, tokenizer: loaded.tokenizer, name: loaded.name });
-    }
-    let ranks = args.tensor_parallel;
+    };
     let (group, backends) = backend.tensor_parallel(ranks)?;
     let (mut parts, mut first) = (Vec::with_capacity(ranks), None);
     for (rank, backend) in backends.into_iter().enumerate() {
@@ -174,8 +174,7 @@ impl OnDevice for StartRuntime<'_> {
         let loaded = load_target(self.model, new_backend)?;
         let chat_template = loaded.tokenizer.as_ref().is_some_and(|t| t.chat_template.is_some());
         let mut builder = self.builder.gpu_memory_fraction(self.model.gpu_memory_fraction).kv_cache(kv);
-        let target = loaded.target.model();
-        if let Some(spec) = self.spec.speculation(target, loaded.tokenizer.as_ref(), new_backend)? {
+        if let Some(spec) = self.spec.speculation(&loaded.target, loaded.tokenizer.as_ref(), new_backend)? {
             self.spec.warn_if_synthetic();
             builder = builder.speculation(spec);
         }
@@ -209,6 +208,12 @@ pub struct SpecArgs {
     /// KV blocks of 16 tokens in the draft model's cache (`draft`, `early-exit`, `eagle`).
     #[arg(long, default_value_t = 1024, allow_negative_numbers = true)]
     pub draft_kv_blocks: usize,
+    /// The GPU the draft model (or EAGLE head) runs on, with its own context and stream
+    /// (default: the target's). Its proposed token ids reach the target through the host: a
+    /// few bytes per step. An EAGLE head gets a copy of the target's embedding and LM head
+    /// there. Not for `early-exit`, which runs the target's own layers.
+    #[arg(long, value_name = "K", allow_negative_numbers = true)]
+    pub draft_device: Option<usize>,
     /// How the draft model's weights are stored: its own precision (`auto`) or FP8.
     #[arg(long, value_enum, default_value = "auto")]
     pub draft_dtype: WeightDtype,
@@ -248,6 +253,9 @@ impl SpecArgs {
         if self.synthetic_acceptance.is_some() && self.spec == SpecMethod::None {
             return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit|eagle|medusa)".into());
         }
+        if self.draft_device.is_some() && matches!(self.spec, SpecMethod::None | SpecMethod::Ngram) {
+            return Err("--draft-device needs a drafting model (--spec draft or --spec eagle)".into());
+        }
         let choice = ProposerChoice {
             method: self.spec,
             draft_model: self.draft_model.as_ref().map(ModelArg::resolve).transpose()?,
@@ -255,6 +263,7 @@ impl SpecArgs {
             draft_kv_blocks: self.draft_kv_blocks,
             draft_dtype: self.draft_dtype,
             lookahead: self.lookahead_config(),
+            draft_device: self.draft_device,
         };
         choice.build(target, tokenizer, new_backend).map_err(spec_error)
     }
@@ -287,10 +296,12 @@ impl SpecArgs {
         Ok(Some(TreeShape { nodes, top_k, depth: self.draft_len }))
     }
 
-    /// Speculation for the runtime, or None for plain decoding.
+    /// Speculation for the runtime, or None for plain decoding. An EAGLE head reads the
+    /// target's hidden states, which a tensor-parallel target (even of one rank) does not
+    /// hand out.
     pub fn speculation<B: Backend>(
         &self,
-        target: &Arc<Llama<B>>,
+        target: &Target<B>,
         tokenizer: Option<&Tokenizer>,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Speculation>, Box<dyn std::error::Error>> {
@@ -300,7 +311,10 @@ impl SpecArgs {
         if self.spec == SpecMethod::Lookahead {
             return Err(spec_error(SpecError::LookaheadInRuntime));
         }
-        let proposer = self.proposer(target, tokenizer, new_backend)?;
+        if let (Target::Split(_, ranks), SpecMethod::Eagle) = (target, self.spec) {
+            return Err(spec_error(SpecError::SplitTarget { method: self.spec, ranks: ranks.len() }));
+        }
+        let proposer = self.proposer(target.model(), tokenizer, new_backend)?;
         Ok(proposer.map(|proposer| Speculation {
             proposer,
             max_draft: self.draft_len,
@@ -342,6 +356,10 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
         )
         .into(),
         SpecError::TreeSampling => "--spec-tree verifies greedy requests only (--temperature 0)".into(),
+        SpecError::DraftDevice { method, device } => format!(
+            "--draft-device {device}: the {method:?} proposer runs the target's own layers on the target's device; --draft-device applies to --spec draft and --spec eagle"
+        )
+        .into(),
         SpecError::TreeInRuntime => {
             "--spec-tree runs one request at a time (`generate --prompt`); the batching runtime drafts chains".into()
         }

@@ -85,6 +85,7 @@ fn shapes_that_do_not_fit_a_row_are_refused() {
             draft_kv_blocks: 16,
             draft_dtype: Default::default(),
             lookahead: bad,
+            draft_device: None,
         };
         let err = choice.build(&target, None, &|| Ok(CpuBackend::new())).err().expect("refused");
         assert!(matches!(err, SpecError::LookaheadShape(c) if c == bad), "{err}");

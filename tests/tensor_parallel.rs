@@ -187,3 +187,22 @@ fn runtime_on_three_ranks_at_batch_four_gives_the_greedy_ids_of_one() {
         assert!(!a.token_ids.is_empty());
     }
 }
+
+#[test]
+fn one_rank_gives_the_bits_of_the_whole_model() {
+    let spec = TinySpec::smol();
+    let dir = TempDir::new("tp-one");
+    write_hf_dir(&TinyModel::random(spec, 11), StDtype::F32, dir.path());
+    let config = ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let weights = SafetensorsWeights::open_dir(dir.path()).unwrap();
+    let bar = ProgressBar::hidden();
+    let whole = Llama::load(config.clone(), Weights::Source(&weights), &CpuBackend::new(), &bar).unwrap();
+    let ranks = load_ranks(1, |shard, b| {
+        let opts = LoadOptions::default();
+        Llama::load_shard(config.clone(), Weights::Source(&weights), &opts, shard, b, &bar).unwrap()
+    });
+    let (mut whole, mut split) = executors(whole, ranks);
+    let (a, b, worst) = greedy_both(&mut whole, &mut split, &[3, 141, 59, 265], 8, 0);
+    assert_eq!(a, b);
+    assert_eq!(worst, 0.0, "a group of one rank must give the whole model's bits");
+}

@@ -15,6 +15,8 @@
 pub mod bench;
 pub mod check;
 pub mod parity;
+#[cfg(feature = "cuda")]
+pub mod tp;
 
 /// `specula kernels`: the NVRTC compile, or the parity suite on a GPU.
 #[derive(clap::Subcommand)]
@@ -53,6 +55,8 @@ pub enum HarnessError {
     #[cfg(feature = "cuda")]
     #[error(transparent)]
     Driver(#[from] cudarc::driver::DriverError),
+    #[error("a tensor-parallel rank's thread panicked")]
+    RankPanicked,
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]

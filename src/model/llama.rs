@@ -178,6 +178,21 @@ impl<B: Backend> Llama<B> {
         self.shard
     }
 
+    /// This model's embedding, final norm and LM head copied from `from` (the backend it
+    /// lives on) onto `to`, with no layers: what an EAGLE head on another device reads of
+    /// its target. Not a model to run.
+    pub fn head_copy(&self, from: &B, to: &B) -> Result<Llama<B>> {
+        Ok(Llama {
+            config: self.config.clone(),
+            shard: self.shard,
+            embed: to.copy_from(&self.embed, from)?,
+            layers: vec![],
+            norm: to.copy_from(&self.norm, from)?,
+            lm_head: self.lm_head.as_ref().map(|h| to.copy_from(h, from)).transpose()?,
+            inv_freq: to.copy_from(&self.inv_freq, from)?,
+        })
+    }
+
     /// Runs the batch through all layers, writing its keys and values into `kv`, and returns
     /// the logits `[batch.logits_for.len(), vocab]`.
     pub fn forward(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta) -> Result<B::Tensor> {

@@ -71,6 +71,16 @@ pub(crate) fn load_weight<B: Backend>(
             Weights::Dummy { seed } => dummy(backend, shape, seed_for(name, *seed), to_fp8),
         };
     };
+    if let (Weights::Dummy { seed }, None) = (weights, to_fp8) {
+        let part = match split {
+            Split::Rows(r) => [r.clone(), 0..cols],
+            Split::Cols(c) => [0..rows, c.clone()],
+            Split::Whole => [0..rows, 0..cols],
+        };
+        if let Some(t) = backend.random_part([rows, cols], DUMMY_STD, seed_for(name, *seed), part)? {
+            return Ok(t);
+        }
+    }
     let whole = whole_on_host(weights, name, [rows, cols])?;
     // Quantized whole before it is cut, so that every row keeps the scale it has at one rank.
     let whole = match (whole, to_fp8) {

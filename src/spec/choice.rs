@@ -25,6 +25,8 @@ pub struct ProposerChoice {
     pub draft_dtype: WeightDtype,
     /// The window, n-gram size and verification set of `SpecMethod::Lookahead`.
     pub lookahead: LookaheadConfig,
+    /// The device number (a GPU) a draft model runs on; default: the target's.
+    pub draft_device: Option<usize>,
 }
 
 /// Random Medusa heads (`dummy:`): as many as Medusa's usual checkpoints have.
@@ -54,12 +56,13 @@ impl ProposerChoice {
                 if !(1..=max).contains(&self.draft_layers) {
                     return Err(SpecError::DraftLayers { got: self.draft_layers, max });
                 }
-                let p = ModelProposer::new(new_backend()?, target.clone(), self.draft_layers, blocks, block_size)?;
+                let backend = self.backend(new_backend, true)?;
+                let p = ModelProposer::new(backend, target.clone(), self.draft_layers, blocks, block_size)?;
                 Some(Box::new(p))
             }
             SpecMethod::Draft => {
                 let source = self.draft_model.as_ref().ok_or(SpecError::MissingDraftModel)?;
-                let backend = new_backend()?;
+                let backend = self.backend(new_backend, false)?;
                 let draft = load_model_with(source, &LoadOptions::dtype(self.draft_dtype), &backend)
                     .map_err(|e| SpecError::DraftModel(e.to_string()))?;
                 check_draft_compatible(
@@ -79,7 +82,8 @@ impl ProposerChoice {
                     }
                     None => DEFAULT_HEAD.into(),
                 };
-                Some(Box::new(EagleProposer::load(new_backend()?, target.clone(), &dir, blocks, block_size)?))
+                let (backend, target) = self.head_backend(target, new_backend)?;
+                Some(Box::new(EagleProposer::load(backend, target, &dir, blocks, block_size)?))
             }
             SpecMethod::Medusa => Some(self.medusa(target, new_backend()?)?),
             SpecMethod::Lookahead => {
@@ -101,5 +105,40 @@ impl ProposerChoice {
             }
             None => return Err(SpecError::MissingMedusaHead),
         }))
+    }
+
+    /// The EAGLE head's backend and the target it reads: on the target's device, or on
+    /// `draft_device` with a copy of the target's embedding and LM head there (the head
+    /// reads nothing else of the target's weights; its hidden states come through the host).
+    fn head_backend<B: Backend>(
+        &self,
+        target: &Arc<Llama<B>>,
+        new_backend: &dyn Fn() -> Result<B, BackendError>,
+    ) -> Result<(B, Arc<Llama<B>>), SpecError> {
+        let base = new_backend()?;
+        let Some(device) = self.draft_device else { return Ok((base, target.clone())) };
+        let there = base.on_device(device)?;
+        if there.device_ordinal() == base.device_ordinal() {
+            return Ok((there, target.clone()));
+        }
+        let copy = target.head_copy(&base, &there)?;
+        Ok((there, Arc::new(copy)))
+    }
+
+    /// The drafting model's backend: from `new_backend` (the target's device, its own
+    /// stream), or on `draft_device`. A proposer that reads the target's layers
+    /// (`reads_target`: early exit) stays on the target's device.
+    fn backend<B: Backend>(
+        &self,
+        new_backend: &dyn Fn() -> Result<B, BackendError>,
+        reads_target: bool,
+    ) -> Result<B, SpecError> {
+        let backend = new_backend()?;
+        let Some(device) = self.draft_device else { return Ok(backend) };
+        let there = backend.on_device(device)?;
+        if reads_target && there.device_ordinal() != backend.device_ordinal() {
+            return Err(SpecError::DraftDevice { method: self.method, device });
+        }
+        Ok(there)
     }
 }

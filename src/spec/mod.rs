@@ -228,7 +228,10 @@ pub enum SpecError {
     LookaheadShape(LookaheadConfig),
     #[error("lookahead decoding verifies a tree each step: it runs in the one-request engine, greedy requests only")]
     LookaheadInRuntime,
-    #[error("tree speculation needs a proposer that drafts trees (EAGLE, Medusa, lookahead)")]
+    /// A device for a proposer that runs the target's own layers, other than the target's.
+    #[error("the {method:?} proposer runs the target's own layers, on the target's device: draft_device {device} applies to a draft model or an EAGLE head")]
+    DraftDevice { method: SpecMethod, device: usize },
+    #[error("tree speculation needs a proposer that drafts trees (the EAGLE head)")]
     TreeProposer,
     #[error("tree speculation verifies greedy requests only (temperature 0): sampling over a tree is not implemented")]
     TreeSampling,

@@ -18,10 +18,26 @@ pub enum BackendError {
     /// A feature this backend does not implement, refused when it is configured.
     #[error("the {backend} backend does not support {feature}")]
     Unsupported { backend: &'static str, feature: KvFeature },
-    /// Tensor parallelism over more than one rank on a backend without an all-reduce
-    /// across ranks (CUDA, until NCCL is there), refused when it is configured.
-    #[error("the {backend} backend cannot split a model over {ranks} ranks: it has no all-reduce across devices yet (NCCL); run tensor parallelism on the CPU backend")]
+    /// Tensor parallelism on a backend without an all-reduce across ranks, refused when it
+    /// is configured.
+    #[error("the {backend} backend cannot split a model over {ranks} ranks: it has no all-reduce across ranks")]
     NoTensorParallel { backend: &'static str, ranks: usize },
+    /// More tensor-parallel ranks (one per GPU) than GPUs visible.
+    #[error("tensor parallelism over {ranks} ranks needs {ranks} GPUs (one per rank), but {visible} are visible")]
+    TooFewGpus { ranks: usize, visible: usize },
+    /// A GPU asked for by number (`--draft-device`) that the driver does not show.
+    #[error("GPU {ordinal} is not visible: {visible} GPUs are (numbered from 0)")]
+    NoSuchGpu { ordinal: usize, visible: usize },
+    /// A device asked for by number on a backend that has no numbered devices (the CPU).
+    #[error("the {backend} backend has no numbered devices: a device number (--draft-device) needs the CUDA backend")]
+    NoDevices { backend: &'static str },
+    /// NCCL (the all-reduce across GPUs) could not be loaded; it is loaded only when a
+    /// tensor-parallel group is made.
+    #[error("NCCL could not be loaded: looked for {searched:?} on the library path. The nvidia-nccl-cu13 wheel ships only libnccl.so.2: link it as libnccl.so in a folder on LD_LIBRARY_PATH (bench/tp_gpu.sh does)")]
+    NcclMissing { searched: Vec<String> },
+    /// An NCCL call failed (`code`: NCCL's result code).
+    #[error("NCCL {call} failed: {code}")]
+    Nccl { call: &'static str, code: String },
 }
 
 /// KV-cache features a backend may lack.
@@ -103,6 +119,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Random normal weights with standard deviation `std` (the dummy load format), made
     /// where they will live so that large shapes need no host memory.
     fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<Self::Tensor>;
+    /// Rows `part[0]` and columns `part[1]` of the matrix `random(shape, std, seed)` makes
+    /// (a tensor-parallel rank's cut of a dummy weight), made where it will live. `None`
+    /// makes the loader generate the whole matrix on the host and cut it there.
+    fn random_part(
+        &self,
+        _shape: [usize; 2],
+        _std: f32,
+        _seed: u64,
+        _part: [std::ops::Range<usize>; 2],
+    ) -> Result<Option<Self::Tensor>> {
+        Ok(None)
+    }
     /// A random `[rows, cols]` matrix as `random` makes it, stored as FP8 (E4M3, one scale
     /// per row, activations unquantized): the dummy load format with `--dtype fp8`. `None`
     /// makes the loader generate the values on the host, quantize them there and call
@@ -196,6 +224,26 @@ pub trait Backend: Send + Sync + 'static {
         Self: Sized,
     {
         Err(BackendError::NoTensorParallel { backend: self.kind(), ranks })
+    }
+    /// A backend like this one on device `ordinal` of the same kind (a GPU), with its own
+    /// stream: a draft model on another GPU. Refused by backends without numbered devices.
+    fn on_device(&self, _ordinal: usize) -> Result<Self>
+    where
+        Self: Sized,
+    {
+        Err(BackendError::NoDevices { backend: self.kind() })
+    }
+    /// A copy of `t`, a tensor of `from` (another device of this kind, or the same), on
+    /// this backend's device. Refused by backends without numbered devices.
+    fn copy_from(&self, _t: &Self::Tensor, _from: &Self) -> Result<Self::Tensor>
+    where
+        Self: Sized,
+    {
+        Err(BackendError::NoDevices { backend: self.kind() })
+    }
+    /// The number of the device this backend runs on, where devices are numbered (GPUs).
+    fn device_ordinal(&self) -> Option<usize> {
+        None
     }
     /// The backend's kind, as errors name it.
     fn kind(&self) -> &'static str {

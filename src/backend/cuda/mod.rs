@@ -16,8 +16,11 @@ pub mod graph;
 pub mod kernels;
 mod kv;
 pub mod matmul;
+mod nccl;
+mod placement;
 pub mod tensor;
 
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
@@ -47,6 +50,8 @@ pub struct CudaBackend {
     /// Set while `graph::Graphs` captures a step: the batch buffer `prepare` must use.
     capture_batch: Mutex<Option<(Arc<DeviceBuf>, usize)>>,
     device_name: String,
+    /// This backend's place in a tensor-parallel group (`tensor_parallel`), if any.
+    rank: Option<nccl::NcclRank>,
 }
 
 impl CudaBackend {
@@ -94,6 +99,7 @@ impl CudaBackend {
             graphs: Graphs::default(),
             capture_batch: Mutex::new(None),
             device_name,
+            rank: None,
         })
     }
 
@@ -266,9 +272,30 @@ impl Backend for CudaBackend {
         format!("cuda ({}, {})", self.device_name, self.kernels.arch)
     }
 
-    /// Refuses `tensor_parallel` over several ranks by name (no NCCL all-reduce yet).
     fn kind(&self) -> &'static str {
         "cuda"
+    }
+
+    /// Rank i on GPU i, all in one NCCL group (see `nccl.rs`); one rank is a group too.
+    fn tensor_parallel(&self, ranks: usize) -> Result<(Arc<dyn crate::tensor::RankGroup>, Vec<CudaBackend>)> {
+        let (group, backends) = self.nccl_group(ranks)?;
+        Ok((group, backends))
+    }
+
+    fn all_reduce(&self, x: &mut CudaTensor) -> Result<()> {
+        self.nccl_all_reduce(x)
+    }
+
+    fn on_device(&self, ordinal: usize) -> Result<CudaBackend> {
+        self.on_gpu(ordinal)
+    }
+
+    fn device_ordinal(&self) -> Option<usize> {
+        Some(self.dev.ctx.ordinal())
+    }
+
+    fn copy_from(&self, t: &CudaTensor, from: &CudaBackend) -> Result<CudaTensor> {
+        self.copy_from_gpu(t, from)
     }
 
     fn upload(&self, t: &HostTensor) -> Result<CudaTensor> {
@@ -297,6 +324,17 @@ impl Backend for CudaBackend {
 
     fn random_fp8(&self, shape: [usize; 2], std: f32, seed: u64) -> Result<Option<CudaTensor>> {
         matmul::fp8_fits(shape).then(|| self.random_fp8_matrix(shape, std, seed)).transpose()
+    }
+
+    fn random_part(
+        &self,
+        shape: [usize; 2],
+        std: f32,
+        seed: u64,
+        part: [Range<usize>; 2],
+    ) -> Result<Option<CudaTensor>> {
+        let [rows, cols] = part;
+        self.random_cut(shape, std, seed, rows, cols).map(Some)
     }
 
     fn random(&self, shape: &[usize], std: f32, seed: u64) -> Result<CudaTensor> {

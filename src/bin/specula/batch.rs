@@ -101,7 +101,7 @@ fn start<B: Backend>(
         .max_waiting(lines.max(1024))
         .gpu_memory_fraction(args.load.gpu_memory_fraction);
     let timeline = Arc::new(Timeline::default());
-    if let Some(spec) = args.spec.speculation(loaded.target.model(), loaded.tokenizer.as_ref(), new_backend)? {
+    if let Some(spec) = args.spec.speculation(&loaded.target, loaded.tokenizer.as_ref(), new_backend)? {
         args.spec.warn_if_synthetic();
         builder = builder.speculation(spec).timeline(timeline.clone());
     } else if args.timeline.is_some() {

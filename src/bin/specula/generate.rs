@@ -98,7 +98,7 @@ fn run_on<B: Backend>(
     match &args.prompts_file {
         Some(file) => batch::run(args, file, new_backend),
         // The single-request engine runs a whole model: a split one goes through the runtime.
-        None if args.load.tensor_parallel > 1 => {
+        None if args.load.tensor_parallel.is_some() => {
             let prompt = [args.prompt.as_deref().unwrap_or_default()];
             batch::run_prompts(args, &prompt, std::path::Path::new("--prompt"), new_backend)
         }

@@ -44,7 +44,10 @@ struct BenchArgs {
 enum BenchServe {
     /// Load a running server (Specula or any OpenAI-compatible one) and report TTFT, TPOT,
     /// inter-token and end-to-end latency and throughput, per load of a sweep.
-    Serve(loadgen::ServeBenchArgs),
+    Serve(Box<loadgen::ServeBenchArgs>),
+    /// A model split over GPUs 0..N-1 through NCCL: decode tok/s against the ceiling, and
+    /// the all-reduces of one step timed alone.
+    Tp(bench::TpBenchOptions),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +76,9 @@ fn run(command: Command) -> Result<(), Box<dyn std::error::Error>> {
         }
         Command::Bench(BenchArgs { serve: Some(BenchServe::Serve(args)), .. }) => {
             Ok(loadgen::run(&args, &mut stdout()).map(drop)?)
+        }
+        Command::Bench(BenchArgs { serve: Some(BenchServe::Tp(opts)), .. }) => {
+            Ok(bench::tp::run(&opts, &mut stdout()).map(drop)?)
         }
         Command::Bench(BenchArgs { gpu, .. }) => Ok(bench::run(&gpu, &mut stdout())?),
         Command::Serve(args) => serve::run(args),

@@ -21,6 +21,7 @@ mod report;
 mod run;
 #[cfg(feature = "cuda")]
 mod speculative;
+pub mod tp;
 
 use std::io::Write;
 
@@ -28,6 +29,7 @@ pub use self::long_report::{ContextRow, LongContextReport, PoolFit};
 pub use self::report::{
     BenchReport, DecodeRow, KernelRow, KernelTable, Overlap, SpecReport, SpecRow, VariantRate, VerifyRow,
 };
+pub use self::tp::{TpBenchOptions, TpBenchReport};
 use super::Result;
 use crate::model::WeightDtype;
 use crate::tensor::KvDtype;
@@ -58,6 +60,10 @@ pub struct BenchOptions {
     pub synthetic_acceptance: f64,
     #[arg(long, default_value_t = 8)]
     pub draft_len: usize,
+    /// The GPU the draft model of the speculative comparison runs on (default: the
+    /// target's, GPU 0); its token ids reach the target through the host.
+    #[arg(long, value_name = "K")]
+    pub draft_device: Option<usize>,
     /// Also time the matmul kernels built with other settings (`MatmulTuning`), side by side.
     #[arg(long)]
     pub tune: bool,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use super::decode::BLOCK;
 use super::{BenchOptions, SpecReport, SpecRow};
 use crate::backend::cuda::CudaBackend;
+use crate::backend::Backend;
 use crate::core::sampling::SamplingParams;
 use crate::engine::{Completion, Engine, SpecOptions};
 use crate::harness::{model_source, Result};
@@ -23,7 +24,11 @@ struct Pair {
 
 impl Pair {
     fn load(gpu: &CudaBackend, opts: &BenchOptions) -> Result<Self> {
-        let (tb, db) = (gpu.sibling()?, gpu.sibling()?);
+        let tb = gpu.sibling()?;
+        let db = match opts.draft_device {
+            Some(k) => gpu.on_device(k)?,
+            None => gpu.sibling()?,
+        };
         let options = LoadOptions::dtype(opts.dtype);
         let target = load_model_with(&model_source(&opts.models[0])?, &options, &tb)?;
         let draft = load_model_with(&model_source(&opts.models[1])?, &options, &db)?;

@@ -1,7 +1,7 @@
 //! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, then the
 //! whole forward of a real model against the CPU backend, then the model with an FP8 KV
 //! cache against the bf16 cache on the GPU, then speculative decoding against plain
-//! decoding on the GPU.
+//! decoding on the GPU, then tensor parallelism (NCCL) against the plain path.
 
 #[cfg(feature = "cuda")]
 mod forward;
@@ -12,10 +12,12 @@ mod ops;
 mod report;
 #[cfg(feature = "cuda")]
 mod speculative;
+#[cfg(feature = "cuda")]
+mod tensor_parallel;
 
 use std::io::Write;
 
-pub use self::report::{ForwardRow, KvRow, OpRow, ParityFailures, ParityReport, SpeculativeRow};
+pub use self::report::{ForwardRow, KvRow, OpRow, ParityFailures, ParityReport, SpeculativeRow, TpRow};
 use super::Result;
 
 /// Largest error an op may show: max |gpu - cpu| / max |cpu|.
@@ -58,5 +60,12 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     let forward = if with_model { forward::compare(&cpu, &gpu, &opts.model, opts.tokens)? } else { vec![] };
     let kv_fp8 = if with_model { kv::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
     let speculative = if with_model { speculative::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
-    Ok(ParityReport { seed, model: opts.model.clone(), tokens: opts.tokens, ops, forward, kv_fp8, speculative })
+    writeln!(
+        out,
+        "tensor parallelism: {} (and the model), NCCL with one rank against the plain path",
+        tensor_parallel::DUMMY
+    )?;
+    let tensor_parallel = tensor_parallel::compare(&gpu, &opts.model, opts.tokens)?;
+    let (model, tokens) = (opts.model.clone(), opts.tokens);
+    Ok(ParityReport { seed, model, tokens, ops, forward, kv_fp8, speculative, tensor_parallel })
 }

@@ -66,6 +66,26 @@ impl SpeculativeRow {
     }
 }
 
+/// A tensor-parallel run against another run of the same model on the GPU: the NCCL path
+/// with one rank against the plain path (ids and logits, bit for bit), or N ranks against
+/// one (ids).
+pub struct TpRow {
+    pub model: String,
+    /// What is compared, e.g. `tp1 (nccl) vs plain`.
+    pub check: String,
+    pub steps: usize,
+    /// Greedy ids equal before the first difference.
+    pub equal: usize,
+    /// Whether every step's logits were the same bits (`None`: not compared).
+    pub logits_bitwise: Option<bool>,
+}
+
+impl TpRow {
+    pub fn pass(&self) -> bool {
+        self.equal == self.steps && self.logits_bitwise != Some(false)
+    }
+}
+
 pub struct ParityReport {
     /// Seed of the random op inputs.
     pub seed: u64,
@@ -78,6 +98,7 @@ pub struct ParityReport {
     /// The FP8 KV cache against bf16, on the GPU.
     pub kv_fp8: Vec<KvRow>,
     pub speculative: Vec<SpeculativeRow>,
+    pub tensor_parallel: Vec<TpRow>,
 }
 
 /// The checks that must hold: ops within tolerance, speculative output equal to plain
@@ -85,12 +106,13 @@ pub struct ParityReport {
 #[derive(Debug, thiserror::Error)]
 #[error(
     "{ops} ops outside tolerance; {speculative} speculative outputs differ from plain decoding; \
-     {invariance} prompts whose verification differs from decoding"
+     {invariance} prompts whose verification differs from decoding; {tensor_parallel} tensor-parallel runs differ"
 )]
 pub struct ParityFailures {
     pub ops: usize,
     pub speculative: usize,
     pub invariance: usize,
+    pub tensor_parallel: usize,
 }
 
 impl ParityReport {
@@ -101,8 +123,9 @@ impl ParityReport {
             speculative: self.speculative.iter().filter(|s| !s.pass()).count(),
             invariance: self.forward.iter().filter(|f| !f.verify_differs.is_empty()).count()
                 + self.kv_fp8.iter().filter(|k| !k.verify_differs.is_empty()).count(),
+            tensor_parallel: self.tensor_parallel.iter().filter(|t| !t.pass()).count(),
         };
-        if failures.ops > 0 || failures.speculative > 0 || failures.invariance > 0 {
+        if failures.ops + failures.speculative + failures.invariance + failures.tensor_parallel > 0 {
             return Err(failures);
         }
         Ok(())
@@ -141,6 +164,9 @@ impl fmt::Display for ParityReport {
         }
         if !self.speculative.is_empty() {
             self.fmt_speculative(f)?;
+        }
+        if !self.tensor_parallel.is_empty() {
+            self.fmt_tensor_parallel(f)?;
         }
         Ok(())
     }
@@ -218,6 +244,21 @@ impl ParityReport {
         writeln!(f, "top-1 agreement over the prompts: {agree}/{total}")
     }
 
+    fn fmt_tensor_parallel(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(f, "\n== tensor parallelism on the GPU (greedy, decode steps through CUDA graphs) ==")?;
+        writeln!(f, "{:<22} {:<26} {:>9} {:>10}", "model", "check", "ids", "logits")?;
+        for t in &self.tensor_parallel {
+            let logits = match t.logits_bitwise {
+                None => "-",
+                Some(true) => "bitwise",
+                Some(false) => "DIFFER",
+            };
+            let verdict = if t.pass() { "pass" } else { "FAIL" };
+            writeln!(f, "{:<22} {:<26} {:>5}/{:<3} {:>10}  {verdict}", t.model, t.check, t.equal, t.steps, logits)?;
+        }
+        Ok(())
+    }
+
     fn fmt_speculative(&self, f: &mut fmt::Formatter) -> fmt::Result {
         writeln!(f, "\n== speculative vs plain greedy, both on the GPU (engine loop, {} tokens) ==", self.tokens)?;
         writeln!(
@@ -284,6 +325,13 @@ mod tests {
                 drafted: 90,
                 accepted: 40,
             }],
+            tensor_parallel: vec![TpRow {
+                model: "dummy:llama-3.1-8b".into(),
+                check: "tp1 (nccl) vs plain".into(),
+                steps: 32,
+                equal: 32,
+                logits_bitwise: Some(false),
+            }],
         }
     }
 
@@ -303,8 +351,9 @@ mod tests {
         );
         assert!(text.contains("chat          40/64            40       0.0625    62/64     3.10e-2          bitwise\n"));
         assert!(text.contains("top-1 agreement over the prompts: 62/64\n"));
+        assert!(text.contains("dummy:llama-3.1-8b     tp1 (nccl) vs plain           32/32      DIFFER  FAIL\n"));
         let failures = r.check().unwrap_err();
-        assert_eq!((failures.ops, failures.speculative, failures.invariance), (1, 0, 0));
+        assert_eq!((failures.ops, failures.speculative, failures.invariance, failures.tensor_parallel), (1, 0, 0, 1));
         assert_eq!(r.diverged(), 2);
         assert!(r.note().unwrap().starts_with("note: 2 prompts diverged"));
     }
