@@ -20,6 +20,11 @@ mkdir -p "$LOG_DIR"
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export LD_LIBRARY_PATH="$CUDA_HOME/lib64:${LD_LIBRARY_PATH:-}"
 export SPECULA_CACHE=${SPECULA_CACHE:-$LOG_DIR/cache}
+# The parity's tensor-parallel rows run through NCCL.
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+# shellcheck source=bench/nccl_env.sh
+source "$(dirname "$0")/nccl_env.sh"
+find_nccl || echo "NCCL not found: the parity's tensor-parallel rows will fail"
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,clocks.mem \
     --format=csv >"$LOG_DIR/gpu.txt" 2>&1
