@@ -1,7 +1,8 @@
 //! `specula bench serve` as an operator runs it: against a `specula serve` of the default
 //! model (speculating with an early exit), over both APIs, with a small synthetic sweep;
-//! the JSON report and the plots checked; and the typed errors of a server that is not
-//! there or a bad URL.
+//! the JSON report and the plots checked; against servers of dummy weights (no tokenizer)
+//! with prompts of random token ids, plain and speculating; and the typed errors of a
+//! server that is not there or a bad URL.
 
 mod server_support;
 
@@ -108,6 +109,74 @@ fn a_sweep_over_both_apis_reports_every_request_and_draws_its_plot() {
     assert!(svg_text.starts_with("<svg") && svg_text.trim_end().ends_with("</svg>"), "not an SVG image");
     assert!(svg_text.contains("smol-openai") && svg_text.contains("smol-ws"), "a line per configuration");
     assert!(svg_text.contains("mean time per output token (ms)"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `bench serve --dataset random-ids` at concurrency 2 against `served`: 4 requests of 16
+/// prompt ids and 8 new tokens, all completed and timed token by token.
+fn random_ids_run(served: &process::Served, label: &str, dir: &Path) -> (Value, String) {
+    let url = format!("http://{}", served.addr);
+    let json = dir.join(format!("{label}.json"));
+    let workload = ["--dataset", "random-ids", "--input-len", "16", "--output-len", "8", "--num-requests", "4"];
+    let mut args = vec!["--url", &url, "--concurrency", "2", "--label", label, "--json", path_str(&json)];
+    args.extend(workload);
+    let out = bench(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{}\n{stdout}\n{}", out.status, String::from_utf8_lossy(&out.stderr));
+    println!("{stdout}");
+    let report: Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(
+        (report["config"]["dataset"].as_str(), report["config"]["vocab"].as_u64()),
+        (Some("random_ids"), Some(32000))
+    );
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1);
+    let run = &runs[0];
+    assert_eq!(run["load"], serde_json::json!({"concurrency": 2}));
+    assert_eq!((run["completed"].as_u64(), run["failed"].as_u64()), (Some(4), Some(0)), "{run}");
+    // The server's own counts: the ids sent, and every request its 8 tokens (ignore_eos).
+    assert_eq!((run["total_input_tokens"].as_u64(), run["total_output_tokens"].as_u64()), (Some(64), Some(32)));
+    assert!(run["output_throughput"].as_f64().unwrap() > 0.0, "{run}");
+    for name in ["ttft_ms", "tpot_ms", "itl_ms", "e2e_ms"] {
+        check_summary(run, name);
+    }
+    // Tokens arrived one chunk at a time, not all at the end: the first well before the last.
+    assert!(run["ttft_ms"]["p50"].as_f64() < run["e2e_ms"]["p50"].as_f64(), "{run}");
+    (run.clone(), stdout)
+}
+
+#[test]
+fn random_token_ids_load_servers_of_dummy_weights_plain_and_speculating() {
+    // Its own folder: the other tests remove theirs when they end.
+    let dir = std::env::temp_dir().join(format!("specula-bench-dummy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let dummy = ["--model", "dummy:smollm2-135m", "--backend", "cpu"];
+    let spec = ["--spec", "draft", "--draft-model", "dummy:smollm2-135m", "--synthetic-acceptance", "0.8"];
+    let fixed = ["--draft-len", "4", "--draft-lengths", "fixed"];
+    let spec_args = [&dummy[..], &spec, &fixed].concat();
+    // Both servers start at once: drawing random weights is most of a test this short.
+    let (plain, speculating) = std::thread::scope(|s| {
+        let speculating = s.spawn(|| process::serve(&spec_args, None));
+        (process::serve(&dummy, None), speculating.join().unwrap())
+    });
+    let (run, stdout) = random_ids_run(&plain, "dummy-plain", &dir);
+    assert!(run["speculative"].is_null() && !stdout.contains("tok/step"), "{run}");
+    // The WebSocket's `generate` frame takes text only: refused before anything is sent.
+    let url = format!("http://{}", plain.addr);
+    let out = bench(&["--url", &url, "--api", "ws", "--dataset", "random-ids", "--num-requests", "2"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("use --api openai"), "{out:?}");
+    drop(plain);
+
+    let (run, stdout) = random_ids_run(&speculating, "dummy-spec", &dir);
+    // Over the OpenAI API the acceptance comes from the server's /metrics.
+    let s = &run["speculative"];
+    assert_eq!(s["source"], "server_metrics", "{run}");
+    let (drafted, accepted, steps) = (s["drafted"].as_u64(), s["accepted"].as_u64(), s["steps"].as_u64());
+    assert!(steps > Some(0) && accepted <= drafted && drafted <= steps.map(|n| 4 * n), "{run}");
+    let per_step = s["tokens_per_step"].as_f64().unwrap();
+    assert!((1.0..=5.0).contains(&per_step), "{run}");
+    assert!(stdout.contains("tok/step") && stdout.contains("drafts accepted"), "{stdout}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

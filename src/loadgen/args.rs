@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+/// `--vocab` by default: Llama 2's vocabulary, the smallest of the Llama family (SmolLM2
+/// has 49,152 tokens, Llama 3 128,256), so every id is valid for each of them.
+pub const DEFAULT_VOCAB: usize = 32_000;
+
 /// Which of the server's doors the requests go through.
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -32,6 +36,9 @@ impl fmt::Display for Api {
 pub enum DatasetSource {
     /// Prompts of random common words, lengths drawn from normal distributions.
     Synthetic,
+    /// Prompts of random token ids, exactly `input-len` tokens each (give or take
+    /// `input-std`), sent as token-id arrays: for servers without a tokenizer (dummy weights).
+    RandomIds,
     /// A ShareGPT-style JSON file (`.json`), or a text file with one prompt per line.
     File(PathBuf),
 }
@@ -40,8 +47,9 @@ impl FromStr for DatasetSource {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         match s {
-            "" => Err("name `synthetic` or a file".into()),
+            "" => Err("name `synthetic`, `random-ids` or a file".into()),
             "synthetic" => Ok(DatasetSource::Synthetic),
+            "random-ids" => Ok(DatasetSource::RandomIds),
             path => Ok(DatasetSource::File(path.into())),
         }
     }
@@ -110,11 +118,14 @@ pub struct ServeBenchArgs {
     /// WebSocket.
     #[arg(long, value_enum, default_value = "openai")]
     pub api: Api,
-    /// `synthetic`, a ShareGPT JSON file (`.json`: the first human turn is the prompt, the
-    /// answer's length the output length), or a text file of one prompt per line.
+    /// `synthetic`, `random-ids` (random token ids sent as arrays over the OpenAI API: for
+    /// servers of dummy weights, which have no tokenizer), a ShareGPT JSON file (`.json`: the
+    /// first human turn is the prompt, the answer's length the output length), or a text
+    /// file of one prompt per line.
     #[arg(long, default_value = "synthetic")]
     pub dataset: DatasetSource,
-    /// Synthetic prompts: mean length in tokens (approximately: one common word a token).
+    /// Synthetic prompts: mean length in tokens (approximately: one common word a token;
+    /// exactly, for `random-ids`).
     #[arg(long, default_value_t = 1024, value_parser = positive)]
     pub input_len: usize,
     /// Synthetic prompts: standard deviation of the length (0: every prompt `input-len`).
@@ -131,6 +142,10 @@ pub struct ServeBenchArgs {
     /// there are fewer).
     #[arg(long, default_value_t = 100, value_parser = positive)]
     pub num_requests: usize,
+    /// With `--concurrency`: a run of C clients sends K x C requests (at least
+    /// `num-requests`), so that each level of a sweep reaches a steady state in its time.
+    #[arg(long, value_name = "K", value_parser = positive, requires = "concurrency")]
+    pub requests_per_client: Option<usize>,
     /// Clients in a closed loop, comma-separated for a sweep (default 1).
     #[arg(long, value_delimiter = ',', value_parser = positive, conflicts_with = "request_rate")]
     pub concurrency: Vec<usize>,
@@ -140,6 +155,10 @@ pub struct ServeBenchArgs {
     /// With `--request-rate`: most requests in flight; later arrivals wait for a slot.
     #[arg(long, value_parser = positive, requires = "request_rate")]
     pub max_concurrency: Option<usize>,
+    /// `random-ids`: token ids are drawn below this (the default is below every Llama
+    /// vocabulary's size).
+    #[arg(long, default_value_t = DEFAULT_VOCAB, value_parser = positive)]
+    pub vocab: usize,
     /// Seed of the synthetic lengths and words and of the arrival times.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -196,6 +215,20 @@ impl ServeBenchArgs {
             [] => vec![Load::Concurrency(1)],
             list => list.iter().map(|&c| Load::Concurrency(c)).collect(),
         }
+    }
+
+    /// Requests sent in a run under `load`.
+    pub fn requests_for(&self, load: Load) -> usize {
+        match (load, self.requests_per_client) {
+            (Load::Concurrency(c), Some(k)) => self.num_requests.max(k.saturating_mul(c)),
+            _ => self.num_requests,
+        }
+    }
+
+    /// Requests the dataset must provide: the most of any run (each run takes them from
+    /// the start).
+    pub fn most_requests(&self) -> usize {
+        self.loads().into_iter().map(|l| self.requests_for(l)).max().unwrap_or(self.num_requests)
     }
 
     /// Output length of a request whose dataset does not give one.

@@ -7,31 +7,42 @@
 //!   single token, space included, in the BPE vocabularies of Llama-family models (the
 //!   server may add a start-of-sequence token);
 //! - a text's length (a file's prompt, a ShareGPT answer) is taken as one token per four
-//!   characters, the usual figure for English text.
+//!   characters, the usual figure for English text;
+//! - a `random-ids` prompt is token ids, its length exact: for servers without a tokenizer.
 
 use std::path::Path;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::args::{DatasetSource, ServeBenchArgs};
 use super::BenchError;
 
+/// A request's prompt, serialized as the OpenAI `prompt` field takes it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum PromptBody {
+    Text(String),
+    TokenIds(Vec<u32>),
+}
+
 /// One request to send.
 #[derive(Debug, Clone, PartialEq)]
 pub struct WorkItem {
-    pub prompt: String,
+    pub prompt: PromptBody,
     /// The prompt's length in tokens, as estimated here.
     pub input_len: usize,
     /// `max_tokens`.
     pub output_len: usize,
 }
 
-/// The `num_requests` requests of every run, from the configured dataset.
+/// The requests of the sweep's runs (each run takes as many as it sends from the start),
+/// from the configured dataset.
 pub fn load(args: &ServeBenchArgs) -> Result<Vec<WorkItem>, BenchError> {
     match &args.dataset {
         DatasetSource::Synthetic => Ok(synthetic(args)),
+        DatasetSource::RandomIds => random_ids(args),
         DatasetSource::File(path) => {
             let text = std::fs::read_to_string(path).map_err(|e| dataset_error(path, e.to_string()))?;
             let items = if path.extension().is_some_and(|e| e == "json") {
@@ -42,7 +53,7 @@ pub fn load(args: &ServeBenchArgs) -> Result<Vec<WorkItem>, BenchError> {
             if items.is_empty() {
                 return Err(dataset_error(path, "it has no prompt".into()));
             }
-            Ok(items.into_iter().cycle().take(args.num_requests).collect())
+            Ok(items.into_iter().cycle().take(args.most_requests()).collect())
         }
     }
 }
@@ -65,7 +76,7 @@ const WORDS: [&str; 100] = [
 /// Prompts of random words, lengths drawn from normal distributions (at least 1 each).
 fn synthetic(args: &ServeBenchArgs) -> Vec<WorkItem> {
     let mut rng = StdRng::seed_from_u64(args.seed);
-    (0..args.num_requests)
+    (0..args.most_requests())
         .map(|_| {
             let input_len = normal_len(&mut rng, args.input_len, args.input_std);
             let output_len = normal_len(&mut rng, args.default_output_len(), args.output_std);
@@ -74,9 +85,22 @@ fn synthetic(args: &ServeBenchArgs) -> Vec<WorkItem> {
                 prompt.push(' ');
                 prompt.push_str(WORDS[rng.random_range(0..WORDS.len())]);
             }
-            WorkItem { prompt, input_len, output_len }
+            WorkItem { prompt: PromptBody::Text(prompt), input_len, output_len }
         })
         .collect()
+}
+
+/// Prompts of token ids drawn uniformly below `--vocab`, lengths as for synthetic prompts.
+fn random_ids(args: &ServeBenchArgs) -> Result<Vec<WorkItem>, BenchError> {
+    let vocab = u32::try_from(args.vocab).map_err(|_| BenchError::Option("--vocab must be below 2^32".into()))?;
+    let mut rng = StdRng::seed_from_u64(args.seed);
+    let items = (0..args.most_requests()).map(|_| {
+        let input_len = normal_len(&mut rng, args.input_len, args.input_std);
+        let output_len = normal_len(&mut rng, args.default_output_len(), args.output_std);
+        let ids = (0..input_len).map(|_| rng.random_range(0..vocab)).collect();
+        WorkItem { prompt: PromptBody::TokenIds(ids), input_len, output_len }
+    });
+    Ok(items.collect())
 }
 
 /// `mean + std * z` rounded, z standard normal (Box-Muller), at least 1.
@@ -97,7 +121,9 @@ pub fn approx_tokens(text: &str) -> usize {
 /// One prompt per non-empty line.
 fn prompt_lines(text: &str, output_len: usize) -> Vec<WorkItem> {
     let lines = text.lines().map(str::trim_end).filter(|l| !l.trim().is_empty());
-    lines.map(|p| WorkItem { prompt: p.to_string(), input_len: approx_tokens(p), output_len }).collect()
+    lines
+        .map(|p| WorkItem { prompt: PromptBody::Text(p.to_string()), input_len: approx_tokens(p), output_len })
+        .collect()
 }
 
 #[derive(Deserialize)]
@@ -121,7 +147,7 @@ fn sharegpt(text: &str, output_len: Option<usize>) -> Result<Vec<WorkItem>, Stri
         let answer = c.conversations[human + 1..].iter().find(|t| t.from == "gpt")?;
         let prompt = c.conversations[human].value.clone();
         let output_len = output_len.unwrap_or_else(|| approx_tokens(&answer.value));
-        Some(WorkItem { input_len: approx_tokens(&prompt), prompt, output_len })
+        Some(WorkItem { input_len: approx_tokens(&prompt), prompt: PromptBody::Text(prompt), output_len })
     };
     Ok(conversations.into_iter().filter_map(item).collect())
 }
@@ -131,11 +157,20 @@ mod tests {
     use clap::Parser;
 
     use super::*;
+    use crate::loadgen::args::{Load, DEFAULT_VOCAB};
 
     #[derive(Parser)]
     struct Cli {
         #[command(flatten)]
         args: ServeBenchArgs,
+    }
+
+    /// A prompt's text, `None` for token ids.
+    fn text_of(prompt: &PromptBody) -> Option<&str> {
+        match prompt {
+            PromptBody::Text(text) => Some(text),
+            PromptBody::TokenIds(_) => None,
+        }
     }
 
     fn args(extra: &[&str]) -> ServeBenchArgs {
@@ -150,7 +185,7 @@ mod tests {
         let items = synthetic(&a);
         assert_eq!(items.len(), 100);
         for item in &items {
-            assert_eq!(item.prompt.split_whitespace().count(), item.input_len);
+            assert_eq!(text_of(&item.prompt).unwrap().split_whitespace().count(), item.input_len);
             assert!(item.input_len >= 1 && item.output_len >= 1);
         }
         let mean = items.iter().map(|i| i.input_len as f64).sum::<f64>() / 100.0;
@@ -166,6 +201,39 @@ mod tests {
     }
 
     #[test]
+    fn random_id_prompts_have_exact_lengths_ids_below_the_vocabulary_and_repeat_with_the_seed() {
+        let a = args(&["--dataset", "random-ids", "--input-len", "40", "--output-len", "7", "--vocab", "50"]);
+        let items = load(&a).unwrap();
+        assert_eq!(items.len(), 100);
+        let mut seen = [false; 50];
+        for item in &items {
+            let PromptBody::TokenIds(ids) = &item.prompt else { panic!("{item:?}") };
+            assert_eq!((ids.len(), item.input_len, item.output_len), (40, 40, 7));
+            ids.iter().for_each(|&id| seen[id as usize] = true);
+        }
+        assert!(seen.iter().all(|&s| s), "4,000 draws below 50 reach every id");
+        assert_eq!(items, load(&a).unwrap());
+        assert_ne!(items[0], items[1]);
+        assert_eq!(serde_json::to_string(&PromptBody::TokenIds(vec![3, 1])).unwrap(), "[3,1]");
+        let ids = load(&args(&["--dataset", "random-ids", "--input-len", "8"])).unwrap();
+        let max = ids.iter().filter_map(|i| match &i.prompt {
+            PromptBody::TokenIds(v) => v.iter().max(),
+            _ => None,
+        });
+        assert!(max.max().is_some_and(|&m| (m as usize) < DEFAULT_VOCAB));
+    }
+
+    #[test]
+    fn requests_per_client_scale_each_run_with_its_clients_above_the_floor() {
+        let a = args(&["--concurrency", "1,8,64", "--requests-per-client", "2", "--num-requests", "8"]);
+        let counts: Vec<_> = a.loads().into_iter().map(|l| a.requests_for(l)).collect();
+        assert_eq!(counts, [8, 16, 128]);
+        assert_eq!(load(&a).unwrap().len(), 128);
+        let plain = args(&["--concurrency", "1,8", "--num-requests", "5"]);
+        assert_eq!((plain.requests_for(Load::Concurrency(8)), plain.most_requests()), (5, 5));
+    }
+
+    #[test]
     fn sharegpt_takes_the_first_human_turn_and_the_answer_after_it() {
         let text = r#"[
             {"id": "a", "conversations": [{"from": "human", "value": "Hi there"}, {"from": "gpt", "value": "0123456789abcdef"}]},
@@ -174,8 +242,8 @@ mod tests {
         ]"#;
         let items = sharegpt(text, None).unwrap();
         assert_eq!(items.len(), 2);
-        assert_eq!((items[0].prompt.as_str(), items[0].output_len), ("Hi there", 4));
-        assert_eq!((items[1].prompt.as_str(), items[1].output_len), ("Q", 1));
+        assert_eq!((text_of(&items[0].prompt), items[0].output_len), (Some("Hi there"), 4));
+        assert_eq!((text_of(&items[1].prompt), items[1].output_len), (Some("Q"), 1));
         assert_eq!(sharegpt(text, Some(7)).unwrap()[0].output_len, 7);
         assert!(sharegpt("{\"not\": 1}", None).unwrap_err().contains("not ShareGPT JSON"));
     }
@@ -187,7 +255,7 @@ mod tests {
         let path = dir.join("prompts.txt");
         std::fs::write(&path, "first prompt\n\n  second\n").unwrap();
         let items = load(&args(&["--dataset", path.to_str().unwrap(), "--num-requests", "3"])).unwrap();
-        let prompts: Vec<_> = items.iter().map(|i| i.prompt.as_str()).collect();
+        let prompts: Vec<_> = items.iter().map(|i| text_of(&i.prompt).unwrap()).collect();
         assert_eq!(prompts, ["first prompt", "  second", "first prompt"]);
         assert!(items.iter().all(|i| i.output_len == 128));
         std::fs::write(&path, "\n\n").unwrap();

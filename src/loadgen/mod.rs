@@ -68,6 +68,7 @@ pub enum BenchError {
 /// thread, not from inside an async runtime.
 pub fn run(args: &ServeBenchArgs, out: &mut dyn Write) -> Result<ServeBenchReport, BenchError> {
     let endpoint = Endpoint::parse(&args.url)?;
+    check_options(args)?;
     if let Some(path) = &args.plot {
         plot::PlotFormat::of(path)?;
     }
@@ -83,6 +84,18 @@ pub fn run(args: &ServeBenchArgs, out: &mut dyn Write) -> Result<ServeBenchRepor
         plot::draw(path, &reports, args.plot_latency)?;
     }
     Ok(report)
+}
+
+/// Options that parse alone but not together.
+fn check_options(args: &ServeBenchArgs) -> Result<(), BenchError> {
+    if args.dataset == DatasetSource::RandomIds && args.api == Api::Ws {
+        return Err(BenchError::Option(
+            "--dataset random-ids sends token ids, which the WebSocket's `generate` frame does not take \
+             (its `prompt` is text): use --api openai"
+                .into(),
+        ));
+    }
+    Ok(())
 }
 
 async fn sweep(
@@ -105,9 +118,14 @@ async fn sweep(
     let door = Door::new(args.api, endpoint, shape);
     warm_up(&door, items, args.warmup).await?;
     let label = args.label.clone().unwrap_or_else(|| default_label(&config));
-    writeln!(out, "{label}: {} requests a run against {} over {}", items.len(), endpoint.base(), args.api)?;
+    let per_run = match args.requests_per_client {
+        Some(k) => format!("{k} requests a client (at least {})", args.num_requests),
+        None => format!("{} requests", items.len()),
+    };
+    writeln!(out, "{label}: {per_run} a run against {} over {}", endpoint.base(), args.api)?;
     let mut runs = Vec::new();
     for load in args.loads() {
+        let items = &items[..args.requests_for(load).min(items.len())];
         let progress = progress_bar(items.len(), &format!("{label}, {load}"));
         let before = server::spec_counters(&http, endpoint).await;
         let outcome = load::run(&door, items, load, args.max_concurrency, args.seed, &progress).await;
@@ -137,11 +155,13 @@ fn config(args: &ServeBenchArgs, endpoint: &Endpoint, model: Option<String>) -> 
         api: args.api,
         model,
         dataset: args.dataset.clone(),
+        vocab: (args.dataset == DatasetSource::RandomIds).then_some(args.vocab),
         input_len: args.input_len,
         input_std: args.input_std,
         output_len: args.output_len,
         output_std: args.output_std,
         num_requests: args.num_requests,
+        requests_per_client: args.requests_per_client,
         seed: args.seed,
         temperature: args.temperature,
         ignore_eos: !args.no_ignore_eos,

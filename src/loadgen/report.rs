@@ -27,11 +27,18 @@ pub struct BenchConfig {
     pub api: Api,
     pub model: Option<String>,
     pub dataset: DatasetSource,
+    /// `random-ids`: the ids were drawn below this.
+    #[serde(default)]
+    pub vocab: Option<usize>,
     pub input_len: usize,
     pub input_std: f64,
     pub output_len: Option<usize>,
     pub output_std: f64,
     pub num_requests: usize,
+    /// `--requests-per-client`: a run of C clients sent K x C requests (at least
+    /// `num_requests`).
+    #[serde(default)]
+    pub requests_per_client: Option<usize>,
     pub seed: u64,
     pub temperature: f64,
     pub ignore_eos: bool,
@@ -216,6 +223,25 @@ impl fmt::Display for Summary {
     }
 }
 
+impl fmt::Display for SpecSummary {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        let source = match self.source {
+            SpecSource::PerRequest => "per request",
+            SpecSource::ServerMetrics => "server /metrics",
+        };
+        let synthetic = if self.synthetic { ", acceptance forced by the server" } else { "" };
+        write!(
+            f,
+            "speculative   {:.2} tokens/step, {:.1}% of {} drafts accepted ({} accepted, {} steps; {source}{synthetic})",
+            self.tokens_per_step,
+            100.0 * self.acceptance_rate,
+            self.drafted,
+            self.accepted,
+            self.steps
+        )
+    }
+}
+
 impl fmt::Display for RunReport {
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         let r = self;
@@ -234,19 +260,7 @@ impl fmt::Display for RunReport {
             }
         }
         if let Some(s) = &r.speculative {
-            let source = match s.source {
-                SpecSource::PerRequest => "per request",
-                SpecSource::ServerMetrics => "server /metrics",
-            };
-            let synthetic = if s.synthetic { ", acceptance forced by the server" } else { "" };
-            writeln!(
-                f,
-                "speculative   {:.2} tokens/step, {:.1}% of {} drafts accepted ({} steps; {source}{synthetic})",
-                s.tokens_per_step,
-                100.0 * s.acceptance_rate,
-                s.drafted,
-                s.steps
-            )?;
+            writeln!(f, "{s}")?;
         }
         for failure in &r.failures {
             writeln!(f, "failed        {} x{} (first: {})", failure.kind, failure.count, failure.example)?;
@@ -256,17 +270,23 @@ impl fmt::Display for RunReport {
 }
 
 impl fmt::Display for ServeBenchReport {
-    /// The sweep at a glance: one line per run.
+    /// The sweep at a glance: one line per run, with the speculation's columns when the
+    /// server speculated.
     fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
         let width = self.label.chars().count().max(5);
-        writeln!(
+        let speculated = self.runs.iter().any(|r| r.speculative.is_some());
+        write!(
             f,
             "{:<width$}  {:<16} {:>8} {:>10} {:>12} {:>9} {:>10} {:>9} {:>7}",
             "label", "load", "req/s", "out tok/s", "total tok/s", "TTFT p50", "TPOT mean", "E2E p50", "failed"
         )?;
+        if speculated {
+            write!(f, " {:>8} {:>8}", "accepted", "tok/step")?;
+        }
+        writeln!(f)?;
         let ms = |s: Option<Summary>, pick: fn(&Summary) -> f64| s.map_or("-".into(), |s| format!("{:.1}", pick(&s)));
         for r in &self.runs {
-            writeln!(
+            write!(
                 f,
                 "{:<width$}  {:<16} {:>8.2} {:>10.1} {:>12.1} {:>9} {:>10} {:>9} {:>7}",
                 self.label,
@@ -279,6 +299,12 @@ impl fmt::Display for ServeBenchReport {
                 ms(r.e2e_ms, |s| s.p50),
                 r.failed
             )?;
+            match (&r.speculative, speculated) {
+                (Some(s), _) => write!(f, " {:>7.1}% {:>8.2}", 100.0 * s.acceptance_rate, s.tokens_per_step)?,
+                (None, true) => write!(f, " {:>8} {:>8}", "-", "-")?,
+                (None, false) => {}
+            }
+            writeln!(f)?;
         }
         Ok(())
     }
@@ -334,6 +360,6 @@ mod tests {
         let results = vec![Ok(completed(100, 1000, 10, None))];
         let r = RunReport::new(Load::AllAtOnce, RunOutcome { results, duration: Duration::from_secs(1) }, Some(spec));
         assert_eq!(r.speculative.unwrap().source, SpecSource::ServerMetrics);
-        assert!(r.to_string().contains("4.00 tokens/step, 75.0% of 8 drafts accepted"), "{r}");
+        assert!(r.to_string().contains("4.00 tokens/step, 75.0% of 8 drafts accepted (6 accepted, 2 steps"), "{r}");
     }
 }

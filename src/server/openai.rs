@@ -82,6 +82,9 @@ pub struct CompletionRequest {
     #[serde(default)]
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
+    /// vLLM's extension: each streamed chunk carries its `token_ids`, so that a model
+    /// without a tokenizer (dummy weights) still streams a chunk per token.
+    pub return_token_ids: Option<bool>,
     pub n: Option<u32>,
     pub best_of: Option<u32>,
     pub echo: Option<bool>,
@@ -105,6 +108,8 @@ pub struct ResponseOptions {
     pub endpoint: Endpoint,
     pub stream: bool,
     pub include_usage: bool,
+    /// Chunks carry `token_ids` (and are sent even when the tokens completed no text).
+    pub token_ids: bool,
 }
 
 fn unsupported(field: &str, why: &str) -> ServerError {
@@ -170,7 +175,9 @@ impl ChatCompletionRequest {
             ignore_eos: self.ignore_eos,
         };
         let request = fields.into_request(Prompt::Chat(messages))?;
-        Ok((request, ResponseOptions { endpoint: Endpoint::Chat, stream: self.stream, include_usage }))
+        let options =
+            ResponseOptions { endpoint: Endpoint::Chat, stream: self.stream, include_usage, token_ids: false };
+        Ok((request, options))
     }
 }
 
@@ -191,6 +198,10 @@ impl CompletionRequest {
         }
         check_penalties(self.frequency_penalty, self.presence_penalty)?;
         let include_usage = check_stream_options(self.stream, &self.stream_options)?;
+        let token_ids = self.return_token_ids == Some(true);
+        if token_ids && !self.stream {
+            return Err(unsupported("return_token_ids", "only with `stream: true`"));
+        }
         let prompt = match self.prompt {
             CompletionPrompt::Text(text) => Prompt::Text(text),
             CompletionPrompt::Texts(mut texts) if texts.len() == 1 => Prompt::Text(texts.remove(0)),
@@ -209,7 +220,8 @@ impl CompletionRequest {
             ignore_eos: self.ignore_eos,
         };
         let request = fields.into_request(prompt)?;
-        Ok((request, ResponseOptions { endpoint: Endpoint::Completion, stream: self.stream, include_usage }))
+        let options = ResponseOptions { endpoint: Endpoint::Completion, stream: self.stream, include_usage, token_ids };
+        Ok((request, options))
     }
 }
 
@@ -334,6 +346,11 @@ impl ResponseWriter {
     /// The chunks for one runtime event (none for a token that completes no text yet).
     pub fn on_event(&self, event: &Event) -> Vec<Value> {
         match event {
+            Event::Token { ids, text } if self.options.token_ids => {
+                let mut choice = self.choice(Some(text), None);
+                choice["token_ids"] = json!(ids);
+                vec![self.chunk(json!([choice]))]
+            }
             Event::Token { text, .. } if text.is_empty() => vec![],
             Event::Token { text, .. } => vec![self.chunk(json!([self.choice(Some(text), None)]))],
             Event::Done { finish, usage, .. } => {
@@ -475,8 +492,20 @@ mod tests {
     }
 
     #[test]
+    fn returned_token_ids_stream_a_chunk_per_token_even_without_text() {
+        let parse = |b: &str| serde_json::from_str::<CompletionRequest>(b).unwrap().into_generate("smol");
+        let (_, options) = parse(r#"{"prompt":[1,2],"stream":true,"return_token_ids":true}"#).unwrap();
+        assert!(options.token_ids);
+        assert_eq!(parse(r#"{"prompt":[1],"return_token_ids":true}"#).unwrap_err().code(), "invalid_request");
+        let w = ResponseWriter::new("dummy", options);
+        let chunks = w.on_event(&Event::Token { ids: vec![7, 9], text: String::new() });
+        assert_eq!(chunks[0]["choices"][0]["token_ids"], json!([7, 9]));
+        assert_eq!(chunks[0]["choices"][0]["text"], "");
+    }
+
+    #[test]
     fn stream_chunks_follow_openai() {
-        let options = ResponseOptions { endpoint: Endpoint::Chat, stream: true, include_usage: true };
+        let options = ResponseOptions { endpoint: Endpoint::Chat, stream: true, include_usage: true, token_ids: false };
         let w = ResponseWriter::new("smol", options);
         let open = w.opening();
         assert_eq!(open[0]["choices"][0]["delta"]["role"], "assistant");

@@ -1,6 +1,7 @@
 //! `POST /v1/completions` with `stream: true`: the text chunks of the server-sent events
 //! are the tokens' arrivals; the last chunk's `usage` (asked for with `stream_options`)
-//! counts them.
+//! counts them. A token-id prompt also asks for `return_token_ids`: a server without a
+//! tokenizer streams no text, only the ids.
 
 use std::time::Instant;
 
@@ -9,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::sse::SseParser;
 use super::{error_message, http_client, Completed, Failure, RequestShape, Timeline, Usage};
-use crate::loadgen::dataset::WorkItem;
+use crate::loadgen::dataset::{PromptBody, WorkItem};
 use crate::loadgen::server::Endpoint;
 
 /// Largest error body read from a refused request.
@@ -40,6 +41,9 @@ impl OpenAiClient {
         if self.shape.ignore_eos {
             body["ignore_eos"] = json!(true);
         }
+        if matches!(item.prompt, PromptBody::TokenIds(_)) {
+            body["return_token_ids"] = json!(true);
+        }
         body
     }
 
@@ -62,8 +66,9 @@ impl OpenAiClient {
                 if data == "[DONE]" {
                     return Ok(timeline.finish(stream.usage, None));
                 }
-                if stream.on_chunk(&data)? {
-                    timeline.chunk(arrived, 1);
+                match stream.on_chunk(&data)? {
+                    0 => {}
+                    tokens => timeline.chunk(arrived, tokens),
                 }
             }
         }
@@ -84,9 +89,9 @@ struct StreamState {
 }
 
 impl StreamState {
-    /// Reads one chunk; true when it carries text (tokens arrived). An `error` object in
-    /// the stream ends the request.
-    fn on_chunk(&mut self, data: &str) -> Result<bool, Failure> {
+    /// Reads one chunk; gives the tokens that arrived with it: its `token_ids` where it has
+    /// them, else one for a chunk of text. An `error` object in the stream ends the request.
+    fn on_chunk(&mut self, data: &str) -> Result<usize, Failure> {
         let chunk: Value =
             serde_json::from_str(data).map_err(|e| Failure::Protocol(format!("a chunk that is not JSON: {e}")))?;
         if let Some(error) = chunk.get("error") {
@@ -98,11 +103,14 @@ impl StreamState {
             let usage = serde_json::from_value(usage.clone()).map_err(|e| Failure::Protocol(format!("usage: {e}")))?;
             self.usage = Some(usage);
         }
-        let Some(choice) = chunk["choices"].get(0) else { return Ok(false) };
+        let Some(choice) = chunk["choices"].get(0) else { return Ok(0) };
         self.finished |= !choice["finish_reason"].is_null();
+        if let Some(ids) = choice["token_ids"].as_array() {
+            return Ok(ids.len());
+        }
         // `text` for completions; `delta.content` for chat completions.
         let text = choice["text"].as_str().or(choice["delta"]["content"].as_str());
-        Ok(text.is_some_and(|t| !t.is_empty()))
+        Ok(usize::from(text.is_some_and(|t| !t.is_empty())))
     }
 }
 
@@ -113,14 +121,15 @@ mod tests {
     #[test]
     fn chunks_with_text_count_and_the_usage_chunk_is_kept() {
         let mut s = StreamState::default();
-        assert!(s.on_chunk(r#"{"choices":[{"index":0,"text":" Paris","finish_reason":null}],"usage":null}"#).unwrap());
-        assert!(!s.on_chunk(r#"{"choices":[{"index":0,"text":"","finish_reason":"length"}]}"#).unwrap());
+        assert_eq!(s.on_chunk(r#"{"choices":[{"index":0,"text":" Paris","finish_reason":null}],"usage":null}"#), Ok(1));
+        assert_eq!(s.on_chunk(r#"{"choices":[{"index":0,"text":"","finish_reason":"length"}]}"#), Ok(0));
         assert!(s.finished);
-        assert!(!s
-            .on_chunk(r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#)
-            .unwrap());
+        let usage = r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}"#;
+        assert_eq!(s.on_chunk(usage), Ok(0));
         assert_eq!(s.usage.map(|u| (u.prompt_tokens, u.completion_tokens)), Some((5, 3)));
-        assert!(s.on_chunk(r#"{"choices":[{"delta":{"content":"Hi"},"finish_reason":null}]}"#).unwrap());
+        assert_eq!(s.on_chunk(r#"{"choices":[{"delta":{"content":"Hi"},"finish_reason":null}]}"#), Ok(1));
+        // Token ids without text (a server without a tokenizer): each id is a token.
+        assert_eq!(s.on_chunk(r#"{"choices":[{"text":"","token_ids":[5,8],"finish_reason":null}]}"#), Ok(2));
         let error = s.on_chunk(r#"{"error":{"message":"the step failed","type":"server_error","code":"step_failed"}}"#);
         assert_eq!(error, Err(Failure::Server { code: "step_failed".into(), message: "the step failed".into() }));
         assert!(matches!(s.on_chunk("not json"), Err(Failure::Protocol(_))));

@@ -89,6 +89,7 @@ impl WsPool {
         let mut frame = json!({
             "type": "generate",
             "id": id,
+            // Token-id prompts are refused before a run (`loadgen::check_options`).
             "prompt": item.prompt,
             "max_tokens": item.output_len,
             "temperature": self.shape.temperature,
