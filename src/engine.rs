@@ -176,8 +176,8 @@ impl<B: Backend> Engine<B> {
             Some(s) => {
                 // Drafts up to the end of the sequence (the finish rules drop what lies past it).
                 let room = seq.limits.max_len.saturating_sub(history.len());
-                let k = state.acceptance.draft_len(s.max_draft, 1, &state.cost, state.steps).min(room);
                 state.steps += 1;
+                let k = state.acceptance.draft_len(s.max_draft, 1, &state.cost, state.steps).min(room);
                 let start = Instant::now();
                 let draft = s.proposer.propose(SEQ, history, k, &req.sampling)?;
                 state.cost.record_draft(draft.tokens.len(), start.elapsed().as_secs_f64());
@@ -329,7 +329,7 @@ struct Speculating {
     stats: SpecStats,
     acceptance: AcceptanceTracker,
     cost: StepCost,
-    /// Decoding steps so far.
+    /// Decoding steps so far (this one included).
     steps: u64,
 }
 

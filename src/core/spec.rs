@@ -146,7 +146,7 @@ impl AcceptanceTracker {
     /// not pay, but one token every `PROBE_EVERY` steps to keep measuring, and a neighbour
     /// of the best every `EXPLORE_EVERY` choices); before that, draft position i is
     /// accepted with probability about rateⁱ, so drafting stops where that falls below 10%,
-    /// and every odd `step` (the batch's step number) is a plain one.
+    /// and every even `step` (the batch's step number) is a plain one.
     pub fn draft_len(&mut self, max: usize, batch: usize, cost: &StepCost, step: u64) -> usize {
         let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
         let cap = (max * room).div_ceil(SPECULATION_OFF_AT_BATCH - 1).min(max);
@@ -178,12 +178,14 @@ impl AcceptanceTracker {
         }
     }
 
-    /// Costs unknown: draft as far as acceptance suggests on even steps and not at all on
-    /// odd ones, the same for every row of a batch (rows that joined at different times
+    /// Costs unknown: draft as far as acceptance suggests on odd steps and not at all on
+    /// even ones, the same for every row of a batch (rows that joined at different times
     /// would otherwise take turns, and no step of the whole batch would ever run plain), so
-    /// that both plain steps and verifications get measured.
+    /// that both plain steps and verifications get measured. Odd, because the first step
+    /// after a prefill is often odd (the prefill of a request that found the runtime idle is
+    /// step 0), and that step is where a prompt's own text is most often repeated.
     fn unknown_cost_len(&self, max: usize, cap: usize, step: u64) -> usize {
-        if step % 2 == 1 {
+        if step % 2 == 0 {
             return 0;
         }
         let rate = self.rate();
@@ -246,7 +248,7 @@ mod tests {
         // Costs unknown: by acceptance, every other step plain (to measure costs).
         let unknown = StepCost::default();
         let two =
-            |t: &mut AcceptanceTracker, batch| [t.draft_len(8, batch, &unknown, 0), t.draft_len(8, batch, &unknown, 1)];
+            |t: &mut AcceptanceTracker, batch| [t.draft_len(8, batch, &unknown, 1), t.draft_len(8, batch, &unknown, 2)];
         let mut t = AcceptanceTracker::default();
         assert_eq!(two(&mut t, 1), [7, 0]); // 0.7⁷ ≈ 0.08
         for _ in 0..20 {
@@ -267,7 +269,7 @@ mod tests {
         for n in [1, 2, 5, 9, 1, 3].repeat(5) {
             dear.record_step(n, 0.01 * n as f64);
         }
-        let lens: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| t.draft_len(8, 1, &dear, 0)).collect();
+        let lens: Vec<usize> = (0..2 * PROBE_EVERY).map(|_| t.draft_len(8, 1, &dear, 1)).collect();
         assert_eq!(lens.iter().filter(|&&k| k == 1).count(), 2, "{lens:?}");
         assert_eq!(lens.iter().filter(|&&k| k == 0).count(), 2 * PROBE_EVERY as usize - 2);
     }
@@ -281,7 +283,7 @@ mod tests {
         }
         let best = cost.best_draft_len(0.8, 10, 1).unwrap();
         let mut t = AcceptanceTracker { accepted: 8.0, trials: 10.0, ..AcceptanceTracker::default() };
-        let lens: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| t.draft_len(10, 1, &cost, 0)).collect();
+        let lens: Vec<usize> = (0..2 * EXPLORE_EVERY).map(|_| t.draft_len(10, 1, &cost, 1)).collect();
         let count = |k| lens.iter().filter(|&&l| l == k).count();
         assert_eq!((count(best), count(best + 1), count(best - 1)), (lens.len() - 2, 1, 1), "{lens:?}");
     }
