@@ -185,7 +185,7 @@ impl AcceptanceTracker {
     /// after a prefill is often odd (the prefill of a request that found the runtime idle is
     /// step 0), and that step is where a prompt's own text is most often repeated.
     fn unknown_cost_len(&self, max: usize, cap: usize, step: u64) -> usize {
-        if step % 2 == 0 {
+        if step.is_multiple_of(2) {
             return 0;
         }
         let rate = self.rate();
