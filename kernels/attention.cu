@@ -34,8 +34,7 @@
 #include <cuda_fp8.h>
 
 #define ATTN_WARPS 4
-#define ATTN_UNROLL 4
-#define MAX_GROUP 8
+#define ATTN_UNROLL 8
 #define SHORT_SPLITS 64  // as batch::SHORT_SPLITS
 #define LONG_SPLIT 256   // as batch::LONG_SPLIT
 #define MAX_SPLITS 256   // as batch::MAX_SPLITS
@@ -109,33 +108,50 @@ __device__ __forceinline__ void store_head(void* cache, signed char* exps, size_
     }
 }
 
-// One position's key and value as a lane holds them between their load and their use:
-// f32 values for a bf16 cache.
+// One position's key and value as a lane holds them between their load and their use: for
+// a bf16 cache the PL bf16 values themselves, packed (two per register), so that the loads
+// of many positions fit in flight at once.
 template <int PL, bool FP8>
 struct KvPos {
-    float k[PL], v[PL];
+    static_assert(PL == 2 || PL == 4, "heads of 64 or 128 dimensions");
+    __nv_bfloat162 k[PL / 2], v[PL / 2];
     // The step's own key and value: what the cache will hold for them. Every lane of the
     // warp must take part (as for FP8 below).
     __device__ __forceinline__ void set(const float* kf, const float* vf) {
 #pragma unroll
-        for (int i = 0; i < PL; i++) {
-            k[i] = bf16_to_f32(__float2bfloat16_rn(kf[i]));
-            v[i] = bf16_to_f32(__float2bfloat16_rn(vf[i]));
+        for (int i = 0; i < PL / 2; i++) {
+            k[i] = __floats2bfloat162_rn(kf[2 * i], kf[2 * i + 1]);
+            v[i] = __floats2bfloat162_rn(vf[2 * i], vf[2 * i + 1]);
         }
     }
-    // Element `at` of the caches (a multiple of PL).
+    // Element `at` of the caches (a multiple of PL: 4- or 8-byte aligned).
     __device__ __forceinline__ void load(const void* kc, const void* vc, const signed char*, const signed char*,
                                          size_t at, size_t) {
-        load_bf16<PL>((const __nv_bfloat16*)kc + at, k);
-        load_bf16<PL>((const __nv_bfloat16*)vc + at, v);
+        const __nv_bfloat162* ks = (const __nv_bfloat162*)((const __nv_bfloat16*)kc + at);
+        const __nv_bfloat162* vs = (const __nv_bfloat162*)((const __nv_bfloat16*)vc + at);
+        if constexpr (PL == 4) {
+            const uint2 kw = *(const uint2*)ks, vw = *(const uint2*)vs;
+            k[0] = *(const __nv_bfloat162*)&kw.x;
+            k[1] = *(const __nv_bfloat162*)&kw.y;
+            v[0] = *(const __nv_bfloat162*)&vw.x;
+            v[1] = *(const __nv_bfloat162*)&vw.y;
+        } else {
+            k[0] = ks[0];
+            v[0] = vs[0];
+        }
+    }
+    __device__ __forceinline__ static void unpack(const __nv_bfloat162* w, float* out) {
+#pragma unroll
+        for (int i = 0; i < PL / 2; i++) {
+            const float2 f = __bfloat1622float2(w[i]);
+            out[2 * i] = f.x;
+            out[2 * i + 1] = f.y;
+        }
     }
     // The values, and the scales the key's dot product and the value's weight take (1).
     __device__ __forceinline__ void get(float* kf, float* vf, float& ks, float& vs) const {
-#pragma unroll
-        for (int i = 0; i < PL; i++) {
-            kf[i] = k[i];
-            vf[i] = v[i];
-        }
+        unpack(k, kf);
+        unpack(v, vf);
         ks = vs = 1.f;
     }
 };
@@ -223,7 +239,7 @@ __device__ __forceinline__ void rope_rotate(float* v, const float* cs, const flo
 // output) per split. grid: (kv_heads, tokens, max_splits), block: 32 * ATTN_WARPS.
 // k_cache, v_cache: [slots, kv_heads * HD], bf16 or E4M3; k_exps, v_exps (FP8 only):
 // [slots, kv_heads] scale exponents.
-template <int HD, bool WINDOWED, bool FP8>
+template <int HD, bool WINDOWED, bool FP8, int G>
 __device__ void attn_split(const float* __restrict__ q, const float* __restrict__ k_new, const float* __restrict__ v_new,
                            void* __restrict__ k_cache, void* __restrict__ v_cache, signed char* __restrict__ k_exps,
                            signed char* __restrict__ v_exps,
@@ -263,9 +279,9 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
         store_head<PL, FP8>(v_cache, v_exps, dst, scale_at, vr, lane);
     }
 
-    float qr[MAX_GROUP][PL], m[MAX_GROUP], l[MAX_GROUP], acc[MAX_GROUP][PL];
+    float qr[G][PL], m[G], l[G], acc[G][PL];
 #pragma unroll
-    for (int j = 0; j < MAX_GROUP; j++) {
+    for (int j = 0; j < G; j++) {
         m[j] = -INFINITY;
         l[j] = 0.f;
 #pragma unroll
@@ -279,7 +295,7 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     // before any is used, so that the loads' latency overlaps (one at a time, the loop was a
     // chain of dependent memory round trips). FP8 positions take half the registers: twice
     // as many. The order in which a warp takes its positions is the same either way.
-    constexpr int UNROLL = FP8 ? 2 * ATTN_UNROLL : ATTN_UNROLL;
+    constexpr int UNROLL = ATTN_UNROLL;
     for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * UNROLL) {
         KvPos<PL, FP8> kv[UNROLL];
 #pragma unroll
@@ -315,7 +331,7 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
             float kf[PL], vf[PL], ks, vs;
             kv[u].get(kf, vf, ks, vs);
 #pragma unroll
-            for (int j = 0; j < MAX_GROUP; j++) {
+            for (int j = 0; j < G; j++) {
                 if (j < g) {
                     float d = 0.f;
 #pragma unroll
@@ -332,9 +348,9 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
         }
     }
     // Merge the warps of this block.
-    __shared__ float sm[ATTN_WARPS][MAX_GROUP], sl[ATTN_WARPS][MAX_GROUP], sacc[ATTN_WARPS][MAX_GROUP][HD];
+    __shared__ float sm[ATTN_WARPS][G], sl[ATTN_WARPS][G], sacc[ATTN_WARPS][G][HD];
 #pragma unroll
-    for (int j = 0; j < MAX_GROUP; j++) {
+    for (int j = 0; j < G; j++) {
         if (j < g) {
             if (lane == 0) {
                 sm[warp][j] = m[j];
@@ -372,14 +388,24 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
 #define ATTN_PASS                                                                                                 \
     q, k, v, kc, vc, ke, ve, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads, \
         kv_heads, max_splits, partial, inv_freq, min_split, window, sinks
-extern "C" __global__ void attn_split_hd64(ATTN_ARGS) { attn_split<64, false, false>(ATTN_PASS); }
-extern "C" __global__ void attn_split_hd128(ATTN_ARGS) { attn_split<128, false, false>(ATTN_PASS); }
-extern "C" __global__ void attn_split_win_hd64(ATTN_ARGS) { attn_split<64, true, false>(ATTN_PASS); }
-extern "C" __global__ void attn_split_win_hd128(ATTN_ARGS) { attn_split<128, true, false>(ATTN_PASS); }
-extern "C" __global__ void attn_split_fp8_hd64(ATTN_ARGS) { attn_split<64, false, true>(ATTN_PASS); }
-extern "C" __global__ void attn_split_fp8_hd128(ATTN_ARGS) { attn_split<128, false, true>(ATTN_PASS); }
-extern "C" __global__ void attn_split_fp8_win_hd64(ATTN_ARGS) { attn_split<64, true, true>(ATTN_PASS); }
-extern "C" __global__ void attn_split_fp8_win_hd128(ATTN_ARGS) { attn_split<128, true, true>(ATTN_PASS); }
+// By head size, window, KV storage and the query heads per KV head it holds registers for
+// (G: 4 for the Llama 3 8B and 1B shapes, 8 for the 70B; fewer registers, more blocks per SM).
+extern "C" __global__ void attn_split_hd64_g4(ATTN_ARGS) { attn_split<64, false, false, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_hd64_g8(ATTN_ARGS) { attn_split<64, false, false, 8>(ATTN_PASS); }
+extern "C" __global__ void attn_split_hd128_g4(ATTN_ARGS) { attn_split<128, false, false, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_hd128_g8(ATTN_ARGS) { attn_split<128, false, false, 8>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd64_g4(ATTN_ARGS) { attn_split<64, true, false, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd64_g8(ATTN_ARGS) { attn_split<64, true, false, 8>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd128_g4(ATTN_ARGS) { attn_split<128, true, false, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_win_hd128_g8(ATTN_ARGS) { attn_split<128, true, false, 8>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_hd64_g4(ATTN_ARGS) { attn_split<64, false, true, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_hd64_g8(ATTN_ARGS) { attn_split<64, false, true, 8>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_hd128_g4(ATTN_ARGS) { attn_split<128, false, true, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_hd128_g8(ATTN_ARGS) { attn_split<128, false, true, 8>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_win_hd64_g4(ATTN_ARGS) { attn_split<64, true, true, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_win_hd64_g8(ATTN_ARGS) { attn_split<64, true, true, 8>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_win_hd128_g4(ATTN_ARGS) { attn_split<128, true, true, 4>(ATTN_PASS); }
+extern "C" __global__ void attn_split_fp8_win_hd128_g8(ATTN_ARGS) { attn_split<128, true, true, 8>(ATTN_PASS); }
 
 // out[t, h * head_dim + d] from the splits that token t used. grid: (heads, tokens), block: head_dim.
 extern "C" __global__ void attn_merge(const float* __restrict__ partial, const uint32_t* __restrict__ positions,

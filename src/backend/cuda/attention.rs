@@ -3,6 +3,7 @@
 
 use super::batch::CudaBatch;
 use super::device::launch;
+use super::kernels::AttnKernel;
 use super::{CudaBackend, CudaTensor, DType};
 use crate::tensor::{AttnShape, BackendError, Result};
 
@@ -28,13 +29,18 @@ impl CudaBackend {
                 k.shape, v.shape
             )));
         }
-        if s.num_heads / s.num_kv_heads > 8 || !s.num_heads.is_multiple_of(s.num_kv_heads) {
-            return Err(BackendError::Invalid("attention: up to 8 query heads per kv head".into()));
+        if !s.num_heads.is_multiple_of(s.num_kv_heads) {
+            return Err(BackendError::Invalid("attention: query heads must be a multiple of the KV heads".into()));
         }
         let fp8 = k_cache.dtype == DType::Fp8;
-        let split = self.kernels.attn_split(s.head_dim, s.window.is_some(), fp8).ok_or_else(|| {
-            BackendError::Invalid(format!("attention: head_dim {} not supported (64, 128)", s.head_dim))
+        let group = s.num_heads / s.num_kv_heads;
+        let kernel = AttnKernel::for_shape(s.head_dim, group, s.window.is_some(), fp8).ok_or_else(|| {
+            BackendError::Invalid(format!(
+                "attention: head_dim {} with {group} query heads per KV head not supported (64 or 128; up to 8)",
+                s.head_dim
+            ))
         })?;
+        let split = self.kernels.attn_split(kernel);
         for cache in [&*k_cache, &*v_cache] {
             Self::expect_kv(cache, if fp8 { DType::Fp8 } else { DType::Bf16 }, kv_dim)?;
         }

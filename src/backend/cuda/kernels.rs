@@ -215,14 +215,9 @@ pub struct Kernels {
     pub mm_fp8: [CudaFunction; 4],
     pub swiglu_bf16: [CudaFunction; 4],
     pub swiglu_fp8: [CudaFunction; 4],
-    pub attn_split_hd64: CudaFunction,
-    pub attn_split_hd128: CudaFunction,
-    /// With an attention window (positions it leaves out are neither read nor scored).
-    pub attn_split_win_hd64: CudaFunction,
-    pub attn_split_win_hd128: CudaFunction,
-    /// Over an FP8 KV cache: `[hd64, hd128]`, without and with a window.
-    pub attn_split_fp8: [CudaFunction; 2],
-    pub attn_split_fp8_win: [CudaFunction; 2],
+    /// The attention split kernels, by `AttnKernel::index` (head size, window, KV storage,
+    /// query heads per KV head).
+    pub attn_split: Vec<CudaFunction>,
     pub attn_merge: CudaFunction,
     pub argmax_rows: CudaFunction,
     /// The architecture the cubins were built for.
@@ -283,12 +278,7 @@ impl Kernels {
             mm_fp8: by_group("mm_fp8")?,
             swiglu_bf16: by_group("swiglu_bf16")?,
             swiglu_fp8: by_group("swiglu_fp8")?,
-            attn_split_hd64: get("attn_split_hd64")?,
-            attn_split_hd128: get("attn_split_hd128")?,
-            attn_split_win_hd64: get("attn_split_win_hd64")?,
-            attn_split_win_hd128: get("attn_split_win_hd128")?,
-            attn_split_fp8: [get("attn_split_fp8_hd64")?, get("attn_split_fp8_hd128")?],
-            attn_split_fp8_win: [get("attn_split_fp8_win_hd64")?, get("attn_split_fp8_win_hd128")?],
+            attn_split: AttnKernel::ALL.iter().map(|k| get(&k.name())).collect::<Result<_>>()?,
             attn_merge: get("attn_merge")?,
             argmax_rows: get("argmax_rows")?,
             arch,
@@ -296,21 +286,59 @@ impl Kernels {
     }
 }
 
+/// Which attention split kernel a layer needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnKernel {
+    pub head_dim: usize,
+    pub windowed: bool,
+    pub fp8: bool,
+    /// Query heads per KV head the kernel holds registers for: 4 or 8.
+    pub group: usize,
+}
+
+impl AttnKernel {
+    /// Every kernel `kernels/attention.cu` defines, in `index` order.
+    const ALL: [AttnKernel; 16] = {
+        let mut all = [AttnKernel { head_dim: 64, windowed: false, fp8: false, group: 4 }; 16];
+        let mut i = 0;
+        while i < 16 {
+            all[i] = AttnKernel {
+                head_dim: if i & 1 == 0 { 64 } else { 128 },
+                windowed: i & 2 != 0,
+                fp8: i & 4 != 0,
+                group: if i & 8 == 0 { 4 } else { 8 },
+            };
+            i += 1;
+        }
+        all
+    };
+
+    /// The kernel for heads of `head_dim` with `group` query heads per KV head; None where
+    /// none fits (head sizes other than 64 and 128, more than 8 query heads per KV head).
+    pub fn for_shape(head_dim: usize, group: usize, windowed: bool, fp8: bool) -> Option<Self> {
+        let fits = matches!(head_dim, 64 | 128) && (1..=8).contains(&group);
+        fits.then_some(AttnKernel { head_dim, windowed, fp8, group: if group <= 4 { 4 } else { 8 } })
+    }
+
+    fn index(self) -> usize {
+        usize::from(self.head_dim == 128)
+            | usize::from(self.windowed) << 1
+            | usize::from(self.fp8) << 2
+            | usize::from(self.group == 8) << 3
+    }
+
+    /// Its name in `kernels/attention.cu`.
+    fn name(self) -> String {
+        let fp8 = if self.fp8 { "_fp8" } else { "" };
+        let win = if self.windowed { "_win" } else { "" };
+        format!("attn_split{fp8}{win}_hd{}_g{}", self.head_dim, self.group)
+    }
+}
+
 impl Kernels {
-    /// The attention split kernel for a head size, with or without a window, over a bf16
-    /// or an FP8 cache (None: a head size the kernels do not take).
-    pub fn attn_split(&self, head_dim: usize, windowed: bool, fp8: bool) -> Option<&CudaFunction> {
-        let i = match head_dim {
-            64 => 0,
-            128 => 1,
-            _ => return None,
-        };
-        Some(match (windowed, fp8) {
-            (false, false) => [&self.attn_split_hd64, &self.attn_split_hd128][i],
-            (true, false) => [&self.attn_split_win_hd64, &self.attn_split_win_hd128][i],
-            (false, true) => &self.attn_split_fp8[i],
-            (true, true) => &self.attn_split_fp8_win[i],
-        })
+    /// The attention split kernel `k` names.
+    pub fn attn_split(&self, k: AttnKernel) -> &CudaFunction {
+        &self.attn_split[k.index()]
     }
 }
 
@@ -331,11 +359,13 @@ mod tests {
             "swiglu_fp8_t16",
             "quantize_rows_fp8",
             "attn_merge",
-            "attn_split_fp8_hd128",
-            "attn_split_fp8_win_hd64",
             "argmax_rows",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
+        }
+        for k in AttnKernel::ALL {
+            assert!(names.contains(&k.name()), "{k:?} ({}) missing", k.name());
+            assert_eq!(AttnKernel::ALL[k.index()], k);
         }
         assert!(FILES.iter().all(|f| !f.full_source().contains("#include \"common.cuh\"")));
     }
