@@ -157,8 +157,8 @@ struct KvPos {
 };
 
 // FP8: the PL codes packed in a word and the scale exponent, decoded at use (two codes per
-// instruction, exactly: every E4M3 value is an f16), so that the same registers keep twice
-// the positions' loads in flight. The scale 2^e is applied to the key's dot product and to
+// instruction, exactly: every E4M3 value is an f16), in half the registers of a bf16
+// position. The scale 2^e is applied to the key's dot product and to
 // the value's softmax weight rather than to each value: multiplying by a power of two is
 // exact, so this is the CPU's code value times 2^e, with one multiply instead of PL.
 template <int PL>
@@ -293,13 +293,12 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     }
     // Each warp takes positions start + warp, + ATTN_WARPS, ...; UNROLL of them are loaded
     // before any is used, so that the loads' latency overlaps (one at a time, the loop was a
-    // chain of dependent memory round trips). FP8 positions take half the registers: twice
-    // as many. The order in which a warp takes its positions is the same either way.
-    constexpr int UNROLL = ATTN_UNROLL;
-    for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * UNROLL) {
-        KvPos<PL, FP8> kv[UNROLL];
+    // chain of dependent memory round trips; with 4 in flight, 65% of the cycles had no
+    // warp ready to issue).
+    for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * ATTN_UNROLL) {
+        KvPos<PL, FP8> kv[ATTN_UNROLL];
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < ATTN_UNROLL; u++) {
             const int p = p0 + u * ATTN_WARPS;
             const bool read = p < end && (!WINDOWED || p < sinks || pos - p < window);  // uniform in the warp
             if (read && p >= first_pos) {
@@ -324,7 +323,7 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
             }
         }
 #pragma unroll
-        for (int u = 0; u < UNROLL; u++) {
+        for (int u = 0; u < ATTN_UNROLL; u++) {
             const int p = p0 + u * ATTN_WARPS;
             if (p >= end) break;
             if (WINDOWED && p >= sinks && pos - p >= window) continue;  // left out by the window
