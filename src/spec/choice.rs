@@ -1,5 +1,6 @@
 //! Building a proposer from what a user asks for (`--spec`, `--draft-model`, ...).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::eagle::{EagleProposer, DEFAULT_HEAD};
@@ -80,7 +81,8 @@ impl ProposerChoice {
                     Some(ModelSource::Dummy(_)) => {
                         return Err(SpecError::DraftModel("an EAGLE head is a folder".into()))
                     }
-                    None => DEFAULT_HEAD.into(),
+                    None if Path::new(DEFAULT_HEAD).join("config.json").is_file() => DEFAULT_HEAD.into(),
+                    None => return Err(SpecError::DefaultHeadMissing(DEFAULT_HEAD)),
                 };
                 let (backend, target) = self.head_backend(target, new_backend)?;
                 Some(Box::new(EagleProposer::load(backend, target, &dir, blocks, block_size)?))

@@ -214,6 +214,9 @@ pub enum SpecError {
     DraftModel(String),
     #[error("could not load the EAGLE head: {0}")]
     EagleHead(#[source] crate::model::LoadError),
+    /// `--spec eagle` without `--draft-model`, from a binary that cannot see its source tree.
+    #[error("the default EAGLE head ships in the source tree ({0}), which this binary cannot see: pass the head's folder with --draft-model")]
+    DefaultHeadMissing(&'static str),
     #[error("the draft head's {what} is {head}, the target's is {target}: it was trained for another model")]
     HeadMismatch { what: HeadSize, head: usize, target: usize },
     /// A proposer that drafts with the target's own layers, for a target split by tensor
