@@ -55,12 +55,6 @@ __device__ __forceinline__ int split_len(int pos, int min_split) {
     return len;
 }
 
-template <int PL>
-__device__ __forceinline__ void load_bf16(const __nv_bfloat16* p, float* out) {
-#pragma unroll
-    for (int i = 0; i < PL; i++) out[i] = bf16_to_f32(p[i]);
-}
-
 // 2^e exactly, for e in [-127, 127] (2^-127 is subnormal), without ldexpf's range handling.
 __device__ __forceinline__ float exp2_int(int e) {
     return e >= -126 ? __int_as_float((e + 127) << 23) : __int_as_float(0x00400000);

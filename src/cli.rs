@@ -253,7 +253,12 @@ impl SpecArgs {
         if self.synthetic_acceptance.is_some() && self.spec == SpecMethod::None {
             return Err("--synthetic-acceptance needs a proposer (--spec ngram|draft|early-exit|eagle|medusa)".into());
         }
-        if self.draft_device.is_some() && matches!(self.spec, SpecMethod::None | SpecMethod::Ngram) {
+        // Medusa heads and lookahead run beside the target (early exit is refused, typed, by
+        // `ProposerChoice::build`): only a draft model or an EAGLE head moves.
+        let beside_the_target = matches!(self.spec, SpecMethod::Medusa | SpecMethod::Lookahead);
+        if self.draft_device.is_some()
+            && (beside_the_target || matches!(self.spec, SpecMethod::None | SpecMethod::Ngram))
+        {
             return Err("--draft-device needs a drafting model (--spec draft or --spec eagle)".into());
         }
         let choice = ProposerChoice {
@@ -283,7 +288,7 @@ impl SpecArgs {
             if !c.is_valid() {
                 return Err(spec_error(SpecError::LookaheadShape(c)));
             }
-            return Ok(Some(TreeShape { nodes: c.max_nodes(), top_k: 1, depth: c.depth() }));
+            return Ok(Some(c.tree_shape()));
         }
         let Some(nodes) = self.spec_tree else { return Ok(None) };
         if !matches!(self.spec, SpecMethod::Eagle | SpecMethod::Medusa) {
@@ -311,7 +316,8 @@ impl SpecArgs {
         if self.spec == SpecMethod::Lookahead {
             return Err(spec_error(SpecError::LookaheadInRuntime));
         }
-        if let (Target::Split(_, ranks), SpecMethod::Eagle) = (target, self.spec) {
+        // Proposers that read the target's hidden states: a split target does not hand them out.
+        if let (Target::Split(_, ranks), SpecMethod::Eagle | SpecMethod::Medusa) = (target, self.spec) {
             return Err(spec_error(SpecError::SplitTarget { method: self.spec, ranks: ranks.len() }));
         }
         let proposer = self.proposer(target.model(), tokenizer, new_backend)?;

@@ -20,7 +20,7 @@ fn config(window: usize, ngram: usize, guesses: usize) -> LookaheadConfig {
 
 /// The tree shape the command line gives lookahead.
 fn shape(c: LookaheadConfig) -> Option<TreeShape> {
-    Some(TreeShape { nodes: c.max_nodes(), top_k: 1, depth: c.depth() })
+    Some(c.tree_shape())
 }
 
 /// Generates `req` with lookahead `c`; returns the ids, the statistics and the tokens

@@ -123,17 +123,17 @@ impl Drafter {
         let mut goals: Vec<(RequestId, usize)> =
             plan.rows.iter().filter(|r| promising(r)).map(|r| (r.id, 2 * r.draft.tokens.len() + 1)).collect();
         let ahead = |d: &Self, id: &RequestId| d.seqs.get(id).map_or(0, |s| s.ahead.tokens.len());
+        goals.retain(|(id, goal)| ahead(self, id) < *goal);
         let mut drafted = 0;
-        while !next_plan_came() {
-            goals.retain(|(id, goal)| ahead(self, id) < *goal);
+        while !goals.is_empty() && !next_plan_came() {
             let next: Vec<(RequestId, usize)> = goals.iter().map(|(id, _)| (*id, ahead(self, id) + 1)).collect();
-            if next.is_empty() {
-                break;
-            }
             self.extend(&next);
-            // A row whose proposer had nothing more (or failed) stops here.
-            goals.retain(|(id, _)| next.iter().any(|(n, want)| n == id && ahead(self, id) >= *want));
-            drafted += next.len();
+            // Rows go on while they grew (a proposer with nothing more, or failing, stops)
+            // and are short of their goal.
+            let grown: Vec<bool> = next.iter().map(|(id, want)| ahead(self, id) >= *want).collect();
+            drafted += grown.iter().filter(|&&g| g).count();
+            let mut grown = grown.into_iter();
+            goals.retain(|(id, goal)| grown.next() == Some(true) && ahead(self, id) < *goal);
         }
         if drafted > 0 {
             self.publish_pool();

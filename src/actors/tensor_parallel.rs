@@ -66,10 +66,6 @@ impl TpExecutor {
         Ok(TpExecutor { vocab, group, jobs, results, threads })
     }
 
-    pub fn ranks(&self) -> usize {
-        self.jobs.len()
-    }
-
     /// Runs one step on every rank; rank 0's output, or the first error any rank met.
     fn step(&mut self, meta: &BatchMeta, want: Want) -> Result<Output, BackendError> {
         let meta = Arc::new(meta.clone());

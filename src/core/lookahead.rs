@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::tree::{accept_tree_greedy, TreeDraft, MAX_TREE_NODES};
+use super::tree::{accept_tree_greedy, TreeDraft, TreeShape, MAX_TREE_NODES};
 
 /// The lookahead window `W`, n-gram size `N` and verification set `G`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +48,11 @@ impl LookaheadConfig {
     /// How deep a step's tree goes: the branch's last column, top level.
     pub fn depth(&self) -> usize {
         self.window + self.ngram - 1
+    }
+
+    /// The tree each step verifies: every node, one candidate per position, this deep.
+    pub fn tree_shape(&self) -> TreeShape {
+        TreeShape { nodes: self.max_nodes(), top_k: 1, depth: self.depth() }
     }
 }
 
@@ -113,8 +118,7 @@ impl Lookahead {
     pub fn draft(&mut self, last: u32, depth: usize) -> TreeDraft {
         let mut tree = TreeDraft::default();
         let mut children: HashMap<(u32, u32), u32> = HashMap::new();
-        let grams = self.pool.get(&last).cloned().unwrap_or_default();
-        for gram in grams.iter().take(self.config.guesses) {
+        for gram in self.pool.get(&last).into_iter().flatten().take(self.config.guesses) {
             let mut at = 0u32;
             for &t in gram.iter().take(depth) {
                 at = *children.entry((at, t)).or_insert_with(|| {

@@ -31,7 +31,6 @@ use crate::core::spec_guard::SpecGuard;
 use crate::core::step_cost::StepCost;
 use crate::request::{FinishReason, RequestId};
 
-/// What the model side needs to know about a request (sampling, when to stop).
 /// What a decoding step took and gave (`Scheduler::record_step`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepTiming {
@@ -46,6 +45,7 @@ pub struct StepTiming {
     pub delivered: usize,
 }
 
+/// What the model side needs to know about a request (sampling, when to stop).
 #[derive(Debug, Clone, PartialEq)]
 pub struct SeqParams {
     pub sampling: SamplingParams,

@@ -101,9 +101,7 @@ pub struct AcceptanceTracker {
     idle: u32,
     /// Draft-length choices since the last exploration.
     since_explored: u32,
-    /// Flips at every exploration (one step longer, then one shorter than the best) and,
-    /// while costs are unknown, every step (plain steps between drafting ones give the cost
-    /// fit steps of different sizes to learn from).
+    /// Flips at every exploration: one step longer, then one shorter than the best.
     flip: bool,
 }
 

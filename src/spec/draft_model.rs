@@ -7,11 +7,11 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use super::{propose_one, Draft, ProposeRequest, Proposer, SeqId};
+use super::{pick_draft_token, propose_one, Draft, ProposeRequest, Proposer, SeqId};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
-use crate::core::sampling::{argmax, distribution, sample_from, SamplingParams};
+use crate::core::sampling::SamplingParams;
 use crate::model::{ForwardStep, KvCache, Llama, ModelConfig};
 
 /// Per-sequence state: how many leading tokens of the history are in the draft cache.
@@ -97,17 +97,7 @@ impl<B: Backend> ModelProposer<B> {
         let host = self.backend.to_host(&logits)?;
         let mut picked = Vec::with_capacity(rows.len());
         for ((i, _), row) in rows.iter().zip(host.chunks(vocab)) {
-            let token = match drafts[*i].probs.as_mut() {
-                None => argmax(row),
-                Some(probs) => {
-                    // Drafts follow the request's own temperature and top-p, so q is close to p.
-                    let q = distribution(row, &contexts[*i], reqs[*i].sampling);
-                    let t = sample_from(&q, &mut self.rng);
-                    probs.push(q);
-                    t
-                }
-            };
-            picked.push(token);
+            picked.push(pick_draft_token(&mut drafts[*i], row, &contexts[*i], reqs[*i].sampling, &mut self.rng));
         }
         Ok(picked)
     }

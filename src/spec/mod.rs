@@ -20,7 +20,7 @@ pub use stats::SpecStats;
 use crate::backend::BackendError;
 use crate::core::kv_manager::KvStats;
 use crate::core::ngram;
-use crate::core::sampling::{distribution, Sampler, SamplingParams};
+use crate::core::sampling::{distribution, sample_from, Sampler, SamplingParams};
 use crate::core::spec::{accept_greedy, accept_sampled};
 pub use crate::core::tree::{TreeDraft, TreeShape, MAX_TREE_NODES, MAX_TREE_TOP_K};
 
@@ -98,6 +98,24 @@ impl ProposeRequest<'_> {
     pub fn empty_draft(&self) -> Draft {
         Draft { tokens: Vec::with_capacity(self.k), probs: (!self.sampling.is_greedy()).then(Vec::new) }
     }
+}
+
+/// A drafter's next token from its logits `row`: the argmax for a greedy draft; otherwise
+/// sampled with the request's own parameters over `context` (the sequence before this
+/// token), its distribution kept in the draft's probabilities for the rejection sampling.
+pub fn pick_draft_token(
+    draft: &mut Draft,
+    row: &[f32],
+    context: &[u32],
+    sampling: &SamplingParams,
+    rng: &mut impl rand::Rng,
+) -> u32 {
+    let Some(probs) = draft.probs.as_mut() else { return crate::core::sampling::argmax(row) };
+    // Drafts follow the request's own temperature and top-p, so q is close to p.
+    let q = distribution(row, context, sampling);
+    let t = sample_from(&q, rng);
+    probs.push(q);
+    t
 }
 
 /// Speculative decoding as the runtime runs it.

@@ -134,7 +134,7 @@ impl CudaBackend {
         if ranks == 0 {
             return Err(BackendError::Invalid("tensor parallelism needs at least one rank".into()));
         }
-        let visible = super::placement::visible_gpus();
+        let visible = crate::device::gpu_count();
         if ranks > visible {
             return Err(BackendError::TooFewGpus { ranks, visible });
         }

@@ -7,22 +7,17 @@
 
 use std::ops::Range;
 
-use cudarc::driver::{sys, CudaContext};
+use cudarc::driver::sys;
 
 use super::device::driver_err;
 use super::{CudaBackend, CudaTensor, DType};
 use crate::tensor::{Backend, BackendError, Result};
 
-/// GPUs the driver shows (0 if it cannot say).
-pub(super) fn visible_gpus() -> usize {
-    CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
-}
-
 impl CudaBackend {
     /// A backend on GPU `ordinal`: a sibling of this one on its own GPU, else a backend
     /// with that GPU's context and kernels.
     pub(super) fn on_gpu(&self, ordinal: usize) -> Result<Self> {
-        let visible = visible_gpus();
+        let visible = crate::device::gpu_count();
         if ordinal >= visible {
             return Err(BackendError::NoSuchGpu { ordinal, visible });
         }

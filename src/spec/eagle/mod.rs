@@ -24,11 +24,11 @@ use rand::SeedableRng;
 
 pub use head::{check_sizes, EagleHead, DEFAULT_HEAD};
 
-use super::{propose_one, Draft, ProposeRequest, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
+use super::{pick_draft_token, propose_one, Draft, ProposeRequest, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::block_pool::BlockPool;
 use crate::core::kv_manager::KvStats;
-use crate::core::sampling::{distribution, sample_from, SamplingParams};
+use crate::core::sampling::SamplingParams;
 use crate::model::{KvCache, Llama};
 
 /// A size a head must share with its target.
@@ -194,17 +194,8 @@ impl<B: Backend> EagleProposer<B> {
         let mut picked = Vec::with_capacity(rows.len());
         for (r, row) in rows.iter().zip(host.chunks(vocab)) {
             let (req, draft) = (&reqs[r.req], &mut drafts[r.req]);
-            let token = match draft.probs.as_mut() {
-                None => crate::core::sampling::argmax(row),
-                Some(probs) => {
-                    let context = [req.history, &draft.tokens].concat();
-                    let q = distribution(row, &context, req.sampling);
-                    let t = sample_from(&q, &mut self.rng);
-                    probs.push(q);
-                    t
-                }
-            };
-            picked.push(token);
+            let context = [req.history, &draft.tokens].concat();
+            picked.push(pick_draft_token(draft, row, &context, req.sampling, &mut self.rng));
         }
         Ok(picked)
     }

@@ -20,9 +20,9 @@ use rand::SeedableRng;
 
 pub use head::{MedusaConfig, MedusaHeads, MAX_MEDUSA_HEADS};
 
-use super::{Draft, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
+use super::{pick_draft_token, Draft, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
 use crate::backend::{Backend, BackendError};
-use crate::core::sampling::{argmax, distribution, sample_from, SamplingParams};
+use crate::core::sampling::SamplingParams;
 use crate::core::tree::{select_tree, top_log_probs, Candidate};
 use crate::model::Llama;
 
@@ -105,15 +105,8 @@ impl<B: Backend> Proposer for MedusaProposer<B> {
         let mut draft = Draft { tokens: vec![], probs: (!sampling.is_greedy()).then(Vec::new) };
         let Some(logits) = self.head_logits(seq, history, k)? else { return Ok(draft) };
         for row in &logits {
-            let token = match draft.probs.as_mut() {
-                None => argmax(row),
-                Some(probs) => {
-                    let q = distribution(row, &[history, &draft.tokens].concat(), sampling);
-                    let t = sample_from(&q, &mut self.rng);
-                    probs.push(q);
-                    t
-                }
-            };
+            let context = [history, &draft.tokens].concat();
+            let token = pick_draft_token(&mut draft, row, &context, sampling, &mut self.rng);
             draft.tokens.push(token);
         }
         Ok(draft)
