@@ -34,7 +34,8 @@
 #include <cuda_fp8.h>
 
 #define ATTN_WARPS 4
-#define ATTN_UNROLL 8
+#define ATTN_STAGES 4     // ring slots per warp: STAGES - 1 stages of loads in flight while one is used
+#define ATTN_STAGE_POS 4  // positions per stage
 #define SHORT_SPLITS 64  // as batch::SHORT_SPLITS
 #define LONG_SPLIT 256   // as batch::LONG_SPLIT
 #define MAX_SPLITS 256   // as batch::MAX_SPLITS
@@ -101,6 +102,37 @@ __device__ __forceinline__ void store_head(void* cache, signed char* exps, size_
         for (int i = 0; i < PL; i++) dst[i] = __float2bfloat16_rn(v[i]);
     }
 }
+
+
+// Asynchronous copies global -> shared (sm_80+): the loads of the coming stages stay in flight
+// without holding registers, so a warp keeps (STAGES - 1) * STAGE_POS positions' bytes
+// in flight while it scores the current stage.
+template <int BYTES>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
+    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
+    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
+    if constexpr (BYTES == 16) {  // .cg: the KV cache is read once per step, L1 would only be evicted
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
+    } else {
+        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(s), "l"(gmem), "n"(BYTES) : "memory");
+    }
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// One position's record in a warp's ring: K then V as the cache stores them; with FP8 also
+// the 4-byte words holding the K and V scale exponents and the exponent's byte in them.
+template <int HD, bool FP8>
+struct KvRecord {
+    static constexpr int ELEM = FP8 ? 1 : 2;
+    static constexpr int KV_BYTES = 2 * HD * ELEM;
+    static constexpr int CHUNK = KV_BYTES / WARP;  // bytes each lane copies
+    static constexpr int BYTES = KV_BYTES + (FP8 ? 16 : 0);
+};
 
 // One position's key and value as a lane holds them between their load and their use: for
 // a bf16 cache the PL bf16 values themselves, packed (two per register), so that the loads
@@ -285,17 +317,51 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
         }
         if (inv_freq && j < g) rope_rotate<PL>(qr[j], cs, sn, lane);
     }
-    // Each warp takes positions start + warp, + ATTN_WARPS, ...; UNROLL of them are loaded
-    // before any is used, so that the loads' latency overlaps (one at a time, the loop was a
-    // chain of dependent memory round trips; with 4 in flight, 65% of the cycles had no
-    // warp ready to issue).
-    for (int p0 = start + warp; p0 < end; p0 += ATTN_WARPS * ATTN_UNROLL) {
-        KvPos<PL, FP8> kv[ATTN_UNROLL];
+    // Each warp takes positions start + warp, + ATTN_WARPS, ..., STAGE_POS of them a stage,
+    // and copies the cache's bytes of the next STAGES - 1 stages into its ring (cp.async)
+    // while it scores this one: enough bytes in flight to keep the memory busy, without the
+    // registers that held them before (occupancy was what limited long contexts). The step's
+    // own positions come from k_new and v_new as they are scored.
+    using Rec = KvRecord<HD, FP8>;
+    constexpr int STAGE_BYTES = ATTN_STAGE_POS * Rec::BYTES;
+    constexpr int RING_BYTES = ATTN_WARPS * ATTN_STAGES * STAGE_BYTES;
+    constexpr int MERGE_BYTES = ATTN_WARPS * G * (HD + 2) * 4;
+    __shared__ __align__(16) unsigned char smem[RING_BYTES > MERGE_BYTES ? RING_BYTES : MERGE_BYTES];
+    unsigned char* ring = smem + warp * ATTN_STAGES * STAGE_BYTES;
+    const auto position = [&](int s, int u) { return start + warp + (s * ATTN_STAGE_POS + u) * ATTN_WARPS; };
+    const auto visible = [&](int p) { return p < end && (!WINDOWED || p < sinks || pos - p < window); };
+    const auto issue = [&](int s) {  // one commit group per stage, empty or not
+        unsigned char* rec = ring + (s % ATTN_STAGES) * STAGE_BYTES;
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            const int p = p0 + u * ATTN_WARPS;
-            const bool read = p < end && (!WINDOWED || p < sinks || pos - p < window);  // uniform in the warp
-            if (read && p >= first_pos) {
+        for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
+            const int p = position(s, u);
+            if (!visible(p) || p >= first_pos) continue;  // uniform in the warp
+            const int blk = bs_shift >= 0 ? p >> bs_shift : p / block_size;
+            const size_t slot = (size_t)table[blk] * block_size + (p - blk * block_size);
+            const size_t at = (slot * kv_dim + kvh * HD) * Rec::ELEM;
+            const int half = lane / (WARP / 2), chunk = lane % (WARP / 2);  // K from lanes 0-15, V from 16-31
+            const unsigned char* src = (const unsigned char*)(half ? v_cache : k_cache) + at + chunk * Rec::CHUNK;
+            cp_async<Rec::CHUNK>(rec + lane * Rec::CHUNK, src);
+            if constexpr (FP8) {
+                const size_t scale_at = slot * kv_heads + kvh;
+                if (lane < 2) cp_async<4>(rec + Rec::KV_BYTES + 4 * lane, (lane ? v_exps : k_exps) + (scale_at & ~(size_t)3));
+                if (lane == 2) *(int*)(rec + Rec::KV_BYTES + 8) = (int)(scale_at & 3);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int s = 0; s < ATTN_STAGES - 1; s++) issue(s);
+    for (int s = 0; position(s, 0) < end; s++) {
+        issue(s + ATTN_STAGES - 1);  // into the slot stage s - 1 used
+        cp_async_wait<ATTN_STAGES - 1>();
+        __syncwarp();  // every lane's copies of stage s have landed
+        KvPos<PL, FP8> kv[ATTN_STAGE_POS];
+        const unsigned char* rec = ring + (s % ATTN_STAGES) * STAGE_BYTES;
+#pragma unroll
+        for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
+            const int p = position(s, u);
+            if (visible(p) && p >= first_pos) {
                 const size_t off = (size_t)(first_tok + p - first_pos) * kv_dim + kvh * HD + lane * PL;
                 float kf[PL], vf[PL];
 #pragma unroll
@@ -309,18 +375,16 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
                     rope_rotate<PL>(kf, pc, ps, lane);
                 }
                 kv[u].set(kf, vf);
-            } else if (read) {
-                const int blk = bs_shift >= 0 ? p >> bs_shift : p / block_size;
-                const size_t slot = (size_t)table[blk] * block_size + (p - blk * block_size);
-                kv[u].load(k_cache, v_cache, k_exps, v_exps, slot * kv_dim + kvh * HD + lane * PL,
-                           slot * kv_heads + kvh);
+            } else if (visible(p)) {
+                const signed char* exps = (const signed char*)(rec + Rec::KV_BYTES);
+                kv[u].load(rec, rec + HD * Rec::ELEM, exps, exps + 4, lane * PL, FP8 ? *(const int*)(exps + 8) : 0);
             }
         }
+        __syncwarp();  // the slot is read: the next issue may refill it
 #pragma unroll
-        for (int u = 0; u < ATTN_UNROLL; u++) {
-            const int p = p0 + u * ATTN_WARPS;
-            if (p >= end) break;
-            if (WINDOWED && p >= sinks && pos - p >= window) continue;  // left out by the window
+        for (int u = 0; u < ATTN_STAGE_POS; u++) {
+            const int p = position(s, u);
+            if (!visible(p)) continue;
             float kf[PL], vf[PL], ks, vs;
             kv[u].get(kf, vf, ks, vs);
 #pragma unroll
@@ -340,8 +404,12 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
             }
         }
     }
-    // Merge the warps of this block.
-    __shared__ float sm[ATTN_WARPS][G], sl[ATTN_WARPS][G], sacc[ATTN_WARPS][G][HD];
+    cp_async_wait<0>();  // the stages past the end were empty, but the ring becomes the merge's
+    __syncthreads();
+    // Merge the warps of this block, in the ring's memory.
+    float(*sm)[G] = (float(*)[G])smem;
+    float(*sl)[G] = (float(*)[G])(smem + ATTN_WARPS * G * 4);
+    float(*sacc)[G][HD] = (float(*)[G][HD])(smem + 2 * ATTN_WARPS * G * 4);
 #pragma unroll
     for (int j = 0; j < G; j++) {
         if (j < g) {
@@ -400,26 +468,41 @@ extern "C" __global__ void attn_split_fp8_win_hd64_g8(ATTN_ARGS) { attn_split<64
 extern "C" __global__ void attn_split_fp8_win_hd128_g4(ATTN_ARGS) { attn_split<128, true, true, 4>(ATTN_PASS); }
 extern "C" __global__ void attn_split_fp8_win_hd128_g8(ATTN_ARGS) { attn_split<128, true, true, 8>(ATTN_PASS); }
 
-// out[t, h * head_dim + d] from the splits that token t used. grid: (heads, tokens), block: head_dim.
+// out[t, h * head_dim + d] from the splits that token t used. grid: (heads, tokens), block:
+// head_dim * MERGE_GROUPS: group r weighs the splits r, r + MERGE_GROUPS, ..., so that a long
+// context's 128-256 splits are read MERGE_GROUPS at a time (one thread per dimension took
+// them one by one: 36 us per layer at 32k positions); the groups' sums are added in a fixed
+// order, so a token's result still depends on its own position only.
+#define MERGE_GROUPS 4
 extern "C" __global__ void attn_merge(const float* __restrict__ partial, const uint32_t* __restrict__ positions,
                                       __nv_bfloat16* __restrict__ out, int heads, int head_dim, int max_splits,
                                       int min_split) {
     pdl_start();
-    const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x;
+    const int h = blockIdx.x, t = blockIdx.y, d = threadIdx.x % head_dim, r = threadIdx.x / head_dim;
     const int len = split_len(positions[t], min_split);
     const int splits = (positions[t] + len) / len;  // ceil((position + 1) / len)
     const float* src = partial + ((size_t)t * heads + h) * max_splits * (head_dim + 2);
     float mx = -INFINITY;
-    // Unrolled so that the loads of several splits are in flight at once (up to 256 splits).
-#pragma unroll 8
-    for (int s = 0; s < splits; s++) mx = fmaxf(mx, src[s * (head_dim + 2)]);
+    for (int s = threadIdx.x; s < splits; s += blockDim.x) mx = fmaxf(mx, src[s * (head_dim + 2)]);
+    mx = block_max(mx);
     float sum = 0.f, acc = 0.f;
+    // Unrolled so that the loads of several splits are in flight at once.
 #pragma unroll 8
-    for (int s = 0; s < splits; s++) {
+    for (int s = r; s < splits; s += MERGE_GROUPS) {
         const float* p = src + s * (head_dim + 2);
         const float c = expf(p[0] - mx);
         sum = fmaf(p[1], c, sum);
         acc = fmaf(p[2 + d], c, acc);
+    }
+    __shared__ float group_sum[MERGE_GROUPS][128], group_acc[MERGE_GROUPS][128];  // head_dim <= 128
+    group_sum[r][d] = sum;
+    group_acc[r][d] = acc;
+    __syncthreads();
+    if (r > 0) return;
+#pragma unroll
+    for (int g = 1; g < MERGE_GROUPS; g++) {
+        sum += group_sum[g][d];
+        acc += group_acc[g][d];
     }
     out[((size_t)t * heads + h) * head_dim + d] = __float2bfloat16_rn(acc / sum);  // o's input: bf16
 }

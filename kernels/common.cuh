@@ -61,6 +61,19 @@ __device__ __forceinline__ float block_sum(float v) {
     return total;
 }
 
+// Max over the block (as block_sum); every thread gets it.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial[32];
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    for (int w = 0; w < warps; w++) m = fmaxf(m, partial[w]);
+    return m;
+}
+
 __device__ __forceinline__ float bf16_to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
 
 // Eight bf16 packed in 16 bytes -> eight floats (a bf16 is the high half of an f32).

@@ -3,18 +3,6 @@
 #include "common.cuh"
 #include <cuda_fp8.h>
 
-__device__ __forceinline__ float block_max(float v) {
-    __shared__ float partial[32];
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    float m = 0.f;
-    for (int w = 0; w < warps; w++) m = fmaxf(m, partial[w]);
-    return m;
-}
-
 // grid: rows, block: 256. in bf16 [rows, K]; out E4M3 [rows, K]; scales f32 [rows].
 extern "C" __global__ void quantize_rows_fp8(const __nv_bfloat16* __restrict__ in, uint8_t* __restrict__ out,
                                              float* __restrict__ scales, int K) {

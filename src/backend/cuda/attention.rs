@@ -7,6 +7,9 @@ use super::kernels::AttnKernel;
 use super::{CudaBackend, CudaTensor, DType};
 use crate::tensor::{AttnShape, BackendError, Result};
 
+/// Thread groups per head in the merge kernel; as MERGE_GROUPS in kernels/attention.cu.
+const MERGE_GROUPS: usize = 4;
+
 impl CudaBackend {
     /// Attention through the split and merge kernels (kernels/attention.cu); with
     /// `inv_freq`, the split kernel applies RoPE to q and the step's keys as it loads them.
@@ -58,7 +61,8 @@ impl CudaBackend {
             inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32,
             s.window.map_or(0, |w| w.size() as i32), s.window.map_or(0, |w| w.sinks() as i32))?;
         let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::Bf16)?; // o's input
-        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (s.head_dim as u32, 1, 1);
+        let merge_block = (s.head_dim * MERGE_GROUPS) as u32;
+        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (merge_block, 1, 1);
             partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
             batch.min_split as i32)?;
         Ok(out)
