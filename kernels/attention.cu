@@ -1,6 +1,6 @@
 // Paged attention over the KV cache for decode (one query per row), verification (k+1
-// causal queries per row) and prefill: every query token attends to its row's cached
-// positions 0..=position, read through the row's block table.
+// causal queries per row, or a tree of them) and prefill: every query token attends to its
+// row's cached positions 0..=position, read through the row's block table.
 //
 // The step's own keys and values are written to the cache by the same kernel: positions
 // the step adds are read from the k and v inputs (rounded exactly as the cache stores
@@ -24,6 +24,13 @@
 // in the pool: the table holds NO_BLOCK there) nor scored. A split left with nothing keeps
 // its max at -inf, which the merges weigh as 0; the token's own split always has itself.
 // WINDOWED is a template flag so that the kernels without a window compile as before.
+//
+// A tree row (tree speculation) reads, for each token, the logical sequence a plain decode
+// of it would read: the cache before the tree, then its ancestors and itself in depth order,
+// at logical positions prefix + depth (its RoPE position too). The table `tree` says where
+// each of those lives (see kv_source); a null table means causal rows only. A token's
+// stored key and value go to slots[t], the node's storage slot, rotated at its logical
+// position, as the CPU stores them.
 //
 // The sequence is cut into splits of split_len(position) positions; one block handles one
 // (kv head, query token, split) and all the query heads that share that kv head (GQA:
@@ -54,6 +61,21 @@ __device__ __forceinline__ int split_len(int pos, int min_split) {
     while (pos + 1 > len * SHORT_SPLITS && len < LONG_SPLIT) len *= 2;
     while (pos + 1 > len * MAX_SPLITS) len *= 2;
     return len;
+}
+
+#define NOT_TREE 0xffffffffu  // as batch::NOT_TREE
+
+// Where logical position p (at most the token's own) of token t's sequence is: the step token
+// whose k_new/v_new row holds it (>= 0), or -1 - s for storage position s of the row's cache.
+// Causal rows: positions from first_pos on are this step's, token first_tok + (p - first_pos).
+// Tree rows: tree[t] is the offset in `tree` of the token's path entry: the tree's prefix
+// (positions before it are stored at their own position), then per depth the step token or
+// ~storage position of the ancestor there (batch::tree_table writes it).
+__device__ __forceinline__ int kv_source(const uint32_t* __restrict__ tree, int t, int p, int first_tok, int first_pos) {
+    const uint32_t at = tree ? tree[t] : NOT_TREE;
+    if (at == NOT_TREE) return p >= first_pos ? first_tok + (p - first_pos) : -1 - p;
+    const int prefix = (int)tree[at];
+    return p < prefix ? -1 - p : (int)tree[at + 1 + p - prefix];
 }
 
 // 2^e exactly, for e in [-127, 127] (2^-127 is subnormal), without ldexpf's range handling.
@@ -271,9 +293,10 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
                            signed char* __restrict__ v_exps,
                            const uint32_t* __restrict__ positions, const uint32_t* __restrict__ slots,
                            const uint32_t* __restrict__ token_row, const uint32_t* __restrict__ row_first,
-                           const uint32_t* __restrict__ block_tables, int max_blocks, int block_size, int heads,
-                           int kv_heads, int max_splits, float* __restrict__ partial,
-                           const float* __restrict__ inv_freq, int min_split, int window, int sinks) {
+                           const uint32_t* __restrict__ tree, const uint32_t* __restrict__ block_tables,
+                           int max_blocks, int block_size, int heads, int kv_heads, int max_splits,
+                           float* __restrict__ partial, const float* __restrict__ inv_freq, int min_split, int window,
+                           int sinks) {
     constexpr int PL = HD / WARP;  // head dimensions per lane
     pdl_start();
     const int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
@@ -287,7 +310,7 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     const float scale = 1.0f / sqrtf((float)HD);
     // Block sizes are powers of two in practice: a shift rather than a division per position.
     const int bs_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
-    // Positions from first_pos on are this step's: token first_tok + (p - first_pos).
+    // Positions from first_pos on are this step's (causal rows; see kv_source).
     const int first_tok = row_first[t], first_pos = positions[first_tok];
     float cs[PL], sn[PL];  // token t's rotation
     if (inv_freq) rope_angles<PL>(positions[t], inv_freq, lane, cs, sn);
@@ -335,13 +358,15 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
 #pragma unroll
         for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
             const int p = position(s, u);
-            if (!visible(p) || p >= first_pos) continue;  // uniform in the warp
-            const int blk = bs_shift >= 0 ? p >> bs_shift : p / block_size;
-            const size_t slot = (size_t)table[blk] * block_size + (p - blk * block_size);
+            const int src = visible(p) ? kv_source(tree, t, p, first_tok, first_pos) : 0;  // uniform in the warp
+            if (src >= 0) continue;  // not read, or a step token's (read when scored)
+            const int sp = -1 - src;  // storage position: p itself but for a cached tree node
+            const int blk = bs_shift >= 0 ? sp >> bs_shift : sp / block_size;
+            const size_t slot = (size_t)table[blk] * block_size + (sp - blk * block_size);
             const size_t at = (slot * kv_dim + kvh * HD) * Rec::ELEM;
             const int half = lane / (WARP / 2), chunk = lane % (WARP / 2);  // K from lanes 0-15, V from 16-31
-            const unsigned char* src = (const unsigned char*)(half ? v_cache : k_cache) + at + chunk * Rec::CHUNK;
-            cp_async<Rec::CHUNK>(rec + lane * Rec::CHUNK, src);
+            const unsigned char* from = (const unsigned char*)(half ? v_cache : k_cache) + at + chunk * Rec::CHUNK;
+            cp_async<Rec::CHUNK>(rec + lane * Rec::CHUNK, from);
             if constexpr (FP8) {
                 const size_t scale_at = slot * kv_heads + kvh;
                 if (lane < 2) cp_async<4>(rec + Rec::KV_BYTES + 4 * lane, (lane ? v_exps : k_exps) + (scale_at & ~(size_t)3));
@@ -361,8 +386,9 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
 #pragma unroll
         for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
             const int p = position(s, u);
-            if (visible(p) && p >= first_pos) {
-                const size_t off = (size_t)(first_tok + p - first_pos) * kv_dim + kvh * HD + lane * PL;
+            const int src = visible(p) ? kv_source(tree, t, p, first_tok, first_pos) : -1;  // step token, or -1 - storage
+            if (src >= 0) {
+                const size_t off = (size_t)src * kv_dim + kvh * HD + lane * PL;
                 float kf[PL], vf[PL];
 #pragma unroll
                 for (int i = 0; i < PL; i++) {
@@ -444,11 +470,11 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
 #define ATTN_ARGS                                                                                             \
     const float *q, const float *k, const float *v, void *kc, void *vc, signed char *ke, signed char *ve,    \
         const uint32_t *positions, const uint32_t *slots, const uint32_t *token_row, const uint32_t *row_first, \
-        const uint32_t *block_tables, int max_blocks, int block_size, int heads, int kv_heads, int max_splits,  \
-        float *partial, const float *inv_freq, int min_split, int window, int sinks
+        const uint32_t *tree, const uint32_t *block_tables, int max_blocks, int block_size, int heads,         \
+        int kv_heads, int max_splits, float *partial, const float *inv_freq, int min_split, int window, int sinks
 #define ATTN_PASS                                                                                                 \
-    q, k, v, kc, vc, ke, ve, positions, slots, token_row, row_first, block_tables, max_blocks, block_size, heads, \
-        kv_heads, max_splits, partial, inv_freq, min_split, window, sinks
+    q, k, v, kc, vc, ke, ve, positions, slots, token_row, row_first, tree, block_tables, max_blocks, block_size, \
+        heads, kv_heads, max_splits, partial, inv_freq, min_split, window, sinks
 // By head size, window, KV storage and the query heads per KV head it holds registers for
 // (G: 4 for the Llama 3 8B and 1B shapes, 8 for the 70B; fewer registers, more blocks per SM).
 extern "C" __global__ void attn_split_hd64_g4(ATTN_ARGS) { attn_split<64, false, false, 4>(ATTN_PASS); }

@@ -56,7 +56,7 @@ impl CudaBackend {
         launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
             q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), k_cache.scales_ptr(), v_cache.scales_ptr(),
             batch.positions(), batch.slots(),
-            batch.token_row(), batch.row_first(), batch.block_tables(), batch.max_blocks as i32,
+            batch.token_row(), batch.row_first(), batch.tree(), batch.block_tables(), batch.max_blocks as i32,
             batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
             inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32,
             s.window.map_or(0, |w| w.size() as i32), s.window.map_or(0, |w| w.sinks() as i32))?;

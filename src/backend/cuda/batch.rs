@@ -2,15 +2,16 @@
 //!
 //! Layout (n tokens, r rows, l logit rows, b = blocks per row, padded):
 //! ```text
-//! | tokens n | positions n | slots n | token_row n | row_first n | logits_for l | block_tables r × b |
+//! | tokens n | positions n | slots n | token_row n | row_first n | logits_for l | block_tables r × b | tree |
 //! ```
-//! A captured graph keeps its buffer and gets the next step's values copied into it, so
-//! the layout depends only on (n, r, l, b): the graph's key.
+//! `tree` (`tree_table`) is there only when a row is a tree row. A captured graph keeps its
+//! buffer and gets the next step's values copied into it, so the layout depends only on
+//! (n, r, l, b): the graph's key. Steps with tree rows are not captured (`graph.rs`).
 
 use std::sync::Arc;
 
 use super::device::DeviceBuf;
-use crate::tensor::{BackendError, BatchMeta, Result};
+use crate::tensor::{BackendError, BatchMeta, Result, RowMeta, TreeMask};
 
 /// The shortest attention split.
 /// Short splits put more blocks in flight at short contexts, where a decode step's
@@ -26,6 +27,8 @@ pub struct CudaBatch {
     pub(crate) max_splits: usize,
     /// The shortest attention split (see `split_len`).
     pub(crate) min_split: usize,
+    /// Whether the buffer ends with a tree table (a row is a tree row).
+    pub(crate) has_tree: bool,
 }
 
 impl CudaBatch {
@@ -54,6 +57,48 @@ impl CudaBatch {
     pub fn block_tables(&self) -> u64 {
         self.logits_for() + 4 * self.meta.logits_for.len() as u64
     }
+    /// The tree table (`tree_table`), or 0 (a null pointer) when every row is causal.
+    pub fn tree(&self) -> u64 {
+        let after_tables = self.block_tables() + 4 * (self.meta.rows.len() * self.max_blocks) as u64;
+        if self.has_tree {
+            after_tables
+        } else {
+            0
+        }
+    }
+}
+
+/// A causal row's token in the tree table (NOT_TREE in kernels/attention.cu).
+pub const NOT_TREE: u32 = u32::MAX;
+
+/// The tree table the attention kernel reads (`kv_source` in kernels/attention.cu), for a
+/// step with tree rows; None when every row is causal.
+///
+/// ```text
+///  | entry offset per token n | entries of the tree rows' tokens |
+///  entry offset: where the token's entry starts in this table, NOT_TREE for a causal row
+///  entry:        prefix | depth 0 | depth 1 | ... | the token's own depth
+///  depth d:      the step token holding the ancestor at position prefix + d, or
+///                !storage position for a node an earlier step cached (a drafting head's)
+/// ```
+pub fn tree_table(meta: &BatchMeta) -> Option<Vec<u32>> {
+    if meta.rows.iter().all(|r| r.tree.is_none()) {
+        return None;
+    }
+    let mut out = vec![NOT_TREE; meta.tokens.len()];
+    for row in &meta.rows {
+        let Some(tree) = &row.tree else { continue };
+        for i in 0..row.len {
+            out[(row.start + i) as usize] = out.len() as u32;
+            out.push(tree.prefix);
+            let path = tree.path(tree.first + i).into_iter();
+            out.extend(path.map(|node| match node.checked_sub(tree.first) {
+                Some(j) => row.start + j,
+                None => !(tree.prefix + node),
+            }));
+        }
+    }
+    Some(out)
 }
 
 /// Blocks per row the batch needs.
@@ -86,10 +131,6 @@ pub fn splits_at(pos: usize, min_split: usize) -> usize {
     (pos + 1).div_ceil(split_len(pos, min_split))
 }
 
-pub fn packed_len(meta: &BatchMeta, max_blocks: usize) -> usize {
-    5 * meta.tokens.len() + meta.logits_for.len() + meta.rows.len() * max_blocks
-}
-
 /// The buffer's contents; checks what the kernels would otherwise read out of bounds.
 pub fn pack(meta: &BatchMeta, max_blocks: usize) -> Result<Vec<u32>> {
     let n = meta.tokens.len();
@@ -104,20 +145,15 @@ pub fn pack(meta: &BatchMeta, max_blocks: usize) -> Result<Vec<u32>> {
         }
         token_row[start..end].iter_mut().for_each(|t| *t = r as u32);
         row_first[start..end].iter_mut().for_each(|t| *t = start as u32);
-        if (start + 1..end).any(|t| meta.positions[t] != meta.positions[t - 1] + 1) {
-            return Err(BackendError::Invalid(format!("batch: row {r}'s positions are not consecutive")));
-        }
-        for t in start..end {
-            let blocks_used = meta.positions[t] as usize / meta.block_size as usize + 1;
-            if blocks_used > row.block_table.len() {
-                return Err(BackendError::Invalid(format!("batch: token {t} lies past its row's block table")));
-            }
+        match &row.tree {
+            None => check_causal(meta, r, row)?,
+            Some(tree) => check_tree(meta, r, row, tree)?,
         }
     }
     if token_row.contains(&u32::MAX) || meta.logits_for.iter().any(|&t| t as usize >= n) {
         return Err(BackendError::Invalid("batch: a token belongs to no row, or logits_for is out of range".into()));
     }
-    let mut out = Vec::with_capacity(packed_len(meta, max_blocks));
+    let mut out = Vec::with_capacity(5 * n + meta.logits_for.len() + meta.rows.len() * max_blocks);
     out.extend(&meta.tokens);
     out.extend(&meta.positions);
     out.extend(&meta.slots);
@@ -128,12 +164,87 @@ pub fn pack(meta: &BatchMeta, max_blocks: usize) -> Result<Vec<u32>> {
         out.extend(&row.block_table);
         out.extend(std::iter::repeat_n(0, max_blocks - row.block_table.len()));
     }
+    out.extend(tree_table(meta).unwrap_or_default());
     Ok(out)
+}
+
+/// A causal row: consecutive positions, every one inside its block table.
+fn check_causal(meta: &BatchMeta, r: usize, row: &RowMeta) -> Result<()> {
+    let (start, end) = (row.start as usize, (row.start + row.len) as usize);
+    if (start + 1..end).any(|t| meta.positions[t] != meta.positions[t - 1] + 1) {
+        return Err(BackendError::Invalid(format!("batch: row {r}'s positions are not consecutive")));
+    }
+    for t in start..end {
+        let blocks_used = meta.positions[t] as usize / meta.block_size as usize + 1;
+        if blocks_used > row.block_table.len() {
+            return Err(BackendError::Invalid(format!("batch: token {t} lies past its row's block table")));
+        }
+    }
+    Ok(())
+}
+
+/// A tree row: a valid tree holding the row's nodes, each token at its node's logical
+/// position (the kernel reads that many path entries), every stored node inside the table.
+fn check_tree(meta: &BatchMeta, r: usize, row: &RowMeta, tree: &TreeMask) -> Result<()> {
+    let end = tree.first as usize + row.len as usize;
+    if !tree.is_valid() || end > tree.parents.len() {
+        return Err(BackendError::Invalid(format!("batch: row {r}'s tree is out of order or too short")));
+    }
+    let stored = tree.prefix as usize + end;
+    if stored.div_ceil(meta.block_size as usize) > row.block_table.len() {
+        return Err(BackendError::Invalid(format!("batch: row {r}'s tree lies past its block table")));
+    }
+    for i in 0..row.len {
+        let depth = tree.path(tree.first + i).len() as u32 - 1;
+        if meta.positions[(row.start + i) as usize] != tree.prefix + depth {
+            return Err(BackendError::Invalid(format!("batch: row {r}'s token {i} is not at its node's depth")));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tensor::NO_PARENT;
+
+    /// A causal row of 2 tokens, then nodes 4..7 of a drafting head's tree over 6 positions
+    /// (nodes 0..4 cached): 0 → 2 → 4, 1 → 3 → {5, 6}.
+    fn mixed() -> BatchMeta {
+        let mut meta = BatchMeta::new(4);
+        meta.push_row(&[1, 2], 3, &[7, 8], 2);
+        let tree = TreeMask { prefix: 6, first: 4, parents: vec![NO_PARENT, NO_PARENT, 0, 1, 2, 3, 3] };
+        meta.push_tree_row(&[3, 4, 5], tree, &[2, 0, 5, 1], true).unwrap();
+        meta
+    }
+
+    #[test]
+    fn tree_table_maps_each_depth_to_a_step_token_or_a_cached_node() {
+        let nt = NOT_TREE;
+        // Node 4 (token 2) at depth 2: nodes 0 and 2 cached at storage 6 and 8, itself token 2.
+        let want = vec![nt, nt, 5, 9, 13, 6, !6, !8, 2, 6, !7, !9, 3, 6, !7, !9, 4];
+        assert_eq!(tree_table(&mixed()), Some(want));
+        let mut causal = BatchMeta::new(4);
+        causal.push_row(&[1, 2], 3, &[7, 8], 2);
+        assert_eq!(tree_table(&causal), None);
+        assert_eq!(pack(&causal, 3).unwrap().len(), 5 * 2 + 2 + 3);
+    }
+
+    #[test]
+    fn pack_appends_the_tree_table_and_checks_tree_rows() {
+        let meta = mixed();
+        let packed = pack(&meta, 4).unwrap();
+        assert_eq!(packed[5 * 5 + 5 + 2 * 4..], tree_table(&meta).unwrap()[..]);
+        let mut moved = meta.clone();
+        moved.positions[3] += 1; // no longer the node's depth
+        assert!(pack(&moved, 4).is_err());
+        let mut short = meta.clone();
+        short.rows[1].block_table.truncate(3); // storage positions 12.. have no block
+        assert!(pack(&short, 4).is_err());
+        let mut bad = meta;
+        bad.rows[1].tree.as_mut().unwrap().parents[5] = 6; // a parent after its child
+        assert!(pack(&bad, 4).is_err());
+    }
 
     #[test]
     fn splits_grow_with_the_context_up_to_the_cap() {

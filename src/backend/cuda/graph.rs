@@ -65,15 +65,18 @@ const MIN_BLOCKS: usize = 64;
 
 impl CudaBackend {
     /// Runs `forward` through a captured graph when the step is decode-sized (at most
-    /// `MATMUL_MAX_TOKENS` tokens), eagerly otherwise. The result of a graph lives in its
-    /// output buffer: read it before the next step of the same key and shape.
+    /// `MATMUL_MAX_TOKENS` tokens) and has no tree rows, eagerly otherwise. The result of a
+    /// graph lives in its output buffer: read it before the next step of the same key and shape.
     pub(super) fn graphed(
         &self,
         step: StepKey,
         meta: &BatchMeta,
         forward: impl FnOnce() -> Result<CudaTensor>,
     ) -> Result<CudaTensor> {
-        if meta.num_tokens() > MATMUL_MAX_TOKENS {
+        // Tree steps run eagerly (simpler): their batch buffer ends with a tree table whose
+        // length depends on the tree's shape, which the key's sizes do not fix, and a captured
+        // graph's buffer must keep its layout.
+        if meta.num_tokens() > MATMUL_MAX_TOKENS || meta.rows.iter().any(|r| r.tree.is_some()) {
             return forward();
         }
         let max_blocks = blocks_needed(meta).next_power_of_two().max(MIN_BLOCKS);

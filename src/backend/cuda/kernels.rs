@@ -27,6 +27,7 @@ pub const FILES: &[KernelFile] = &[
     KernelFile { name: "matmul.cu", source: include_str!("../../../kernels/matmul.cu") },
     KernelFile { name: "fp8.cu", source: include_str!("../../../kernels/fp8.cu") },
     KernelFile { name: "attention.cu", source: include_str!("../../../kernels/attention.cu") },
+    KernelFile { name: "kv.cu", source: include_str!("../../../kernels/kv.cu") },
     KernelFile { name: "sample.cu", source: include_str!("../../../kernels/sample.cu") },
 ];
 
@@ -219,6 +220,8 @@ pub struct Kernels {
     /// query heads per KV head).
     pub attn_split: Vec<CudaFunction>,
     pub attn_merge: CudaFunction,
+    /// KV cache entries moved slot to slot (`Backend::copy_kv`).
+    pub kv_copy: CudaFunction,
     pub argmax_rows: CudaFunction,
     /// The architecture the cubins were built for.
     pub arch: String,
@@ -280,6 +283,7 @@ impl Kernels {
             swiglu_fp8: by_group("swiglu_fp8")?,
             attn_split: AttnKernel::ALL.iter().map(|k| get(&k.name())).collect::<Result<_>>()?,
             attn_merge: get("attn_merge")?,
+            kv_copy: get("kv_copy")?,
             argmax_rows: get("argmax_rows")?,
             arch,
         })
@@ -359,6 +363,7 @@ mod tests {
             "swiglu_fp8_t16",
             "quantize_rows_fp8",
             "attn_merge",
+            "kv_copy",
             "argmax_rows",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");

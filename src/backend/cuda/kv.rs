@@ -1,8 +1,10 @@
 //! The KV cache on the GPU: `[slots, kv_heads * head_dim]` bf16, or FP8 E4M3 codes with
 //! `[slots, kv_heads]` scale exponents (one signed byte each, the scale being `2^e`), the
 //! CPU's layout and quantization (`crate::backend::cpu::kv`). The attention kernels write
-//! and read it; the host reads or fills an FP8 cache's bytes only to compare with the CPU.
+//! and read it; kernels/kv.cu moves entries between slots (tree speculation); the host reads
+//! or fills an FP8 cache's bytes only to compare with the CPU.
 
+use super::device::launch;
 use super::{CudaBackend, CudaTensor, DType};
 use crate::tensor::{BackendError, KvFeature, KvLayout, KvStorage, Result};
 
@@ -52,5 +54,29 @@ impl CudaBackend {
         };
         let codes = self.dev.dtoh::<u8>(cache.ptr(), cache.numel())?;
         Ok((codes, self.dev.dtoh::<i8>(exps.ptr(), exps.bytes())?))
+    }
+
+    /// Copies each entry (a row of bf16 values, or of FP8 codes and the row's scale
+    /// exponents) from slot `from` to slot `to`, pair by pair in order, as the CPU does: one
+    /// block runs the moves one after the other (kernels/kv.cu).
+    pub(super) fn move_kv(&self, cache: &mut CudaTensor, moves: &[(u32, u32)]) -> Result<()> {
+        let (slots, kv_dim) = cache.dims();
+        let (row_bytes, heads) = match (cache.dtype, &cache.scales) {
+            (DType::Bf16, None) => (2 * kv_dim, 0),
+            (DType::Fp8, Some(exps)) => (kv_dim, exps.bytes() / slots.max(1)),
+            _ => return Err(BackendError::Invalid("copy_kv: the cache is not a KV cache tensor".into())),
+        };
+        if let Some(&(from, to)) = moves.iter().find(|&&(f, t)| f as usize >= slots || t as usize >= slots) {
+            return Err(BackendError::Invalid(format!("copy_kv: slot {from} or {to} outside the cache ({slots})")));
+        }
+        if moves.is_empty() {
+            return Ok(());
+        }
+        let pairs: Vec<u32> = moves.iter().flat_map(|&(from, to)| [from, to]).collect();
+        let buf = self.dev.alloc(4 * pairs.len())?;
+        self.dev.htod(buf.ptr(), &pairs)?;
+        // `buf` is freed in stream order, after the kernel has read it.
+        launch!(self.dev, &self.kernels.kv_copy, (1, 1, 1), (256, 1, 1);
+            cache.ptr(), cache.scales_ptr(), buf.ptr(), moves.len() as i32, row_bytes as i32, heads as i32)
     }
 }

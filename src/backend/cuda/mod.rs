@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 
-use self::batch::{blocks_needed, pack, packed_len, splits_at, CudaBatch, ATTN_SPLIT};
+use self::batch::{blocks_needed, pack, splits_at, CudaBatch, ATTN_SPLIT};
 use self::blas::Blas;
 use self::device::{driver_err, launch, Device, DeviceBuf};
 use self::graph::Graphs;
@@ -36,7 +36,7 @@ use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
 use crate::tensor::quant::QuantWeight;
 use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, DeviceMemory, HostTensor, Result, StepKey};
-use crate::tensor::{KvDtype, KvFeature, KvLayout, KvStorage};
+use crate::tensor::{KvDtype, KvLayout, KvStorage};
 
 pub struct CudaBackend {
     dev: Device,
@@ -362,9 +362,9 @@ impl Backend for CudaBackend {
         Ok(Some(DeviceMemory { free, total }))
     }
 
-    /// Tree speculation is not in the attention kernels yet (`prepare` refuses tree rows).
-    fn copy_kv(&self, _cache: &mut CudaTensor, _moves: &[(u32, u32)]) -> Result<()> {
-        Err(BackendError::Unsupported { backend: "cuda", feature: KvFeature::TreeAttention })
+    /// One launch per cache, the moves in order (kernels/kv.cu; see `kv.rs`).
+    fn copy_kv(&self, cache: &mut CudaTensor, moves: &[(u32, u32)]) -> Result<()> {
+        self.move_kv(cache, moves)
     }
 
     /// bf16 or FP8 (codes and scale exponents, `kv.rs`); refuses f32, which its attention
@@ -373,23 +373,27 @@ impl Backend for CudaBackend {
         self.alloc_kv(slots, layout)
     }
 
-    /// Refuses tree rows: the attention kernels read causal rows only.
+    /// Tree rows too: the attention kernel reads each tree token's path through the batch's
+    /// tree table (`batch::tree_table`).
     fn prepare(&self, meta: &BatchMeta) -> Result<CudaBatch> {
-        if meta.rows.iter().any(|r| r.tree.is_some()) {
-            return Err(BackendError::Unsupported { backend: "cuda", feature: KvFeature::TreeAttention });
-        }
+        let has_tree = meta.rows.iter().any(|r| r.tree.is_some());
         if let Some((buf, max_blocks)) = self.capture_batch.lock().expect("capture lock").clone() {
+            if has_tree {
+                return Err(BackendError::Invalid("a step with tree rows cannot be captured in a graph".into()));
+            }
             // Capturing: the graph's buffer already holds this step's values.
             // Enough splits for the last position the graph's block tables can hold.
             let max_splits = splits_at(max_blocks * meta.block_size as usize - 1, ATTN_SPLIT);
-            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split: ATTN_SPLIT });
+            let min_split = ATTN_SPLIT;
+            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split, has_tree });
         }
         let max_blocks = blocks_needed(meta);
         let packed = pack(meta, max_blocks)?;
-        let buf = self.dev.alloc(4 * packed_len(meta, max_blocks))?;
+        let buf = self.dev.alloc(4 * packed.len())?;
         self.dev.htod(buf.ptr(), &packed)?;
         let max_splits = meta.positions.iter().map(|&p| splits_at(p as usize, ATTN_SPLIT)).max().unwrap_or(1);
-        Ok(CudaBatch { meta: meta.clone(), buf: Arc::new(buf), max_blocks, max_splits, min_split: ATTN_SPLIT })
+        let (buf, min_split) = (Arc::new(buf), ATTN_SPLIT);
+        Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split, has_tree })
     }
 
     fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {

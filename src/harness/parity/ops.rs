@@ -2,6 +2,7 @@
 //! before the CPU sees them, so the comparison measures the kernels, not the storage.
 
 mod fp8_kv;
+mod tree;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -11,7 +12,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{AttnShape, Backend, BatchMeta, Result};
 use crate::model::Preset;
-use crate::tensor::{AttnWindow, HostTensor, NO_BLOCK};
+use crate::tensor::{AttnWindow, HostTensor, KvStorage, NO_BLOCK};
 
 /// The same values on both sides, only the order of f32 sums differs.
 const EXACT: f64 = 1e-4;
@@ -81,7 +82,13 @@ pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>>
         ] {
             attention(&mut c, shape)?;
             fp8_kv::attention(&mut c, shape)?;
+            for storage in [KvStorage::Bf16, KvStorage::Fp8] {
+                tree::attention(&mut c, shape, storage)?;
+            }
         }
+    }
+    for storage in [KvStorage::Bf16, KvStorage::Fp8] {
+        tree::copy_kv(&mut c, storage)?;
     }
     elementwise(&mut c)?;
     random(&mut c)?;

@@ -16,7 +16,7 @@ use crate::tensor::{HostTensor, KvLayout, KvStorage};
 /// Rows of one token's keys (or values): each head scaled by its own power of two (2^-12 to
 /// 2^12, so the scales differ from head to head), some heads all zero, some with a largest
 /// magnitude of exactly 448 · 2^e (the edge of a scale).
-fn rows(c: &mut Ctx, n: usize, heads: usize, head_dim: usize) -> Vec<f32> {
+pub(super) fn rows(c: &mut Ctx, n: usize, heads: usize, head_dim: usize) -> Vec<f32> {
     let mut out = c.values(n * heads * head_dim, 1.0);
     for head in out.chunks_mut(head_dim) {
         match c.rng.random_range(0..16) {
@@ -32,7 +32,11 @@ fn rows(c: &mut Ctx, n: usize, heads: usize, head_dim: usize) -> Vec<f32> {
 }
 
 /// An FP8 cache of `slots` random tokens on the CPU, and one with the same bytes on the GPU.
-fn cache(c: &mut Ctx, layout: &KvLayout, slots: usize) -> Result<(CpuTensor, <CudaBackend as Backend>::Tensor)> {
+pub(super) fn cache(
+    c: &mut Ctx,
+    layout: &KvLayout,
+    slots: usize,
+) -> Result<(CpuTensor, <CudaBackend as Backend>::Tensor)> {
     let mut kv = CpuKv::zeroed(slots, layout);
     let values = rows(c, slots, layout.num_kv_heads, layout.head_dim);
     for (slot, row) in values.chunks(layout.kv_dim()).enumerate() {
@@ -47,15 +51,15 @@ fn cache(c: &mut Ctx, layout: &KvLayout, slots: usize) -> Result<(CpuTensor, <Cu
 /// With RoPE inside, the keys are rotated by each backend's own sin and cos first, so a
 /// code may land one step away where a rotated value sits on a rounding boundary; that
 /// is reported, and allowed for one code in a thousand.
-fn compare_bytes(
+pub(super) fn compare_bytes(
     c: &mut Ctx,
     op: &str,
     shape: &str,
-    caches: [(&CpuTensor, &<CudaBackend as Backend>::Tensor); 2],
+    caches: &[(&CpuTensor, &<CudaBackend as Backend>::Tensor)],
     rotated: bool,
 ) -> Result<()> {
     let (mut codes_differ, mut far, mut exps_differ, mut total) = (0usize, 0usize, 0usize, 0usize);
-    for (cpu, gpu) in caches {
+    for &(cpu, gpu) in caches {
         let (want_codes, want_exps) = cpu.kv().and_then(CpuKv::fp8_bytes).expect("an FP8 cache");
         let (codes, exps) = c.gpu.kv_fp8_bytes(gpu)?;
         total += codes.len();
@@ -100,7 +104,7 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let window = s.window.map_or(String::new(), |w| format!(" window {}+{}", w.size(), w.sinks()));
     let shape = format!("{}h/{}kv/{} x{n}{window}", s.num_heads, s.num_kv_heads, s.head_dim);
     c.push("attention fp8 KV (decode+verify+prefill)", shape.clone(), &got, &want);
-    compare_bytes(c, "attention fp8 KV write (bytes)", &shape, [(&kcc, &kcg), (&vcc, &vcg)], false)?;
+    compare_bytes(c, "attention fp8 KV write (bytes)", &shape, &[(&kcc, &kcg), (&vcc, &vcg)], false)?;
     let preset = if s.head_dim == 64 { Preset::SmolLm2_135m } else { Preset::Llama31_8b };
     let f = HostTensor::new(vec![s.head_dim / 2], preset.config().rope_inv_freq());
     let (fc, fg) = c.both(&f)?;
@@ -108,5 +112,5 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let want = cpu.to_host(&cpu.rope_attention(&mut qc, &mut kc, &vc, &mut kcc, &mut vcc, &bc, &fc, s)?)?;
     let got = gpu.to_host(&gpu.rope_attention(&mut qg, &mut kg, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)?;
     c.push("rope_attention fp8 KV (rope inside)", shape.clone(), &got, &want);
-    compare_bytes(c, "rope_attention fp8 KV write (bytes)", &shape, [(&kcc, &kcg), (&vcc, &vcg)], true)
+    compare_bytes(c, "rope_attention fp8 KV write (bytes)", &shape, &[(&kcc, &kcg), (&vcc, &vcg)], true)
 }
