@@ -132,16 +132,10 @@ pub fn load_ranks(
 
 /// The whole model's configuration, from rank 0's part.
 pub fn whole_config(parts: &[TpRank<CudaBackend>]) -> Result<ModelConfig> {
-    let Some(local) = parts.first().map(|p| p.model.config.clone()) else {
+    let Some(first) = parts.first() else {
         return Err(BackendError::Invalid("tensor parallelism needs at least one rank".into()).into());
     };
-    let ranks = parts.len();
-    Ok(ModelConfig {
-        num_heads: local.num_heads * ranks,
-        num_kv_heads: local.num_kv_heads * ranks,
-        intermediate_size: local.intermediate_size * ranks,
-        ..local
-    })
+    Ok(Shard { rank: 0, ranks: parts.len() }.whole_config(&first.model.config))
 }
 
 impl Stepper for Split {
