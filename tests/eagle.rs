@@ -241,14 +241,8 @@ fn a_head_made_for_another_model_is_refused_with_both_sizes() {
 
 // Losslessness.
 
-fn token_requests(vocab: u32) -> Vec<GenerateRequest> {
-    (0..8u32)
-        .map(|i| GenerateRequest {
-            max_tokens: 7 + 3 * i as usize,
-            ignore_eos: true,
-            ..GenerateRequest::new(Prompt::Tokens((0..2 + 2 * i).map(|j| (i * 7 + j * 5) % vocab).collect()))
-        })
-        .collect()
+fn requests() -> Vec<GenerateRequest> {
+    common::token_requests(64, 8, 2, |i| 7 + 3 * i as usize)
 }
 
 #[test]
@@ -257,7 +251,7 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
     let dir = TempDir::new("eagle-lossless");
     HeadSpec::new(64).write(dir.path(), 9);
-    let reqs = token_requests(64);
+    let reqs = requests();
     let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
     for k in [1, 3, 6] {
         let mut p = proposer(&engine.model, dir.path());
@@ -297,7 +291,7 @@ fn greedy_tree_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
     let dir = TempDir::new("eagle-tree-lossless");
     HeadSpec::new(64).write(dir.path(), 9);
-    let reqs = token_requests(64);
+    let reqs = requests();
     let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
     for shape in [tree(1, 1, 1), tree(8, 2, 3), tree(16, 4, 6), tree(32, 8, 5)] {
         let mut p = proposer(&engine.model, dir.path());
@@ -320,14 +314,14 @@ fn a_tree_refuses_sampling_and_proposers_without_trees() {
     let mut p = proposer(&engine.model, dir.path());
     let sampled = GenerateRequest {
         sampling: SamplingParams { temperature: 0.8, ..SamplingParams::default() },
-        ..token_requests(64)[1].clone()
+        ..requests()[1].clone()
     };
     let spec = SpecOptions { proposer: &mut p, max_draft: 3, synthetic_acceptance: None, tree: tree(8, 2, 3) };
     let err = engine.generate_speculative(&sampled, Some(spec), |_, _| {}).unwrap_err();
     assert!(matches!(err, EngineError::Spec(SpecError::TreeSampling)), "{err}");
     let mut ngram = specula::spec::NgramProposer::default();
     let spec = SpecOptions { proposer: &mut ngram, max_draft: 3, synthetic_acceptance: None, tree: tree(8, 2, 3) };
-    let err = engine.generate_speculative(&token_requests(64)[1], Some(spec), |_, _| {}).unwrap_err();
+    let err = engine.generate_speculative(&requests()[1], Some(spec), |_, _| {}).unwrap_err();
     assert!(matches!(err, EngineError::Spec(SpecError::TreeProposer)), "{err}");
 }
 

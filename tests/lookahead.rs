@@ -32,20 +32,10 @@ fn lookahead(engine: &Engine<CpuBackend>, req: &GenerateRequest, c: LookaheadCon
     (out.token_ids, out.speculative.unwrap(), p.pool_accepted())
 }
 
-fn token_requests(vocab: u32) -> Vec<GenerateRequest> {
-    (0..6u32)
-        .map(|i| GenerateRequest {
-            max_tokens: 9 + 5 * i as usize,
-            ignore_eos: true,
-            ..GenerateRequest::new(Prompt::Tokens((0..2 + 3 * i).map(|j| (i * 7 + j * 5) % vocab).collect()))
-        })
-        .collect()
-}
-
 #[test]
 fn greedy_lookahead_on_a_tiny_random_model_equals_plain_greedy() {
     let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
-    let reqs = token_requests(64);
+    let reqs = common::token_requests(64, 6, 3, |i| 9 + 5 * i as usize);
     for c in [config(1, 2, 0), config(3, 3, 2), config(5, 4, 5), config(7, 3, 10), config(2, 5, 1)] {
         let mut total = SpecStats::default();
         for (i, req) in reqs.iter().enumerate() {

@@ -165,16 +165,6 @@ fn heads_made_for_another_model_are_refused_with_both_sizes() {
 
 // Losslessness.
 
-fn token_requests(vocab: u32) -> Vec<GenerateRequest> {
-    (0..8u32)
-        .map(|i| GenerateRequest {
-            max_tokens: 7 + 4 * i as usize,
-            ignore_eos: true,
-            ..GenerateRequest::new(Prompt::Tokens((0..2 + 2 * i).map(|j| (i * 7 + j * 5) % vocab).collect()))
-        })
-        .collect()
-}
-
 fn tree(nodes: usize, top_k: usize, depth: usize) -> Option<TreeShape> {
     Some(TreeShape { nodes, top_k, depth })
 }
@@ -185,7 +175,7 @@ fn greedy_medusa_on_a_tiny_random_model_equals_plain_greedy() {
     let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
     let dir = TempDir::new("medusa-lossless");
     HeadsSpec { heads: 4, ..HeadsSpec::new(64, 64) }.write(dir.path(), 9);
-    let reqs = token_requests(64);
+    let reqs = common::token_requests(64, 8, 2, |i| 7 + 4 * i as usize);
     let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
     let shapes = [None, tree(1, 1, 1), tree(8, 2, 3), tree(16, 4, 4), tree(32, 8, 6)];
     for (k, shape) in [1, 3, 4, 4, 4].into_iter().zip(shapes) {

@@ -159,35 +159,33 @@ impl RuntimeBuilder {
         tokenizer: Option<impl Into<Arc<Tokenizer>>>,
     ) -> Result<RuntimeHandle, RuntimeError> {
         let (model, tokenizer) = (model.into(), tokenizer.map(Into::into));
-        let (builder, num_blocks) = self.sized(&backend, &model.config, 1)?;
+        let builder = self.sized(&backend, &model.config, 1)?;
         let c = &builder.config;
+        let num_blocks = c.checked_blocks()?;
         let kv = KvCache::with_options(&backend, &model.config, num_blocks, c.block_size, c.kv)?;
         let info = builder.model_info(&model.config, tokenizer.as_deref());
         builder.build_with(ModelExecutor::new(backend, model, kv), info, tokenizer)
     }
 
-    /// The pool's size for `model` (one rank's configuration) on `backend`, with `ranks`
-    /// such ranks: the attention window resolved, and the KV storage and bytes per token
-    /// (all ranks together) kept for the runtime's stats. On a device with memory of its own
-    /// each rank's pool fills its own device; on the CPU the ranks share one budget.
-    fn sized<B: Backend>(self, backend: &B, model: &ModelConfig, ranks: usize) -> Result<(Self, usize), RuntimeError> {
+    /// The pool's size (`kv_blocks`, unless given) for `model` (one rank's configuration) on
+    /// `backend`, with `ranks` such ranks: the attention window resolved, and the KV storage
+    /// and bytes per token (all ranks together) kept for the runtime's stats. On a device with
+    /// memory of its own each rank's pool fills its own device; on the CPU the ranks share
+    /// one budget.
+    fn sized<B: Backend>(self, backend: &B, model: &ModelConfig, ranks: usize) -> Result<Self, RuntimeError> {
         let window = self.config.kv.window.or_else(|| model.default_window());
         let mut c = RuntimeConfig { kv: KvOptions { window, ..self.config.kv }, ..self.config.clone() };
         let storage = backend.kv_storage(c.kv.dtype)?;
         let per_rank = KvCache::<B>::bytes_per_token(model, storage);
         let sharing = if backend.memory()?.is_some() { 1 } else { ranks };
-        let num_blocks = match c.kv_blocks {
-            Some(n) => n,
-            None => {
-                // Never more than every row at the full context (or its window) needs.
-                let held = c.held_tokens().unwrap_or(model.max_position_embeddings);
-                let most = c.max_batch * held.div_ceil(c.block_size);
-                let budget = config::kv_budget(&c, backend)?;
-                BlockPool::blocks_for_budget(budget, per_rank * sharing, c.block_size).min(most)
-            }
-        };
-        c.kv_blocks = Some(num_blocks);
-        Ok((RuntimeBuilder { config: c, kv_info: Some((storage, per_rank * ranks)), ..self }, num_blocks))
+        if c.kv_blocks.is_none() {
+            // Never more than every row at the full context (or its window) needs.
+            let held = c.held_tokens().unwrap_or(model.max_position_embeddings);
+            let most = c.max_batch * held.div_ceil(c.block_size);
+            let budget = config::kv_budget(&c, backend)?;
+            c.kv_blocks = Some(BlockPool::blocks_for_budget(budget, per_rank * sharing, c.block_size).min(most));
+        }
+        Ok(RuntimeBuilder { config: c, kv_info: Some((storage, per_rank * ranks)), ..self })
     }
 
     /// What Intake and the Verifier know of `model` (its window resolved by `sized`).

@@ -152,9 +152,10 @@ impl RuntimeBuilder {
         let Some((backend, model)) = ranks.first() else {
             return Err(BackendError::Invalid("tensor parallelism needs at least one rank".into()).into());
         };
-        let (builder, num_blocks) = self.sized(backend, &model.config, ranks.len())?;
+        let builder = self.sized(backend, &model.config, ranks.len())?;
         let info = builder.model_info(&model.config, tokenizer.as_deref());
         let (c, mut parts) = (&builder.config, Vec::with_capacity(ranks.len()));
+        let num_blocks = c.checked_blocks()?;
         for (backend, model) in ranks {
             let kv = KvCache::with_options(&backend, &model.config, num_blocks, c.block_size, c.kv)?;
             parts.push(TpRank { backend, model, kv });

@@ -194,6 +194,14 @@ struct Seq {
     acceptance: AcceptanceTracker,
 }
 
+impl Seq {
+    /// Whether the row is decoding: its last token, past the prompt, is its only uncomputed
+    /// one (only then can it carry drafts).
+    fn decoding(&self) -> bool {
+        self.tokens.len() - self.computed == 1 && self.tokens.len() > self.params.limits.prompt_len
+    }
+}
+
 /// Draft positions to reserve for a running row: only when it is decoding (its last token
 /// is its only uncomputed one), never past its length limit (`SeqLimits::draft_room`).
 fn draft_len(
@@ -204,16 +212,14 @@ fn draft_len(
     cost: &StepCost,
     step: u64,
 ) -> usize {
-    let limits = seq.params.limits;
-    let decoding = seq.tokens.len() - seq.computed == 1 && seq.tokens.len() > limits.prompt_len;
-    if max_draft == 0 || !decoding {
+    if max_draft == 0 || !seq.decoding() {
         return 0;
     }
     let wanted = match lengths {
         DraftLengths::Adaptive => seq.acceptance.draft_len(max_draft, batch, cost, step),
         DraftLengths::Fixed => max_draft,
     };
-    wanted.min(limits.draft_room(seq.tokens.len()))
+    wanted.min(seq.params.limits.draft_room(seq.tokens.len()))
 }
 
 /// The queue is full: the caller gets an overload error.
@@ -346,7 +352,9 @@ impl Scheduler {
         let mut commits = std::mem::take(&mut self.commits);
         let batch = self.running.len();
         let adaptive = self.cfg.max_draft > 0 && self.cfg.lengths == DraftLengths::Adaptive;
-        let held_off = adaptive && !self.guard.allows(batch);
+        // The guard counts the steps it holds plain: asked only when a row could draft.
+        let could_draft = adaptive && self.running.iter().any(|id| self.seqs[id].decoding());
+        let held_off = could_draft && !self.guard.allows(batch);
         let max_draft = if held_off { 0 } else { self.cfg.max_draft };
         for &id in &self.running {
             let seq = self.seqs.get_mut(&id).expect("running seq");

@@ -129,18 +129,33 @@ pub struct Candidate {
     pub score: f64,
 }
 
+/// Adds `parent`'s children `top` (tokens with their log-probabilities; parent None: the
+/// root's) to `cands`; returns their indices.
+pub fn expand(cands: &mut Vec<Candidate>, parent: Option<usize>, top: &[(u32, f64)]) -> Vec<usize> {
+    let base = parent.map_or(0.0, |p| cands[p].score);
+    let start = cands.len();
+    cands.extend(top.iter().map(|&(token, logp)| Candidate { token, parent, score: base + logp }));
+    (start..cands.len()).collect()
+}
+
+/// The `k` candidates of `ids` of highest score (ties to the earlier), in candidate order
+/// (parents first).
+pub fn best(cands: &[Candidate], ids: impl IntoIterator<Item = usize>, k: usize) -> Vec<usize> {
+    let mut best: Vec<usize> = ids.into_iter().collect();
+    best.sort_by(|&a, &b| cands[b].score.total_cmp(&cands[a].score).then(a.cmp(&b)));
+    best.truncate(k);
+    best.sort_unstable();
+    best
+}
+
 /// The `budget` candidates of highest score, as a `TreeDraft` in candidate order (parents
-/// first), and the candidate index of each node. A child's score is never above its
-/// parent's, and ties keep the earlier candidate, so every parent of a node kept is kept.
-pub fn select_tree(cands: &[Candidate], budget: usize) -> (TreeDraft, Vec<usize>) {
-    let mut order: Vec<usize> = (0..cands.len()).collect();
-    order.sort_by(|&a, &b| cands[b].score.total_cmp(&cands[a].score).then(a.cmp(&b)));
-    let mut kept: Vec<usize> = order.into_iter().take(budget).collect();
-    kept.sort_unstable();
+/// first). A child's score is never above its parent's, and ties keep the earlier
+/// candidate, so every parent of a node kept is kept.
+pub fn select_tree(cands: &[Candidate], budget: usize) -> TreeDraft {
+    let kept = best(cands, 0..cands.len(), budget);
     // Node of each kept candidate: its place in `kept`, plus 1 for the root.
     let node = |c: usize| kept.binary_search(&c).map(|i| i as u32 + 1);
     let mut draft = TreeDraft::default();
-    let mut ids = vec![];
     for &c in &kept {
         let parent = match cands[c].parent {
             None => Ok(0),
@@ -150,9 +165,8 @@ pub fn select_tree(cands: &[Candidate], budget: usize) -> (TreeDraft, Vec<usize>
         let Ok(parent) = parent else { continue };
         draft.tokens.push(cands[c].token);
         draft.parents.push(parent);
-        ids.push(c);
     }
-    (draft, ids)
+    draft
 }
 
 /// The `k` largest entries of `values` (probabilities, logits) with their index, largest first, ties to the
@@ -215,8 +229,7 @@ mod tests {
             c(5, Some(1), 0.25), // 0.3 · 0.83
             c(6, Some(2), 0.4),
         ];
-        let (d, ids) = select_tree(&cands, 5);
-        assert_eq!(ids, vec![0, 1, 2, 4, 5]);
+        let d = select_tree(&cands, 5);
         assert_eq!(d, TreeDraft { tokens: vec![1, 2, 3, 5, 6], parents: vec![0, 0, 1, 2, 3] });
         assert_eq!(d.mask(7).parents, vec![NO_PARENT, 0, 0, 1, 2, 3]);
     }

@@ -78,8 +78,16 @@ impl<B: Backend> Engine<B> {
             return Ok(self.backend.argmax_rows(out, vocab)?);
         }
         let logits = self.backend.to_host(out)?;
+        // One context buffer: the history, then each node's path in turn.
+        let mut context = history.to_vec();
         let rows = logits.chunks(vocab).enumerate();
-        Ok(rows.map(|(i, row)| sampler.sample(row, &[history, &draft.path_tokens(i)].concat())).collect())
+        Ok(rows
+            .map(|(i, row)| {
+                context.truncate(history.len());
+                context.extend(draft.path_tokens(i));
+                sampler.sample(row, &context)
+            })
+            .collect())
     }
 }
 

@@ -11,9 +11,8 @@ use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::model::WeightDtype;
 use crate::model::{load_model_shard, load_model_with, ForwardStep, KvCache, Llama, LoadOptions, ModelConfig, Shard};
+use crate::prompt::BLOCK_SIZE;
 use crate::tensor::RankGroup;
-
-pub const BLOCK: usize = 16;
 
 /// A model that runs forward steps: whole or split.
 pub trait Stepper {
@@ -35,9 +34,8 @@ impl Whole {
     /// `model` (a name as the command line takes it) on `backend`, with room for
     /// `positions` tokens.
     pub fn load(backend: CudaBackend, model: &str, dtype: WeightDtype, positions: usize) -> Result<Self> {
-        let loaded = load_model_with(&model_source(model)?, &LoadOptions::dtype(dtype), &backend)?;
-        let kv = KvCache::new(&backend, &loaded.model.config, positions.div_ceil(BLOCK), BLOCK)?;
-        Ok(Whole { backend, model: loaded.model, kv })
+        let (model, kv) = load_with_cache(&backend, model, dtype, positions)?;
+        Ok(Whole { backend, model, kv })
     }
 }
 
@@ -49,14 +47,37 @@ impl Stepper for Whole {
     }
 
     fn ids(&mut self, meta: &BatchMeta) -> Result<Vec<u32>> {
-        let n = self.model.num_layers();
-        let out = self.backend.forward_step(&self.model, &mut self.kv, meta, n)?;
-        Ok(self.backend.argmax_rows(&out, self.model.config.vocab_size)?)
+        greedy_ids(&self.backend, &self.model, &mut self.kv, meta)
     }
 
     fn vocab(&self) -> usize {
         self.model.config.vocab_size
     }
+}
+
+/// `name`'s model (as the command line names it) on `gpu`, with a KV cache of room for
+/// `positions` tokens.
+pub fn load_with_cache(
+    gpu: &CudaBackend,
+    name: &str,
+    dtype: WeightDtype,
+    positions: usize,
+) -> Result<(Llama<CudaBackend>, KvCache<CudaBackend>)> {
+    let loaded = load_model_with(&model_source(name)?, &LoadOptions::dtype(dtype), gpu)?;
+    let kv = KvCache::new(gpu, &loaded.model.config, positions.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
+    Ok((loaded.model, kv))
+}
+
+/// One step of every layer over `meta` through the step's CUDA graph: each logits row's
+/// greedy id (only ids cross to the host).
+pub fn greedy_ids(
+    gpu: &CudaBackend,
+    model: &Llama<CudaBackend>,
+    kv: &mut KvCache<CudaBackend>,
+    meta: &BatchMeta,
+) -> Result<Vec<u32>> {
+    let logits = gpu.forward_step(model, kv, meta, model.num_layers())?;
+    Ok(gpu.argmax_rows(&logits, model.config.vocab_size)?)
 }
 
 /// The model split over `ranks` GPUs, one thread per rank.
@@ -103,7 +124,7 @@ pub fn load_ranks(
     let mut parts = Vec::with_capacity(ranks);
     for (rank, backend) in backends.into_iter().enumerate() {
         let loaded = load_model_shard(&source, &LoadOptions::dtype(dtype), Shard { rank, ranks }, &backend)?;
-        let kv = KvCache::new(&backend, &loaded.model.config, positions.div_ceil(BLOCK), BLOCK)?;
+        let kv = KvCache::new(&backend, &loaded.model.config, positions.div_ceil(BLOCK_SIZE), BLOCK_SIZE)?;
         parts.push(TpRank { backend, model: Arc::new(loaded.model), kv });
     }
     Ok(parts)
@@ -111,16 +132,10 @@ pub fn load_ranks(
 
 /// The whole model's configuration, from rank 0's part.
 pub fn whole_config(parts: &[TpRank<CudaBackend>]) -> Result<ModelConfig> {
-    let Some(local) = parts.first().map(|p| p.model.config.clone()) else {
+    let Some(first) = parts.first() else {
         return Err(BackendError::Invalid("tensor parallelism needs at least one rank".into()).into());
     };
-    let ranks = parts.len();
-    Ok(ModelConfig {
-        num_heads: local.num_heads * ranks,
-        num_kv_heads: local.num_kv_heads * ranks,
-        intermediate_size: local.intermediate_size * ranks,
-        ..local
-    })
+    Ok(Shard { rank: 0, ranks: parts.len() }.whole_config(&first.model.config))
 }
 
 impl Stepper for Split {
@@ -154,7 +169,7 @@ impl Greedy {
 
 /// `steps` greedy tokens after `prompt`, one decode step each (blocks in order from 0).
 pub fn greedy(model: &mut dyn Stepper, prompt: &[u32], steps: usize, keep_logits: bool) -> Result<Greedy> {
-    let table: Vec<u32> = (0..(prompt.len() + steps + 1).div_ceil(BLOCK) as u32).collect();
+    let table: Vec<u32> = (0..(prompt.len() + steps + 1).div_ceil(BLOCK_SIZE) as u32).collect();
     let mut out = Greedy { ids: vec![], logits: vec![], decode_s: 0.0 };
     let (mut tokens, mut pos) = (prompt.to_vec(), 0);
     let mut decode_start = std::time::Instant::now();
@@ -162,7 +177,7 @@ pub fn greedy(model: &mut dyn Stepper, prompt: &[u32], steps: usize, keep_logits
         if step == 1 {
             decode_start = std::time::Instant::now();
         }
-        let mut meta = BatchMeta::new(BLOCK as u32);
+        let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
         meta.push_row(&tokens, pos as u32, &table, 1);
         let next = if keep_logits {
             let logits = model.logits(&meta)?;

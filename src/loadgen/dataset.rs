@@ -75,32 +75,33 @@ const WORDS: [&str; 100] = [
 
 /// Prompts of random words, lengths drawn from normal distributions (at least 1 each).
 fn synthetic(args: &ServeBenchArgs) -> Vec<WorkItem> {
-    let mut rng = StdRng::seed_from_u64(args.seed);
-    (0..args.most_requests())
-        .map(|_| {
-            let input_len = normal_len(&mut rng, args.input_len, args.input_std);
-            let output_len = normal_len(&mut rng, args.default_output_len(), args.output_std);
-            let mut prompt = String::with_capacity(input_len * 6);
-            for _ in 0..input_len {
-                prompt.push(' ');
-                prompt.push_str(WORDS[rng.random_range(0..WORDS.len())]);
-            }
-            WorkItem { prompt: PromptBody::Text(prompt), input_len, output_len }
-        })
-        .collect()
+    drawn(args, |rng, len| {
+        let mut prompt = String::with_capacity(len * 6);
+        for _ in 0..len {
+            prompt.push(' ');
+            prompt.push_str(WORDS[rng.random_range(0..WORDS.len())]);
+        }
+        PromptBody::Text(prompt)
+    })
 }
 
 /// Prompts of token ids drawn uniformly below `--vocab`, lengths as for synthetic prompts.
 fn random_ids(args: &ServeBenchArgs) -> Result<Vec<WorkItem>, BenchError> {
     let vocab = u32::try_from(args.vocab).map_err(|_| BenchError::Option("--vocab must be below 2^32".into()))?;
+    Ok(drawn(args, |rng, len| PromptBody::TokenIds((0..len).map(|_| rng.random_range(0..vocab)).collect())))
+}
+
+/// The run's requests: input and output lengths drawn from normal distributions (at least
+/// 1 each), then each prompt from `prompt(rng, input_len)`, all from one seeded generator.
+fn drawn(args: &ServeBenchArgs, mut prompt: impl FnMut(&mut StdRng, usize) -> PromptBody) -> Vec<WorkItem> {
     let mut rng = StdRng::seed_from_u64(args.seed);
-    let items = (0..args.most_requests()).map(|_| {
-        let input_len = normal_len(&mut rng, args.input_len, args.input_std);
-        let output_len = normal_len(&mut rng, args.default_output_len(), args.output_std);
-        let ids = (0..input_len).map(|_| rng.random_range(0..vocab)).collect();
-        WorkItem { prompt: PromptBody::TokenIds(ids), input_len, output_len }
-    });
-    Ok(items.collect())
+    (0..args.most_requests())
+        .map(|_| {
+            let input_len = normal_len(&mut rng, args.input_len, args.input_std);
+            let output_len = normal_len(&mut rng, args.default_output_len(), args.output_std);
+            WorkItem { prompt: prompt(&mut rng, input_len), input_len, output_len }
+        })
+        .collect()
 }
 
 /// `mean + std * z` rounded, z standard normal (Box-Muller), at least 1.

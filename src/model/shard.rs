@@ -78,13 +78,12 @@ impl Shard {
     /// features; everything else as the whole model's.
     pub fn local_config(self, config: &ModelConfig) -> Result<ModelConfig, ShardError> {
         Self::check(config, self.ranks)?;
-        let n = self.ranks;
-        Ok(ModelConfig {
-            num_heads: config.num_heads / n,
-            num_kv_heads: config.num_kv_heads / n,
-            intermediate_size: config.intermediate_size / n,
-            ..config.clone()
-        })
+        Ok(split_counts(config, |count| count / self.ranks))
+    }
+
+    /// The whole model's configuration from a rank's own (`local_config`'s inverse).
+    pub fn whole_config(self, local: &ModelConfig) -> ModelConfig {
+        split_counts(local, |count| count * self.ranks)
     }
 
     /// How the weight named `name` (a Hugging Face key) is cut for this rank, given the
@@ -107,6 +106,17 @@ impl Shard {
     }
 }
 
+/// `config` with the counts tensor parallelism splits (attention heads, KV heads,
+/// intermediate features) mapped by `f`.
+fn split_counts(config: &ModelConfig, f: impl Fn(usize) -> usize) -> ModelConfig {
+    ModelConfig {
+        num_heads: f(config.num_heads),
+        num_kv_heads: f(config.num_kv_heads),
+        intermediate_size: f(config.intermediate_size),
+        ..config.clone()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +127,7 @@ mod tests {
         let c = Preset::SmolLm2_135m.config();
         let local = Shard { rank: 2, ranks: 3 }.local_config(&c).unwrap();
         assert_eq!((local.num_heads, local.num_kv_heads, local.intermediate_size), (3, 1, 512));
+        assert_eq!(Shard { rank: 0, ranks: 3 }.whole_config(&local), c);
         let e = Shard { rank: 0, ranks: 2 }.local_config(&c).unwrap_err();
         assert_eq!(e, ShardError::KvHeads { ranks: 2, kv_heads: 3, heads: 9 });
         assert!(e.to_string().contains("3 KV heads"));

@@ -346,13 +346,15 @@ impl ResponseWriter {
     /// The chunks for one runtime event (none for a token that completes no text yet).
     pub fn on_event(&self, event: &Event) -> Vec<Value> {
         match event {
-            Event::Token { ids, text } if self.options.token_ids => {
+            // With token ids, even a token that completes no text is a chunk.
+            Event::Token { text, .. } if text.is_empty() && !self.options.token_ids => vec![],
+            Event::Token { ids, text } => {
                 let mut choice = self.choice(Some(text), None);
-                choice["token_ids"] = json!(ids);
+                if self.options.token_ids {
+                    choice["token_ids"] = json!(ids);
+                }
                 vec![self.chunk(json!([choice]))]
             }
-            Event::Token { text, .. } if text.is_empty() => vec![],
-            Event::Token { text, .. } => vec![self.chunk(json!([self.choice(Some(text), None)]))],
             Event::Done { finish, usage, .. } => {
                 let mut chunks = vec![self.chunk(json!([self.choice(None, Some(*finish))]))];
                 if self.options.include_usage {

@@ -57,13 +57,17 @@ impl ProposerChoice {
                 if !(1..=max).contains(&self.draft_layers) {
                     return Err(SpecError::DraftLayers { got: self.draft_layers, max });
                 }
-                let backend = self.backend(new_backend, true)?;
+                // Early exit reads the target's layers: it stays on the target's device.
+                let (backend, home) = self.backend(new_backend)?;
+                if let (Some(device), Some(_)) = (self.draft_device, home) {
+                    return Err(SpecError::DraftDevice { method: self.method, device });
+                }
                 let p = ModelProposer::new(backend, target.clone(), self.draft_layers, blocks, block_size)?;
                 Some(Box::new(p))
             }
             SpecMethod::Draft => {
                 let source = self.draft_model.as_ref().ok_or(SpecError::MissingDraftModel)?;
-                let backend = self.backend(new_backend, false)?;
+                let (backend, _) = self.backend(new_backend)?;
                 let draft = load_model_with(source, &LoadOptions::dtype(self.draft_dtype), &backend)
                     .map_err(|e| SpecError::DraftModel(e.to_string()))?;
                 check_draft_compatible(
@@ -117,30 +121,26 @@ impl ProposerChoice {
         target: &Arc<Llama<B>>,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<(B, Arc<Llama<B>>), SpecError> {
-        let base = new_backend()?;
-        let Some(device) = self.draft_device else { return Ok((base, target.clone())) };
-        let there = base.on_device(device)?;
-        if there.device_ordinal() == base.device_ordinal() {
-            return Ok((there, target.clone()));
-        }
-        let copy = target.head_copy(&base, &there)?;
-        Ok((there, Arc::new(copy)))
+        Ok(match self.backend(new_backend)? {
+            (there, Some(home)) => {
+                let copy = target.head_copy(&home, &there)?;
+                (there, Arc::new(copy))
+            }
+            (backend, None) => (backend, target.clone()),
+        })
     }
 
-    /// The drafting model's backend: from `new_backend` (the target's device, its own
-    /// stream), or on `draft_device`. A proposer that reads the target's layers
-    /// (`reads_target`: early exit) stays on the target's device.
+    /// The drafting backend: from `new_backend` (the target's device, its own stream), or on
+    /// `draft_device`; with it, when that is another device than the target's, a backend on
+    /// the target's device (to copy from).
     fn backend<B: Backend>(
         &self,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
-        reads_target: bool,
-    ) -> Result<B, SpecError> {
-        let backend = new_backend()?;
-        let Some(device) = self.draft_device else { return Ok(backend) };
-        let there = backend.on_device(device)?;
-        if reads_target && there.device_ordinal() != backend.device_ordinal() {
-            return Err(SpecError::DraftDevice { method: self.method, device });
-        }
-        Ok(there)
+    ) -> Result<(B, Option<B>), SpecError> {
+        let home = new_backend()?;
+        let Some(device) = self.draft_device else { return Ok((home, None)) };
+        let there = home.on_device(device)?;
+        let moved = there.device_ordinal() != home.device_ordinal();
+        Ok((there, moved.then_some(home)))
     }
 }

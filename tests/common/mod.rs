@@ -15,6 +15,8 @@ pub mod vocab;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use specula::request::{GenerateRequest, Prompt};
+
 /// The real default model's GGUF (SmolLM2-135M-Instruct Q4_1): `SPECULA_TEST_GGUF` when set,
 /// else the cached default model (fetched on first use). `None` (after saying why) when it
 /// cannot be had, so that tests needing it skip rather than fail on machines without it.
@@ -67,4 +69,16 @@ pub fn relative_error(got: &[f32], want: &[f64]) -> f64 {
     let scale = want.iter().fold(0f64, |m, x| m.max(x.abs()));
     let err = got.iter().zip(want).fold(0f64, |m, (&g, &w)| m.max((g as f64 - w).abs()));
     err / scale
+}
+
+/// `count` requests of token prompts spread over `vocab` (request i: `2 + growth * i`
+/// tokens), request i asking for `max_tokens(i)` tokens with EOS ignored.
+pub fn token_requests(vocab: u32, count: u32, growth: u32, max_tokens: impl Fn(u32) -> usize) -> Vec<GenerateRequest> {
+    (0..count)
+        .map(|i| GenerateRequest {
+            max_tokens: max_tokens(i),
+            ignore_eos: true,
+            ..GenerateRequest::new(Prompt::Tokens((0..2 + growth * i).map(|j| (i * 7 + j * 5) % vocab).collect()))
+        })
+        .collect()
 }

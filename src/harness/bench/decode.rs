@@ -7,10 +7,21 @@ use super::run::median;
 use super::{dtype_label, Variant};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BatchMeta};
-use crate::harness::{model_source, Result};
-use crate::model::{load_model_with, ForwardStep, KvCache, Llama, LoadOptions, ModelConfig, WeightDtype};
+use crate::harness::tp::{greedy_ids, load_with_cache};
+use crate::harness::Result;
+use crate::model::{KvCache, Llama, ModelConfig, WeightDtype};
+use crate::prompt::BLOCK_SIZE;
 
-pub const BLOCK: usize = 16;
+/// `count` greedy steps, each `step` from the previous id (the first from `next`): tok/s
+/// on the host clock, which includes the id's trip to the host at every step (what a
+/// server pays), and the last id.
+pub fn timed_decode(mut next: u32, count: usize, mut step: impl FnMut(u32) -> Result<u32>) -> Result<(f64, u32)> {
+    let start = Instant::now();
+    for _ in 0..count {
+        next = step(next)?;
+    }
+    Ok((count as f64 / start.elapsed().as_secs_f64(), next))
+}
 
 /// Bytes of weights one decode step reads: bf16, or with `fp8` one byte for each projection
 /// (and untied head) value; the embedding table and norms stay bf16.
@@ -43,12 +54,10 @@ pub struct Run<'a> {
 
 impl<'a> Run<'a> {
     pub fn load(gpu: &'a CudaBackend, name: &str, dtype: WeightDtype, capacity: usize) -> Result<Self> {
-        let source = model_source(name)?;
-        let loaded = load_model_with(&source, &LoadOptions::dtype(dtype), gpu)?;
-        let blocks = capacity.div_ceil(BLOCK);
-        let kv = KvCache::new(gpu, &loaded.model.config, blocks, BLOCK)?;
+        let (model, kv) = load_with_cache(gpu, name, dtype, capacity)?;
         gpu.synchronize()?;
-        Ok(Run { gpu, model: loaded.model, kv, table: (0..blocks as u32).collect(), tokens: vec![], dtype })
+        let table = (0..capacity.div_ceil(BLOCK_SIZE) as u32).collect();
+        Ok(Run { gpu, model, kv, table, tokens: vec![], dtype })
     }
 
     /// Bytes of weights one decode step reads (`weight_bytes`).
@@ -63,15 +72,13 @@ impl<'a> Run<'a> {
     /// One step over `new` tokens after the sequence; returns the greedy ids (one per
     /// logits row).
     fn step(&mut self, new: &[u32], want: usize, graphed: bool) -> Result<Vec<u32>> {
-        let mut meta = BatchMeta::new(BLOCK as u32);
+        let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
         let cached = self.tokens.len() as u32;
         meta.push_row(new, cached, &self.table, want);
-        let n = self.model.num_layers();
-        let logits = if graphed {
-            self.gpu.forward_step(&self.model, &mut self.kv, &meta, n)?
-        } else {
-            self.model.forward(self.gpu, &mut self.kv, &meta)?
-        };
+        if graphed {
+            return greedy_ids(self.gpu, &self.model, &mut self.kv, &meta);
+        }
+        let logits = self.model.forward(self.gpu, &mut self.kv, &meta)?;
         Ok(self.gpu.argmax_rows(&logits, self.model.config.vocab_size)?)
     }
 
@@ -83,16 +90,13 @@ impl<'a> Run<'a> {
         Ok(ids[0])
     }
 
-    /// Greedy decode of `count` tokens; tok/s measured on the host clock, which
-    /// includes the id's trip to the host at every step (what a server pays).
-    pub fn decode(&mut self, mut next: u32, count: usize, graphed: bool) -> Result<(f64, u32)> {
-        let start = Instant::now();
-        for _ in 0..count {
-            let id = self.step(&[next], 1, graphed)?[0];
-            self.tokens.push(next);
-            next = id;
-        }
-        Ok((count as f64 / start.elapsed().as_secs_f64(), next))
+    /// Greedy decode of `count` tokens (`timed_decode`).
+    pub fn decode(&mut self, next: u32, count: usize, graphed: bool) -> Result<(f64, u32)> {
+        timed_decode(next, count, |token| {
+            let id = self.step(&[token], 1, graphed)?[0];
+            self.tokens.push(token);
+            Ok(id)
+        })
     }
 
     /// Median host time of one step over `tokens` tokens at the current position (not

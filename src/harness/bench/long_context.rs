@@ -7,10 +7,7 @@
 //! a step costs what it costs after a real prefill, without the minutes a 128k prefill
 //! would take.
 
-use std::io::Write;
-use std::time::Instant;
-
-use super::decode::{weight_bytes, BLOCK};
+use super::decode::{timed_decode, weight_bytes};
 use super::long_report::{ContextRow, LongContextReport, PoolFit};
 use super::run::copy_bandwidth;
 use super::{dtype_label, BenchOptions};
@@ -18,9 +15,12 @@ use crate::actors::config::{kv_budget, RuntimeConfig};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BatchMeta};
 use crate::core::block_pool::BlockPool;
+use crate::harness::tp::greedy_ids;
 use crate::harness::{model_source, Result};
-use crate::model::{load_model_with, ForwardStep, KvCache, Llama, LoadOptions};
+use crate::model::{load_model_with, KvCache, Llama, LoadOptions};
+use crate::prompt::BLOCK_SIZE;
 use crate::tensor::{KvDtype, KvOptions};
+use std::io::Write;
 
 /// Steps run before timing (the first captures the step's graph).
 const WARM_UP: usize = 4;
@@ -64,7 +64,7 @@ struct Setup<'a> {
 fn decode_rows(s: &Setup, dtype: KvDtype, opts: &BenchOptions, out: &mut dyn Write) -> Result<Vec<ContextRow>> {
     let most = opts.context.iter().max().copied().unwrap_or(0) + WARM_UP + opts.decode_tokens + 1;
     let options = KvOptions { dtype, window: None };
-    let mut kv = KvCache::with_options(s.gpu, &s.model.config, most.div_ceil(BLOCK), BLOCK, options)?;
+    let mut kv = KvCache::with_options(s.gpu, &s.model.config, most.div_ceil(BLOCK_SIZE), BLOCK_SIZE, options)?;
     let per_token = KvCache::<CudaBackend>::bytes_per_token(&s.model.config, kv.storage) as f64;
     let mut rows = vec![];
     for &context in &opts.context {
@@ -87,13 +87,13 @@ fn pool_fit(gpu: &CudaBackend, model: &Llama<CudaBackend>, dtype: KvDtype, reque
     let storage = gpu.kv_storage(dtype)?;
     let bytes_per_token = KvCache::<CudaBackend>::bytes_per_token(&model.config, storage);
     let budget = kv_budget(&RuntimeConfig::default(), gpu)?;
-    let blocks = BlockPool::blocks_for_budget(budget, bytes_per_token, BLOCK);
+    let blocks = BlockPool::blocks_for_budget(budget, bytes_per_token, BLOCK_SIZE);
     Ok(PoolFit {
         bytes_per_token,
         kv_dtype: storage.name(),
-        pool_bytes: blocks * BLOCK * bytes_per_token,
-        pool_tokens: blocks * BLOCK,
-        requests: blocks / request_tokens.div_ceil(BLOCK).max(1),
+        pool_bytes: blocks * BLOCK_SIZE * bytes_per_token,
+        pool_tokens: blocks * BLOCK_SIZE,
+        requests: blocks / request_tokens.div_ceil(BLOCK_SIZE).max(1),
     })
 }
 
@@ -107,21 +107,14 @@ fn decode_at(
     steps: usize,
 ) -> Result<f64> {
     // The blocks a row reaching the last timed position holds: one graph for all the steps.
-    let table: Vec<u32> = (0..(context + WARM_UP + steps).div_ceil(BLOCK) as u32).collect();
-    let (layers, vocab) = (model.num_layers(), model.config.vocab_size);
-    let mut next = 1u32;
-    let mut step = |pos: usize, token: u32| -> Result<u32> {
-        let mut meta = BatchMeta::new(BLOCK as u32);
+    let table: Vec<u32> = (0..(context + WARM_UP + steps).div_ceil(BLOCK_SIZE) as u32).collect();
+    let mut pos = context;
+    let mut step = |token: u32| -> Result<u32> {
+        let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
         meta.push_row(&[token], pos as u32, &table, 1);
-        let logits = gpu.forward_step(model, kv, &meta, layers)?;
-        Ok(gpu.argmax_rows(&logits, vocab)?[0])
+        pos += 1;
+        Ok(greedy_ids(gpu, model, kv, &meta)?[0])
     };
-    for i in 0..WARM_UP {
-        next = step(context + i, next)?;
-    }
-    let start = Instant::now();
-    for i in 0..steps {
-        next = step(context + WARM_UP + i, next)?;
-    }
-    Ok(steps as f64 / start.elapsed().as_secs_f64())
+    let (_, next) = timed_decode(1, WARM_UP, &mut step)?;
+    Ok(timed_decode(next, steps, &mut step)?.0)
 }

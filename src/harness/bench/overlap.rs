@@ -5,30 +5,30 @@ use std::time::Instant;
 
 use cudarc::driver::CudaEvent;
 
-use super::decode::{Run, BLOCK};
+use super::decode::Run;
 use super::Overlap;
 use crate::backend::cuda::CudaTensor;
-use crate::backend::{Backend, BatchMeta};
+use crate::backend::BatchMeta;
+use crate::harness::tp::greedy_ids;
 use crate::harness::Result;
 use crate::model::ForwardStep;
+use crate::prompt::BLOCK_SIZE;
 
 /// One target step queued on its stream, then `steps` draft steps on the draft's
 /// stream (each waits for its own id only). CUDA events on both streams give the timeline.
 pub fn overlap(target: &mut Run, draft: &mut Run, steps: usize) -> Result<Overlap> {
     let (tg, dg) = (target.gpu, draft.gpu);
     let target_step = |t: &mut Run| -> Result<CudaTensor> {
-        let mut meta = BatchMeta::new(BLOCK as u32);
+        let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
         meta.push_row(&[5], t.tokens.len() as u32, &t.table, 1);
         let n = t.model.num_layers();
         Ok(tg.forward_step(&t.model, &mut t.kv, &meta, n)?)
     };
     let draft_steps = |d: &mut Run| -> Result<()> {
         for i in 0..steps {
-            let mut meta = BatchMeta::new(BLOCK as u32);
+            let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             meta.push_row(&[7], (d.tokens.len() + i) as u32, &d.table, 1);
-            let n = d.model.num_layers();
-            let logits = dg.forward_step(&d.model, &mut d.kv, &meta, n)?;
-            dg.argmax_rows(&logits, d.model.config.vocab_size)?;
+            greedy_ids(dg, &d.model, &mut d.kv, &meta)?;
         }
         Ok(())
     };

@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use super::decode::BLOCK;
 use super::{BenchOptions, SpecReport, SpecRow};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::Backend;
@@ -12,6 +11,7 @@ use crate::core::sampling::SamplingParams;
 use crate::engine::{Completion, Engine, SpecOptions};
 use crate::harness::{model_source, Result};
 use crate::model::{load_model_with, LoadOptions};
+use crate::prompt::BLOCK_SIZE;
 use crate::request::{GenerateRequest, Prompt};
 use crate::spec::ModelProposer;
 
@@ -48,8 +48,8 @@ impl Pair {
             ..GenerateRequest::new(Prompt::Tokens(prompt))
         };
         let layers = draft.model.num_layers();
-        let blocks = (opts.prompt_tokens + opts.spec_tokens + 2 * opts.draft_len + 32).div_ceil(BLOCK) + 4;
-        let proposer = ModelProposer::new(db, Arc::new(draft.model), layers, blocks, BLOCK)?;
+        let blocks = (opts.prompt_tokens + opts.spec_tokens + 2 * opts.draft_len + 32).div_ceil(BLOCK_SIZE) + 4;
+        let proposer = ModelProposer::new(db, Arc::new(draft.model), layers, blocks, BLOCK_SIZE)?;
         Ok(Pair { engine, proposer, request })
     }
 

@@ -9,7 +9,8 @@ use crate::model::chat::ChatMessage;
 use crate::model::{load_model_with, ForwardStep, KvCache, LoadOptions, LoadedModel, WeightDtype};
 use crate::request::Prompt;
 
-pub const BLOCK: u32 = 16;
+/// The runtime's block size, as `BatchMeta` takes it.
+pub const BLOCK: u32 = crate::prompt::BLOCK_SIZE as u32;
 
 /// Both backends with the file's weights, then both with FP8 weights quantized at load.
 pub fn compare(cpu: &CpuBackend, gpu: &CudaBackend, model: &str, steps: usize) -> Result<Vec<ForwardRow>> {
@@ -30,19 +31,8 @@ fn compare_loaded(
     f32_reference: Option<&LoadedModel<CpuBackend>>,
     steps: usize,
 ) -> Result<Vec<ForwardRow>> {
-    let lc = models.lc;
-    let vocab = lc.model.config.vocab_size;
-    let lengths = crate::core::lengths::Lengths {
-        context: lc.model.config.max_position_embeddings,
-        kv_tokens: usize::MAX,
-        held: None,
-    };
-    let mut out = vec![];
-    for (name, prompt) in prompts() {
-        let ids = crate::prompt::tokenize_prompt(lc.tokenizer.as_ref(), &prompt, vocab, &lengths)?;
-        out.push(compare_prompt(models, f32_reference, name, &ids, steps)?);
-    }
-    Ok(out)
+    let prompts = prompt_ids(models.lc)?;
+    prompts.into_iter().map(|(name, ids)| compare_prompt(models, f32_reference, name, &ids, steps)).collect()
 }
 
 /// The model on both backends, with its weights in the same precision.
@@ -164,6 +154,17 @@ pub fn prompts() -> Vec<(&'static str, Prompt)> {
         ("fib", Prompt::Text("def fibonacci(n):".into())),
         ("chat", Prompt::Chat(vec![ChatMessage::user("What is speculative decoding? Explain briefly.")])),
     ]
+}
+
+/// `prompts()` as `loaded`'s token ids.
+pub fn prompt_ids<B: Backend>(loaded: &LoadedModel<B>) -> Result<Vec<(&'static str, Vec<u32>)>> {
+    let config = &loaded.model.config;
+    let lengths =
+        crate::core::lengths::Lengths { context: config.max_position_embeddings, kv_tokens: usize::MAX, held: None };
+    let tokenize = |prompt: &Prompt| {
+        crate::prompt::tokenize_prompt(loaded.tokenizer.as_ref(), prompt, config.vocab_size, &lengths)
+    };
+    prompts().iter().map(|(name, prompt)| Ok((*name, tokenize(prompt)?))).collect()
 }
 
 pub fn rel_err(got: &[f32], want: &[f32]) -> f64 {

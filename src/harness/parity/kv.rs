@@ -2,7 +2,7 @@
 //! cache: greedy tokens (the bf16 run's fed to both) and the top-1 agreement per step, and
 //! verification against decoding over the FP8 cache (bitwise, as with bf16).
 
-use super::forward::{prompts, rel_err, verify_differs, BLOCK};
+use super::forward::{prompt_ids, rel_err, verify_differs, BLOCK};
 use super::KvRow;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, BatchMeta};
@@ -13,18 +13,8 @@ use crate::tensor::{KvDtype, KvOptions};
 
 pub fn compare(gpu: &CudaBackend, model: &str, steps: usize) -> Result<Vec<KvRow>> {
     let lg = load_model_with(&model_source(model)?, &LoadOptions::default(), gpu)?;
-    let vocab = lg.model.config.vocab_size;
-    let lengths = crate::core::lengths::Lengths {
-        context: lg.model.config.max_position_embeddings,
-        kv_tokens: usize::MAX,
-        held: None,
-    };
-    let mut out = vec![];
-    for (name, prompt) in prompts() {
-        let ids = crate::prompt::tokenize_prompt(lg.tokenizer.as_ref(), &prompt, vocab, &lengths)?;
-        out.push(compare_prompt(gpu, &lg, name, &ids, steps)?);
-    }
-    Ok(out)
+    let prompts = prompt_ids(&lg)?;
+    prompts.into_iter().map(|(name, ids)| compare_prompt(gpu, &lg, name, &ids, steps)).collect()
 }
 
 fn cache(

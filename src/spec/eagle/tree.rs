@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use super::{EagleProposer, Row};
 use crate::backend::{Backend, BackendError, BatchMeta};
-use crate::core::tree::{select_tree, top_log_probs, Candidate, TreeDraft, TreeShape};
+use crate::core::tree::{best, expand, select_tree, top_log_probs, Candidate, TreeDraft, TreeShape};
 use crate::spec::{ProposeRequest, SeqId};
 use crate::tensor::{TreeMask, NO_PARENT};
 
@@ -53,19 +53,19 @@ impl<B: Backend> EagleProposer<B> {
             nodes: HashMap::new(),
             mask: TreeMask { prefix, first: 0, parents: vec![] },
         };
-        let mut level = g.expand(None, &probs);
+        let mut level = expand(&mut g.cands, None, &probs);
         for _ in 1..shape.depth {
-            let run = g.frontier(&level, shape.top_k);
+            let run = best(&g.cands, level, shape.top_k);
             let (feats, probs) = self.run_level(seq, &mut g, &run, &root_feature, shape.top_k)?;
             level = vec![];
             for ((&c, f), p) in run.iter().zip(feats).zip(probs) {
                 g.features.insert(c, f);
-                level.extend(g.expand(Some(c), &p));
+                level.extend(expand(&mut g.cands, Some(c), &p));
             }
         }
         let st = self.seqs.get_mut(&seq).expect("first_row found the sequence");
         st.cached = history.len() - 1;
-        Ok(select_tree(&g.cands, shape.nodes).0)
+        Ok(select_tree(&g.cands, shape.nodes))
     }
 
     /// The first row: catches the head up and predicts the root's feature and distribution.
@@ -106,28 +106,6 @@ impl<B: Backend> EagleProposer<B> {
         let vocab = self.target.config.vocab_size;
         let tops = self.backend.to_host(&logits)?.chunks(vocab).map(|row| top_log_probs(row, k)).collect();
         Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), tops))
-    }
-}
-
-impl Growing {
-    /// Adds the children `top` (tokens and log-probabilities) of `parent` (None: the root);
-    /// returns their indices.
-    fn expand(&mut self, parent: Option<usize>, top: &[(u32, f64)]) -> Vec<usize> {
-        let base = parent.map_or(0.0, |p| self.cands[p].score);
-        let start = self.cands.len();
-        for &(token, logp) in top {
-            self.cands.push(Candidate { token, parent, score: base + logp });
-        }
-        (start..self.cands.len()).collect()
-    }
-
-    /// The `k` candidates of `level` of highest score, in candidate order (parents first).
-    fn frontier(&self, level: &[usize], k: usize) -> Vec<usize> {
-        let mut best = level.to_vec();
-        best.sort_by(|&a, &b| self.cands[b].score.total_cmp(&self.cands[a].score).then(a.cmp(&b)));
-        best.truncate(k);
-        best.sort_unstable();
-        best
     }
 }
 

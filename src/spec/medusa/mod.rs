@@ -23,7 +23,7 @@ pub use head::{MedusaConfig, MedusaHeads, MAX_MEDUSA_HEADS};
 use super::{pick_draft_token, Draft, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
 use crate::backend::{Backend, BackendError};
 use crate::core::sampling::SamplingParams;
-use crate::core::tree::{select_tree, top_log_probs, Candidate};
+use crate::core::tree::{best, expand, select_tree, top_log_probs};
 use crate::model::Llama;
 
 pub struct MedusaProposer<B: Backend> {
@@ -74,23 +74,13 @@ impl<B: Backend> MedusaProposer<B> {
     fn draft_tree(&mut self, seq: SeqId, history: &[u32], shape: TreeShape) -> Result<TreeDraft, BackendError> {
         let Some(logits) = self.head_logits(seq, history, shape.depth)? else { return Ok(TreeDraft::default()) };
         let tops: Vec<Vec<(u32, f64)>> = logits.iter().map(|l| top_log_probs(l, shape.top_k)).collect();
-        let mut cands: Vec<Candidate> = vec![];
-        let mut level: Vec<Option<usize>> = vec![None];
+        let mut cands = vec![];
+        let mut level = vec![None];
         for top in &tops {
-            let mut next = vec![];
-            for &parent in &level {
-                let base = parent.map_or(0.0, |p| cands[p].score);
-                for &(token, logp) in top {
-                    next.push(cands.len());
-                    cands.push(Candidate { token, parent, score: base + logp });
-                }
-            }
-            next.sort_by(|&a, &b| cands[b].score.total_cmp(&cands[a].score).then(a.cmp(&b)));
-            next.truncate(shape.top_k);
-            next.sort_unstable();
-            level = next.into_iter().map(Some).collect();
+            let next: Vec<usize> = level.iter().flat_map(|&parent| expand(&mut cands, parent, top)).collect();
+            level = best(&cands, next, shape.top_k).into_iter().map(Some).collect();
         }
-        Ok(select_tree(&cands, shape.nodes).0)
+        Ok(select_tree(&cands, shape.nodes))
     }
 }
 
