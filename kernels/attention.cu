@@ -283,6 +283,152 @@ __device__ __forceinline__ void rope_rotate(float* v, const float* cs, const flo
     }
 }
 
+// What one block of the split kernel knows about its token's sequence: where each position
+// it reads lives (the step's k and v, or a cache slot through the block table) and which
+// positions the window leaves out.
+template <int HD, bool WINDOWED, bool FP8>
+struct SplitView {
+    static constexpr int PL = HD / WARP;  // head dimensions per lane
+    using Rec = KvRecord<HD, FP8>;
+    static constexpr int STAGE_BYTES = ATTN_STAGE_POS * Rec::BYTES;
+    const float *k_new, *v_new, *inv_freq;
+    const void *k_cache, *v_cache;
+    const signed char *k_exps, *v_exps;
+    const uint32_t *table, *tree;
+    int t, kvh, kv_heads, kv_dim, block_size, bs_shift, pos, start, end, first_tok, first_pos, window, sinks, lane, warp;
+
+    // Each warp takes positions start + warp, + ATTN_WARPS, ..., STAGE_POS of them a stage.
+    __device__ __forceinline__ int position(int s, int u) const {
+        return start + warp + (s * ATTN_STAGE_POS + u) * ATTN_WARPS;
+    }
+    __device__ __forceinline__ bool visible(int p) const {
+        return p < end && (!WINDOWED || p < sinks || pos - p < window);
+    }
+    // The cache slot of storage position sp. Block sizes are powers of two in practice: a
+    // shift rather than a division.
+    __device__ __forceinline__ size_t slot(int sp) const {
+        const int blk = bs_shift >= 0 ? sp >> bs_shift : sp / block_size;
+        return (size_t)table[blk] * block_size + (sp - blk * block_size);
+    }
+
+    // Starts copying stage s's cached positions into the ring (one commit group per stage,
+    // empty or not): K from lanes 0-15, V from 16-31, one chunk each.
+    __device__ __forceinline__ void issue(unsigned char* ring, int s) const {
+        unsigned char* rec = ring + (s % ATTN_STAGES) * STAGE_BYTES;
+#pragma unroll
+        for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
+            const int p = position(s, u);  // uniform in the warp
+            if (!visible(p)) continue;
+            const int src = kv_source(tree, t, p, first_tok, first_pos);
+            if (src >= 0) continue;  // a step token's: read as it is scored
+            const size_t at = slot(-1 - src);
+            const int half = lane / (WARP / 2), chunk = lane % (WARP / 2);
+            const unsigned char* from = (const unsigned char*)(half ? v_cache : k_cache);
+            cp_async<Rec::CHUNK>(rec + lane * Rec::CHUNK, from + (at * kv_dim + kvh * HD) * Rec::ELEM + chunk * Rec::CHUNK);
+            if constexpr (FP8) {  // the words holding the exponents, and where in them
+                const size_t scale_at = at * kv_heads + kvh;
+                if (lane < 2) cp_async<4>(rec + Rec::KV_BYTES + 4 * lane, (lane ? v_exps : k_exps) + (scale_at & ~(size_t)3));
+                if (lane == 2) *(int*)(rec + Rec::KV_BYTES + 8) = (int)(scale_at & 3);
+            }
+        }
+        cp_async_commit();
+    }
+
+    // Stage s's positions into registers: from the ring, or a step token's from k and v
+    // (rotated, rounded as the cache will hold them).
+    __device__ __forceinline__ void fill(const unsigned char* ring, int s, KvPos<PL, FP8>* kv) const {
+        const unsigned char* rec = ring + (s % ATTN_STAGES) * STAGE_BYTES;
+#pragma unroll
+        for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
+            const int p = position(s, u);
+            if (!visible(p)) continue;
+            const int src = kv_source(tree, t, p, first_tok, first_pos);
+            if (src < 0) {
+                const signed char* exps = (const signed char*)(rec + Rec::KV_BYTES);
+                kv[u].load(rec, rec + HD * Rec::ELEM, exps, exps + 4, lane * PL, FP8 ? *(const int*)(exps + 8) : 0);
+                continue;
+            }
+            const size_t off = (size_t)src * kv_dim + kvh * HD + lane * PL;
+            float kf[PL], vf[PL];
+#pragma unroll
+            for (int i = 0; i < PL; i++) {
+                kf[i] = k_new[off + i];
+                vf[i] = v_new[off + i];
+            }
+            if (inv_freq) {
+                float pc[PL], ps[PL];
+                rope_angles<PL>(p, inv_freq, lane, pc, ps);
+                rope_rotate<PL>(kf, pc, ps, lane);
+            }
+            kv[u].set(kf, vf);
+        }
+    }
+};
+
+// The online softmax of the G query heads that share a KV head, over the positions one warp
+// scores: running max, sum of exponentials and unnormalised output per head.
+template <int PL, int G>
+struct Scores {
+    float q[G][PL], m[G], l[G], acc[G][PL];
+
+    __device__ __forceinline__ void add(const float* kf, const float* vf, float ks, float vs, float scale, int g) {
+#pragma unroll
+        for (int j = 0; j < G; j++) {
+            if (j < g) {
+                float d = 0.f;
+#pragma unroll
+                for (int i = 0; i < PL; i++) d = fmaf(q[j][i], kf[i], d);
+                const float s = warp_sum(d) * ks * scale;
+                const float mn = fmaxf(m[j], s);
+                const float corr = expf(m[j] - mn), e = expf(s - mn), ev = e * vs;
+                l[j] = l[j] * corr + e;
+#pragma unroll
+                for (int i = 0; i < PL; i++) acc[j][i] = fmaf(ev, vf[i], acc[j][i] * corr);
+                m[j] = mn;
+            }
+        }
+    }
+
+    // Merges the block's warps (through `smem`) and writes the split's partial result for
+    // each of the g heads (`head_stride` floats apart): max, sum, then the HD outputs.
+    template <int HD, int WARPS>
+    __device__ __forceinline__ void write(unsigned char* smem, float* partial, size_t head_stride, int g, int lane,
+                                          int warp) const {
+        float(*sm)[G] = (float(*)[G])smem;
+        float(*sl)[G] = (float(*)[G])(smem + WARPS * G * 4);
+        float(*sacc)[G][HD] = (float(*)[G][HD])(smem + 2 * WARPS * G * 4);
+#pragma unroll
+        for (int j = 0; j < G; j++) {
+            if (j < g) {
+                if (lane == 0) {
+                    sm[warp][j] = m[j];
+                    sl[warp][j] = l[j];
+                }
+#pragma unroll
+                for (int i = 0; i < PL; i++) sacc[warp][j][lane * PL + i] = acc[j][i];
+            }
+        }
+        __syncthreads();
+        for (int e = threadIdx.x; e < g * HD; e += blockDim.x) {
+            const int j = e / HD, d = e % HD;
+            float mx = -INFINITY;
+            for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, sm[w][j]);
+            float sum = 0.f, out = 0.f;
+            for (int w = 0; w < WARPS; w++) {
+                const float c = sm[w][j] == -INFINITY ? 0.f : expf(sm[w][j] - mx);
+                sum = fmaf(sl[w][j], c, sum);
+                out = fmaf(sacc[w][j][d], c, out);
+            }
+            float* dst = partial + j * head_stride;
+            if (d == 0) {
+                dst[0] = mx;
+                dst[1] = sum;
+            }
+            dst[2 + d] = out;
+        }
+    }
+};
+
 // partial: [tokens, heads, max_splits, HD + 2] holding (max score, sum of exp, unnormalised
 // output) per split. grid: (kv_heads, tokens, max_splits), block: 32 * ATTN_WARPS.
 // k_cache, v_cache: [slots, kv_heads * HD], bf16 or E4M3; k_exps, v_exps (FP8 only):
@@ -297,25 +443,23 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
                            int max_blocks, int block_size, int heads, int kv_heads, int max_splits,
                            float* __restrict__ partial, const float* __restrict__ inv_freq, int min_split, int window,
                            int sinks) {
-    constexpr int PL = HD / WARP;  // head dimensions per lane
+    using View = SplitView<HD, WINDOWED, FP8>;
+    constexpr int PL = View::PL;
     pdl_start();
     const int kvh = blockIdx.x, t = blockIdx.y, split = blockIdx.z;
-    const int pos = positions[t], ctx = pos + 1, len = split_len(pos, min_split);
-    const int start = split * len;
-    if (start >= ctx) return;
-    const int end = min(ctx, start + len);
+    const int pos = positions[t], len = split_len(pos, min_split), start = split * len;
+    if (start > pos) return;
     const int g = heads / kv_heads, lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    const int kv_dim = kv_heads * HD;
-    const uint32_t* table = block_tables + (size_t)token_row[t] * max_blocks;
-    const float scale = 1.0f / sqrtf((float)HD);
-    // Block sizes are powers of two in practice: a shift rather than a division per position.
-    const int bs_shift = (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1;
     // Positions from first_pos on are this step's (causal rows; see kv_source).
-    const int first_tok = row_first[t], first_pos = positions[first_tok];
+    const int first_tok = row_first[t];
+    const View view{k_new, v_new, inv_freq, k_cache, v_cache, k_exps, v_exps,
+                    block_tables + (size_t)token_row[t] * max_blocks, tree, t, kvh, kv_heads, kv_heads * HD,
+                    block_size, (block_size & (block_size - 1)) == 0 ? __ffs(block_size) - 1 : -1, pos, start,
+                    min(pos + 1, start + len), first_tok, (int)positions[first_tok], window, sinks, lane, warp};
     float cs[PL], sn[PL];  // token t's rotation
-    if (inv_freq) rope_angles<PL>(positions[t], inv_freq, lane, cs, sn);
+    if (inv_freq) rope_angles<PL>(pos, inv_freq, lane, cs, sn);
     if (split == 0 && warp == 0) {  // the one block that stores token t's key and value for this head
-        const size_t src = (size_t)t * kv_dim + kvh * HD + lane * PL, dst = (size_t)slots[t] * kv_dim + kvh * HD + lane * PL;
+        const size_t src = (size_t)t * view.kv_dim + kvh * HD + lane * PL, dst = (size_t)slots[t] * view.kv_dim + kvh * HD + lane * PL;
         const size_t scale_at = (size_t)slots[t] * kv_heads + kvh;
         float kr[PL], vr[PL];
 #pragma unroll
@@ -327,144 +471,47 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
         store_head<PL, FP8>(k_cache, k_exps, dst, scale_at, kr, lane);
         store_head<PL, FP8>(v_cache, v_exps, dst, scale_at, vr, lane);
     }
-
-    float qr[G][PL], m[G], l[G], acc[G][PL];
+    Scores<PL, G> sc;
 #pragma unroll
     for (int j = 0; j < G; j++) {
-        m[j] = -INFINITY;
-        l[j] = 0.f;
+        sc.m[j] = -INFINITY;
+        sc.l[j] = 0.f;
 #pragma unroll
         for (int i = 0; i < PL; i++) {
-            acc[j][i] = 0.f;
-            qr[j][i] = j < g ? q[((size_t)t * heads + kvh * g + j) * HD + lane * PL + i] : 0.f;
+            sc.acc[j][i] = 0.f;
+            sc.q[j][i] = j < g ? q[((size_t)t * heads + kvh * g + j) * HD + lane * PL + i] : 0.f;
         }
-        if (inv_freq && j < g) rope_rotate<PL>(qr[j], cs, sn, lane);
+        if (inv_freq && j < g) rope_rotate<PL>(sc.q[j], cs, sn, lane);
     }
-    // Each warp takes positions start + warp, + ATTN_WARPS, ..., STAGE_POS of them a stage,
-    // and copies the cache's bytes of the next STAGES - 1 stages into its ring (cp.async)
-    // while it scores this one: enough bytes in flight to keep the memory busy, without the
-    // registers that held them before (occupancy was what limited long contexts). The step's
-    // own positions come from k_new and v_new as they are scored.
-    using Rec = KvRecord<HD, FP8>;
-    constexpr int STAGE_BYTES = ATTN_STAGE_POS * Rec::BYTES;
-    constexpr int RING_BYTES = ATTN_WARPS * ATTN_STAGES * STAGE_BYTES;
+    // Each warp copies the cache's bytes of its next STAGES - 1 stages into its ring
+    // (cp.async) while it scores this one: enough bytes in flight to keep the memory busy,
+    // without the registers that held them before (occupancy was what limited long contexts).
+    constexpr int RING_BYTES = ATTN_WARPS * ATTN_STAGES * View::STAGE_BYTES;
     constexpr int MERGE_BYTES = ATTN_WARPS * G * (HD + 2) * 4;
     __shared__ __align__(16) unsigned char smem[RING_BYTES > MERGE_BYTES ? RING_BYTES : MERGE_BYTES];
-    unsigned char* ring = smem + warp * ATTN_STAGES * STAGE_BYTES;
-    const auto position = [&](int s, int u) { return start + warp + (s * ATTN_STAGE_POS + u) * ATTN_WARPS; };
-    const auto visible = [&](int p) { return p < end && (!WINDOWED || p < sinks || pos - p < window); };
-    const auto issue = [&](int s) {  // one commit group per stage, empty or not
-        unsigned char* rec = ring + (s % ATTN_STAGES) * STAGE_BYTES;
+    unsigned char* ring = smem + warp * ATTN_STAGES * View::STAGE_BYTES;
+    const float scale = 1.0f / sqrtf((float)HD);
 #pragma unroll
-        for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
-            const int p = position(s, u);
-            const int src = visible(p) ? kv_source(tree, t, p, first_tok, first_pos) : 0;  // uniform in the warp
-            if (src >= 0) continue;  // not read, or a step token's (read when scored)
-            const int sp = -1 - src;  // storage position: p itself but for a cached tree node
-            const int blk = bs_shift >= 0 ? sp >> bs_shift : sp / block_size;
-            const size_t slot = (size_t)table[blk] * block_size + (sp - blk * block_size);
-            const size_t at = (slot * kv_dim + kvh * HD) * Rec::ELEM;
-            const int half = lane / (WARP / 2), chunk = lane % (WARP / 2);  // K from lanes 0-15, V from 16-31
-            const unsigned char* from = (const unsigned char*)(half ? v_cache : k_cache) + at + chunk * Rec::CHUNK;
-            cp_async<Rec::CHUNK>(rec + lane * Rec::CHUNK, from);
-            if constexpr (FP8) {
-                const size_t scale_at = slot * kv_heads + kvh;
-                if (lane < 2) cp_async<4>(rec + Rec::KV_BYTES + 4 * lane, (lane ? v_exps : k_exps) + (scale_at & ~(size_t)3));
-                if (lane == 2) *(int*)(rec + Rec::KV_BYTES + 8) = (int)(scale_at & 3);
-            }
-        }
-        cp_async_commit();
-    };
-#pragma unroll
-    for (int s = 0; s < ATTN_STAGES - 1; s++) issue(s);
-    for (int s = 0; position(s, 0) < end; s++) {
-        issue(s + ATTN_STAGES - 1);  // into the slot stage s - 1 used
+    for (int s = 0; s < ATTN_STAGES - 1; s++) view.issue(ring, s);
+    for (int s = 0; view.position(s, 0) < view.end; s++) {
+        view.issue(ring, s + ATTN_STAGES - 1);  // into the slot stage s - 1 used
         cp_async_wait<ATTN_STAGES - 1>();
         __syncwarp();  // every lane's copies of stage s have landed
         KvPos<PL, FP8> kv[ATTN_STAGE_POS];
-        const unsigned char* rec = ring + (s % ATTN_STAGES) * STAGE_BYTES;
-#pragma unroll
-        for (int u = 0; u < ATTN_STAGE_POS; u++, rec += Rec::BYTES) {
-            const int p = position(s, u);
-            const int src = visible(p) ? kv_source(tree, t, p, first_tok, first_pos) : -1;  // step token, or -1 - storage
-            if (src >= 0) {
-                const size_t off = (size_t)src * kv_dim + kvh * HD + lane * PL;
-                float kf[PL], vf[PL];
-#pragma unroll
-                for (int i = 0; i < PL; i++) {
-                    kf[i] = k_new[off + i];
-                    vf[i] = v_new[off + i];
-                }
-                if (inv_freq) {
-                    float pc[PL], ps[PL];
-                    rope_angles<PL>(p, inv_freq, lane, pc, ps);
-                    rope_rotate<PL>(kf, pc, ps, lane);
-                }
-                kv[u].set(kf, vf);
-            } else if (visible(p)) {
-                const signed char* exps = (const signed char*)(rec + Rec::KV_BYTES);
-                kv[u].load(rec, rec + HD * Rec::ELEM, exps, exps + 4, lane * PL, FP8 ? *(const int*)(exps + 8) : 0);
-            }
-        }
+        view.fill(ring, s, kv);
         __syncwarp();  // the slot is read: the next issue may refill it
 #pragma unroll
         for (int u = 0; u < ATTN_STAGE_POS; u++) {
-            const int p = position(s, u);
-            if (!visible(p)) continue;
+            if (!view.visible(view.position(s, u))) continue;
             float kf[PL], vf[PL], ks, vs;
             kv[u].get(kf, vf, ks, vs);
-#pragma unroll
-            for (int j = 0; j < G; j++) {
-                if (j < g) {
-                    float d = 0.f;
-#pragma unroll
-                    for (int i = 0; i < PL; i++) d = fmaf(qr[j][i], kf[i], d);
-                    const float s = warp_sum(d) * ks * scale;
-                    const float mn = fmaxf(m[j], s);
-                    const float corr = expf(m[j] - mn), e = expf(s - mn), ev = e * vs;
-                    l[j] = l[j] * corr + e;
-#pragma unroll
-                    for (int i = 0; i < PL; i++) acc[j][i] = fmaf(ev, vf[i], acc[j][i] * corr);
-                    m[j] = mn;
-                }
-            }
+            sc.add(kf, vf, ks, vs, scale, g);
         }
     }
     cp_async_wait<0>();  // the stages past the end were empty, but the ring becomes the merge's
     __syncthreads();
-    // Merge the warps of this block, in the ring's memory.
-    float(*sm)[G] = (float(*)[G])smem;
-    float(*sl)[G] = (float(*)[G])(smem + ATTN_WARPS * G * 4);
-    float(*sacc)[G][HD] = (float(*)[G][HD])(smem + 2 * ATTN_WARPS * G * 4);
-#pragma unroll
-    for (int j = 0; j < G; j++) {
-        if (j < g) {
-            if (lane == 0) {
-                sm[warp][j] = m[j];
-                sl[warp][j] = l[j];
-            }
-#pragma unroll
-            for (int i = 0; i < PL; i++) sacc[warp][j][lane * PL + i] = acc[j][i];
-        }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < g * HD; e += blockDim.x) {
-        const int j = e / HD, d = e % HD;
-        float mx = -INFINITY;
-        for (int w = 0; w < ATTN_WARPS; w++) mx = fmaxf(mx, sm[w][j]);
-        float sum = 0.f, out = 0.f;
-        for (int w = 0; w < ATTN_WARPS; w++) {
-            const float c = sm[w][j] == -INFINITY ? 0.f : expf(sm[w][j] - mx);
-            sum = fmaf(sl[w][j], c, sum);
-            out = fmaf(sacc[w][j][d], c, out);
-        }
-        float* dst = partial + (((size_t)t * heads + kvh * g + j) * max_splits + split) * (HD + 2);
-        if (d == 0) {
-            dst[0] = mx;
-            dst[1] = sum;
-        }
-        dst[2 + d] = out;
-    }
+    float* out = partial + (((size_t)t * heads + kvh * g) * max_splits + split) * (HD + 2);
+    sc.template write<HD, ATTN_WARPS>(smem, out, (size_t)max_splits * (HD + 2), g, lane, warp);
 }
 
 #define ATTN_ARGS                                                                                             \
