@@ -220,6 +220,7 @@ pub struct Kernels {
     pub attn_split: Vec<CudaFunction>,
     pub attn_merge: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub sample_rows: CudaFunction,
     /// The architecture the cubins were built for.
     pub arch: String,
 }
@@ -281,6 +282,7 @@ impl Kernels {
             attn_split: AttnKernel::ALL.iter().map(|k| get(&k.name())).collect::<Result<_>>()?,
             attn_merge: get("attn_merge")?,
             argmax_rows: get("argmax_rows")?,
+            sample_rows: get("sample_rows")?,
             arch,
         })
     }
@@ -360,6 +362,7 @@ mod tests {
             "quantize_rows_fp8",
             "attn_merge",
             "argmax_rows",
+            "sample_rows",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
         }
