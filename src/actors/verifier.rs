@@ -5,7 +5,8 @@
 //! passes the tokens on to the Streamer: one message back per step, so one wake of the
 //! actors' thread.
 //!
-//! With plain decoding every sampling row yields one token. With speculation a decoding row
+//! With plain decoding every sampling row yields one token, chosen where the logits are
+//! (`Mode`: only ids come back from a GPU). With speculation a decoding row
 //! carries the Drafter's `k` drafts after its token: the forward computes `k + 1` logits for
 //! it and `spec::verify` accepts a prefix of the drafts plus the target's own next token.
 //! Rejected drafts' KV entries stay in the cache unreferenced (`computed` does not cover
