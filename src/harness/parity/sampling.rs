@@ -11,7 +11,7 @@ use super::chi_square;
 use super::SamplingRow;
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, Result};
-use crate::core::sampling::{distribution, sample_row, RowSampling, SamplingParams};
+use crate::core::sampling::{distribution, sample_row, sample_uniform, RowSampling, SamplingParams};
 use crate::tensor::HostTensor;
 
 /// Draws per setting: enough for a chi-square over a few dozen bins.
@@ -91,10 +91,14 @@ fn one(
         (0..draws).map(|_| RowSampling { params, history, uniform: rng.random::<f64>() }).collect();
     let batch = HostTensor::new(vec![draws, vocab], logits.repeat(draws));
     let got = gpu.sample_rows(&gpu.upload_f32(&batch)?, vocab, &rows)?;
-    let same = got.iter().zip(&rows).filter(|(&g, r)| g == sample_row(logits, r)).count();
+    // `sample_row` with the distribution computed once.
+    let dist = distribution(logits, history, params);
+    let cpu =
+        |r: &RowSampling| if params.is_greedy() { sample_row(logits, r) } else { sample_uniform(&dist, r.uniform) };
+    let same = got.iter().zip(&rows).filter(|(&g, r)| g == cpu(r)).count();
     let mut counts = vec![0u64; vocab];
     got.iter().for_each(|&t| counts[(t as usize).min(vocab - 1)] += 1);
-    let probs: Vec<f64> = distribution(logits, history, params).into_iter().map(f64::from).collect();
+    let probs: Vec<f64> = dist.into_iter().map(f64::from).collect();
     let chi = (!params.is_greedy()).then(|| chi_square::test(&counts, &probs));
     let logits = if ties { "ties" } else { "spread" };
     Ok(SamplingRow { setting: name.into(), logits, vocab, draws, same, chi })
