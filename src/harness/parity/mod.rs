@@ -23,7 +23,9 @@ mod tensor_parallel;
 
 use std::io::Write;
 
-pub use self::report::{ForwardRow, KvRow, OpRow, ParityFailures, ParityReport, SamplingRow, SpeculativeRow, TpRow};
+pub use self::report::{
+    ForwardRow, KvRow, OpRow, ParityFailures, ParityReport, SamplingRow, SamplingTiming, SpeculativeRow, TpRow,
+};
 use super::Result;
 
 /// Largest error an op may show: max |gpu - cpu| / max |cpu|.
@@ -63,6 +65,7 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     writeln!(out, "parity: {} against {}, seed {seed}", gpu.name(), cpu.name())?;
     let ops = ops::all(&cpu, &gpu, seed)?;
     let sampling = sampling::compare(&gpu, seed)?;
+    let sampling_timing = Some(sampling::timing(&gpu, seed)?);
     let with_model = opts.model != "none";
     let forward = if with_model { forward::compare(&cpu, &gpu, &opts.model, opts.tokens)? } else { vec![] };
     let kv_fp8 = if with_model { kv::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
@@ -74,5 +77,16 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     )?;
     let tensor_parallel = tensor_parallel::compare(&gpu, &opts.model, opts.tokens)?;
     let (model, tokens) = (opts.model.clone(), opts.tokens);
-    Ok(ParityReport { seed, model, tokens, ops, sampling, forward, kv_fp8, speculative, tensor_parallel })
+    Ok(ParityReport {
+        seed,
+        model,
+        tokens,
+        ops,
+        sampling,
+        sampling_timing,
+        forward,
+        kv_fp8,
+        speculative,
+        tensor_parallel,
+    })
 }

@@ -108,6 +108,16 @@ impl SamplingRow {
     }
 }
 
+/// One step's sampling of `rows` rows: on the GPU (`sample_rows`, the best of 5) and by
+/// the host path (logits copied, each row sampled by the CPU).
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingTiming {
+    pub rows: usize,
+    pub vocab: usize,
+    pub gpu_ms: f64,
+    pub host_ms: f64,
+}
+
 pub struct ParityReport {
     /// Seed of the random op inputs.
     pub seed: u64,
@@ -118,6 +128,7 @@ pub struct ParityReport {
     pub ops: Vec<OpRow>,
     /// Sampling on the GPU against the CPU sampler.
     pub sampling: Vec<SamplingRow>,
+    pub sampling_timing: Option<SamplingTiming>,
     pub forward: Vec<ForwardRow>,
     /// The FP8 KV cache against bf16, on the GPU.
     pub kv_fp8: Vec<KvRow>,
@@ -234,6 +245,13 @@ impl ParityReport {
                 r.same,
                 r.draws,
                 if r.pass() { "pass" } else { "FAIL" }
+            )?;
+        }
+        if let Some(t) = self.sampling_timing {
+            writeln!(
+                f,
+                "one step of {} rows × {}, every setting on: {:.2} ms on the GPU, {:.1} ms copying the logits and sampling on the host",
+                t.rows, t.vocab, t.gpu_ms, t.host_ms
             )?;
         }
         Ok(())
@@ -372,6 +390,7 @@ mod tests {
                 },
                 SamplingRow { setting: "greedy".into(), logits: "spread", vocab: 2048, draws: 16, same: 15, chi: None },
             ],
+            sampling_timing: Some(SamplingTiming { rows: 64, vocab: 128_256, gpu_ms: 0.412, host_ms: 905.3 }),
             forward: vec![ForwardRow {
                 prompt: "france".into(),
                 dtype: "fp8",
@@ -433,6 +452,7 @@ mod tests {
             "top-k 20                             ties       2048  20000      17.2   19      52.1   19999/20000  pass\n"
         ));
         assert!(text.contains("greedy                               spread     2048     16         -    -         -      15/16     FAIL\n"));
+        assert!(text.contains("one step of 64 rows × 128256, every setting on: 0.41 ms on the GPU, 905.3 ms"));
         let failures = r.check().unwrap_err();
         assert_eq!((failures.ops, failures.sampling, failures.speculative), (1, 1, 0));
         assert_eq!((failures.invariance, failures.tensor_parallel), (0, 1));

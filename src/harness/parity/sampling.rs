@@ -8,7 +8,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::chi_square;
-use super::SamplingRow;
+use super::{SamplingRow, SamplingTiming};
 use crate::backend::cuda::CudaBackend;
 use crate::backend::{Backend, Result};
 use crate::core::sampling::{distribution, sample_row, sample_uniform, RowSampling, SamplingParams};
@@ -74,6 +74,33 @@ pub fn compare(gpu: &CudaBackend, seed: u64) -> Result<Vec<SamplingRow>> {
     let greedy = SamplingParams { repetition_penalty: 1.5, ..Default::default() };
     rows.push(one(gpu, &mut rng, ("greedy, penalty 1.5", &greedy), &logits, &history, 16, false)?);
     Ok(rows)
+}
+
+/// One step's sampling of a batch of 64 rows of a Llama 3 vocabulary with every setting on
+/// (the last of `settings`): on the GPU, and by the host path it replaces (the logits copied
+/// to the host, each row sampled by the CPU sampler).
+pub fn timing(gpu: &CudaBackend, seed: u64) -> Result<SamplingTiming> {
+    const ROWS: usize = 64;
+    let mut rng = StdRng::seed_from_u64(seed ^ 0x71e);
+    let logits: Vec<f32> = (0..ROWS).flat_map(|_| self::logits(&mut rng, LARGE_VOCAB, false)).collect();
+    let history = history(&mut rng, &logits[..LARGE_VOCAB]);
+    let (_, params) = settings().pop().expect("settings");
+    let rows: Vec<RowSampling> =
+        (0..ROWS).map(|_| RowSampling { params: &params, history: &history, uniform: rng.random() }).collect();
+    let t = gpu.upload_f32(&HostTensor::new(vec![ROWS, LARGE_VOCAB], logits))?;
+    gpu.sample_rows(&t, LARGE_VOCAB, &rows)?; // warm-up
+    let mut gpu_ms = f64::INFINITY;
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        gpu.sample_rows(&t, LARGE_VOCAB, &rows)?;
+        gpu_ms = gpu_ms.min(start.elapsed().as_secs_f64() * 1e3);
+    }
+    let start = std::time::Instant::now();
+    let host = gpu.to_host(&t)?;
+    let ids: Vec<u32> = host.chunks(LARGE_VOCAB).zip(&rows).map(|(l, r)| sample_row(l, r)).collect();
+    std::hint::black_box(ids);
+    let host_ms = start.elapsed().as_secs_f64() * 1e3;
+    Ok(SamplingTiming { rows: ROWS, vocab: LARGE_VOCAB, gpu_ms, host_ms })
 }
 
 /// `draws` rows of `logits` sampled as `params` on the GPU, each with its own uniform.
