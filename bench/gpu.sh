@@ -52,7 +52,7 @@ done
 
 for step in $STEPS; do
     case $step in
-    parity) echo "== $BIN kernels parity --model $model_arg" && tail -n 80 "$LOG_DIR/parity.txt" ;;
+    parity) echo "== $BIN kernels parity --model $model_arg" && tail -n 130 "$LOG_DIR/parity.txt" ;;
     bench) echo "== $BIN bench ${BENCH_ARGS:-}" && tail -n 50 "$LOG_DIR/bench.txt" ;;
     bench70) echo "== $BIN bench (70B FP8 + 1B) ${BENCH_ARGS:-}" && tail -n 40 "$LOG_DIR/bench70.txt" ;;
     tune) echo "== $BIN bench --tune" && grep -E "^--|n=1 " -A17 "$LOG_DIR/tune.txt" | grep -E "^--|^[0-9]+B " ;;

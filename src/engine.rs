@@ -127,10 +127,10 @@ impl<B: Backend> Engine<B> {
 
         let start = Instant::now();
         let observer = spec.as_mut().map(|s| &mut *s.proposer).filter(|p| p.wants_hidden());
-        let logits = self.prefill_seq(&mut seq, observer)?;
+        let first = self.prefill_seq(&mut seq, observer, &mut sampler)?;
         let prefill_ms = start.elapsed().as_secs_f64() * 1e3;
         let decode_start = Instant::now();
-        let mut new_tokens = vec![sampler.sample(&logits, &seq.history)];
+        let mut new_tokens = vec![first];
         let finish = loop {
             if let Some(finish) = out.push(&new_tokens, &mut seq.history, &mut on_delta) {
                 break finish;
@@ -199,7 +199,11 @@ impl<B: Backend> Engine<B> {
             // Only the ids cross to the host (a GPU computes them where the logits are).
             let ids = self.backend.argmax_rows(&out, vocab)?;
             verify_ids(&draft, &ids, sampler, synthetic)
+        } else if draft.tokens.is_empty() {
+            vec![self.next_token(&out, history, sampler)?]
         } else {
+            // Rejection sampling against the draft's probabilities needs the target's
+            // distributions: the logits come to the host.
             let logits = self.backend.to_host(&out)?;
             verify(&draft, &logits, vocab, history, sampler, synthetic)
         };
@@ -237,14 +241,26 @@ impl<B: Backend> Engine<B> {
         Ok(Sequence { kv, blocks, history: prompt, limits })
     }
 
+    /// The token `sampler` picks from `logits` (one row) after `history`, chosen where the
+    /// logits are: only the id crosses to the host.
+    fn next_token(&self, logits: &B::Tensor, history: &[u32], sampler: &mut Sampler) -> Result<u32, BackendError> {
+        let vocab = self.model.config.vocab_size;
+        let ids = match ids_suffice(sampler) {
+            true => self.backend.argmax_rows(logits, vocab)?,
+            false => self.backend.sample_rows(logits, vocab, &[sampler.row(history)])?,
+        };
+        ids.first().copied().ok_or_else(|| BackendError::Invalid("no logits to sample".into()))
+    }
+
     /// Runs the sequence's prompt through the model in chunks, handing its hidden states to
-    /// `observer` (a proposer that reads them); returns the last position's logits.
+    /// `observer` (a proposer that reads them); returns the first token `sampler` picks.
     fn prefill_seq<'p>(
         &self,
         seq: &mut Sequence<B>,
         mut observer: Option<&mut (dyn Proposer + 'p)>,
-    ) -> Result<Vec<f32>, EngineError> {
-        let mut logits = vec![];
+        sampler: &mut Sampler,
+    ) -> Result<u32, EngineError> {
+        let mut logits = None;
         for (i, chunk) in seq.history.clone().chunks(PREFILL_CHUNK).enumerate() {
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             let table = reserve(&mut seq.blocks, i * PREFILL_CHUNK, chunk.len())?;
@@ -253,9 +269,10 @@ impl<B: Backend> Engine<B> {
             if let (Some(p), Some(hidden)) = (observer.as_deref_mut(), hidden) {
                 p.observe(SEQ, i * PREFILL_CHUNK, &hidden);
             }
-            logits = self.backend.to_host(&out)?;
+            logits = Some(out);
         }
-        Ok(logits)
+        let logits = logits.ok_or_else(|| BackendError::Invalid("prefill of an empty prompt".into()))?;
+        Ok(self.next_token(&logits, &seq.history, sampler)?)
     }
 
     /// Runs the prompt through the model in chunks; returns the last position's logits.

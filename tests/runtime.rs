@@ -64,6 +64,30 @@ fn thirty_two_concurrent_requests_match_their_solo_greedy_ids() {
     assert_all_blocks_free(&h);
 }
 
+/// Sampled rows (sampled by the backend, `Backend::sample_rows`) in a batch: each seeded
+/// request gives the ids the engine gives it alone, greedy rows with a penalty included.
+#[test]
+fn seeded_sampling_in_a_batch_matches_each_request_alone() {
+    let Some(s) = shared() else { return };
+    let h = runtime(s, |b| b.max_batch(8));
+    let settings = [
+        SamplingParams { temperature: 0.8, top_k: 40, seed: Some(1), ..Default::default() },
+        SamplingParams { temperature: 1.0, top_p: 0.9, min_p: 0.05, seed: Some(2), ..Default::default() },
+        SamplingParams { temperature: 0.7, repetition_penalty: 1.3, seed: Some(3), ..Default::default() },
+        SamplingParams { repetition_penalty: 1.5, ..Default::default() },
+        SamplingParams::greedy(),
+    ];
+    let reqs: Vec<GenerateRequest> =
+        settings.iter().enumerate().map(|(i, p)| GenerateRequest { sampling: p.clone(), ..varied(i) }).collect();
+    let streams: Vec<_> = reqs.iter().map(|r| h.generate(r.clone())).collect();
+    let got: Vec<_> = block_on(futures::future::join_all(streams.into_iter().map(collect)));
+    for (i, (req, got)) in reqs.iter().zip(got).enumerate() {
+        let got = got.unwrap_or_else(|e| panic!("request {i}: {e}"));
+        assert_eq!(got.token_ids, alone(s, req), "request {i} ({:?}) differs from its solo run", req.sampling);
+    }
+    assert_all_blocks_free(&h);
+}
+
 #[test]
 fn a_late_request_joins_the_running_batch_and_finishes_first() {
     let Some(s) = shared() else { return };

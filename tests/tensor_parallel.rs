@@ -12,7 +12,7 @@ use indicatif::ProgressBar;
 use specula::actors::{collect, Executor, ModelExecutor, Runtime, TpExecutor, TpRank};
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BackendError, BatchMeta};
-use specula::core::sampling::argmax;
+use specula::core::sampling::{argmax, Sampler, SamplingParams};
 use specula::model::safetensors::SafetensorsWeights;
 use specula::model::{
     load_model, load_model_shard, KvCache, Llama, LoadError, LoadOptions, ModelConfig, ModelSource, Preset, Shard,
@@ -205,4 +205,38 @@ fn one_rank_gives_the_bits_of_the_whole_model() {
     let (a, b, worst) = greedy_both(&mut whole, &mut split, &[3, 141, 59, 265], 8, 0);
     assert_eq!(a, b);
     assert_eq!(worst, 0.0, "a group of one rank must give the whole model's bits");
+}
+
+/// `forward_sampled` through the rank threads: the rows (settings, history, uniform) reach
+/// rank 0, which samples what the whole model samples with the same draws.
+#[test]
+fn one_rank_samples_what_the_whole_model_samples() {
+    let spec = TinySpec::smol();
+    let dir = TempDir::new("tp-sampled");
+    write_hf_dir(&TinyModel::random(spec, 12), StDtype::F32, dir.path());
+    let config = ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let weights = SafetensorsWeights::open_dir(dir.path()).unwrap();
+    let bar = ProgressBar::hidden();
+    let whole = Llama::load(config.clone(), Weights::Source(&weights), &CpuBackend::new(), &bar).unwrap();
+    let ranks = load_ranks(1, |shard, b| {
+        let opts = LoadOptions::default();
+        Llama::load_shard(config.clone(), Weights::Source(&weights), &opts, shard, b, &bar).unwrap()
+    });
+    let (mut whole, mut split) = executors(whole, ranks);
+    let params =
+        SamplingParams { temperature: 1.5, top_p: 0.95, repetition_penalty: 1.2, seed: Some(9), ..Default::default() };
+    // The same seed: the same uniforms on both sides.
+    let (mut a, mut b) = (Sampler::new(params.clone()), Sampler::new(params));
+    let (mut history, mut tokens, mut cached) = (vec![3u32, 141, 59, 265], vec![3u32, 141, 59, 265], 0u32);
+    let table: Vec<u32> = (0..4).collect();
+    for step in 0..8 {
+        let mut meta = BatchMeta::new(BLOCK);
+        meta.push_row(&tokens, cached, &table, 1);
+        let ta = whole.forward_sampled(&meta, &[a.row(&history)]).unwrap();
+        let tb = split.forward_sampled(&meta, &[b.row(&history)]).unwrap();
+        assert_eq!(ta, tb, "step {step}");
+        cached += tokens.len() as u32;
+        tokens = ta.clone();
+        history.extend(ta);
+    }
 }

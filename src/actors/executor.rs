@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use super::error::ExecutorError;
 use crate::backend::{Backend, BackendError, BatchMeta};
-use crate::core::sampling::argmax;
+use crate::core::sampling::{argmax, sample_row, RowSampling};
 use crate::model::{ForwardStep, KvCache, Llama};
 
 /// Runs forwards for the Verifier. `Error` is how a forward fails: `BackendError` for the
@@ -28,6 +28,12 @@ where
     fn forward_ids(&mut self, meta: &BatchMeta) -> Result<Vec<u32>, Error> {
         let vocab = self.vocab_size();
         Ok(self.forward(meta)?.chunks(vocab).map(argmax).collect())
+    }
+    /// One token per logits row, each sampled as its `RowSampling` says (a row that only
+    /// needs ids: `RowSampling::greedy`). From a GPU, only the ids cross to the host.
+    fn forward_sampled(&mut self, meta: &BatchMeta, rows: &[RowSampling]) -> Result<Vec<u32>, Error> {
+        let vocab = self.vocab_size();
+        Ok(self.forward(meta)?.chunks(vocab).zip(rows).map(|(l, r)| sample_row(l, r)).collect())
     }
     /// From now on, keep the hidden states every forward computes (for a proposer that
     /// reads them); false when this executor has none to keep.
@@ -86,6 +92,11 @@ impl<B: Backend> Executor<BackendError> for ModelExecutor<B> {
     fn forward_ids(&mut self, meta: &BatchMeta) -> Result<Vec<u32>, BackendError> {
         let logits = self.logits(meta)?;
         self.backend.argmax_rows(&logits, self.model.config.vocab_size)
+    }
+
+    fn forward_sampled(&mut self, meta: &BatchMeta, rows: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+        let logits = self.logits(meta)?;
+        self.backend.sample_rows(&logits, self.model.config.vocab_size, rows)
     }
 
     fn keep_hidden(&mut self) -> bool {

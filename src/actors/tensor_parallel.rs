@@ -16,6 +16,7 @@ use crossbeam_channel::{bounded, Receiver, Sender};
 use super::executor::Executor;
 use super::{RuntimeBuilder, RuntimeError, RuntimeHandle};
 use crate::backend::{Backend, BackendError, BatchMeta};
+use crate::core::sampling::{RowSampling, SamplingParams};
 use crate::model::{ForwardStep, KvCache, Llama, Tokenizer};
 use crate::tensor::RankGroup;
 
@@ -26,10 +27,31 @@ pub struct TpRank<B: Backend> {
     pub kv: KvCache<B>,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 enum Want {
     Logits,
     Ids,
+    /// Ids sampled as these rows say (`Executor::forward_sampled`).
+    Sampled(Arc<Vec<OwnedRow>>),
+}
+
+/// A `RowSampling` that can cross to the rank threads.
+struct OwnedRow {
+    params: SamplingParams,
+    /// Only where a repetition penalty reads it.
+    history: Vec<u32>,
+    uniform: f64,
+}
+
+impl OwnedRow {
+    fn new(r: &RowSampling) -> Self {
+        let history = if r.params.repetition_penalty != 1.0 { r.history.to_vec() } else { vec![] };
+        OwnedRow { params: r.params.clone(), history, uniform: r.uniform }
+    }
+
+    fn row(&self) -> RowSampling<'_> {
+        RowSampling { params: &self.params, history: &self.history, uniform: self.uniform }
+    }
 }
 
 /// What a step gives back: rank 0's logits or greedy ids; nothing from the others.
@@ -71,7 +93,7 @@ impl TpExecutor {
         let meta = Arc::new(meta.clone());
         let stopped = |rank: usize| BackendError::Device(format!("tensor-parallel rank {rank} has stopped"));
         for (rank, jobs) in self.jobs.iter().enumerate() {
-            if jobs.send((meta.clone(), want)).is_err() {
+            if jobs.send((meta.clone(), want.clone())).is_err() {
                 // The ranks already sent this step must not wait for this one.
                 self.group.abort();
                 self.drain(rank);
@@ -130,9 +152,14 @@ impl<B: Backend> TpRank<B> {
     fn step(&mut self, index: usize, meta: &BatchMeta, want: Want) -> Result<Output, BackendError> {
         let layers = self.model.num_layers();
         let logits = self.backend.forward_step(&self.model, &mut self.kv, meta, layers)?;
+        let vocab = self.model.config.vocab_size;
         Ok(match (index, want) {
             (0, Want::Logits) => Output::Logits(self.backend.to_host(&logits)?),
-            (0, Want::Ids) => Output::Ids(self.backend.argmax_rows(&logits, self.model.config.vocab_size)?),
+            (0, Want::Ids) => Output::Ids(self.backend.argmax_rows(&logits, vocab)?),
+            (0, Want::Sampled(rows)) => {
+                let rows: Vec<RowSampling> = rows.iter().map(OwnedRow::row).collect();
+                Output::Ids(self.backend.sample_rows(&logits, vocab, &rows)?)
+            }
             _ => Output::Nothing,
         })
     }
@@ -178,7 +205,18 @@ impl Executor<BackendError> for TpExecutor {
     }
 
     fn forward_ids(&mut self, meta: &BatchMeta) -> Result<Vec<u32>, BackendError> {
-        match self.step(meta, Want::Ids)? {
+        self.forward_ids_as(meta, Want::Ids)
+    }
+
+    fn forward_sampled(&mut self, meta: &BatchMeta, rows: &[RowSampling]) -> Result<Vec<u32>, BackendError> {
+        self.forward_ids_as(meta, Want::Sampled(Arc::new(rows.iter().map(OwnedRow::new).collect())))
+    }
+}
+
+impl TpExecutor {
+    /// A step whose rank 0 returns ids (`want` is `Ids` or `Sampled`).
+    fn forward_ids_as(&mut self, meta: &BatchMeta, want: Want) -> Result<Vec<u32>, BackendError> {
+        match self.step(meta, want)? {
             Output::Ids(ids) => Ok(ids),
             _ => Err(BackendError::Invalid("tensor-parallel rank 0 returned no ids".into())),
         }

@@ -5,7 +5,8 @@
 //! passes the tokens on to the Streamer: one message back per step, so one wake of the
 //! actors' thread.
 //!
-//! With plain decoding every sampling row yields one token. With speculation a decoding row
+//! With plain decoding every sampling row yields one token, chosen where the logits are
+//! (`Mode`: only ids come back from a GPU). With speculation a decoding row
 //! carries the Drafter's `k` drafts after its token: the forward computes `k + 1` logits for
 //! it and `spec::verify` accepts a prefix of the drafts plus the target's own next token.
 //! Rejected drafts' KV entries stay in the cache unreferenced (`computed` does not cover
@@ -28,10 +29,20 @@ use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use crate::backend::BatchMeta;
 use crate::core::finish::FinishRules;
-use crate::core::sampling::Sampler;
+use crate::core::sampling::{RowSampling, Sampler};
 use crate::core::scheduler::{RowOutcome, RowPlan, SeqParams, StepPlan};
 use crate::request::RequestId;
 use crate::spec;
+
+/// What a step's forward returns: greedy ids (every sampling row greedy without penalties),
+/// sampled ids (every sampling row without drafts or greedy without penalties: sampled on
+/// the device), or logits on the host. Verifying sampled drafts (rejection sampling against
+/// the draft's probabilities) needs the target's distributions, so stays on the host.
+enum Mode {
+    Ids,
+    Sampled,
+    Logits,
+}
 
 /// What the forward returned for one row: its logits, or (all rows greedy) its greedy ids.
 enum Scores<'a> {
@@ -90,14 +101,13 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
         if plan.rows.is_empty() {
             return Ok(vec![]);
         }
-        // When every sampling row is greedy without penalties, ids decide everything.
-        let greedy = |r: &RowPlan| self.seqs.get(&r.id).is_some_and(|s| spec::ids_suffice(&s.sampler));
-        let ids_only = plan.rows.iter().filter(|r| r.sample).all(greedy);
         let failed = |e: E| StepError::Executor(e.into());
-        let (ids, logits) = match ids_only {
-            true => (self.exec.forward_ids(&meta).map_err(failed)?, vec![]),
-            false => (vec![], self.exec.forward(&meta).map_err(failed)?),
+        let (ids, logits) = match self.sampling_mode(plan) {
+            Mode::Ids => (self.exec.forward_ids(&meta).map_err(failed)?, vec![]),
+            Mode::Sampled => (self.forward_sampled(plan, &meta).map_err(failed)?, vec![]),
+            Mode::Logits => (vec![], self.exec.forward(&meta).map_err(failed)?),
         };
+        let ids_only = logits.is_empty();
         let vocab = self.exec.vocab_size();
         let mut offset = 0;
         let mut out = Vec::with_capacity(plan.rows.len());
@@ -116,6 +126,41 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
         }
         self.send_hidden(plan, &meta, &out);
         Ok(out)
+    }
+
+    /// What the step's forward must return for its sampling rows.
+    fn sampling_mode(&self, plan: &StepPlan) -> Mode {
+        let ids_suffice = |r: &RowPlan| self.seqs.get(&r.id).is_some_and(|s| spec::ids_suffice(&s.sampler));
+        let mut sampling = plan.rows.iter().filter(|r| r.sample);
+        if sampling.clone().all(ids_suffice) {
+            Mode::Ids
+        } else if sampling.all(|r| r.draft.tokens.is_empty() || ids_suffice(r)) {
+            Mode::Sampled
+        } else {
+            Mode::Logits
+        }
+    }
+
+    /// The forward with every logits row sampled where the logits are (`Mode::Sampled`):
+    /// a row without drafts as its request samples, each row of a greedy draft's by argmax.
+    fn forward_sampled(&mut self, plan: &StepPlan, meta: &BatchMeta) -> Result<Vec<u32>, E> {
+        // Each request's draw first (its RNG moves); then its settings are lent to the forward.
+        let mut uniforms = HashMap::new();
+        for row in plan.rows.iter().filter(|r| r.sample && r.draft.tokens.is_empty()) {
+            if let Some(st) = self.seqs.get_mut(&row.id) {
+                uniforms.insert(row.id, st.sampler.next_uniform());
+            }
+        }
+        let mut rows = Vec::with_capacity(meta.logits_for.len());
+        for row in &plan.rows {
+            match (self.seqs.get(&row.id), uniforms.get(&row.id)) {
+                (Some(st), Some(&uniform)) => {
+                    rows.push(RowSampling { params: &st.sampler.params, history: &st.history, uniform })
+                }
+                _ => rows.extend(std::iter::repeat_n(RowSampling::greedy(), row.want_logits())),
+            }
+        }
+        self.exec.forward_sampled(meta, &rows)
     }
 
     /// Passes the hidden states of each row's verified positions (its tokens and accepted

@@ -8,6 +8,7 @@ pub mod kv_manager;
 pub mod lengths;
 pub mod lookahead;
 pub mod ngram;
+pub mod sample_cut;
 pub mod sampling;
 pub mod scheduler;
 pub mod spec;

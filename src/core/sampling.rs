@@ -21,9 +21,13 @@ pub struct SamplingParams {
     pub seed: Option<u64>,
 }
 
+/// Greedy, nothing rewriting the logits: the defaults.
+pub const GREEDY: SamplingParams =
+    SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None };
+
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, seed: None }
+        GREEDY
     }
 }
 
@@ -73,16 +77,54 @@ impl Sampler {
 
     /// Picks the next token from raw logits; `history` is the prompt plus output so far.
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        sample_row(logits, &self.row(history))
+    }
+
+    /// This step's row for `Backend::sample_rows`: the one uniform draw `sample` makes (none
+    /// for greedy), taken from the request's RNG, so that a seed reproduces the output
+    /// wherever the row is sampled.
+    pub fn row<'a>(&'a mut self, history: &'a [u32]) -> RowSampling<'a> {
+        let uniform = self.next_uniform();
+        RowSampling { params: &self.params, history, uniform }
+    }
+
+    /// The uniform of `row` alone, for callers that lend several requests' rows at once.
+    pub fn next_uniform(&mut self) -> f64 {
         if self.params.is_greedy() {
-            return argmax(&penalized(logits, history, self.params.repetition_penalty));
+            0.0
+        } else {
+            self.rng.random::<f64>()
         }
-        let dist = distribution(logits, history, &self.params);
-        sample_from(&dist, &mut self.rng)
     }
 
     pub fn rng(&mut self) -> &mut StdRng {
         &mut self.rng
     }
+}
+
+/// One row of `Backend::sample_rows`: how to sample it, the sequence so far (for the
+/// repetition penalty) and the uniform draw in [0, 1) that picks the token (greedy rows
+/// ignore it).
+#[derive(Debug, Clone, Copy)]
+pub struct RowSampling<'a> {
+    pub params: &'a SamplingParams,
+    pub history: &'a [u32],
+    pub uniform: f64,
+}
+
+impl RowSampling<'_> {
+    /// A greedy row without penalties (its logits' first maximum).
+    pub fn greedy() -> RowSampling<'static> {
+        RowSampling { params: &GREEDY, history: &[], uniform: 0.0 }
+    }
+}
+
+/// The token `row` picks from raw `logits`: what `Sampler::sample` does with the row's draw.
+pub fn sample_row(logits: &[f32], row: &RowSampling) -> u32 {
+    if row.params.is_greedy() {
+        return argmax(&penalized(logits, row.history, row.params.repetition_penalty));
+    }
+    sample_uniform(&distribution(logits, row.history, row.params), row.uniform)
 }
 
 /// Index of the largest value; the first one on ties.
@@ -99,12 +141,21 @@ pub fn argmax(v: &[f32]) -> u32 {
 /// The probability of every token after penalty, temperature, top-k, top-p and min-p:
 /// what sampling draws from, and what speculative verification compares.
 pub fn distribution(logits: &[f32], history: &[u32], p: &SamplingParams) -> Vec<f32> {
-    let mut probs = penalized(logits, history, p.repetition_penalty);
     if p.is_greedy() {
+        let mut probs = penalized(logits, history, p.repetition_penalty);
         let best = argmax(&probs) as usize;
         probs.iter_mut().enumerate().for_each(|(i, x)| *x = if i == best { 1.0 } else { 0.0 });
         return probs;
     }
+    let mut probs = softmax(logits, history, p);
+    truncate(&mut probs, p);
+    probs
+}
+
+/// The penalized logits' softmax at the temperature (a sampling request's), before top-k,
+/// top-p and min-p: exp in f32, the sum in f64, each probability rounded to f32 once.
+pub fn softmax(logits: &[f32], history: &[u32], p: &SamplingParams) -> Vec<f32> {
+    let mut probs = penalized(logits, history, p.repetition_penalty);
     let max = probs.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
     let mut sum = 0f64;
     for x in probs.iter_mut() {
@@ -112,7 +163,6 @@ pub fn distribution(logits: &[f32], history: &[u32], p: &SamplingParams) -> Vec<
         sum += *x as f64;
     }
     probs.iter_mut().for_each(|x| *x = (*x as f64 / sum) as f32);
-    truncate(&mut probs, p);
     probs
 }
 
@@ -133,7 +183,8 @@ fn truncate(probs: &mut [f32], p: &SamplingParams) {
             break;
         }
         cumulative += pr;
-        if cumulative >= p.top_p {
+        // top-p 1 is off: an f32 running sum can reach 1 before the tail's last tokens.
+        if p.top_p < 1.0 && cumulative >= p.top_p {
             keep = i + 1;
             break;
         }
@@ -163,7 +214,11 @@ fn penalized(logits: &[f32], history: &[u32], penalty: f32) -> Vec<f32> {
 
 /// Draws an index with the given probabilities (which sum to 1).
 pub fn sample_from(probs: &[f32], rng: &mut impl Rng) -> u32 {
-    let mut u = rng.random::<f64>();
+    sample_uniform(probs, rng.random::<f64>())
+}
+
+/// The index where the running sum of `probs` (in index order) passes `u`, in [0, 1).
+pub fn sample_uniform(probs: &[f32], mut u: f64) -> u32 {
     let mut last_nonzero = 0;
     for (i, &p) in probs.iter().enumerate() {
         if p > 0.0 {

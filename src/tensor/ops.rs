@@ -4,6 +4,7 @@
 
 use super::quant::QuantWeight;
 use super::{AttnWindow, BatchMeta, HostTensor, KvDtype, KvLayout, KvStorage};
+use crate::core::sampling::RowSampling;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -284,5 +285,59 @@ pub trait Backend: Send + Sync + 'static {
     fn argmax_rows(&self, logits: &Self::Tensor, vocab: usize) -> Result<Vec<u32>> {
         let host = self.to_host(logits)?;
         Ok(host.chunks(vocab.max(1)).map(crate::core::sampling::argmax).collect())
+    }
+
+    /// One token per `vocab`-wide row of `logits`, each row sampled as its `RowSampling`
+    /// says (`core::sampling::sample_row`: the same distribution, the same use of the row's
+    /// uniform). GPU backends sample on the device so that only the ids cross to the host.
+    fn sample_rows(&self, logits: &Self::Tensor, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        let host = self.to_host(logits)?;
+        check_sample_rows(host.len(), vocab, rows.len())?;
+        Ok(host.chunks(vocab).zip(rows).map(|(l, r)| crate::core::sampling::sample_row(l, r)).collect())
+    }
+}
+
+/// `Backend::sample_rows` needs one row of `vocab` logits per `RowSampling`.
+pub fn check_sample_rows(logits: usize, vocab: usize, rows: usize) -> Result<()> {
+    if vocab == 0 || logits != vocab * rows {
+        return Err(BackendError::Invalid(format!("sample_rows: {logits} logits for {rows} rows of {vocab}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::core::sampling::{Sampler, SamplingParams};
+    use crate::tensor::HostTensor;
+
+    /// The default `sample_rows` picks what each request's own sampler picks, draw for draw.
+    #[test]
+    fn sample_rows_is_each_samplers_choice() {
+        let cpu = CpuBackend::new();
+        let logits: Vec<f32> = (0..3 * 50).map(|i| ((i * 37) % 23) as f32 * 0.3).collect();
+        let t = cpu.upload(&HostTensor::new(vec![3, 50], logits.clone())).unwrap();
+        let params = [
+            SamplingParams { temperature: 0.9, top_k: 10, seed: Some(5), ..Default::default() },
+            SamplingParams {
+                temperature: 1.2,
+                top_p: 0.8,
+                repetition_penalty: 1.4,
+                seed: Some(6),
+                ..Default::default()
+            },
+            SamplingParams { repetition_penalty: 2.0, ..Default::default() },
+        ];
+        let history = [3u32, 7, 7, 20];
+        for _ in 0..20 {
+            let (mut a, mut b): (Vec<Sampler>, Vec<Sampler>) =
+                params.iter().map(|p| (Sampler::new(p.clone()), Sampler::new(p.clone()))).unzip();
+            let want: Vec<u32> = a.iter_mut().zip(logits.chunks(50)).map(|(s, l)| s.sample(l, &history)).collect();
+            let rows: Vec<RowSampling> = b.iter_mut().map(|s| s.row(&history)).collect();
+            assert_eq!(cpu.sample_rows(&t, 50, &rows).unwrap(), want);
+        }
+        let one = [RowSampling::greedy()];
+        assert!(matches!(cpu.sample_rows(&t, 50, &one), Err(BackendError::Invalid(_))));
     }
 }

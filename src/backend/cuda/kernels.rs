@@ -223,6 +223,7 @@ pub struct Kernels {
     /// KV cache entries moved slot to slot (`Backend::copy_kv`).
     pub kv_copy: CudaFunction,
     pub argmax_rows: CudaFunction,
+    pub sample_rows: CudaFunction,
     /// The architecture the cubins were built for.
     pub arch: String,
 }
@@ -285,6 +286,7 @@ impl Kernels {
             attn_merge: get("attn_merge")?,
             kv_copy: get("kv_copy")?,
             argmax_rows: get("argmax_rows")?,
+            sample_rows: get("sample_rows")?,
             arch,
         })
     }
@@ -365,6 +367,7 @@ mod tests {
             "attn_merge",
             "kv_copy",
             "argmax_rows",
+            "sample_rows",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
         }

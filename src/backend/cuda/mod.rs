@@ -18,6 +18,7 @@ mod kv;
 pub mod matmul;
 mod nccl;
 mod placement;
+mod sample;
 pub mod tensor;
 
 use std::ops::Range;
@@ -34,6 +35,7 @@ pub use self::matmul::MatmulTuning;
 pub use self::matmul::MATMUL_MAX_TOKENS;
 use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
+use crate::core::sampling::RowSampling;
 use crate::tensor::quant::QuantWeight;
 use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, DeviceMemory, HostTensor, Result, StepKey};
 use crate::tensor::{KvDtype, KvLayout, KvStorage};
@@ -581,5 +583,9 @@ impl Backend for CudaBackend {
                 logits.ptr(), ids.ptr(), vocab as i32)?;
         }
         self.dev.dtoh::<u32>(ids.ptr(), rows)
+    }
+
+    fn sample_rows(&self, logits: &CudaTensor, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>> {
+        self.sample_on_device(logits, vocab, rows)
     }
 }

@@ -1,8 +1,12 @@
-//! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, then the
+//! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, sampling
+//! against the CPU sampler's distribution, then the
 //! whole forward of a real model against the CPU backend, then the model with an FP8 KV
 //! cache against the bf16 cache on the GPU, then speculative decoding against plain
 //! decoding on the GPU, then tensor parallelism (NCCL) against the plain path.
 
+// Only the CUDA sampling rows run the test; its unit tests run everywhere.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+mod chi_square;
 #[cfg(feature = "cuda")]
 mod forward;
 #[cfg(feature = "cuda")]
@@ -11,13 +15,17 @@ mod kv;
 mod ops;
 mod report;
 #[cfg(feature = "cuda")]
+mod sampling;
+#[cfg(feature = "cuda")]
 mod speculative;
 #[cfg(feature = "cuda")]
 mod tensor_parallel;
 
 use std::io::Write;
 
-pub use self::report::{ForwardRow, KvRow, OpRow, ParityFailures, ParityReport, SpeculativeRow, TpRow};
+pub use self::report::{
+    ForwardRow, KvRow, OpRow, ParityFailures, ParityReport, SamplingRow, SamplingTiming, SpeculativeRow, TpRow,
+};
 use super::Result;
 
 /// Largest error an op may show: max |gpu - cpu| / max |cpu|.
@@ -56,6 +64,8 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     let cpu = CpuBackend::new();
     writeln!(out, "parity: {} against {}, seed {seed}", gpu.name(), cpu.name())?;
     let ops = ops::all(&cpu, &gpu, seed)?;
+    let sampling = sampling::compare(&gpu, seed)?;
+    let sampling_timing = Some(sampling::timing(&gpu, seed)?);
     let with_model = opts.model != "none";
     let forward = if with_model { forward::compare(&cpu, &gpu, &opts.model, opts.tokens)? } else { vec![] };
     let kv_fp8 = if with_model { kv::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
@@ -67,5 +77,16 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     )?;
     let tensor_parallel = tensor_parallel::compare(&gpu, &opts.model, opts.tokens)?;
     let (model, tokens) = (opts.model.clone(), opts.tokens);
-    Ok(ParityReport { seed, model, tokens, ops, forward, kv_fp8, speculative, tensor_parallel })
+    Ok(ParityReport {
+        seed,
+        model,
+        tokens,
+        ops,
+        sampling,
+        sampling_timing,
+        forward,
+        kv_fp8,
+        speculative,
+        tensor_parallel,
+    })
 }

@@ -2,6 +2,7 @@
 
 use std::fmt;
 
+use super::chi_square::{ChiSquare, ALPHA};
 use super::TOLERANCE;
 
 /// One op (or one property of an op, such as batch invariance) at one shape.
@@ -86,6 +87,37 @@ impl TpRow {
     }
 }
 
+/// Many rows of one logits row sampled on the GPU with one setting, each with its own uniform.
+pub struct SamplingRow {
+    pub setting: String,
+    /// `spread` or `ties` (logits on a few levels, so that cuts fall inside ties).
+    pub logits: &'static str,
+    pub vocab: usize,
+    pub draws: usize,
+    /// Draws equal to the CPU sampler's with the same uniform.
+    pub same: usize,
+    /// The histogram against the CPU's distribution (`None` for greedy rows: `same` decides).
+    pub chi: Option<ChiSquare>,
+}
+
+impl SamplingRow {
+    /// The histogram passes its test, and at most one draw in a thousand differs from the
+    /// CPU's (a uniform within rounding of a boundary); greedy rows must all be equal.
+    pub fn pass(&self) -> bool {
+        self.chi.is_none_or(|c| c.pass()) && (self.draws - self.same) <= self.draws / 1000
+    }
+}
+
+/// One step's sampling of `rows` rows: on the GPU (`sample_rows`, the best of 5) and by
+/// the host path (logits copied, each row sampled by the CPU).
+#[derive(Debug, Clone, Copy)]
+pub struct SamplingTiming {
+    pub rows: usize,
+    pub vocab: usize,
+    pub gpu_ms: f64,
+    pub host_ms: f64,
+}
+
 pub struct ParityReport {
     /// Seed of the random op inputs.
     pub seed: u64,
@@ -94,6 +126,9 @@ pub struct ParityReport {
     /// Greedy tokens compared per prompt.
     pub tokens: usize,
     pub ops: Vec<OpRow>,
+    /// Sampling on the GPU against the CPU sampler.
+    pub sampling: Vec<SamplingRow>,
+    pub sampling_timing: Option<SamplingTiming>,
     pub forward: Vec<ForwardRow>,
     /// The FP8 KV cache against bf16, on the GPU.
     pub kv_fp8: Vec<KvRow>,
@@ -105,11 +140,12 @@ pub struct ParityReport {
 /// output, verification equal to decoding bit for bit.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "{ops} ops outside tolerance; {speculative} speculative outputs differ from plain decoding; \
+    "{ops} ops outside tolerance; {sampling} sampling rows off the CPU's distribution; {speculative} speculative outputs differ from plain decoding; \
      {invariance} prompts whose verification differs from decoding; {tensor_parallel} tensor-parallel runs differ"
 )]
 pub struct ParityFailures {
     pub ops: usize,
+    pub sampling: usize,
     pub speculative: usize,
     pub invariance: usize,
     pub tensor_parallel: usize,
@@ -120,12 +156,14 @@ impl ParityReport {
     pub fn check(&self) -> Result<(), ParityFailures> {
         let failures = ParityFailures {
             ops: self.ops.iter().filter(|r| !r.pass).count(),
+            sampling: self.sampling.iter().filter(|r| !r.pass()).count(),
             speculative: self.speculative.iter().filter(|s| !s.pass()).count(),
             invariance: self.forward.iter().filter(|f| !f.verify_differs.is_empty()).count()
                 + self.kv_fp8.iter().filter(|k| !k.verify_differs.is_empty()).count(),
             tensor_parallel: self.tensor_parallel.iter().filter(|t| !t.pass()).count(),
         };
-        if failures.ops + failures.speculative + failures.invariance + failures.tensor_parallel > 0 {
+        let total = failures.ops + failures.sampling + failures.speculative;
+        if total + failures.invariance + failures.tensor_parallel > 0 {
             return Err(failures);
         }
         Ok(())
@@ -156,6 +194,9 @@ impl fmt::Display for ParityReport {
         for r in &self.ops {
             writeln!(f, "{:<34} {:<22} {:>10.2e}  {}", r.op, r.shape, r.err, if r.pass { "pass" } else { "FAIL" })?;
         }
+        if !self.sampling.is_empty() {
+            self.fmt_sampling(f)?;
+        }
         if !self.forward.is_empty() {
             self.fmt_forward(f)?;
         }
@@ -173,6 +214,49 @@ impl fmt::Display for ParityReport {
 }
 
 impl ParityReport {
+    fn fmt_sampling(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        writeln!(
+            f,
+            "\n== sampling on the GPU vs the CPU sampler (chi-square of the histogram against the CPU's distribution, fails at p < {ALPHA:.0e}; same uniform, same token) =="
+        )?;
+        writeln!(
+            f,
+            "{:<36} {:<7} {:>7} {:>6} {:>9} {:>4} {:>9} {:>13}",
+            "setting", "logits", "vocab", "draws", "chi2", "dof", "critical", "same token"
+        )?;
+        for r in &self.sampling {
+            let (stat, dof, crit) = r.chi.map_or(("-".into(), "-".into(), "-".into()), |c| {
+                let stat = match c.impossible {
+                    0 => format!("{:.1}", c.statistic),
+                    n => format!("{n} EXCL"),
+                };
+                (stat, c.dof.to_string(), format!("{:.1}", c.critical))
+            });
+            writeln!(
+                f,
+                "{:<36} {:<7} {:>7} {:>6} {:>9} {:>4} {:>9} {:>7}/{:<5}  {}",
+                r.setting,
+                r.logits,
+                r.vocab,
+                r.draws,
+                stat,
+                dof,
+                crit,
+                r.same,
+                r.draws,
+                if r.pass() { "pass" } else { "FAIL" }
+            )?;
+        }
+        if let Some(t) = self.sampling_timing {
+            writeln!(
+                f,
+                "one step of {} rows × {}, every setting on: {:.2} ms on the GPU, {:.1} ms copying the logits and sampling on the host",
+                t.rows, t.vocab, t.gpu_ms, t.host_ms
+            )?;
+        }
+        Ok(())
+    }
+
     fn fmt_forward(&self, f: &mut fmt::Formatter) -> fmt::Result {
         writeln!(f, "\n== forward parity: {} (greedy, CPU tokens fed to both; verify = k+1 tokens vs k+1 decode steps, k = 1..16) ==", self.model)?;
         writeln!(
@@ -295,6 +379,18 @@ mod tests {
             model: "default".into(),
             tokens: 64,
             ops: vec![op("rms_norm", 1.5e-3, true), op("silu_mul", 2e-2, false)],
+            sampling: vec![
+                SamplingRow {
+                    setting: "top-k 20".into(),
+                    logits: "ties",
+                    vocab: 2048,
+                    draws: 20_000,
+                    same: 19_999,
+                    chi: Some(ChiSquare { statistic: 17.25, dof: 19, critical: 52.1, impossible: 0 }),
+                },
+                SamplingRow { setting: "greedy".into(), logits: "spread", vocab: 2048, draws: 16, same: 15, chi: None },
+            ],
+            sampling_timing: Some(SamplingTiming { rows: 64, vocab: 128_256, gpu_ms: 0.412, host_ms: 905.3 }),
             forward: vec![ForwardRow {
                 prompt: "france".into(),
                 dtype: "fp8",
@@ -352,8 +448,14 @@ mod tests {
         assert!(text.contains("chat          40/64            40       0.0625    62/64     3.10e-2          bitwise\n"));
         assert!(text.contains("top-1 agreement over the prompts: 62/64\n"));
         assert!(text.contains("dummy:llama-3.1-8b     tp1 (nccl) vs plain           32/32      DIFFER  FAIL\n"));
+        assert!(text.contains(
+            "top-k 20                             ties       2048  20000      17.2   19      52.1   19999/20000  pass\n"
+        ));
+        assert!(text.contains("greedy                               spread     2048     16         -    -         -      15/16     FAIL\n"));
+        assert!(text.contains("one step of 64 rows × 128256, every setting on: 0.41 ms on the GPU, 905.3 ms"));
         let failures = r.check().unwrap_err();
-        assert_eq!((failures.ops, failures.speculative, failures.invariance, failures.tensor_parallel), (1, 0, 0, 1));
+        assert_eq!((failures.ops, failures.sampling, failures.speculative), (1, 1, 0));
+        assert_eq!((failures.invariance, failures.tensor_parallel), (0, 1));
         assert_eq!(r.diverged(), 2);
         assert!(r.note().unwrap().starts_with("note: 2 prompts diverged"));
     }
