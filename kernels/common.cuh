@@ -48,15 +48,18 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
-// Sum over the block (blockDim.x a multiple of 32, at most 1024); every thread gets it.
-__device__ __forceinline__ float block_sum(float v) {
-    __shared__ float partial[32];
+// Sum over the block (blockDim.x a multiple of 32, at most 1024), in the same order in every
+// thread and every run; every thread gets it. T: float, double or an integer.
+template <typename T>
+__device__ __forceinline__ T block_sum(T v) {
+    __shared__ T partial[32];
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
-    v = warp_sum(v);
     __syncthreads();  // `partial` may still be read by a previous call
     if (lane == 0) partial[warp] = v;
     __syncthreads();
-    float total = 0.f;
+    T total = 0;
     for (int w = 0; w < warps; w++) total += partial[w];  // same order in every thread
     return total;
 }

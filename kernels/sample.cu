@@ -59,33 +59,6 @@ extern "C" __global__ void argmax_rows(const float* __restrict__ logits, uint32_
     if (threadIdx.x == 0) ids[blockIdx.x] = id;
 }
 
-// Sum over the block, in the same order in every thread and every run; every thread gets it.
-template <typename T>
-__device__ T block_add(T v) {
-    __shared__ T partial[32];
-#pragma unroll
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    __syncthreads();  // `partial` may still be read by a previous call
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    T total = 0;
-    for (int w = 0; w < blockDim.x / WARP; w++) total += partial[w];
-    return total;
-}
-
-__device__ float block_max(float v) {
-    __shared__ float partial[32];
-    v = warp_max(v);
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    __syncthreads();
-    if (lane == 0) partial[warp] = v;
-    __syncthreads();
-    float m = -INFINITY;
-    for (int w = 0; w < blockDim.x / WARP; w++) m = fmaxf(m, partial[w]);
-    return m;
-}
-
 // The sum of v over the threads before this one; `total` gets the whole block's.
 __device__ uint64_t block_exclusive_scan(uint64_t v, uint64_t& total) {
     __shared__ uint64_t warp_total[32];
@@ -159,7 +132,7 @@ __device__ float softmax(float* p, int vocab, float temperature) {
         p[i] = e;
         sum += e;
     }
-    sum = block_add(sum);
+    sum = block_sum(sum);
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) p[i] = (float)((double)p[i] / sum);
     __syncthreads();
     return (float)(1.0 / sum);
@@ -168,13 +141,13 @@ __device__ float softmax(float* p, int vocab, float temperature) {
 __device__ uint32_t count_at_least(const float* p, int vocab, float t) {
     uint64_t c = 0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) c += p[i] >= t;
-    return (uint32_t)block_add(c);
+    return (uint32_t)block_sum(c);
 }
 
 __device__ uint64_t mass_at_least(const float* p, int vocab, float t) {
     uint64_t m = 0;
     for (int i = threadIdx.x; i < vocab; i += blockDim.x) m += p[i] >= t ? fixed(p[i]) : 0;
-    return block_add(m);
+    return block_sum(m);
 }
 
 struct CountAtLeast {
@@ -223,8 +196,8 @@ __device__ Split split_at(const float* p, int vocab, float v) {
             counts += 1;
         }
     }
-    counts = block_add(counts);
-    mass = block_add(mass);
+    counts = block_sum(counts);
+    mass = block_sum(mass);
     return Split{(uint32_t)(counts >> 32), (uint32_t)counts, mass};
 }
 
