@@ -59,6 +59,22 @@ fn load_ranks(
     (group, parts.collect())
 }
 
+/// A random tiny SmolLM-shaped model (`seed`) written to a temporary folder, as the whole
+/// model and as a group of one rank.
+fn whole_and_one_rank(name: &str, seed: u64) -> (ModelExecutor<CpuBackend>, TpExecutor) {
+    let dir = TempDir::new(name);
+    write_hf_dir(&TinyModel::random(TinySpec::smol(), seed), StDtype::F32, dir.path());
+    let config = ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
+    let weights = SafetensorsWeights::open_dir(dir.path()).unwrap();
+    let bar = ProgressBar::hidden();
+    let whole = Llama::load(config.clone(), Weights::Source(&weights), &CpuBackend::new(), &bar).unwrap();
+    let ranks = load_ranks(1, |shard, b| {
+        let opts = LoadOptions::default();
+        Llama::load_shard(config.clone(), Weights::Source(&weights), &opts, shard, b, &bar).unwrap()
+    });
+    executors(whole, ranks)
+}
+
 /// max |a − b| / max |b|
 fn relative(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
@@ -190,18 +206,7 @@ fn runtime_on_three_ranks_at_batch_four_gives_the_greedy_ids_of_one() {
 
 #[test]
 fn one_rank_gives_the_bits_of_the_whole_model() {
-    let spec = TinySpec::smol();
-    let dir = TempDir::new("tp-one");
-    write_hf_dir(&TinyModel::random(spec, 11), StDtype::F32, dir.path());
-    let config = ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let weights = SafetensorsWeights::open_dir(dir.path()).unwrap();
-    let bar = ProgressBar::hidden();
-    let whole = Llama::load(config.clone(), Weights::Source(&weights), &CpuBackend::new(), &bar).unwrap();
-    let ranks = load_ranks(1, |shard, b| {
-        let opts = LoadOptions::default();
-        Llama::load_shard(config.clone(), Weights::Source(&weights), &opts, shard, b, &bar).unwrap()
-    });
-    let (mut whole, mut split) = executors(whole, ranks);
+    let (mut whole, mut split) = whole_and_one_rank("tp-one", 11);
     let (a, b, worst) = greedy_both(&mut whole, &mut split, &[3, 141, 59, 265], 8, 0);
     assert_eq!(a, b);
     assert_eq!(worst, 0.0, "a group of one rank must give the whole model's bits");
@@ -211,18 +216,7 @@ fn one_rank_gives_the_bits_of_the_whole_model() {
 /// rank 0, which samples what the whole model samples with the same draws.
 #[test]
 fn one_rank_samples_what_the_whole_model_samples() {
-    let spec = TinySpec::smol();
-    let dir = TempDir::new("tp-sampled");
-    write_hf_dir(&TinyModel::random(spec, 12), StDtype::F32, dir.path());
-    let config = ModelConfig::from_hf_json(&dir.join("config.json")).unwrap();
-    let weights = SafetensorsWeights::open_dir(dir.path()).unwrap();
-    let bar = ProgressBar::hidden();
-    let whole = Llama::load(config.clone(), Weights::Source(&weights), &CpuBackend::new(), &bar).unwrap();
-    let ranks = load_ranks(1, |shard, b| {
-        let opts = LoadOptions::default();
-        Llama::load_shard(config.clone(), Weights::Source(&weights), &opts, shard, b, &bar).unwrap()
-    });
-    let (mut whole, mut split) = executors(whole, ranks);
+    let (mut whole, mut split) = whole_and_one_rank("tp-sampled", 12);
     let params =
         SamplingParams { temperature: 1.5, top_p: 0.95, repetition_penalty: 1.2, seed: Some(9), ..Default::default() };
     // The same seed: the same uniforms on both sides.
