@@ -81,6 +81,11 @@ pub struct BatchMeta {
 }
 
 impl BatchMeta {
+    /// Whether a row is a tree row (tree speculation).
+    pub fn has_tree(&self) -> bool {
+        self.rows.iter().any(|r| r.tree.is_some())
+    }
+
     /// Adds a row of `tokens` that continue a sequence already holding `cached` tokens.
     /// `want_logits` is how many of the row's last tokens need logits (1 to decode,
     /// k + 1 to verify k drafts, 0 for a prefill chunk that is not the last).

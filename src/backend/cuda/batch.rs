@@ -27,8 +27,6 @@ pub struct CudaBatch {
     pub(crate) max_splits: usize,
     /// The shortest attention split (see `split_len`).
     pub(crate) min_split: usize,
-    /// Whether the buffer ends with a tree table (a row is a tree row).
-    pub(crate) has_tree: bool,
 }
 
 impl CudaBatch {
@@ -60,7 +58,7 @@ impl CudaBatch {
     /// The tree table (`tree_table`), or 0 (a null pointer) when every row is causal.
     pub fn tree(&self) -> u64 {
         let after_tables = self.block_tables() + 4 * (self.meta.rows.len() * self.max_blocks) as u64;
-        if self.has_tree {
+        if self.meta.has_tree() {
             after_tables
         } else {
             0
@@ -82,7 +80,7 @@ pub const NOT_TREE: u32 = u32::MAX;
 ///                !storage position for a node an earlier step cached (a drafting head's)
 /// ```
 pub fn tree_table(meta: &BatchMeta) -> Option<Vec<u32>> {
-    if meta.rows.iter().all(|r| r.tree.is_none()) {
+    if !meta.has_tree() {
         return None;
     }
     let mut out = vec![NOT_TREE; meta.tokens.len()];

@@ -76,7 +76,7 @@ impl CudaBackend {
         // Tree steps run eagerly (simpler): their batch buffer ends with a tree table whose
         // length depends on the tree's shape, which the key's sizes do not fix, and a captured
         // graph's buffer must keep its layout.
-        if meta.num_tokens() > MATMUL_MAX_TOKENS || meta.rows.iter().any(|r| r.tree.is_some()) {
+        if meta.num_tokens() > MATMUL_MAX_TOKENS || meta.has_tree() {
             return forward();
         }
         let max_blocks = blocks_needed(meta).next_power_of_two().max(MIN_BLOCKS);

@@ -378,16 +378,15 @@ impl Backend for CudaBackend {
     /// Tree rows too: the attention kernel reads each tree token's path through the batch's
     /// tree table (`batch::tree_table`).
     fn prepare(&self, meta: &BatchMeta) -> Result<CudaBatch> {
-        let has_tree = meta.rows.iter().any(|r| r.tree.is_some());
         if let Some((buf, max_blocks)) = self.capture_batch.lock().expect("capture lock").clone() {
-            if has_tree {
+            if meta.has_tree() {
                 return Err(BackendError::Invalid("a step with tree rows cannot be captured in a graph".into()));
             }
             // Capturing: the graph's buffer already holds this step's values.
             // Enough splits for the last position the graph's block tables can hold.
             let max_splits = splits_at(max_blocks * meta.block_size as usize - 1, ATTN_SPLIT);
             let min_split = ATTN_SPLIT;
-            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split, has_tree });
+            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split });
         }
         let max_blocks = blocks_needed(meta);
         let packed = pack(meta, max_blocks)?;
@@ -395,7 +394,7 @@ impl Backend for CudaBackend {
         self.dev.htod(buf.ptr(), &packed)?;
         let max_splits = meta.positions.iter().map(|&p| splits_at(p as usize, ATTN_SPLIT)).max().unwrap_or(1);
         let (buf, min_split) = (Arc::new(buf), ATTN_SPLIT);
-        Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split, has_tree })
+        Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split })
     }
 
     fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
