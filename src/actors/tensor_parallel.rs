@@ -45,8 +45,7 @@ struct OwnedRow {
 
 impl OwnedRow {
     fn new(r: &RowSampling) -> Self {
-        let history = if r.params.repetition_penalty != 1.0 { r.history.to_vec() } else { vec![] };
-        OwnedRow { params: r.params.clone(), history, uniform: r.uniform }
+        OwnedRow { params: r.params.clone(), history: r.read_history().to_vec(), uniform: r.uniform }
     }
 
     fn row(&self) -> RowSampling<'_> {

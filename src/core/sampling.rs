@@ -112,10 +112,19 @@ pub struct RowSampling<'a> {
     pub uniform: f64,
 }
 
-impl RowSampling<'_> {
+impl<'a> RowSampling<'a> {
     /// A greedy row without penalties (its logits' first maximum).
     pub fn greedy() -> RowSampling<'static> {
         RowSampling { params: &GREEDY, history: &[], uniform: 0.0 }
+    }
+
+    /// The previous tokens sampling reads: only a repetition penalty reads any.
+    pub fn read_history(&self) -> &'a [u32] {
+        if self.params.repetition_penalty != 1.0 {
+            self.history
+        } else {
+            &[]
+        }
     }
 }
 

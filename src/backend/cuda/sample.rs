@@ -32,9 +32,7 @@ fn pack(rows: &[RowSampling]) -> Result<(Vec<RowParams>, Vec<u32>)> {
         .map(|r| {
             let p = r.params;
             let start = history.len();
-            if p.repetition_penalty != 1.0 {
-                history.extend_from_slice(r.history);
-            }
+            history.extend_from_slice(r.read_history());
             let too_long = || BackendError::Invalid(format!("sample_rows: {} previous tokens", history.len()));
             Ok(RowParams {
                 temperature: p.temperature,
