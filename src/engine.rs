@@ -298,7 +298,7 @@ impl<B: Backend> Engine<B> {
         if !hidden {
             return Ok((self.backend.forward_step(&self.model, kv, meta, self.model.num_layers())?, None));
         }
-        let (logits, h) = self.model.forward_hidden(&self.backend, kv, meta)?;
+        let (logits, h) = self.backend.forward_step_hidden(&self.model, kv, meta)?;
         Ok((logits, Some(self.backend.to_host(&h)?)))
     }
 }

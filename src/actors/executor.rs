@@ -62,14 +62,13 @@ impl<B: Backend> ModelExecutor<B> {
     }
 
     /// The logits of `meta`, keeping the hidden states when asked to. A GPU replays the
-    /// graph it captured for a step of this shape (`forward_step`), unless the hidden
-    /// states are kept: that forward runs as is.
+    /// graph it captured for a step of this shape (`forward_step`, `forward_step_hidden`).
     fn logits(&mut self, meta: &BatchMeta) -> Result<B::Tensor, BackendError> {
         if self.hidden.is_none() {
             let layers = self.model.num_layers();
             return self.backend.forward_step(&self.model, &mut self.kv, meta, layers);
         }
-        let (logits, hidden) = self.model.forward_hidden(&self.backend, &mut self.kv, meta)?;
+        let (logits, hidden) = self.backend.forward_step_hidden(&self.model, &mut self.kv, meta)?;
         self.hidden = Some(self.backend.to_host(&hidden)?);
         Ok(logits)
     }

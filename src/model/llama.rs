@@ -284,6 +284,15 @@ pub trait ForwardStep: Backend + Sized {
         meta: &BatchMeta,
         num_layers: usize,
     ) -> Result<Self::Tensor>;
+
+    /// `model.forward_hidden(self, kv, meta)`, replayable: the logits and the final hidden
+    /// state of every token (what a drafting head reads).
+    fn forward_step_hidden(
+        &self,
+        model: &Llama<Self>,
+        kv: &mut KvCache<Self>,
+        meta: &BatchMeta,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
 }
 
 impl<B: Backend> ForwardStep for B {
@@ -294,7 +303,32 @@ impl<B: Backend> ForwardStep for B {
         meta: &BatchMeta,
         num_layers: usize,
     ) -> Result<B::Tensor> {
-        let key = StepKey { computation: (model as *const _ as u64) ^ ((num_layers as u64) << 48), kv_cache: kv.id };
-        self.replayable_step(key, meta, || model.forward_layers(self, kv, meta, num_layers))
+        let key = StepKey { computation: step_id(model, num_layers, false), kv_cache: kv.id };
+        let mut out =
+            self.replayable_step(key, meta, || Ok(vec![model.forward_layers(self, kv, meta, num_layers)?]))?;
+        out.pop().ok_or_else(|| BackendError::Invalid("a replayed step returned no logits".into()))
     }
+
+    fn forward_step_hidden(
+        &self,
+        model: &Llama<B>,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+    ) -> Result<(B::Tensor, B::Tensor)> {
+        let key = StepKey { computation: step_id(model, model.num_layers(), true), kv_cache: kv.id };
+        let out = self.replayable_step(key, meta, || {
+            let (logits, hidden) = model.forward_hidden(self, kv, meta)?;
+            Ok(vec![logits, hidden])
+        })?;
+        match <[B::Tensor; 2]>::try_from(out) {
+            Ok([logits, hidden]) => Ok((logits, hidden)),
+            Err(_) => Err(BackendError::Invalid("a replayed step lost its hidden states".into())),
+        }
+    }
+}
+
+/// Names a model's forward over its first `num_layers` layers, with or without the hidden
+/// states kept, for `StepKey::computation`.
+fn step_id<B: Backend>(model: &Llama<B>, num_layers: usize, hidden: bool) -> u64 {
+    (model as *const _ as u64) ^ ((num_layers as u64) << 48) ^ ((hidden as u64) << 63)
 }

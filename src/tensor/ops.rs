@@ -267,12 +267,13 @@ pub trait Backend: Send + Sync + 'static {
     /// where a backend may record the work `step` queues and replay it for later steps with
     /// the same key and shape (CUDA graphs for decode-sized steps). The result may live in
     /// a buffer that the next step of the same key and shape reuses: read it before then.
+    /// `step` returns its outputs (the logits, and for a drafting head the hidden states).
     fn replayable_step(
         &self,
         _key: StepKey,
         _meta: &BatchMeta,
-        step: impl FnOnce() -> Result<Self::Tensor>,
-    ) -> Result<Self::Tensor>
+        step: impl FnOnce() -> Result<Vec<Self::Tensor>>,
+    ) -> Result<Vec<Self::Tensor>>
     where
         Self: Sized,
     {

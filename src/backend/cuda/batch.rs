@@ -6,7 +6,7 @@
 //! ```
 //! `tree` (`tree_table`) is there only when a row is a tree row. A captured graph keeps its
 //! buffer and gets the next step's values copied into it, so the layout depends only on
-//! (n, r, l, b): the graph's key. Steps with tree rows are not captured (`graph.rs`).
+//! (n, r, l, b) and the tree table's stride (`tree_stride`): the graph's key.
 
 use std::sync::Arc;
 
@@ -73,30 +73,49 @@ pub const NOT_TREE: u32 = u32::MAX;
 /// step with tree rows; None when every row is causal.
 ///
 /// ```text
-///  | entry offset per token n | entries of the tree rows' tokens |
-///  entry offset: where the token's entry starts in this table, NOT_TREE for a causal row
-///  entry:        prefix | depth 0 | depth 1 | ... | the token's own depth
+///  | entry offset per token n | one slot of `tree_stride` entries per token |
+///  entry offset: n + t × stride, where token t's entry starts; NOT_TREE for a causal row
+///  entry:        prefix | depth 0 | depth 1 | ... | the token's own depth | unused
 ///  depth d:      the step token holding the ancestor at position prefix + d, or
 ///                !storage position for a node an earlier step cached (a drafting head's)
 /// ```
+/// Slots of one size keep the layout fixed for every tree of the same depth bucket, so
+/// tree steps replay captured graphs as causal steps do.
 pub fn tree_table(meta: &BatchMeta) -> Option<Vec<u32>> {
-    if !meta.has_tree() {
+    let stride = tree_stride(meta);
+    if stride == 0 {
         return None;
     }
-    let mut out = vec![NOT_TREE; meta.tokens.len()];
+    let n = meta.tokens.len();
+    let mut out = vec![NOT_TREE; n + n * stride];
     for row in &meta.rows {
         let Some(tree) = &row.tree else { continue };
         for i in 0..row.len {
-            out[(row.start + i) as usize] = out.len() as u32;
-            out.push(tree.prefix);
-            let path = tree.path(tree.first + i).into_iter();
-            out.extend(path.map(|node| match node.checked_sub(tree.first) {
-                Some(j) => row.start + j,
-                None => !(tree.prefix + node),
-            }));
+            let t = (row.start + i) as usize;
+            let at = n + t * stride;
+            out[t] = at as u32;
+            out[at] = tree.prefix;
+            for (d, node) in tree.path(tree.first + i).into_iter().enumerate() {
+                out[at + 1 + d] = match node.checked_sub(tree.first) {
+                    Some(j) => row.start + j,
+                    None => !(tree.prefix + node),
+                };
+            }
         }
     }
     Some(out)
+}
+
+/// Entries per token in the tree table: the prefix and the longest path of the step,
+/// rounded up to a power of two (a few shapes of graphs, not one per depth); 0 without trees.
+pub fn tree_stride(meta: &BatchMeta) -> usize {
+    let longest = meta
+        .rows
+        .iter()
+        .filter_map(|row| row.tree.as_ref().map(|tree| (row, tree)))
+        .flat_map(|(row, tree)| (0..row.len).map(move |i| tree.path(tree.first + i).len()))
+        .max();
+    longest.map_or(0, |l| (l + 1).next_power_of_two())
 }
 
 /// Blocks per row the batch needs.
@@ -220,7 +239,11 @@ mod tests {
     fn tree_table_maps_each_depth_to_a_step_token_or_a_cached_node() {
         let nt = NOT_TREE;
         // Node 4 (token 2) at depth 2: nodes 0 and 2 cached at storage 6 and 8, itself token 2.
-        let want = vec![nt, nt, 5, 9, 13, 6, !6, !8, 2, 6, !7, !9, 3, 6, !7, !9, 4];
+        // Paths of 3 nodes: slots of 4 entries, the causal tokens' unused.
+        let mut want = vec![nt, nt, 13, 17, 21];
+        want.extend([nt; 8]);
+        want.extend([6, !6, !8, 2, 6, !7, !9, 3, 6, !7, !9, 4]);
+        assert_eq!(tree_stride(&mixed()), 4);
         assert_eq!(tree_table(&mixed()), Some(want));
         let mut causal = BatchMeta::new(4);
         causal.push_row(&[1, 2], 3, &[7, 8], 2);

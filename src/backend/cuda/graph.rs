@@ -12,6 +12,8 @@
 //! - everything that changes between steps lives in device memory, not in kernel
 //!   arguments: tokens, positions, slots, block tables (padded to a power-of-two bucket
 //!   of blocks per row), and the attention kernels read positions to size their loops;
+//!   a tree step's tree table has one slot per token of a fixed stride (`tree_stride`,
+//!   part of the key), so trees of one depth bucket share a graph whatever their shape;
 //! - the same computation on the same KV cache: the caller's `StepKey` is part of the key.
 
 use std::collections::HashMap;
@@ -19,7 +21,7 @@ use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaGraph};
 
-use super::batch::{blocks_needed, pack};
+use super::batch::{blocks_needed, pack, tree_stride};
 use super::device::{driver_err, GraphArena};
 use super::{CudaBackend, CudaTensor, MATMUL_MAX_TOKENS};
 use crate::tensor::{BackendError, BatchMeta, Result, StepKey};
@@ -31,6 +33,8 @@ struct Key {
     rows: usize,
     logits: usize,
     max_blocks: usize,
+    /// Entries per token of the tree table; 0 for a step without tree rows.
+    tree_stride: usize,
     /// Captured with programmatic dependent launch or without.
     pdl: bool,
 }
@@ -38,7 +42,7 @@ struct Key {
 struct Captured {
     graph: CudaGraph,
     batch: u64,
-    output: CudaTensor,
+    outputs: Vec<CudaTensor>,
     arena: Arc<GraphArena>,
     /// When it last ran (a counter of graph launches): the least recent goes first when
     /// the graphs hold more memory than `GRAPH_MEMORY`.
@@ -65,18 +69,15 @@ const MIN_BLOCKS: usize = 64;
 
 impl CudaBackend {
     /// Runs `forward` through a captured graph when the step is decode-sized (at most
-    /// `MATMUL_MAX_TOKENS` tokens) and has no tree rows, eagerly otherwise. The result of a
+    /// `MATMUL_MAX_TOKENS` tokens, tree rows included), eagerly otherwise. The result of a
     /// graph lives in its output buffer: read it before the next step of the same key and shape.
     pub(super) fn graphed(
         &self,
         step: StepKey,
         meta: &BatchMeta,
-        forward: impl FnOnce() -> Result<CudaTensor>,
-    ) -> Result<CudaTensor> {
-        // Tree steps run eagerly (simpler): their batch buffer ends with a tree table whose
-        // length depends on the tree's shape, which the key's sizes do not fix, and a captured
-        // graph's buffer must keep its layout.
-        if meta.num_tokens() > MATMUL_MAX_TOKENS || meta.has_tree() {
+        forward: impl FnOnce() -> Result<Vec<CudaTensor>>,
+    ) -> Result<Vec<CudaTensor>> {
+        if meta.num_tokens() > MATMUL_MAX_TOKENS {
             return forward();
         }
         let max_blocks = blocks_needed(meta).next_power_of_two().max(MIN_BLOCKS);
@@ -86,6 +87,7 @@ impl CudaBackend {
             rows: meta.rows.len(),
             logits: meta.logits_for.len(),
             max_blocks,
+            tree_stride: tree_stride(meta),
             pdl: self.device().pdl(),
         };
         let packed = pack(meta, max_blocks)?;
@@ -95,7 +97,7 @@ impl CudaBackend {
             self.device().htod(c.batch, &packed)?;
             c.graph.launch().map_err(driver_err("graph launch"))?;
             c.last_used = now;
-            return Ok(c.output.clone());
+            return Ok(c.outputs.clone());
         }
         // Graphs of this computation captured on another KV cache are dead (the engine makes
         // one cache per request, and ids are never reused): free their arenas.
@@ -103,17 +105,17 @@ impl CudaBackend {
         let mut captured = self.capture(&packed, max_blocks, forward)?;
         captured.graph.launch().map_err(driver_err("graph launch"))?;
         captured.last_used = now;
-        let output = captured.output.clone();
+        let outputs = captured.outputs.clone();
         map.insert(key, captured);
         evict_least_recent(&mut map);
-        Ok(output)
+        Ok(outputs)
     }
 
     fn capture(
         &self,
         packed: &[u32],
         max_blocks: usize,
-        forward: impl FnOnce() -> Result<CudaTensor>,
+        forward: impl FnOnce() -> Result<Vec<CudaTensor>>,
     ) -> Result<Captured> {
         let dev = self.device();
         // One slab to start with; the arena grows by slabs as the capture allocates
@@ -129,14 +131,14 @@ impl CudaBackend {
             dev.stream
                 .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
                 .map_err(driver_err("begin capture"))?;
-            let output = forward();
+            let outputs = forward();
             // End the capture whatever happened, or the stream stays unusable.
             let graph = dev.stream.end_capture(sys::CUgraphInstantiate_flags(0));
-            let output = output?;
+            let outputs = outputs?;
             let graph = graph
                 .map_err(driver_err("end capture"))?
                 .ok_or_else(|| BackendError::Device("stream capture produced no graph".into()))?;
-            Ok(Captured { graph, batch: batch.ptr(), output, arena: arena.clone(), last_used: 0 })
+            Ok(Captured { graph, batch: batch.ptr(), outputs, arena: arena.clone(), last_used: 0 })
         })();
         *self.capture_batch.lock().expect("capture lock") = None;
         dev.end_arena();

@@ -379,9 +379,6 @@ impl Backend for CudaBackend {
     /// tree table (`batch::tree_table`).
     fn prepare(&self, meta: &BatchMeta) -> Result<CudaBatch> {
         if let Some((buf, max_blocks)) = self.capture_batch.lock().expect("capture lock").clone() {
-            if meta.has_tree() {
-                return Err(BackendError::Invalid("a step with tree rows cannot be captured in a graph".into()));
-            }
             // Capturing: the graph's buffer already holds this step's values.
             // Enough splits for the last position the graph's block tables can hold.
             let max_splits = splits_at(max_blocks * meta.block_size as usize - 1, ATTN_SPLIT);
@@ -564,8 +561,8 @@ impl Backend for CudaBackend {
         &self,
         key: StepKey,
         meta: &BatchMeta,
-        step: impl FnOnce() -> Result<CudaTensor>,
-    ) -> Result<CudaTensor> {
+        step: impl FnOnce() -> Result<Vec<CudaTensor>>,
+    ) -> Result<Vec<CudaTensor>> {
         self.graphed(key, meta, step)
     }
 

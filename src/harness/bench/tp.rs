@@ -185,7 +185,7 @@ mod measure {
         let step = |x: &mut crate::backend::cuda::CudaTensor| -> crate::backend::Result<_> {
             b.device().memset_zero(x.ptr(), x.bytes())?;
             (0..calls).try_for_each(|_| b.all_reduce(x))?;
-            Ok(x.clone())
+            Ok(vec![x.clone()])
         };
         let mut graph = vec![];
         for _ in 0..REPS + 1 {
