@@ -350,7 +350,7 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
         )
         .into(),
         SpecError::LookaheadInRuntime => {
-            "--spec lookahead runs one request at a time (`generate --prompt`, greedy)".into()
+            "--spec lookahead runs one request at a time (`generate --prompt`)".into()
         }
         SpecError::DraftLayers { got, max } => {
             format!("--draft-layers must be between 1 and {max} (the target's layers), got {got}").into()
@@ -361,7 +361,6 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
             "--spec-tree must be between 1 and {MAX_TREE_NODES} and --tree-top-k between 1 and {MAX_TREE_TOP_K}, got {nodes} and {top_k}"
         )
         .into(),
-        SpecError::TreeSampling => "--spec-tree verifies greedy requests only (--temperature 0)".into(),
         SpecError::DraftDevice { method, device } => format!(
             "--draft-device {device}: the {method:?} proposer runs the target's own layers on the target's device; --draft-device applies to --spec draft and --spec eagle"
         )

@@ -109,7 +109,7 @@ impl<B: Backend> Engine<B> {
     ) -> Result<Completion, EngineError> {
         req.sampling.validate().map_err(RequestError::InvalidSampling)?;
         if let Some(s) = spec.as_ref().filter(|s| s.tree.is_some()) {
-            tree::check_tree(s, req.sampling.is_greedy())?;
+            tree::check_tree(s)?;
         }
         let config = &self.model.config;
         // The engine sizes its own cache for the request: only the context limits it.

@@ -18,7 +18,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use super::tree::{accept_tree_greedy, TreeDraft, TreeShape, MAX_TREE_NODES};
+use super::tree::{accept_tree, TreeDraft, TreeShape, MAX_TREE_NODES};
 
 /// The lookahead window `W`, n-gram size `N` and verification set `G`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,7 +165,7 @@ impl Lookahead {
         if targets.len() != tree.len() + 1 || last_node > tree.len() {
             return;
         }
-        let accept = accept_tree_greedy(tree, targets);
+        let accept = accept_tree(tree, targets);
         self.pool_accepted += accept.path.iter().filter(|&&n| n <= verify_nodes).count() as u64;
         let Some(top) = branch.last() else { return };
         let new: Vec<u32> = top.iter().map(|&n| targets[n]).collect();

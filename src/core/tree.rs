@@ -1,6 +1,6 @@
 //! Tree speculation's pure parts: a tree of draft tokens, how the EAGLE-2 way of growing it
-//! picks nodes (the highest cumulative draft probability up to a node budget), and greedy
-//! acceptance of its longest matching root-to-leaf path.
+//! picks nodes (the highest cumulative draft probability up to a node budget), and acceptance
+//! of its longest root-to-leaf path that the target's own choices follow.
 //!
 //! ```text
 //!  node 0: the row's last token (verified, not a draft)      0
@@ -99,11 +99,11 @@ pub struct TreeAccept {
     pub tokens: Vec<u32>,
 }
 
-/// Greedy verification of a tree: from the root, follow the child whose token is the
-/// target's choice after its parent (`target[i]`: after node i, `draft.len() + 1` of them),
-/// then add the target's own token. Siblings carry different tokens, so the path is unique;
-/// were two equal, the first is taken.
-pub fn accept_tree_greedy(draft: &TreeDraft, target: &[u32]) -> TreeAccept {
+/// Verification of a tree: from the root, follow the child whose token is the target's
+/// choice after its parent (`target[i]`: after node i, `draft.len() + 1` of them; its argmax,
+/// or its sample in that node's context), then add the target's own token. Siblings carry
+/// different tokens, so the path is unique; were two equal, the first is taken.
+pub fn accept_tree(draft: &TreeDraft, target: &[u32]) -> TreeAccept {
     assert_eq!(target.len(), draft.len() + 1, "n nodes need n + 1 target predictions");
     let (mut path, mut tokens, mut at) = (vec![], vec![], 0usize);
     loop {
@@ -208,14 +208,14 @@ mod tests {
         assert_eq!((d.max_depth(), d.depth(4), d.path_tokens(4)), (2, 2, vec![12, 14]));
         // target after node: 0 → 12, 2 → 14, 4 → 99.
         let target = [12, 0, 14, 0, 99, 0];
-        assert_eq!(accept_tree_greedy(&d, &target), TreeAccept { path: vec![2, 4], tokens: vec![12, 14, 99] });
+        assert_eq!(accept_tree(&d, &target), TreeAccept { path: vec![2, 4], tokens: vec![12, 14, 99] });
         // The root's choice matches no child: no draft held.
         let none = [7, 0, 0, 0, 0, 0];
-        assert_eq!(accept_tree_greedy(&d, &none), TreeAccept { path: vec![], tokens: vec![7] });
+        assert_eq!(accept_tree(&d, &none), TreeAccept { path: vec![], tokens: vec![7] });
         // A chain is a tree: the same as chain acceptance.
         let chain = TreeDraft { tokens: vec![5, 6, 7], parents: vec![0, 1, 2] };
         let t = [5, 6, 8, 9];
-        assert_eq!(accept_tree_greedy(&chain, &t).tokens, crate::core::spec::accept_greedy(&chain.tokens, &t));
+        assert_eq!(accept_tree(&chain, &t).tokens, crate::core::spec::accept_greedy(&chain.tokens, &t));
     }
 
     #[test]

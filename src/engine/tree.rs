@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{reserve, Engine, EngineError, Sequence, SpecOptions, Speculating, SEQ};
 use crate::backend::{Backend, BatchMeta};
 use crate::core::sampling::Sampler;
-use crate::core::tree::{accept_tree_greedy, TreeAccept, TreeDraft, TreeShape};
+use crate::core::tree::{accept_tree, TreeAccept, TreeDraft, TreeShape};
 use crate::prompt::BLOCK_SIZE;
 use crate::spec::{ids_suffice, SpecError};
 
@@ -48,7 +48,7 @@ impl<B: Backend> Engine<B> {
         let wants_hidden = s.proposer.wants_hidden();
         let (out, hidden) = self.forward(&mut seq.kv, &meta, wants_hidden)?;
         let targets = self.tree_targets(&out, &draft, history, sampler)?;
-        let accept = accept_tree_greedy(&draft, &targets);
+        let accept = accept_tree(&draft, &targets);
         s.proposer.tree_verified(SEQ, &draft, &targets);
         state.cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
         seq.kv.copy_slots(&self.backend, &path_moves(&accept, p, &table))?;
@@ -64,8 +64,16 @@ impl<B: Backend> Engine<B> {
         Ok(accept.tokens)
     }
 
-    /// The target's token after each node: its argmax, or with a repetition penalty the
-    /// greedy choice in the node's own context (the sequence and the node's path).
+    /// The target's token after each node, chosen in the node's own context (the sequence
+    /// and the node's path): its argmax when ids suffice, else the request's sampler.
+    ///
+    /// Sampled, this is lossless multi-draft verification for drafts chosen without
+    /// randomness (the heads' top-k): walking from the root, the token emitted after a node
+    /// is the target's own sample there, and the walk goes on only into the child drafted
+    /// with that very token. Each emitted token is thus drawn from the target's distribution
+    /// in its context (every node gets an independent draw; the unused ones are discarded),
+    /// and a node's children hold with the probability the target gives their tokens
+    /// together, the most any verification of fixed drafts can accept.
     fn tree_targets(
         &self,
         out: &B::Tensor,
@@ -99,14 +107,10 @@ fn path_moves(accept: &TreeAccept, p: usize, table: &[u32]) -> Vec<(u32, u32)> {
     moves.map(|(j, &a)| (slot(p + a), slot(p + j + 1))).collect()
 }
 
-/// Refuses what tree speculation cannot do: proposers without trees, sampling, synthetic
-/// acceptance.
-pub(super) fn check_tree(s: &SpecOptions, greedy: bool) -> Result<(), SpecError> {
+/// Refuses what tree speculation cannot do: proposers without trees, synthetic acceptance.
+pub(super) fn check_tree(s: &SpecOptions) -> Result<(), SpecError> {
     if !s.proposer.drafts_trees() {
         return Err(SpecError::TreeProposer);
-    }
-    if !greedy {
-        return Err(SpecError::TreeSampling);
     }
     match s.synthetic_acceptance {
         Some(_) => Err(SpecError::TreeSynthetic),

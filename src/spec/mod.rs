@@ -247,15 +247,13 @@ pub enum SpecError {
     MissingMedusaHead,
     #[error("a lookahead shape needs window >= 1, ngram >= 2 and (window + guesses) * (ngram - 1) <= {MAX_TREE_NODES}, got {0:?}")]
     LookaheadShape(LookaheadConfig),
-    #[error("lookahead decoding verifies a tree each step: it runs in the one-request engine, greedy requests only")]
+    #[error("lookahead decoding verifies a tree each step: it runs in the one-request engine")]
     LookaheadInRuntime,
     /// A device for a proposer that runs the target's own layers, other than the target's.
     #[error("the {method:?} proposer runs the target's own layers, on the target's device: draft_device {device} applies to a draft model or an EAGLE head")]
     DraftDevice { method: SpecMethod, device: usize },
     #[error("tree speculation needs a proposer that drafts trees (the EAGLE head)")]
     TreeProposer,
-    #[error("tree speculation verifies greedy requests only (temperature 0): sampling over a tree is not implemented")]
-    TreeSampling,
     #[error("synthetic_acceptance applies to chains of drafts, not trees")]
     TreeSynthetic,
     #[error("tree speculation runs in the one-request engine; the batching runtime drafts chains")]
