@@ -1,5 +1,5 @@
-//! Host side of kernels/attention.cu: paged attention as split and merge kernels, over a
-//! bf16 or an FP8 KV cache.
+//! Host side of kernels/attention_mma.cu and attention.cu: paged attention as split and
+//! merge kernels, over a bf16 or an FP8 KV cache.
 
 use std::sync::atomic::Ordering;
 
@@ -39,7 +39,7 @@ impl AttnPath {
 }
 
 impl CudaBackend {
-    /// Attention through the split and merge kernels (kernels/attention.cu); with
+    /// Attention through the split kernel `attention_path` picks and the merge kernel; with
     /// `inv_freq`, the split kernel applies RoPE to q and the step's keys as it loads them.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attend(
