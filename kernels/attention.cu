@@ -39,112 +39,11 @@
 // the same whatever else is in the batch (decode and verification agree bit for bit).
 #include "common.cuh"
 #include <cuda_fp8.h>
+#include "attention_common.cuh"
 
 #define ATTN_WARPS 4
 #define ATTN_STAGES 4     // ring slots per warp: STAGES - 1 stages of loads in flight while one is used
 #define ATTN_STAGE_POS 4  // positions per stage
-#define SHORT_SPLITS 64  // as batch::SHORT_SPLITS
-#define LONG_SPLIT 256   // as batch::LONG_SPLIT
-#define MAX_SPLITS 256   // as batch::MAX_SPLITS
-
-// Positions per split for a token at `pos`: `min_split`, doubled until the token needs at
-// most SHORT_SPLITS splits or the split reaches LONG_SPLIT positions, then doubled again
-// only past MAX_SPLITS splits. Short splits keep many blocks in flight at short contexts
-// (where a step's attention is latency-bound); past 16k positions the splits grow in number
-// instead, so that a batch-1 decode step still has enough blocks to keep the memory busy
-// (64 splits of one KV head's 8 groups are fewer blocks than an H100 holds at once, and
-// every block of a long split waits on its loads in turn); the cap bounds the merge and
-// the partial sums. It depends on the token's own position only, so decode and
-// verification still agree bitwise.
-__device__ __forceinline__ int split_len(int pos, int min_split) {
-    int len = min_split;
-    while (pos + 1 > len * SHORT_SPLITS && len < LONG_SPLIT) len *= 2;
-    while (pos + 1 > len * MAX_SPLITS) len *= 2;
-    return len;
-}
-
-#define NOT_TREE 0xffffffffu  // as batch::NOT_TREE
-
-// Where logical position p (at most the token's own) of token t's sequence is: the step token
-// whose k_new/v_new row holds it (>= 0), or -1 - s for storage position s of the row's cache.
-// Causal rows: positions from first_pos on are this step's, token first_tok + (p - first_pos).
-// Tree rows: tree[t] is the offset in `tree` of the token's path entry: the tree's prefix
-// (positions before it are stored at their own position), then per depth the step token or
-// ~storage position of the ancestor there (batch::tree_table writes it).
-__device__ __forceinline__ int kv_source(const uint32_t* __restrict__ tree, int t, int p, int first_tok, int first_pos) {
-    const uint32_t at = tree ? tree[t] : NOT_TREE;
-    if (at == NOT_TREE) return p >= first_pos ? first_tok + (p - first_pos) : -1 - p;
-    const int prefix = (int)tree[at];
-    return p < prefix ? -1 - p : (int)tree[at + 1 + p - prefix];
-}
-
-// 2^e exactly, for e in [-127, 127] (2^-127 is subnormal), without ldexpf's range handling.
-__device__ __forceinline__ float exp2_int(int e) {
-    return e >= -126 ? __int_as_float((e + 127) << 23) : __int_as_float(0x00400000);
-}
-
-// The smallest e with amax <= 448 * 2^e (448 = 0.875 * 2^9), at least -127; 0 for an
-// all-zero or non-finite head: `quantize_head` in src/backend/cpu/kv.rs.
-__device__ __forceinline__ int kv_scale_exp(float amax) {
-    if (!(amax > 0.f && amax <= 3.4028234663852886e38f)) return 0;  // zero, NaN or infinite
-    int ex;
-    const float mant = frexpf(amax, &ex);  // amax = mant * 2^ex, mant in [0.5, 1)
-    return max(-127, min(127, ex - 9 + (mant > 0.875f ? 1 : 0)));
-}
-
-// The scale exponent of one head whose values the warp holds (PL per lane); every lane of
-// the warp must take part.
-template <int PL>
-__device__ __forceinline__ int head_scale_exp(const float* v) {
-    float amax = 0.f;
-#pragma unroll
-    for (int i = 0; i < PL; i++) amax = fmaxf(amax, fabsf(v[i]));
-    return kv_scale_exp(warp_max(amax));
-}
-
-__device__ __forceinline__ uint32_t e4m3_code(float x, int e) {
-    // x / 2^e is exact (a subnormal result would round, but to a code of 0 all the same).
-    return (uint32_t)__nv_cvt_float_to_fp8(__fmul_rn(x, exp2_int(-e)), __NV_SATFINITE, __NV_E4M3);
-}
-
-// Stores one head (the warp's PL values per lane) at element `at` of the cache; with FP8,
-// lane 0 stores the scale exponent at `scale_at`. Every lane of the warp must take part.
-template <int PL, bool FP8>
-__device__ __forceinline__ void store_head(void* cache, signed char* exps, size_t at, size_t scale_at,
-                                           const float* v, int lane) {
-    if constexpr (FP8) {
-        const int e = head_scale_exp<PL>(v);
-        uint8_t* dst = (uint8_t*)cache + at;
-#pragma unroll
-        for (int i = 0; i < PL; i++) dst[i] = (uint8_t)e4m3_code(v[i], e);
-        if (lane == 0) exps[scale_at] = (signed char)e;
-    } else {
-        __nv_bfloat16* dst = (__nv_bfloat16*)cache + at;
-#pragma unroll
-        for (int i = 0; i < PL; i++) dst[i] = __float2bfloat16_rn(v[i]);
-    }
-}
-
-
-// Asynchronous copies global -> shared (sm_80+): the loads of the coming stages stay in flight
-// without holding registers, so a warp keeps (STAGES - 1) * STAGE_POS positions' bytes
-// in flight while it scores the current stage.
-template <int BYTES>
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem) {
-    static_assert(BYTES == 4 || BYTES == 8 || BYTES == 16, "cp.async copies 4, 8 or 16 bytes");
-    const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
-    if constexpr (BYTES == 16) {  // .cg: the KV cache is read once per step, L1 would only be evicted
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
-    } else {
-        asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"(s), "l"(gmem), "n"(BYTES) : "memory");
-    }
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 // One position's record in a warp's ring: K then V as the cache stores them; with FP8 also
 // the 4-byte words holding the K and V scale exponents and the exponent's byte in them.
@@ -258,30 +157,6 @@ struct KvPos<PL, true> {
     }
 };
 
-// cos and sin of this lane's dimensions at position `pos`, formed as kernels/rope.cu forms
-// them (angle reduced modulo 2*pi in f64, then an f32 sincos).
-template <int PL>
-__device__ __forceinline__ void rope_angles(int pos, const float* __restrict__ inv_freq, int lane, float* cs, float* sn) {
-    constexpr int HALF = PL * WARP / 2;
-    const double two_pi = 6.283185307179586;
-#pragma unroll
-    for (int i = 0; i < PL; i++) {
-        double a = (double)pos * (double)inv_freq[(lane * PL + i) % HALF];
-        a -= floor(a / two_pi) * two_pi;
-        sincosf((float)a, &sn[i], &cs[i]);
-    }
-}
-
-// Rotates this lane's dimensions of one head, as kernels/rope.cu does; every lane of the
-// warp must take part (the partner's values come by shuffle).
-template <int PL>
-__device__ __forceinline__ void rope_rotate(float* v, const float* cs, const float* sn, int lane) {
-#pragma unroll
-    for (int i = 0; i < PL; i++) {
-        const float other = __shfl_xor_sync(0xffffffffu, v[i], WARP / 2);
-        v[i] = lane < WARP / 2 ? v[i] * cs[i] - other * sn[i] : v[i] * cs[i] + other * sn[i];
-    }
-}
 
 // What one block of the split kernel knows about its token's sequence: where each position
 // it reads lives (the step's k and v, or a cache slot through the block table) and which
@@ -409,23 +284,7 @@ struct Scores {
             }
         }
         __syncthreads();
-        for (int e = threadIdx.x; e < g * HD; e += blockDim.x) {
-            const int j = e / HD, d = e % HD;
-            float mx = -INFINITY;
-            for (int w = 0; w < WARPS; w++) mx = fmaxf(mx, sm[w][j]);
-            float sum = 0.f, out = 0.f;
-            for (int w = 0; w < WARPS; w++) {
-                const float c = sm[w][j] == -INFINITY ? 0.f : expf(sm[w][j] - mx);
-                sum = fmaf(sl[w][j], c, sum);
-                out = fmaf(sacc[w][j][d], c, out);
-            }
-            float* dst = partial + j * head_stride;
-            if (d == 0) {
-                dst[0] = mx;
-                dst[1] = sum;
-            }
-            dst[2 + d] = out;
-        }
+        merge_warps<HD, WARPS, G>(smem, partial, head_stride, g);
     }
 };
 
@@ -458,19 +317,9 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
                     min(pos + 1, start + len), first_tok, (int)positions[first_tok], window, sinks, lane, warp};
     float cs[PL], sn[PL];  // token t's rotation
     if (inv_freq) rope_angles<PL>(pos, inv_freq, lane, cs, sn);
-    if (split == 0 && warp == 0) {  // the one block that stores token t's key and value for this head
-        const size_t src = (size_t)t * view.kv_dim + kvh * HD + lane * PL, dst = (size_t)slots[t] * view.kv_dim + kvh * HD + lane * PL;
-        const size_t scale_at = (size_t)slots[t] * kv_heads + kvh;
-        float kr[PL], vr[PL];
-#pragma unroll
-        for (int i = 0; i < PL; i++) {
-            kr[i] = k_new[src + i];
-            vr[i] = v_new[src + i];
-        }
-        if (inv_freq) rope_rotate<PL>(kr, cs, sn, lane);
-        store_head<PL, FP8>(k_cache, k_exps, dst, scale_at, kr, lane);
-        store_head<PL, FP8>(v_cache, v_exps, dst, scale_at, vr, lane);
-    }
+    if (split == 0 && warp == 0)  // the one block that stores token t's key and value for this head
+        store_own_kv<HD, FP8>(k_new, v_new, k_cache, v_cache, k_exps, v_exps, t, slots[t], kvh, kv_heads, inv_freq, cs,
+                              sn, lane);
     Scores<PL, G> sc;
 #pragma unroll
     for (int j = 0; j < G; j++) {
@@ -514,14 +363,6 @@ __device__ void attn_split(const float* __restrict__ q, const float* __restrict_
     sc.template write<HD, ATTN_WARPS>(smem, out, (size_t)max_splits * (HD + 2), g, lane, warp);
 }
 
-#define ATTN_ARGS                                                                                             \
-    const float *q, const float *k, const float *v, void *kc, void *vc, signed char *ke, signed char *ve,    \
-        const uint32_t *positions, const uint32_t *slots, const uint32_t *token_row, const uint32_t *row_first, \
-        const uint32_t *tree, const uint32_t *block_tables, int max_blocks, int block_size, int heads,         \
-        int kv_heads, int max_splits, float *partial, const float *inv_freq, int min_split, int window, int sinks
-#define ATTN_PASS                                                                                                 \
-    q, k, v, kc, vc, ke, ve, positions, slots, token_row, row_first, tree, block_tables, max_blocks, block_size, \
-        heads, kv_heads, max_splits, partial, inv_freq, min_split, window, sinks
 // By head size, window, KV storage and the query heads per KV head it holds registers for
 // (G: 4 for the Llama 3 8B and 1B shapes, 8 for the 70B; fewer registers, more blocks per SM).
 extern "C" __global__ void attn_split_hd64_g4(ATTN_ARGS) { attn_split<64, false, false, 4>(ATTN_PASS); }

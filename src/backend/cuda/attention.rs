@@ -1,5 +1,7 @@
-//! Host side of kernels/attention.cu: paged attention as split and merge kernels, over a
-//! bf16 or an FP8 KV cache.
+//! Host side of kernels/attention_mma.cu and attention.cu: paged attention as split and
+//! merge kernels, over a bf16 or an FP8 KV cache.
+
+use std::sync::atomic::Ordering;
 
 use super::batch::CudaBatch;
 use super::device::launch;
@@ -10,8 +12,34 @@ use crate::tensor::{AttnShape, BackendError, Result};
 /// Thread groups per head in the merge kernel; as MERGE_GROUPS in kernels/attention.cu.
 const MERGE_GROUPS: usize = 4;
 
+/// Which split kernel attention runs: tiles of 16 positions on tensor cores
+/// (`kernels/attention_mma.cu`, the default) or one position at a time on CUDA cores
+/// (`attention.cu`, with `SPECULA_ATTENTION=simt`): a fallback, and a reference for parity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttnPath {
+    Mma,
+    Simt,
+}
+
+impl AttnPath {
+    pub const ENV: &'static str = "SPECULA_ATTENTION";
+
+    /// From `SPECULA_ATTENTION` (`mma` or `simt`); unset or anything else: `Mma`, with a
+    /// warning for anything else.
+    pub fn from_env() -> Self {
+        match std::env::var(Self::ENV).as_deref() {
+            Ok("simt") => AttnPath::Simt,
+            Ok("mma") | Err(_) => AttnPath::Mma,
+            Ok(other) => {
+                tracing::warn!("{}={other:?} is neither mma nor simt: using mma", Self::ENV);
+                AttnPath::Mma
+            }
+        }
+    }
+}
+
 impl CudaBackend {
-    /// Attention through the split and merge kernels (kernels/attention.cu); with
+    /// Attention through the split kernel `attention_path` picks and the merge kernel; with
     /// `inv_freq`, the split kernel applies RoPE to q and the step's keys as it loads them.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attend(
@@ -37,7 +65,8 @@ impl CudaBackend {
         }
         let fp8 = k_cache.dtype == DType::Fp8;
         let group = s.num_heads / s.num_kv_heads;
-        let kernel = AttnKernel::for_shape(s.head_dim, group, s.window.is_some(), fp8).ok_or_else(|| {
+        let mma = self.attention_path() == AttnPath::Mma;
+        let kernel = AttnKernel::for_shape(s.head_dim, group, s.window.is_some(), fp8, mma).ok_or_else(|| {
             BackendError::Invalid(format!(
                 "attention: head_dim {} with {group} query heads per KV head not supported (64 or 128; up to 8)",
                 s.head_dim
@@ -70,6 +99,21 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// The split kernel `attend` launches.
+    pub fn attention_path(&self) -> AttnPath {
+        if self.attn_simt.load(Ordering::Relaxed) {
+            AttnPath::Simt
+        } else {
+            AttnPath::Mma
+        }
+    }
+
+    /// Switches the split kernel (parity compares both on the same inputs). Steps already
+    /// captured in CUDA graphs keep the kernel they were captured with.
+    pub fn set_attention_path(&self, path: AttnPath) {
+        self.attn_simt.store(path == AttnPath::Simt, Ordering::Relaxed);
+    }
+
     /// A KV cache of `dtype` whose rows are `kv_dim` wide; an FP8 one with its exponents.
     fn expect_kv(cache: &CudaTensor, dtype: DType, kv_dim: usize) -> Result<()> {
         Self::expect(cache, dtype, "KV cache")?;

@@ -17,7 +17,12 @@ pub struct KernelFile {
     pub source: &'static str,
 }
 
-const COMMON: &str = include_str!("../../../kernels/common.cuh");
+/// The headers a kernel file may include, pasted in place of their `#include "name"` (in
+/// this order: a header includes nothing itself, so a file includes common.cuh first).
+const HEADERS: &[(&str, &str)] = &[
+    ("common.cuh", include_str!("../../../kernels/common.cuh")),
+    ("attention_common.cuh", include_str!("../../../kernels/attention_common.cuh")),
+];
 
 pub const FILES: &[KernelFile] = &[
     KernelFile { name: "embed.cu", source: include_str!("../../../kernels/embed.cu") },
@@ -27,15 +32,18 @@ pub const FILES: &[KernelFile] = &[
     KernelFile { name: "matmul.cu", source: include_str!("../../../kernels/matmul.cu") },
     KernelFile { name: "fp8.cu", source: include_str!("../../../kernels/fp8.cu") },
     KernelFile { name: "attention.cu", source: include_str!("../../../kernels/attention.cu") },
+    KernelFile { name: "attention_mma.cu", source: include_str!("../../../kernels/attention_mma.cu") },
     KernelFile { name: "kv.cu", source: include_str!("../../../kernels/kv.cu") },
     KernelFile { name: "sample.cu", source: include_str!("../../../kernels/sample.cu") },
 ];
 
 impl KernelFile {
-    /// The source as NVRTC sees it: `common.cuh` pasted in place of its include, so that
-    /// no file lookup happens at run time.
+    /// The source as NVRTC sees it: each header pasted in place of its include, so that no
+    /// file lookup happens at run time.
     pub fn full_source(&self) -> String {
-        self.source.replace("#include \"common.cuh\"", COMMON)
+        HEADERS
+            .iter()
+            .fold(self.source.to_string(), |src, (name, text)| src.replace(&format!("#include \"{name}\""), text))
     }
 
     /// The `extern "C" __global__` functions the file defines.
@@ -217,7 +225,7 @@ pub struct Kernels {
     pub swiglu_bf16: [CudaFunction; 4],
     pub swiglu_fp8: [CudaFunction; 4],
     /// The attention split kernels, by `AttnKernel::index` (head size, window, KV storage,
-    /// query heads per KV head).
+    /// query heads per KV head, CUDA or tensor cores).
     pub attn_split: Vec<CudaFunction>,
     pub attn_merge: CudaFunction,
     /// KV cache entries moved slot to slot (`Backend::copy_kv`).
@@ -300,19 +308,22 @@ pub struct AttnKernel {
     pub fp8: bool,
     /// Query heads per KV head the kernel holds registers for: 4 or 8.
     pub group: usize,
+    /// Tensor cores (`kernels/attention_mma.cu`) rather than CUDA cores (`attention.cu`).
+    pub mma: bool,
 }
 
 impl AttnKernel {
-    /// Every kernel `kernels/attention.cu` defines, in `index` order.
-    const ALL: [AttnKernel; 16] = {
-        let mut all = [AttnKernel { head_dim: 64, windowed: false, fp8: false, group: 4 }; 16];
+    /// Every kernel `kernels/attention.cu` and `attention_mma.cu` define, in `index` order.
+    const ALL: [AttnKernel; 32] = {
+        let mut all = [AttnKernel { head_dim: 64, windowed: false, fp8: false, group: 4, mma: false }; 32];
         let mut i = 0;
-        while i < 16 {
+        while i < 32 {
             all[i] = AttnKernel {
                 head_dim: if i & 1 == 0 { 64 } else { 128 },
                 windowed: i & 2 != 0,
                 fp8: i & 4 != 0,
                 group: if i & 8 == 0 { 4 } else { 8 },
+                mma: i & 16 != 0,
             };
             i += 1;
         }
@@ -321,9 +332,9 @@ impl AttnKernel {
 
     /// The kernel for heads of `head_dim` with `group` query heads per KV head; None where
     /// none fits (head sizes other than 64 and 128, more than 8 query heads per KV head).
-    pub fn for_shape(head_dim: usize, group: usize, windowed: bool, fp8: bool) -> Option<Self> {
+    pub fn for_shape(head_dim: usize, group: usize, windowed: bool, fp8: bool, mma: bool) -> Option<Self> {
         let fits = matches!(head_dim, 64 | 128) && (1..=8).contains(&group);
-        fits.then_some(AttnKernel { head_dim, windowed, fp8, group: if group <= 4 { 4 } else { 8 } })
+        fits.then_some(AttnKernel { head_dim, windowed, fp8, group: if group <= 4 { 4 } else { 8 }, mma })
     }
 
     fn index(self) -> usize {
@@ -331,13 +342,15 @@ impl AttnKernel {
             | usize::from(self.windowed) << 1
             | usize::from(self.fp8) << 2
             | usize::from(self.group == 8) << 3
+            | usize::from(self.mma) << 4
     }
 
-    /// Its name in `kernels/attention.cu`.
+    /// Its name in `kernels/attention.cu` or `attention_mma.cu`.
     fn name(self) -> String {
+        let kind = if self.mma { "mma" } else { "split" };
         let fp8 = if self.fp8 { "_fp8" } else { "" };
         let win = if self.windowed { "_win" } else { "" };
-        format!("attn_split{fp8}{win}_hd{}_g{}", self.head_dim, self.group)
+        format!("attn_{kind}{fp8}{win}_hd{}_g{}", self.head_dim, self.group)
     }
 }
 
@@ -375,6 +388,6 @@ mod tests {
             assert!(names.contains(&k.name()), "{k:?} ({}) missing", k.name());
             assert_eq!(AttnKernel::ALL[k.index()], k);
         }
-        assert!(FILES.iter().all(|f| !f.full_source().contains("#include \"common.cuh\"")));
+        assert!(FILES.iter().all(|f| !f.full_source().contains(".cuh\"")));
     }
 }

@@ -8,6 +8,7 @@
 //! on separate streams; `record` / `wait` order them with events, never device-wide syncs.
 
 mod attention;
+pub use self::attention::AttnPath;
 pub mod batch;
 pub mod blas;
 pub mod device;
@@ -22,6 +23,7 @@ mod sample;
 pub mod tensor;
 
 use std::ops::Range;
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
@@ -54,6 +56,8 @@ pub struct CudaBackend {
     device_name: String,
     /// This backend's place in a tensor-parallel group (`tensor_parallel`), if any.
     rank: Option<nccl::NcclRank>,
+    /// The CUDA-core attention split kernel rather than the tensor-core one (`AttnPath`).
+    attn_simt: AtomicBool,
 }
 
 impl CudaBackend {
@@ -102,6 +106,7 @@ impl CudaBackend {
             capture_batch: Mutex::new(None),
             device_name,
             rank: None,
+            attn_simt: AtomicBool::new(AttnPath::from_env() == AttnPath::Simt),
         })
     }
 

@@ -9,13 +9,17 @@ use rand::{Rng, SeedableRng};
 
 use super::{OpRow, TOLERANCE};
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::CudaBackend;
+use crate::backend::cuda::{AttnPath, CudaBackend};
 use crate::backend::{AttnShape, Backend, BatchMeta, Result};
 use crate::model::Preset;
 use crate::tensor::{AttnWindow, HostTensor, KvStorage, NO_BLOCK};
 
 /// The same values on both sides, only the order of f32 sums differs.
 const EXACT: f64 = 1e-4;
+
+/// The tensor-core attention split kernel against the CUDA-core one: the same inputs and
+/// positions; q and the weights pass through bf16 pairs (~16 bits) there, f32 here.
+const MMA_VS_SIMT: f64 = 1e-3;
 
 fn rel_err(got: &[f32], want: &[f32]) -> f64 {
     if got.len() != want.len() || got.iter().any(|v| !v.is_finite()) {
@@ -297,7 +301,33 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
     c.push("rope_attention (rope inside)", shape.clone(), &got, &want);
     let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
-    c.push("rope_attention KV write", shape, &got, &want);
+    c.push("rope_attention KV write", shape.clone(), &got, &want);
+    let gpu = c.gpu;
+    let bg = gpu.prepare(&meta)?;
+    mma_vs_simt(c, "rope_attention", &shape, |g| {
+        let (mut q, mut k) = (f32_tensor(g, &q)?, f32_tensor(g, &k)?);
+        g.to_host(&g.rope_attention(&mut q, &mut k, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)
+    })
+}
+
+/// Runs `step` with the tensor-core and then the CUDA-core split kernel and pushes how far
+/// apart they are; the backend's path is restored. The step may store its keys and values
+/// in the caches twice: both kernels store the same bits, and no position reads its own.
+fn mma_vs_simt(
+    c: &mut Ctx,
+    op: &str,
+    shape: &str,
+    mut step: impl FnMut(&CudaBackend) -> Result<Vec<f32>>,
+) -> Result<()> {
+    let gpu = c.gpu;
+    let before = gpu.attention_path();
+    gpu.set_attention_path(AttnPath::Mma);
+    let mma = step(gpu);
+    gpu.set_attention_path(AttnPath::Simt);
+    let simt = step(gpu);
+    gpu.set_attention_path(before);
+    let err = rel_err(&mma?, &simt?);
+    c.rows.push(OpRow { op: format!("{op} mma vs simt"), shape: shape.into(), err, pass: err <= MMA_VS_SIMT });
     Ok(())
 }
 
