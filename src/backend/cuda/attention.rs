@@ -12,9 +12,10 @@ use crate::tensor::{AttnShape, BackendError, Result};
 /// Thread groups per head in the merge kernel; as MERGE_GROUPS in kernels/attention.cu.
 const MERGE_GROUPS: usize = 4;
 
-/// Which split kernel attention runs: tiles of 16 positions on tensor cores
-/// (`kernels/attention_mma.cu`, the default) or one position at a time on CUDA cores
-/// (`attention.cu`, with `SPECULA_ATTENTION=simt`): a fallback, and a reference for parity.
+/// Which split kernel attention runs: one position at a time on CUDA cores
+/// (`kernels/attention.cu`, the default, measured) or tiles of 16 positions on tensor cores
+/// (`attention_mma.cu`, with `SPECULA_ATTENTION=mma`): it becomes the default once the
+/// parity script has passed it on a GPU and the long-context bench has measured it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnPath {
     Mma,
@@ -24,15 +25,15 @@ pub enum AttnPath {
 impl AttnPath {
     pub const ENV: &'static str = "SPECULA_ATTENTION";
 
-    /// From `SPECULA_ATTENTION` (`mma` or `simt`); unset or anything else: `Mma`, with a
-    /// warning for anything else.
+    /// From `SPECULA_ATTENTION` (`mma` or `simt`); unset: `Simt`; anything else: `Simt`
+    /// with a warning.
     pub fn from_env() -> Self {
         match std::env::var(Self::ENV).as_deref() {
-            Ok("simt") => AttnPath::Simt,
-            Ok("mma") | Err(_) => AttnPath::Mma,
+            Ok("mma") => AttnPath::Mma,
+            Ok("simt") | Err(_) => AttnPath::Simt,
             Ok(other) => {
-                tracing::warn!("{}={other:?} is neither mma nor simt: using mma", Self::ENV);
-                AttnPath::Mma
+                tracing::warn!("{}={other:?} is neither mma nor simt: using simt", Self::ENV);
+                AttnPath::Simt
             }
         }
     }
