@@ -20,26 +20,31 @@ const BUCKETS: usize = 8;
 const FORGET: f64 = 0.9;
 /// Steps measured (decayed) before a rate is trusted.
 const MIN_WEIGHT: f64 = 3.0;
-/// A ratio of delivered rates this far from 1 is trusted from one step on each side.
+/// A ratio of delivered rates this far from 1 is trusted early: once each side has seen
+/// `WIDE_GAP_ROWS` rows (one step of 8 rows; 8 steps of one, whose drafts are all accepted
+/// or all rejected at once, so one step alone says little).
 const WIDE_GAP: f64 = 1.5;
+const WIDE_GAP_ROWS: f64 = 8.0;
 /// While drafting loses at a batch size, the steps held plain before it is tried again: the
 /// first time, and at most.
 const FIRST_RECHECK: u32 = 32;
 const LAST_RECHECK: u32 = 1024;
 
-/// Decayed totals of tokens delivered and the seconds they took.
+/// Decayed totals of tokens delivered, the seconds they took, steps and rows.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 struct Delivery {
     tokens: f64,
     seconds: f64,
     weight: f64,
+    rows: f64,
 }
 
 impl Delivery {
-    fn record(&mut self, tokens: f64, seconds: f64) {
+    fn record(&mut self, rows: usize, tokens: f64, seconds: f64) {
         self.tokens = FORGET * self.tokens + tokens;
         self.seconds = FORGET * self.seconds + seconds;
         self.weight = FORGET * self.weight + 1.0;
+        self.rows = FORGET * self.rows + rows as f64;
     }
 
     fn per_second(&self) -> Option<f64> {
@@ -52,13 +57,14 @@ impl Delivery {
 }
 
 /// Whether drafting loses against plain decoding by these measurements: None until both
-/// sides are trusted, or one step of each shows a gap wider than `WIDE_GAP`.
+/// sides are trusted, or enough rows of each show a gap wider than `WIDE_GAP`.
 fn verdict(drafting: &Delivery, plain: &Delivery) -> Option<bool> {
     let (d, p) = (drafting.per_second()?, plain.per_second()?);
     if drafting.trusted() && plain.trusted() {
         return Some(d < p);
     }
-    (d * WIDE_GAP < p || d > p * WIDE_GAP).then_some(d < p)
+    let seen = drafting.rows.min(plain.rows) >= WIDE_GAP_ROWS;
+    (seen && (d * WIDE_GAP < p || d > p * WIDE_GAP)).then_some(d < p)
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -81,7 +87,7 @@ impl SpecGuard {
     pub fn record(&mut self, rows: usize, drafted: bool, tokens: usize, seconds: f64) {
         let b = bucket(rows);
         let side = if drafted { &mut self.drafting[b] } else { &mut self.plain[b] };
-        side.record(tokens as f64, seconds);
+        side.record(rows, tokens as f64, seconds);
     }
 
     /// Whether a step of `rows` rows may carry drafts. A decoding step: yes unless drafting
@@ -177,6 +183,11 @@ mod tests {
         close.record(8, false, 8, 0.070);
         close.record(8, true, 12, 0.120);
         assert!(close.allows_decode(8), "one step each, 114 against 100 tok/s");
+        // One row's step says little: its drafts were all rejected, or all accepted.
+        let mut unlucky = SpecGuard::default();
+        unlucky.record(1, false, 1, 0.0075);
+        unlucky.record(1, true, 1, 0.021);
+        assert!(unlucky.allows_decode(1), "one step of one row");
     }
 
     #[test]
