@@ -9,10 +9,12 @@
 //!
 //! Learning is what costs: every drafting step taken while drafting loses is paid in full
 //! (on a compute-bound CPU a batch of 8 verifying 5 tokens a row takes 3–4 plain steps).
-//! So a gap wider than `WIDE_GAP` is trusted from one step on each side, and a batch size
-//! not yet measured follows the nearest smaller one measured: drafting pays less as the
-//! batch grows (verifying drafts adds work the batch already keeps the hardware busy with),
-//! so where it loses at a smaller batch it starts held off, and its first recheck decides.
+//! So a gap wider than `WIDE_GAP` is trusted once each side has seen 8 rows (one step at
+//! batch 8), and a batch size not yet measured follows the nearest smaller one measured:
+//! drafting pays less as the batch grows (verifying drafts adds work the batch already keeps
+//! the hardware busy with), so where it loses at a smaller batch it starts held off, and its
+//! first recheck decides. Only decoding steps are measured; a step that carries a prompt
+//! chunk drafts only where drafting is known to pay.
 
 /// Batch-size buckets: 1, 2, 3–4, 5–8, …, 65 and more.
 const BUCKETS: usize = 8;
