@@ -12,7 +12,7 @@ use specula::core::sampling::SamplingParams;
 use specula::engine::{Engine, SpecOptions};
 use specula::model::{load_model, Llama, ModelSource};
 use specula::request::{GenerateRequest, Prompt};
-use specula::spec::{ModelProposer, NgramProposer, Proposer};
+use specula::spec::{ModelProposer, NgramProposer, ProposeRequest, Proposer};
 
 fn request(prompt: Vec<u32>, max_tokens: usize, sampling: SamplingParams) -> GenerateRequest {
     GenerateRequest { max_tokens, ignore_eos: true, sampling, ..GenerateRequest::new(Prompt::Tokens(prompt)) }
@@ -56,6 +56,36 @@ fn greedy_speculation_on_tiny_models_equals_plain_greedy() {
             }
         }
     }
+}
+
+/// While a row's drafting is held off the draft model is not fed: the Drafter asks it for
+/// nothing, and its cache stays where the row last drafted. When drafting resumes, the
+/// tokens verified meanwhile go in as one multi-token row (a prefill chunk), and the drafts
+/// equal those of a draft model fed every step (the CPU is batch-invariant).
+#[test]
+fn a_draft_model_caught_up_in_one_forward_drafts_as_one_fed_every_step() {
+    let draft = Arc::new(tiny(300, 2, 0.5));
+    let greedy = SamplingParams::greedy();
+    let history: Vec<u32> = (0..60).map(|i| (i * 37 + 11) % 300).collect();
+    let propose = |p: &mut ModelProposer<CpuBackend>, seq, n: usize| {
+        let req = ProposeRequest { seq, history: &history[..n], k: 3, sampling: &greedy };
+        let d = p.propose_many(&[req]).pop().unwrap().unwrap();
+        // The drafts were not what the target went on with: forget them.
+        p.rollback(seq, n);
+        (d.tokens, p.kv_stats().unwrap().used)
+    };
+    let mut every_step = ModelProposer::new(CpuBackend::new(), draft.clone(), 2, 64, 4).unwrap();
+    let mut held_off = ModelProposer::new(CpuBackend::new(), draft, 2, 64, 4).unwrap();
+    let (_, used_before) = propose(&mut held_off, 1, 10);
+    let mut fed = vec![];
+    for n in 10..=60 {
+        fed.push(propose(&mut every_step, 1, n).0);
+    }
+    // 50 tokens verified while held off, caught up at once. The cache holds the history
+    // and the drafts fed back (all but the last): 4-token blocks for n + 2 tokens.
+    let (caught_up, used_after) = propose(&mut held_off, 1, 60);
+    assert_eq!(&caught_up, fed.last().unwrap());
+    assert_eq!((used_before, used_after), (12usize.div_ceil(4), 62usize.div_ceil(4)));
 }
 
 #[test]

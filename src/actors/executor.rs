@@ -35,6 +35,11 @@ where
         let vocab = self.vocab_size();
         Ok(self.forward(meta)?.chunks(vocab).zip(rows).map(|(l, r)| sample_row(l, r)).collect())
     }
+    /// Whether the first step of each size is a warm-up, slower than the ones after it
+    /// (`Backend::warms_up`): the step-cost model and the delivery guard leave it out.
+    fn warms_up(&self) -> bool {
+        true
+    }
     /// From now on, keep the hidden states every forward computes (for a proposer that
     /// reads them); false when this executor has none to keep.
     fn keep_hidden(&mut self) -> bool {
@@ -81,6 +86,10 @@ impl<B: Backend> Executor<BackendError> for ModelExecutor<B> {
 
     fn recover(&mut self) -> Result<(), BackendError> {
         self.backend.healthy()
+    }
+
+    fn warms_up(&self) -> bool {
+        self.backend.warms_up()
     }
 
     fn forward(&mut self, meta: &BatchMeta) -> Result<Vec<f32>, BackendError> {

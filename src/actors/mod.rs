@@ -229,6 +229,7 @@ impl RuntimeBuilder {
             sched: scheduler(
                 &c,
                 self.speculation.as_ref().map_or((0, Default::default()), |s| (s.max_draft, s.lengths)),
+                exec.warms_up(),
             ),
             limits: intake::Limits {
                 vocab: info.vocab,
@@ -257,7 +258,7 @@ impl RuntimeBuilder {
     }
 }
 
-fn scheduler(c: &RuntimeConfig, (max_draft, lengths): (usize, DraftLengths)) -> Scheduler {
+fn scheduler(c: &RuntimeConfig, (max_draft, lengths): (usize, DraftLengths), warm_ups: bool) -> Scheduler {
     Scheduler::new(SchedulerConfig {
         max_batch: c.max_batch,
         step_tokens: c.step_tokens,
@@ -265,6 +266,7 @@ fn scheduler(c: &RuntimeConfig, (max_draft, lengths): (usize, DraftLengths)) -> 
         block_size: c.block_size,
         max_draft,
         lengths,
+        warm_ups,
     })
 }
 

@@ -27,7 +27,7 @@ use std::sync::Arc;
 use crate::core::lengths::{row_tokens, SeqLimits};
 use crate::core::sampling::SamplingParams;
 use crate::core::spec::{AcceptanceTracker, Draft, DraftLengths};
-use crate::core::spec_guard::SpecGuard;
+use crate::core::spec_guard::{SpecGuard, StepKind};
 use crate::core::step_cost::StepCost;
 use crate::request::{FinishReason, RequestId};
 
@@ -67,6 +67,9 @@ pub struct SchedulerConfig {
     /// length adapts to its acceptance and to the batch size, unless `lengths` is fixed.
     pub max_draft: usize,
     pub lengths: DraftLengths,
+    /// The first step of each size is slower than the later ones (a GPU captures its
+    /// graph): leave it out of the step costs and of what drafting delivers.
+    pub warm_ups: bool,
 }
 
 /// One request's wish for the next step, in priority order.
@@ -260,7 +263,7 @@ impl Scheduler {
             releases: vec![],
             finished: vec![],
             preemptions: 0,
-            cost: StepCost::default(),
+            cost: StepCost::new(cfg.warm_ups),
             guard: SpecGuard::default(),
         }
     }
@@ -354,7 +357,7 @@ impl Scheduler {
         let adaptive = self.cfg.max_draft > 0 && self.cfg.lengths == DraftLengths::Adaptive;
         // The guard counts the steps it holds plain: asked only when a row could draft.
         let could_draft = adaptive && self.running.iter().any(|id| self.seqs[id].decoding());
-        let held_off = could_draft && !self.guard.allows(batch);
+        let held_off = could_draft && !self.guard.allows(batch, self.step_kind());
         let max_draft = if held_off { 0 } else { self.cfg.max_draft };
         for &id in &self.running {
             let seq = self.seqs.get_mut(&id).expect("running seq");
@@ -379,6 +382,17 @@ impl Scheduler {
             asks.push(Ask { id, computed: 0, new_tokens: n, lookup: Some(seq.tokens.clone()), running: false });
         }
         Proposal { commits, releases: std::mem::take(&mut self.releases), asks }
+    }
+
+    /// Whether the next step will carry a prompt chunk: a running row still prefilling, or a
+    /// waiting request that may be admitted.
+    fn step_kind(&self) -> StepKind {
+        let admitting = !self.waiting.is_empty() && self.running.len() < self.cfg.max_batch;
+        if admitting || !self.running.iter().all(|id| self.seqs[id].decoding()) {
+            StepKind::Mixed
+        } else {
+            StepKind::Decode
+        }
     }
 
     /// Turns the KV side's answer into the step to run.

@@ -39,8 +39,9 @@ fn bucket(tokens: usize) -> usize {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct StepCost {
-    /// The first step of each size is a warm-up (a GPU captures its graph, buffers are
-    /// allocated): never a measurement.
+    /// Whether the first step of each size is a warm-up (a GPU captures its graph, buffers
+    /// are allocated): then never a measurement.
+    warm_ups: bool,
     seen: SeenSizes,
     /// Per step-size bucket (index 0 unused).
     sizes: [SizeCost; BUCKETS],
@@ -57,7 +58,16 @@ pub struct StepCost {
 
 impl Default for StepCost {
     fn default() -> Self {
+        StepCost::new(true)
+    }
+}
+
+impl StepCost {
+    /// A model knowing nothing yet; `warm_ups`: whether the first step of each size is a
+    /// warm-up, left out (a GPU's), or measures like any other (the CPU's).
+    pub fn new(warm_ups: bool) -> Self {
         StepCost {
+            warm_ups,
             seen: 0,
             sizes: [SizeCost::default(); BUCKETS],
             weight: 0.0,
@@ -69,15 +79,13 @@ impl Default for StepCost {
             draft_seconds: 0.0,
         }
     }
-}
 
-impl StepCost {
-    /// A forward step over `tokens` query tokens took `seconds`. The first step of each
-    /// size, and a step far slower than predicted (a stall), are left out; returns whether
-    /// this one counted.
+    /// A forward step over `tokens` query tokens took `seconds`. A warm-up (the first step
+    /// of its size, where there are warm-ups) and a step far slower than predicted (a
+    /// stall) are left out; returns whether this one counted.
     pub fn record_step(&mut self, tokens: usize, seconds: f64) -> bool {
         let bit = 1 << tokens.min(SeenSizes::BITS as usize - 1);
-        if self.seen & bit == 0 {
+        if self.warm_ups && self.seen & bit == 0 {
             self.seen |= bit;
             return false;
         }

@@ -250,6 +250,12 @@ pub trait Backend: Send + Sync + 'static {
     fn kind(&self) -> &'static str {
         "this"
     }
+    /// Whether the first step of a new shape runs slower than the later ones (a GPU
+    /// captures its graph, allocates buffers): the runtime then learns step costs from the
+    /// second step of each size on. The CPU runs every step alike.
+    fn warms_up(&self) -> bool {
+        true
+    }
     /// The rows of `x` named by the batch's `logits_for`.
     fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;

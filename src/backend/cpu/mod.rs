@@ -297,6 +297,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn warms_up(&self) -> bool {
+        false
+    }
+
     /// Ranks are threads of this process, meeting in `CpuGroup`'s all-reduce.
     fn tensor_parallel(&self, ranks: usize) -> Result<(Arc<dyn RankGroup>, Vec<CpuBackend>)> {
         if ranks == 0 {

@@ -105,6 +105,7 @@ fn cfg(max_batch: usize, step_tokens: usize) -> SchedulerConfig {
         block_size: 4,
         max_draft: 0,
         lengths: Default::default(),
+        warm_ups: true,
     }
 }
 
@@ -125,7 +126,45 @@ fn warm_up_steps_do_not_count_in_what_drafting_delivers() {
         s.record_step(step(8, 0.0095, 0, 8));
         s.record_step(step(72, 0.030, 64, 20));
     }
-    assert!(!s.guard.allows(8), "plain steps deliver 842 tok/s, drafting ones 667");
+    assert!(!s.guard.allows(8, StepKind::Decode), "plain steps deliver 842 tok/s, drafting ones 667");
+}
+
+#[test]
+fn without_warm_ups_the_first_steps_already_count_in_what_drafting_delivers() {
+    let step = |tokens, seconds, drafted, delivered| StepTiming {
+        tokens,
+        seconds,
+        drafted,
+        draft_seconds: 0.045,
+        rows: 8,
+        delivered,
+    };
+    // A CPU at batch 8: a plain step, then one verifying 4 drafts a row (each the first of
+    // its size).
+    let run = |warm_ups| {
+        let mut s = Scheduler::new(SchedulerConfig { max_draft: 4, warm_ups, ..cfg(8, 512) });
+        s.record_step(step(8, 0.070, 0, 8));
+        s.record_step(step(40, 0.370, 32, 12));
+        s.guard.allows(8, StepKind::Decode)
+    };
+    assert!(!run(false), "the CPU has no warm-ups: drafting delivered 29 tok/s against 114");
+    assert!(run(true), "a GPU's first steps of a size capture graphs: they say nothing");
+}
+
+#[test]
+fn a_step_with_a_prompt_chunk_drafts_only_where_drafting_is_known_to_pay() {
+    let mut sim = Sim::new(SchedulerConfig { max_draft: 4, ..cfg(8, 512) }, 64);
+    // Request 6 (7 tokens) decodes from step 2 on; request 13 arrives meanwhile.
+    sim.add(6, vec![1, 2, 3], 7);
+    sim.step();
+    sim.add(13, vec![4, 5, 6, 7], 7);
+    let draft_lens = |plan: &StepPlan| plan.rows.iter().map(|r| (r.id.0, r.draft_len)).collect::<Vec<_>>();
+    // Step 2 carries 13's prompt: nothing is known of drafting at this batch size, and this
+    // step would not tell (its time is mostly the prompt's), so 6 does not draft.
+    assert_eq!(draft_lens(&sim.step()), [(6, 0), (13, 0)]);
+    // Decoding steps only from then on: every other one drafts while costs are unknown.
+    let later: Vec<_> = (0..2).map(|_| draft_lens(&sim.step())).collect();
+    assert!(later.iter().any(|lens| lens.iter().all(|&(_, k)| k > 0)), "{later:?}");
 }
 
 #[test]
