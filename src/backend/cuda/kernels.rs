@@ -9,6 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
+use super::prefill::{prefill_names, store_names};
 use crate::tensor::{BackendError, Result};
 
 /// One `kernels/*.cu` file.
@@ -18,6 +19,8 @@ pub struct KernelFile {
 }
 
 const COMMON: &str = include_str!("../../../kernels/common.cuh");
+/// How the KV cache stores a head (kernels/kv_store.cuh), for the files that include it.
+const KV_STORE: &str = include_str!("../../../kernels/kv_store.cuh");
 
 pub const FILES: &[KernelFile] = &[
     KernelFile { name: "embed.cu", source: include_str!("../../../kernels/embed.cu") },
@@ -27,15 +30,16 @@ pub const FILES: &[KernelFile] = &[
     KernelFile { name: "matmul.cu", source: include_str!("../../../kernels/matmul.cu") },
     KernelFile { name: "fp8.cu", source: include_str!("../../../kernels/fp8.cu") },
     KernelFile { name: "attention.cu", source: include_str!("../../../kernels/attention.cu") },
+    KernelFile { name: "prefill.cu", source: include_str!("../../../kernels/prefill.cu") },
     KernelFile { name: "kv.cu", source: include_str!("../../../kernels/kv.cu") },
     KernelFile { name: "sample.cu", source: include_str!("../../../kernels/sample.cu") },
 ];
 
 impl KernelFile {
-    /// The source as NVRTC sees it: `common.cuh` pasted in place of its include, so that
-    /// no file lookup happens at run time.
+    /// The source as NVRTC sees it: `common.cuh` (and `kv_store.cuh`) pasted in place of
+    /// their includes, so that no file lookup happens at run time.
     pub fn full_source(&self) -> String {
-        self.source.replace("#include \"common.cuh\"", COMMON)
+        self.source.replace("#include \"common.cuh\"", COMMON).replace("#include \"kv_store.cuh\"", KV_STORE)
     }
 
     /// The `extern "C" __global__` functions the file defines.
@@ -220,6 +224,10 @@ pub struct Kernels {
     /// query heads per KV head).
     pub attn_split: Vec<CudaFunction>,
     pub attn_merge: CudaFunction,
+    /// The prefill attention kernels, by `prefill::prefill_index` (head size, window, KV
+    /// storage), and their KV store pass, by `prefill::store_index`.
+    pub prefill: Vec<CudaFunction>,
+    pub kv_store: Vec<CudaFunction>,
     /// KV cache entries moved slot to slot (`Backend::copy_kv`).
     pub kv_copy: CudaFunction,
     pub argmax_rows: CudaFunction,
@@ -284,6 +292,8 @@ impl Kernels {
             swiglu_fp8: by_group("swiglu_fp8")?,
             attn_split: AttnKernel::ALL.iter().map(|k| get(&k.name())).collect::<Result<_>>()?,
             attn_merge: get("attn_merge")?,
+            prefill: prefill_names().iter().map(|n| get(n)).collect::<Result<_>>()?,
+            kv_store: store_names().iter().map(|n| get(n)).collect::<Result<_>>()?,
             kv_copy: get("kv_copy")?,
             argmax_rows: get("argmax_rows")?,
             sample_rows: get("sample_rows")?,
@@ -375,6 +385,9 @@ mod tests {
             assert!(names.contains(&k.name()), "{k:?} ({}) missing", k.name());
             assert_eq!(AttnKernel::ALL[k.index()], k);
         }
-        assert!(FILES.iter().all(|f| !f.full_source().contains("#include \"common.cuh\"")));
+        for name in prefill_names().into_iter().chain(store_names()) {
+            assert!(names.contains(&name), "{name} missing");
+        }
+        assert!(FILES.iter().all(|f| !f.full_source().contains("#include \"")));
     }
 }

@@ -48,6 +48,16 @@ impl Ctx<'_> {
         self.rows.push(OpRow { op: op.into(), shape, err, pass: err <= TOLERANCE });
     }
 
+    /// An attention output compared whole, and over the tokens of its last row alone (the
+    /// long prefill chunk of `attention_meta`, which the GPU runs on its prefill kernel).
+    fn push_long(&mut self, op: &str, shape: &str, meta: &BatchMeta, (got, want): (&[f32], &[f32])) {
+        self.push(op, shape.to_string(), got, want);
+        let (last, width) = (meta.rows.last().expect("a row"), want.len() / meta.num_tokens().max(1));
+        let rows = last.start as usize * width..(last.start + last.len) as usize * width;
+        let label = format!("{shape}, last row ({} tokens after {})", last.len, last.context_len - last.len);
+        self.push(&format!("{op} prefill chunk"), label, &got[rows.clone()], &want[rows]);
+    }
+
     /// The same host tensor on both backends.
     fn both(&self, t: &HostTensor) -> Result<(<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor)> {
         Ok((self.cpu.upload(t)?, self.gpu.upload(t)?))
@@ -79,6 +89,8 @@ pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>>
         for shape in [
             AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64, window },
             AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128, window },
+            // Eight query heads per KV head (the 70B's grouping).
+            AttnShape { num_heads: 16, num_kv_heads: 2, head_dim: 128, window },
         ] {
             attention(&mut c, shape)?;
             fp8_kv::attention(&mut c, shape)?;
@@ -241,8 +253,10 @@ fn rope(c: &mut Ctx, preset: Preset) -> Result<()> {
     Ok(())
 }
 
-/// Three rows: a decode token deep in a scrambled block table, a verification row of 5
-/// tokens, and a 40-token prefill from position 0; and the cache's slots.
+/// Four rows: a decode token deep in a scrambled block table, a verification row of 5
+/// tokens, a 40-token prefill from position 0 (these three take the split kernel) and a
+/// 300-token prefill chunk after 700 cached positions (the prefill kernel); and the cache's
+/// slots.
 fn attention_meta(c: &mut Ctx, s: AttnShape) -> (BatchMeta, usize) {
     let (bs, blocks) = (16u32, 128usize);
     let mut perm: Vec<u32> = (0..blocks as u32).collect();
@@ -253,6 +267,7 @@ fn attention_meta(c: &mut Ctx, s: AttnShape) -> (BatchMeta, usize) {
     meta.push_row(&[3], 299, &perm[0..19], 1);
     meta.push_row(&[4, 5, 6, 7, 8], 590, &perm[19..57], 5);
     meta.push_row(&[9; 40], 0, &perm[57..60], 1);
+    meta.push_row(&[10; 300], 700, &perm[60..123], 1);
     if let Some(w) = s.window {
         // Blocks that slid out of each row's window are back in the pool: never read.
         for row in &mut meta.rows {
@@ -283,7 +298,7 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let window = s.window.map_or(String::new(), |w| format!(" window {}+{}", w.size(), w.sinks()));
     let shape = format!("{}h/{}kv/{} x{n}{window}", s.num_heads, s.num_kv_heads, s.head_dim);
     let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
-    c.push("attention (decode+verify+prefill)", shape.clone(), &got, &want);
+    c.push_long("attention (decode+verify+prefill)", &shape, &meta, (&got, &want));
     let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
     c.push("attention KV write", shape.clone(), &got, &want);
     // RoPE inside the attention kernel against rope, then attention, on the CPU.
@@ -295,7 +310,7 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let want = c.cpu.rope_attention(&mut qc, &mut kc_, &vc_, &mut kcc, &mut vcc, &c.cpu.prepare(&meta)?, &fc, s)?;
     let got = c.gpu.rope_attention(&mut qg, &mut kg, &vg, &mut kcg, &mut vcg, &c.gpu.prepare(&meta)?, &fg, s)?;
     let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
-    c.push("rope_attention (rope inside)", shape.clone(), &got, &want);
+    c.push_long("rope_attention (rope inside)", &shape, &meta, (&got, &want));
     let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
     c.push("rope_attention KV write", shape, &got, &want);
     Ok(())
