@@ -188,44 +188,60 @@ struct PrefillTile {
     // kscale and vscale (0 where not loaded). Every thread of the block takes part.
     __device__ __forceinline__ void load(int kt, unsigned char* ks, unsigned char* vs, float* kscale,
                                          float* vscale) const {
-        const int a = kt * PF_KEYS, kv_dim = kv_heads * HD;
+        // Thread i loads 16-byte chunk i % CHUNKS of the K and V rows of keys i / CHUNKS,
+        // + PF_THREADS / CHUNKS, ...: one table lookup per key for both, and loops of a fixed
+        // trip count, unrolled, so that every lookup, then every load, is in flight at once.
+        constexpr int CHUNKS = FP8 ? HD / 16 : HD / 8;  // 16 codes or 8 bf16 a chunk
+        constexpr int STRIDE = PF_THREADS / CHUNKS, KEYS = PF_KEYS / STRIDE;
+        static_assert(STRIDE * CHUNKS == PF_THREADS && KEYS * STRIDE == PF_KEYS, "whole key rows per pass");
+        const int a = kt * PF_KEYS, c = threadIdx.x % CHUNKS, key0 = threadIdx.x / CHUNKS;
+        const size_t head = (size_t)kvh * HD, kv_dim = (size_t)kv_heads * HD;
         if constexpr (FP8) {
-            constexpr int CHUNKS = HD / 16;  // 16 codes per load, two bf16 chunks per store
-            for (int i = threadIdx.x; i < 2 * PF_KEYS * CHUNKS; i += PF_THREADS) {
-                const int which = i / (PF_KEYS * CHUNKS), key = (i / CHUNKS) % PF_KEYS, c = i % CHUNKS;
-                unsigned char* dst = (which ? vs : ks);
-                uint4 out0 = make_uint4(0, 0, 0, 0), out1 = out0;
+            uint4 kw[KEYS], vw[KEYS];
+#pragma unroll
+            for (int u = 0; u < KEYS; u++) {
+                kw[u] = vw[u] = make_uint4(0, 0, 0, 0);  // zero codes: bf16 zeros
+                const int key = key0 + u * STRIDE;
                 if (loadable(a + key)) {
-                    const uint8_t* src = (const uint8_t*)(which ? v_cache : k_cache) + slot(a + key) * kv_dim + kvh * HD;
-                    const uint4 codes = *(const uint4*)(src + 16 * c);
-                    out0 = make_uint4(e4m3x2_bf16(codes.x), e4m3x2_bf16(codes.x >> 16), e4m3x2_bf16(codes.y),
-                                      e4m3x2_bf16(codes.y >> 16));
-                    out1 = make_uint4(e4m3x2_bf16(codes.z), e4m3x2_bf16(codes.z >> 16), e4m3x2_bf16(codes.w),
-                                      e4m3x2_bf16(codes.w >> 16));
+                    const size_t at = slot(a + key) * kv_dim + head + 16 * c;
+                    kw[u] = *(const uint4*)((const uint8_t*)k_cache + at);
+                    vw[u] = *(const uint4*)((const uint8_t*)v_cache + at);
                 }
-                *(uint4*)(dst + tile_offset<HD>(key, 2 * c)) = out0;
-                *(uint4*)(dst + tile_offset<HD>(key, 2 * c + 1)) = out1;
             }
-            for (int i = threadIdx.x; i < 2 * PF_KEYS; i += PF_THREADS) {
-                const int which = i / PF_KEYS, key = i % PF_KEYS;
-                float e = 0.f;
-                if (loadable(a + key)) e = exp2_int((which ? v_exps : k_exps)[slot(a + key) * kv_heads + kvh]);
-                (which ? vscale : kscale)[key] = e;
+#pragma unroll
+            for (int u = 0; u < KEYS; u++) {
+                const int key = key0 + u * STRIDE;
+                store_codes(ks, key, c, kw[u]);
+                store_codes(vs, key, c, vw[u]);
             }
+            static_assert(2 * PF_KEYS == PF_THREADS, "one scale per thread");
+            const int which = threadIdx.x / PF_KEYS, key = threadIdx.x % PF_KEYS;
+            float e = 0.f;
+            if (loadable(a + key)) e = exp2_int((which ? v_exps : k_exps)[slot(a + key) * kv_heads + kvh]);
+            (which ? vscale : kscale)[key] = e;
         } else {
-            constexpr int CHUNKS = HD / 8;  // 8 values per 16-byte copy
-            for (int i = threadIdx.x; i < 2 * PF_KEYS * CHUNKS; i += PF_THREADS) {
-                const int which = i / (PF_KEYS * CHUNKS), key = (i / CHUNKS) % PF_KEYS, c = i % CHUNKS;
-                unsigned char* dst = (which ? vs : ks) + tile_offset<HD>(key, c);
+#pragma unroll
+            for (int u = 0; u < KEYS; u++) {
+                const int key = key0 + u * STRIDE;
+                unsigned char *kd = ks + tile_offset<HD>(key, c), *vd = vs + tile_offset<HD>(key, c);
                 if (loadable(a + key)) {
-                    const __nv_bfloat16* src = (const __nv_bfloat16*)(which ? v_cache : k_cache);
-                    cp_async16(dst, src + slot(a + key) * kv_dim + kvh * HD + 8 * c);
+                    const size_t at = slot(a + key) * kv_dim + head + 8 * c;
+                    cp_async16(kd, (const __nv_bfloat16*)k_cache + at);
+                    cp_async16(vd, (const __nv_bfloat16*)v_cache + at);
                 } else {
-                    *(uint4*)dst = make_uint4(0, 0, 0, 0);
+                    *(uint4*)kd = *(uint4*)vd = make_uint4(0, 0, 0, 0);
                 }
             }
             cp_async_wait_all();
         }
+    }
+
+    // 16 E4M3 codes (chunk c of a key row's codes) as bf16 chunks 2c and 2c + 1 of the tile.
+    __device__ __forceinline__ static void store_codes(unsigned char* tile, int key, int c, uint4 w) {
+        *(uint4*)(tile + tile_offset<HD>(key, 2 * c)) =
+            make_uint4(e4m3x2_bf16(w.x), e4m3x2_bf16(w.x >> 16), e4m3x2_bf16(w.y), e4m3x2_bf16(w.y >> 16));
+        *(uint4*)(tile + tile_offset<HD>(key, 2 * c + 1)) =
+            make_uint4(e4m3x2_bf16(w.z), e4m3x2_bf16(w.z >> 16), e4m3x2_bf16(w.w), e4m3x2_bf16(w.w >> 16));
     }
 
     // Two E4M3 codes (low byte first) as a bf16 pair, exactly.
