@@ -48,14 +48,15 @@ impl Ctx<'_> {
         self.rows.push(OpRow { op: op.into(), shape, err, pass: err <= TOLERANCE });
     }
 
-    /// An attention output compared whole, and over the tokens of its last row alone (the
-    /// long prefill chunk of `attention_meta`, which the GPU runs on its prefill kernel).
+    /// An attention output compared whole, and over the tokens of its longest row alone
+    /// (the prefill chunk of `attention_meta`, which the GPU runs on its prefill kernel).
     fn push_long(&mut self, op: &str, shape: &str, meta: &BatchMeta, (got, want): (&[f32], &[f32])) {
         self.push(op, shape.to_string(), got, want);
-        let (last, width) = (meta.rows.last().expect("a row"), want.len() / meta.num_tokens().max(1));
-        let rows = last.start as usize * width..(last.start + last.len) as usize * width;
-        let label = format!("{shape}, last row ({} tokens after {})", last.len, last.context_len - last.len);
-        self.push(&format!("{op} prefill chunk"), label, &got[rows.clone()], &want[rows]);
+        let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
+        let width = want.len() / meta.num_tokens().max(1);
+        let rows = long.start as usize * width..(long.start + long.len) as usize * width;
+        let label = format!("{shape}, its {}-token row after {}", long.len, long.context_len - long.len);
+        self.push(&format!("{op}, prefill chunk"), label, &got[rows.clone()], &want[rows]);
     }
 
     /// The same host tensor on both backends.
@@ -253,9 +254,9 @@ fn rope(c: &mut Ctx, preset: Preset) -> Result<()> {
     Ok(())
 }
 
-/// Four rows: a decode token deep in a scrambled block table, a verification row of 5
-/// tokens, a 40-token prefill from position 0 (these three take the split kernel) and a
-/// 300-token prefill chunk after 700 cached positions (the prefill kernel); and the cache's
+/// Four rows: a decode token deep in a scrambled block table, a 300-token prefill chunk
+/// after 700 cached positions (the GPU's prefill kernel), a verification row of 5 tokens and
+/// a 40-token prefill from position 0 (the split kernel's, as the decode); and the cache's
 /// slots.
 fn attention_meta(c: &mut Ctx, s: AttnShape) -> (BatchMeta, usize) {
     let (bs, blocks) = (16u32, 128usize);
@@ -265,9 +266,10 @@ fn attention_meta(c: &mut Ctx, s: AttnShape) -> (BatchMeta, usize) {
     }
     let mut meta = BatchMeta::new(bs);
     meta.push_row(&[3], 299, &perm[0..19], 1);
+    // Before rows that take the split kernel: it sees this one's tokens at a stand-in position.
+    meta.push_row(&[10; 300], 700, &perm[60..123], 1);
     meta.push_row(&[4, 5, 6, 7, 8], 590, &perm[19..57], 5);
     meta.push_row(&[9; 40], 0, &perm[57..60], 1);
-    meta.push_row(&[10; 300], 700, &perm[60..123], 1);
     if let Some(w) = s.window {
         // Blocks that slid out of each row's window are back in the pool: never read.
         for row in &mut meta.rows {
