@@ -4,7 +4,8 @@
 # ceiling (weight bytes + KV bytes one step reads) / measured copy bandwidth; and how many
 # requests of 4k tokens the KV pool the runtime would size on this GPU holds with each.
 # The cache's positions are filled directly (no prefill): a step reads them all the same.
-# Prints the tables last.
+# Then the prefill of a 32k-token prompt in chunks of 512 (the prefill attention kernel),
+# per KV cache storage. Prints the tables last.
 #
 #   bench/long_context.sh [SPECULA_BINARY]
 #
@@ -16,6 +17,7 @@
 #   KV_DTYPES       default bf16,fp8
 #   DECODE_TOKENS   steps timed per context (default 64)
 #   REQUEST_TOKENS  the request length of the pool's count (default 4096)
+#   PREFILL_TOKENS  the prompt prefilled (default 32768); PREFILL_CHUNK its chunks (512)
 #   BENCH_ARGS      extra arguments for `specula bench` (e.g. --dtype fp8)
 set -uo pipefail
 BIN=${1:-target/release/specula}
@@ -31,7 +33,8 @@ cat "$LOG_DIR/gpu.txt"
 
 "$BIN" bench --models "${MODEL:-dummy:llama-3.1-8b}" --context "${CONTEXTS:-1000,32000,128000}" \
     --kv-cache-dtypes "${KV_DTYPES:-bf16,fp8}" --decode-tokens "${DECODE_TOKENS:-64}" \
-    --request-tokens "${REQUEST_TOKENS:-4096}" --json "$LOG_DIR/long_context.json" ${BENCH_ARGS:-} \
+    --request-tokens "${REQUEST_TOKENS:-4096}" --prefill "${PREFILL_TOKENS:-32768}" \
+    --prefill-chunk "${PREFILL_CHUNK:-512}" --json "$LOG_DIR/long_context.json" ${BENCH_ARGS:-} \
     >"$LOG_DIR/long_context.txt" 2>&1
 status=$?
 

@@ -108,18 +108,22 @@ __device__ __forceinline__ void cp_async_wait() {
 }
 
 
-// cos and sin of this lane's dimensions at position `pos`, formed as kernels/rope.cu forms
-// them (angle reduced modulo 2*pi in f64, then an f32 sincos).
+// The angle of dimension `dim` (< head_dim / 2) at position `pos`, as kernels/rope.cu forms
+// it: the product and its reduction modulo 2*pi in f64, then an f32 sincos.
+__device__ __forceinline__ void rope_angle(int pos, const float* __restrict__ inv_freq, int dim, float& cs, float& sn) {
+    const double two_pi = 6.283185307179586;
+    double a = (double)pos * (double)inv_freq[dim];
+    a -= floor(a / two_pi) * two_pi;
+    sincosf((float)a, &sn, &cs);
+}
+
+// cos and sin of this lane's dimensions at position `pos` when lane l holds dimensions
+// l*PL..l*PL+PL-1 of a head (its partner, i + HD/2, sits in lane l ^ 16).
 template <int PL>
 __device__ __forceinline__ void rope_angles(int pos, const float* __restrict__ inv_freq, int lane, float* cs, float* sn) {
     constexpr int HALF = PL * WARP / 2;
-    const double two_pi = 6.283185307179586;
 #pragma unroll
-    for (int i = 0; i < PL; i++) {
-        double a = (double)pos * (double)inv_freq[(lane * PL + i) % HALF];
-        a -= floor(a / two_pi) * two_pi;
-        sincosf((float)a, &sn[i], &cs[i]);
-    }
+    for (int i = 0; i < PL; i++) rope_angle(pos, inv_freq, (lane * PL + i) % HALF, cs[i], sn[i]);
 }
 
 // Rotates this lane's dimensions of one head, as kernels/rope.cu does; every lane of the

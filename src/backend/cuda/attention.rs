@@ -1,5 +1,6 @@
-//! Host side of kernels/attention_mma.cu and attention.cu: paged attention as split and
-//! merge kernels, over a bf16 or an FP8 KV cache.
+//! Host side of kernels/attention.cu and attention_mma.cu: paged attention as split and
+//! merge kernels, over a bf16 or an FP8 KV cache; long prefill rows go to
+//! kernels/prefill.cu (`prefill.rs`).
 
 use std::sync::atomic::Ordering;
 
@@ -80,21 +81,32 @@ impl CudaBackend {
         Self::expect(k, DType::F32, "attention k")?;
         Self::expect(v, DType::F32, "attention v")?;
         Self::expect(q, DType::F32, "attention q")?;
-        let splits = batch.max_splits;
-        let partial = self.alloc(vec![n, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
-        // Also stores this step's keys and values in the caches (see kernels/attention.cu).
-        launch!(self.dev, split, (s.num_kv_heads as u32, n as u32, splits as u32), (128, 1, 1);
-            q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), k_cache.scales_ptr(), v_cache.scales_ptr(),
-            batch.positions(), batch.slots(),
-            batch.token_row(), batch.row_first(), batch.tree(), batch.block_tables(), batch.max_blocks as i32,
-            batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
-            inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32,
-            s.window.map_or(0, |w| w.size() as i32), s.window.map_or(0, |w| w.sinks() as i32))?;
+        // Long causal rows go to the prefill kernel (prefill.rs): the split kernel takes the m
+        // tokens up to the last short row's end, a long row's among them at a stand-in
+        // position, and prefill overwrites their outputs.
+        let (positions, splits, m) = match &batch.prefill {
+            Some(p) => (p.split_positions(), p.max_splits, p.split_tokens),
+            None => (batch.positions(), batch.max_splits, n),
+        };
         let out = self.alloc(vec![n, s.num_heads * s.head_dim], DType::Bf16)?; // o's input
-        let merge_block = (s.head_dim * MERGE_GROUPS) as u32;
-        launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, n as u32, 1), (merge_block, 1, 1);
-            partial.ptr(), batch.positions(), out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
-            batch.min_split as i32)?;
+        if m > 0 {
+            let partial = self.alloc(vec![m, s.num_heads, splits, s.head_dim + 2], DType::F32)?;
+            // Also stores this step's keys and values in the caches (see kernels/attention.cu).
+            launch!(self.dev, split, (s.num_kv_heads as u32, m as u32, splits as u32), (128, 1, 1);
+                q.ptr(), k.ptr(), v.ptr(), k_cache.ptr(), v_cache.ptr(), k_cache.scales_ptr(), v_cache.scales_ptr(),
+                positions, batch.slots(),
+                batch.token_row(), batch.row_first(), batch.tree(), batch.block_tables(), batch.max_blocks as i32,
+                batch.meta.block_size as i32, s.num_heads as i32, s.num_kv_heads as i32, splits as i32, partial.ptr(),
+                inv_freq.map_or(0, |f| f.ptr()), batch.min_split as i32,
+                s.window.map_or(0, |w| w.size() as i32), s.window.map_or(0, |w| w.sinks() as i32))?;
+            let merge_block = (s.head_dim * MERGE_GROUPS) as u32;
+            launch!(self.dev, &self.kernels.attn_merge, (s.num_heads as u32, m as u32, 1), (merge_block, 1, 1);
+                partial.ptr(), positions, out.ptr(), s.num_heads as i32, s.head_dim as i32, splits as i32,
+                batch.min_split as i32)?;
+        }
+        if let Some(plan) = &batch.prefill {
+            self.prefill(plan, (q, k, v), k_cache, v_cache, batch, s, inv_freq, &out)?;
+        }
         Ok(out)
     }
 }

@@ -27,6 +27,8 @@ pub struct CudaBatch {
     pub(crate) max_splits: usize,
     /// The shortest attention split (see `split_len`).
     pub(crate) min_split: usize,
+    /// The rows that go to the prefill kernel, if any (`prefill.rs`).
+    pub(crate) prefill: Option<super::prefill::PrefillPlan>,
 }
 
 impl CudaBatch {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction};
 use cudarc::nvrtc::{result as nvrtc, sys as nvrtc_sys, Ptx};
 
+use super::prefill::{prefill_names, store_names};
 use crate::tensor::{BackendError, Result};
 
 /// One `kernels/*.cu` file.
@@ -33,6 +34,7 @@ pub const FILES: &[KernelFile] = &[
     KernelFile { name: "fp8.cu", source: include_str!("../../../kernels/fp8.cu") },
     KernelFile { name: "attention.cu", source: include_str!("../../../kernels/attention.cu") },
     KernelFile { name: "attention_mma.cu", source: include_str!("../../../kernels/attention_mma.cu") },
+    KernelFile { name: "prefill.cu", source: include_str!("../../../kernels/prefill.cu") },
     KernelFile { name: "kv.cu", source: include_str!("../../../kernels/kv.cu") },
     KernelFile { name: "sample.cu", source: include_str!("../../../kernels/sample.cu") },
 ];
@@ -228,6 +230,10 @@ pub struct Kernels {
     /// query heads per KV head, CUDA or tensor cores).
     pub attn_split: Vec<CudaFunction>,
     pub attn_merge: CudaFunction,
+    /// The prefill attention kernels, by `prefill::prefill_index` (head size, window, KV
+    /// storage), and their KV store pass, by `prefill::store_index`.
+    pub prefill: Vec<CudaFunction>,
+    pub kv_store: Vec<CudaFunction>,
     /// KV cache entries moved slot to slot (`Backend::copy_kv`).
     pub kv_copy: CudaFunction,
     pub argmax_rows: CudaFunction,
@@ -292,6 +298,8 @@ impl Kernels {
             swiglu_fp8: by_group("swiglu_fp8")?,
             attn_split: AttnKernel::ALL.iter().map(|k| get(&k.name())).collect::<Result<_>>()?,
             attn_merge: get("attn_merge")?,
+            prefill: prefill_names().iter().map(|n| get(n)).collect::<Result<_>>()?,
+            kv_store: store_names().iter().map(|n| get(n)).collect::<Result<_>>()?,
             kv_copy: get("kv_copy")?,
             argmax_rows: get("argmax_rows")?,
             sample_rows: get("sample_rows")?,
@@ -387,6 +395,9 @@ mod tests {
         for k in AttnKernel::ALL {
             assert!(names.contains(&k.name()), "{k:?} ({}) missing", k.name());
             assert_eq!(AttnKernel::ALL[k.index()], k);
+        }
+        for name in prefill_names().into_iter().chain(store_names()) {
+            assert!(names.contains(&name), "{name} missing");
         }
         assert!(FILES.iter().all(|f| !f.full_source().contains(".cuh\"")));
     }

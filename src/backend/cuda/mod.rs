@@ -19,6 +19,7 @@ mod kv;
 pub mod matmul;
 mod nccl;
 mod placement;
+mod prefill;
 mod sample;
 pub mod tensor;
 
@@ -58,6 +59,9 @@ pub struct CudaBackend {
     rank: Option<nccl::NcclRank>,
     /// The CUDA-core attention split kernel rather than the tensor-core one (`AttnPath`).
     attn_simt: AtomicBool,
+    /// Long prefill rows through the tiled prefill kernel (`prefill.rs`) rather than the
+    /// split kernel.
+    tiled_prefill: AtomicBool,
 }
 
 impl CudaBackend {
@@ -107,6 +111,7 @@ impl CudaBackend {
             device_name,
             rank: None,
             attn_simt: AtomicBool::new(AttnPath::from_env() == AttnPath::Simt),
+            tiled_prefill: AtomicBool::new(prefill::tiled_from_env()),
         })
     }
 
@@ -388,7 +393,9 @@ impl Backend for CudaBackend {
             // Enough splits for the last position the graph's block tables can hold.
             let max_splits = splits_at(max_blocks * meta.block_size as usize - 1, ATTN_SPLIT);
             let min_split = ATTN_SPLIT;
-            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split });
+            // A captured step holds at most MATMUL_MAX_TOKENS tokens: no row is long enough
+            // for the prefill kernel (prefill.rs).
+            return Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split, prefill: None });
         }
         let max_blocks = blocks_needed(meta);
         let packed = pack(meta, max_blocks)?;
@@ -396,7 +403,11 @@ impl Backend for CudaBackend {
         self.dev.htod(buf.ptr(), &packed)?;
         let max_splits = meta.positions.iter().map(|&p| splits_at(p as usize, ATTN_SPLIT)).max().unwrap_or(1);
         let (buf, min_split) = (Arc::new(buf), ATTN_SPLIT);
-        Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split })
+        let prefill = match self.tiled_prefill() {
+            true => prefill::plan(&self.dev, meta)?,
+            false => None,
+        };
+        Ok(CudaBatch { meta: meta.clone(), buf, max_blocks, max_splits, min_split, prefill })
     }
 
     fn embed(&self, table: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {

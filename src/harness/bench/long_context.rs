@@ -8,7 +8,7 @@
 //! would take.
 
 use super::decode::{timed_decode, weight_bytes};
-use super::long_report::{ContextRow, LongContextReport, PoolFit};
+use super::long_report::{ContextRow, LongContextReport, PoolFit, PrefillRow};
 use super::run::copy_bandwidth;
 use super::{dtype_label, BenchOptions};
 use crate::actors::config::{kv_budget, RuntimeConfig};
@@ -21,6 +21,7 @@ use crate::model::{load_model_with, KvCache, Llama, LoadOptions};
 use crate::prompt::BLOCK_SIZE;
 use crate::tensor::{KvDtype, KvOptions};
 use std::io::Write;
+use std::time::Instant;
 
 /// Steps run before timing (the first captures the step's graph).
 const WARM_UP: usize = 4;
@@ -37,9 +38,13 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<LongContextReport
     let fits =
         opts.kv_cache_dtypes.iter().map(|&d| pool_fit(&gpu, &model, d, opts.request_tokens)).collect::<Result<_>>()?;
     let bandwidth = copy_bandwidth(&gpu, out)?;
-    let mut rows = vec![];
+    let (mut rows, mut prefill) = (vec![], vec![]);
+    let setup = Setup { gpu: &gpu, model: &model, weights, bandwidth };
     for &dtype in &opts.kv_cache_dtypes {
-        rows.extend(decode_rows(&Setup { gpu: &gpu, model: &model, weights, bandwidth }, dtype, opts, out)?);
+        rows.extend(decode_rows(&setup, dtype, opts, out)?);
+        if let Some(tokens) = opts.prefill {
+            prefill.push(prefill_row(&setup, dtype, tokens, opts.prefill_chunk.max(1), out)?);
+        }
     }
     Ok(LongContextReport {
         copy_bandwidth_bytes_per_s: bandwidth,
@@ -48,6 +53,7 @@ pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<LongContextReport
         model: name.to_string(),
         request_tokens: opts.request_tokens,
         rows,
+        prefill,
         weight_dtype: dtype_label(opts.dtype),
     })
 }
@@ -58,6 +64,36 @@ struct Setup<'a> {
     model: &'a Llama<CudaBackend>,
     weights: f64,
     bandwidth: f64,
+}
+
+/// The prefill of a `tokens`-long prompt from position 0 in chunks of `chunk` (rows longer
+/// than `MATMUL_MAX_TOKENS` take the prefill attention kernel), over a fresh cache of
+/// `dtype`; each chunk asks for its last token's next id, so the host waits for every step.
+fn prefill_row(s: &Setup, dtype: KvDtype, tokens: usize, chunk: usize, out: &mut dyn Write) -> Result<PrefillRow> {
+    let blocks = tokens.div_ceil(BLOCK_SIZE);
+    let options = KvOptions { dtype, window: None };
+    let mut kv = KvCache::with_options(s.gpu, &s.model.config, blocks, BLOCK_SIZE, options)?;
+    let table: Vec<u32> = (0..blocks as u32).collect();
+    let prompt: Vec<u32> = (0..tokens as u32).map(|i| 1 + i * 7919 % 1000).collect();
+    let mut run = |upto: usize| -> Result<f64> {
+        let start = Instant::now();
+        for (i, ids) in prompt[..upto].chunks(chunk).enumerate() {
+            let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
+            meta.push_row(ids, (i * chunk) as u32, &table, 1);
+            greedy_ids(s.gpu, s.model, &mut kv, &meta)?;
+        }
+        Ok(start.elapsed().as_secs_f64())
+    };
+    run(chunk.min(tokens))?; // warm-up: kernels loaded, cuBLAS set up
+    let seconds = run(tokens)?;
+    let row = PrefillRow { chunk, kv_dtype: kv.storage.name(), seconds, tokens };
+    writeln!(
+        out,
+        "{} KV, prefill of {tokens} tokens by {chunk}: {seconds:.2} s, {:.0} tok/s",
+        row.kv_dtype,
+        row.tok_s()
+    )?;
+    Ok(row)
 }
 
 /// Decode at each `--context` over one cache of `dtype`, long enough for the longest.

@@ -16,7 +16,24 @@ pub struct LongContextReport {
     pub model: String,
     pub request_tokens: usize,
     pub rows: Vec<ContextRow>,
+    /// With `--prefill`: the prompt's prefill, per storage.
+    pub prefill: Vec<PrefillRow>,
     pub weight_dtype: &'static str,
+}
+
+/// Batch-1 prefill of a prompt from position 0, in chunks, over one KV storage.
+#[derive(Serialize)]
+pub struct PrefillRow {
+    pub chunk: usize,
+    pub kv_dtype: &'static str,
+    pub seconds: f64,
+    pub tokens: usize,
+}
+
+impl PrefillRow {
+    pub fn tok_s(&self) -> f64 {
+        self.tokens as f64 / self.seconds
+    }
 }
 
 /// Batch-1 greedy decode at one context length over one KV storage.
@@ -78,6 +95,14 @@ impl fmt::Display for LongContextReport {
                 100.0 * r.fraction()
             )?;
         }
+        if !self.prefill.is_empty() {
+            writeln!(f, "\n== batch-1 prefill from position 0, in chunks ==")?;
+            writeln!(f, "{:<9} {:>9} {:>7} {:>10} {:>10}", "kv cache", "tokens", "chunk", "seconds", "tok/s")?;
+            for p in &self.prefill {
+                let (kv, tokens, chunk, secs, tok_s) = (p.kv_dtype, p.tokens, p.chunk, p.seconds, p.tok_s());
+                writeln!(f, "{kv:<9} {tokens:>9} {chunk:>7} {secs:>10.2} {tok_s:>10.0}")?;
+            }
+        }
         writeln!(
             f,
             "\n== {}-token requests held at once in the runtime's KV pool on this device ==",
@@ -131,11 +156,13 @@ mod tests {
             model: "dummy:llama-3.1-8b".into(),
             request_tokens: 4096,
             rows: vec![row("bf16", 80.0), row("fp8_e4m3", 90.5)],
+            prefill: vec![PrefillRow { chunk: 512, kv_dtype: "bf16", seconds: 4.0, tokens: 32_768 }],
             weight_dtype: "bf16",
         };
         let text = r.to_string();
         assert!(text.contains("bf16          32000       80.0        4.20         100.0      80.0%\n"), "{text}");
         assert!(text.contains("fp8_e4m3          66048      52.43       793792       193\n"), "{text}");
+        assert!(text.contains("bf16          32768     512       4.00       8192\n"), "{text}");
         assert_eq!(row("bf16", 50.0).fraction(), 0.5);
     }
 }

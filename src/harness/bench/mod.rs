@@ -4,8 +4,9 @@
 //! denominator), batch-1 greedy decode tok/s per model (CUDA graphs on and off), the time
 //! of one verification step with k drafts relative to one decode step, and whether a draft
 //! model on its own stream overlaps the target's work (a timeline from CUDA events).
-//! With `--context`, instead: decode at long contexts per KV cache storage, and the
-//! requests the runtime's KV pool holds (`long_context.rs`).
+//! With `--context` (or `--prefill`), instead: decode at long contexts and the prefill of a
+//! long prompt per KV cache storage, and the requests the runtime's KV pool holds
+//! (`long_context.rs`).
 
 #[cfg(feature = "cuda")]
 mod decode;
@@ -84,6 +85,13 @@ pub struct BenchOptions {
     /// With `--context`: the request length whose count the KV pool holds is reported.
     #[arg(long, default_value_t = 4096)]
     pub request_tokens: usize,
+    /// Time the prefill of a prompt this long (e.g. 32768), batch 1 in chunks of
+    /// `--prefill-chunk`, per `--kv-cache-dtypes`, with the long-context measurements.
+    #[arg(long)]
+    pub prefill: Option<usize>,
+    /// Prompt tokens per prefill step (the runtime's default `step_tokens`).
+    #[arg(long, default_value_t = 512)]
+    pub prefill_chunk: usize,
 }
 
 /// One way of running decode steps, for side-by-side comparisons in one process.
@@ -122,7 +130,7 @@ pub fn run(_: &BenchOptions, _out: &mut dyn Write) -> Result<()> {
 /// earlier results on screen. With `json`, the report is written there too, at the end.
 #[cfg(feature = "cuda")]
 pub fn run(opts: &BenchOptions, out: &mut dyn Write) -> Result<()> {
-    let json = if opts.context.is_empty() {
+    let json = if opts.context.is_empty() && opts.prefill.is_none() {
         serde_json::to_string_pretty(&run::run(opts, out)?)?
     } else {
         let report = long_context::run(opts, out)?;

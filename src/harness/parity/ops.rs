@@ -52,6 +52,17 @@ impl Ctx<'_> {
         self.rows.push(OpRow { op: op.into(), shape, err, pass: err <= TOLERANCE });
     }
 
+    /// An attention output compared whole, and over the tokens of its longest row alone
+    /// (the prefill chunk of `attention_meta`, which the GPU runs on its prefill kernel).
+    fn push_long(&mut self, op: &str, shape: &str, meta: &BatchMeta, (got, want): (&[f32], &[f32])) {
+        self.push(op, shape.to_string(), got, want);
+        let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
+        let width = want.len() / meta.num_tokens().max(1);
+        let rows = long.start as usize * width..(long.start + long.len) as usize * width;
+        let label = format!("{shape}, its {}-token row after {}", long.len, long.context_len - long.len);
+        self.push(&format!("{op}, prefill chunk"), label, &got[rows.clone()], &want[rows]);
+    }
+
     /// The same host tensor on both backends.
     fn both(&self, t: &HostTensor) -> Result<(<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor)> {
         Ok((self.cpu.upload(t)?, self.gpu.upload(t)?))
@@ -64,39 +75,51 @@ pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>>
     let other = MatmulTuning { warps: 4, warps_per_sm: 4, x_ahead: true, ..MatmulTuning::default() };
     let variants = vec![("4 warps, 1 block/SM, activations ahead", gpu.tuned(other)?)];
     let mut c = Ctx { cpu, gpu, variants, rng: StdRng::seed_from_u64(seed), rows: vec![] };
+    // The tiled prefill kernel is not yet the default: its rows (the long chunk of
+    // `attention_meta`) are what checks it; shorter rows keep the split kernel either way.
+    let tiled_before = gpu.tiled_prefill();
+    gpu.set_tiled_prefill(true);
+    let done = all_ops(&mut c);
+    gpu.set_tiled_prefill(tiled_before);
+    done.map(|()| c.rows)
+}
+
+fn all_ops(c: &mut Ctx) -> Result<()> {
     for (n, d) in [(7, 576), (3, 4096), (1, 8192)] {
-        norms(&mut c, n, d)?;
+        norms(c, n, d)?;
     }
     for fp8 in [false, true] {
         for (m, k) in [(1536, 576), (576, 1536), (1024, 2048), (4096, 14336), (8192, 4096)] {
-            matmul(&mut c, m, k, fp8)?;
+            matmul(c, m, k, fp8)?;
         }
         for n in [1, 9, 17, 64] {
-            fused(&mut c, n, fp8)?;
+            fused(c, n, fp8)?;
         }
     }
     for preset in [Preset::SmolLm2_135m, Preset::Llama31_8b] {
-        rope(&mut c, preset)?;
+        rope(c, preset)?;
     }
     let window = AttnWindow::new(100, 4).ok();
     for window in [None, window] {
         for shape in [
             AttnShape { num_heads: 9, num_kv_heads: 3, head_dim: 64, window },
             AttnShape { num_heads: 32, num_kv_heads: 8, head_dim: 128, window },
+            // Eight query heads per KV head (the 70B's grouping).
+            AttnShape { num_heads: 16, num_kv_heads: 2, head_dim: 128, window },
         ] {
-            attention(&mut c, shape)?;
-            fp8_kv::attention(&mut c, shape)?;
+            attention(c, shape)?;
+            fp8_kv::attention(c, shape)?;
             for storage in [KvStorage::Bf16, KvStorage::Fp8] {
-                tree::attention(&mut c, shape, storage)?;
+                tree::attention(c, shape, storage)?;
             }
         }
     }
     for storage in [KvStorage::Bf16, KvStorage::Fp8] {
-        tree::copy_kv(&mut c, storage)?;
+        tree::copy_kv(c, storage)?;
     }
-    elementwise(&mut c)?;
-    random(&mut c)?;
-    Ok(c.rows)
+    elementwise(c)?;
+    random(c)?;
+    Ok(())
 }
 
 fn norms(c: &mut Ctx, n: usize, d: usize) -> Result<()> {
@@ -245,8 +268,10 @@ fn rope(c: &mut Ctx, preset: Preset) -> Result<()> {
     Ok(())
 }
 
-/// Three rows: a decode token deep in a scrambled block table, a verification row of 5
-/// tokens, and a 40-token prefill from position 0; and the cache's slots.
+/// Four rows: a decode token deep in a scrambled block table, a 300-token prefill chunk
+/// after 700 cached positions (the GPU's prefill kernel), a verification row of 5 tokens and
+/// a 40-token prefill from position 0 (the split kernel's, as the decode); and the cache's
+/// slots.
 fn attention_meta(c: &mut Ctx, s: AttnShape) -> (BatchMeta, usize) {
     let (bs, blocks) = (16u32, 128usize);
     let mut perm: Vec<u32> = (0..blocks as u32).collect();
@@ -255,6 +280,8 @@ fn attention_meta(c: &mut Ctx, s: AttnShape) -> (BatchMeta, usize) {
     }
     let mut meta = BatchMeta::new(bs);
     meta.push_row(&[3], 299, &perm[0..19], 1);
+    // Before rows that take the split kernel: it sees this one's tokens at a stand-in position.
+    meta.push_row(&[10; 300], 700, &perm[60..123], 1);
     meta.push_row(&[4, 5, 6, 7, 8], 590, &perm[19..57], 5);
     meta.push_row(&[9; 40], 0, &perm[57..60], 1);
     if let Some(w) = s.window {
@@ -287,7 +314,7 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let window = s.window.map_or(String::new(), |w| format!(" window {}+{}", w.size(), w.sinks()));
     let shape = format!("{}h/{}kv/{} x{n}{window}", s.num_heads, s.num_kv_heads, s.head_dim);
     let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
-    c.push("attention (decode+verify+prefill)", shape.clone(), &got, &want);
+    c.push_long("attention (decode+verify+prefill)", &shape, &meta, (&got, &want));
     let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
     c.push("attention KV write", shape.clone(), &got, &want);
     // RoPE inside the attention kernel against rope, then attention, on the CPU.
@@ -299,7 +326,7 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let want = c.cpu.rope_attention(&mut qc, &mut kc_, &vc_, &mut kcc, &mut vcc, &c.cpu.prepare(&meta)?, &fc, s)?;
     let got = c.gpu.rope_attention(&mut qg, &mut kg, &vg, &mut kcg, &mut vcg, &c.gpu.prepare(&meta)?, &fg, s)?;
     let (want, got) = (c.cpu.to_host(&want)?, c.gpu.to_host(&got)?);
-    c.push("rope_attention (rope inside)", shape.clone(), &got, &want);
+    c.push_long("rope_attention (rope inside)", &shape, &meta, (&got, &want));
     let (want, got) = (c.cpu.to_host(&kcc)?, c.gpu.to_host(&kcg)?);
     c.push("rope_attention KV write", shape.clone(), &got, &want);
     let gpu = c.gpu;

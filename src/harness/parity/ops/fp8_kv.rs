@@ -83,7 +83,7 @@ pub(super) fn compare_bytes(
     Ok(())
 }
 
-/// The three rows of `attention_meta` over FP8 caches: attention, then RoPE inside it.
+/// The rows of `attention_meta` over FP8 caches: attention, then RoPE inside it.
 pub(super) fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let layout =
         KvLayout { num_kv_heads: s.num_kv_heads, head_dim: s.head_dim, storage: KvStorage::Fp8, window: s.window };
@@ -103,7 +103,7 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let got = gpu.to_host(&gpu.attention(&qg, &kg, &vg, &mut kcg, &mut vcg, &bg, s)?)?;
     let window = s.window.map_or(String::new(), |w| format!(" window {}+{}", w.size(), w.sinks()));
     let shape = format!("{}h/{}kv/{} x{n}{window}", s.num_heads, s.num_kv_heads, s.head_dim);
-    c.push("attention fp8 KV (decode+verify+prefill)", shape.clone(), &got, &want);
+    c.push_long("attention fp8 KV (decode+verify+prefill)", &shape, &meta, (&got, &want));
     compare_bytes(c, "attention fp8 KV write (bytes)", &shape, &[(&kcc, &kcg), (&vcc, &vcg)], false)?;
     let preset = if s.head_dim == 64 { Preset::SmolLm2_135m } else { Preset::Llama31_8b };
     let f = HostTensor::new(vec![s.head_dim / 2], preset.config().rope_inv_freq());
@@ -111,7 +111,7 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let ((mut qc, mut qg), (mut kc, mut kg)) = (up(&q)?, up(&k)?);
     let want = cpu.to_host(&cpu.rope_attention(&mut qc, &mut kc, &vc, &mut kcc, &mut vcc, &bc, &fc, s)?)?;
     let got = gpu.to_host(&gpu.rope_attention(&mut qg, &mut kg, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)?;
-    c.push("rope_attention fp8 KV (rope inside)", shape.clone(), &got, &want);
+    c.push_long("rope_attention fp8 KV (rope inside)", &shape, &meta, (&got, &want));
     compare_bytes(c, "rope_attention fp8 KV write (bytes)", &shape, &[(&kcc, &kcg), (&vcc, &vcg)], true)?;
     super::mma_vs_simt(c, "rope_attention fp8 KV", &shape, |g| {
         let (mut q, mut k) = (f32_tensor(g, &q)?, f32_tensor(g, &k)?);
