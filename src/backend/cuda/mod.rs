@@ -11,6 +11,7 @@ mod attention;
 pub mod batch;
 pub mod blas;
 pub mod device;
+mod draft;
 mod fp8;
 pub mod graph;
 pub mod kernels;
@@ -37,6 +38,7 @@ use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
 use crate::core::sampling::RowSampling;
 use crate::tensor::quant::QuantWeight;
+use crate::tensor::TopLogProbs;
 use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, DeviceMemory, HostTensor, Result, StepKey};
 use crate::tensor::{KvDtype, KvLayout, KvStorage};
 
@@ -583,5 +585,13 @@ impl Backend for CudaBackend {
 
     fn sample_rows(&self, logits: &CudaTensor, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>> {
         self.sample_on_device(logits, vocab, rows)
+    }
+
+    fn top_log_probs_rows(&self, logits: &CudaTensor, vocab: usize, k: usize) -> Result<Vec<TopLogProbs>> {
+        self.top_log_probs_on_device(logits, vocab, k)
+    }
+
+    fn embed_concat(&self, t: &CudaTensor, b: &CudaBatch, f: &CudaTensor, h: usize, w: usize) -> Result<CudaTensor> {
+        self.embed_concat_on_device(t, b, f, h, w)
     }
 }

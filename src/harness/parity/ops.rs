@@ -1,6 +1,7 @@
 //! Each op on both backends with the same random inputs. Weights are rounded to bf16
 //! before the CPU sees them, so the comparison measures the kernels, not the storage.
 
+mod draft;
 mod fp8_kv;
 mod tree;
 
@@ -91,6 +92,8 @@ pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>>
         tree::copy_kv(&mut c, storage)?;
     }
     elementwise(&mut c)?;
+    draft::top_log_probs(&mut c)?;
+    draft::embed_concat(&mut c)?;
     random(&mut c)?;
     Ok(c.rows)
 }
