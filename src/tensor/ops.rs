@@ -280,6 +280,24 @@ pub trait Backend: Send + Sync + 'static {
         step()
     }
 
+    /// `replayable_step` for a step that also reads `inputs`, host tensors whose values
+    /// change from step to step (a drafting head's features): `step` gets them on the
+    /// device as activations (f32), in buffers that a replay refills. Their shapes are part
+    /// of the key.
+    fn replayable_step_with(
+        &self,
+        _key: StepKey,
+        _meta: &BatchMeta,
+        inputs: &[&HostTensor],
+        step: impl FnOnce(&[Self::Tensor]) -> Result<Vec<Self::Tensor>>,
+    ) -> Result<Vec<Self::Tensor>>
+    where
+        Self: Sized,
+    {
+        let inputs = inputs.iter().map(|t| self.upload(t)).collect::<Result<Vec<_>>>()?;
+        step(&inputs)
+    }
+
     /// Greedy ids of each `vocab`-wide row of `logits`: the first maximum, as
     /// `core::sampling::argmax`. GPU backends compute it on the device so that only the
     /// ids cross to the host.

@@ -568,6 +568,17 @@ impl Backend for CudaBackend {
         self.graphed(key, meta, step)
     }
 
+    /// Its inputs in buffers of the graph, refilled before each replay (see `graph.rs`).
+    fn replayable_step_with(
+        &self,
+        key: StepKey,
+        meta: &BatchMeta,
+        inputs: &[&HostTensor],
+        step: impl FnOnce(&[CudaTensor]) -> Result<Vec<CudaTensor>>,
+    ) -> Result<Vec<CudaTensor>> {
+        self.graphed_with(key, meta, inputs, step)
+    }
+
     /// A sticky error (an illegal address, say) or a stream left capturing shows here.
     fn healthy(&self) -> Result<()> {
         self.dev.sync()

@@ -19,7 +19,7 @@ use crate::model::shard::Split;
 use crate::model::weight_loader::{load_weight, LoadOptions};
 use crate::model::{KvCache, Llama, LoadError, ModelConfig, WeightSource, Weights};
 use crate::spec::SpecError;
-use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result};
+use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result, StepKey};
 
 /// The head trained for the default model (SmolLM2-135M-Instruct), in this source tree:
 /// found by path rather than compiled in, so the binary stays small and the head loads
@@ -88,7 +88,8 @@ impl<B: Backend> EagleHead<B> {
 
     /// One forward over `meta`, whose token at each entry p is token p+1 of its sequence,
     /// with `features` `[tokens, hidden]` (host, row-major) the f_p each entry reads. Returns
-    /// the predicted features of the rows that want logits (host) and their logits.
+    /// the predicted features of the rows that want logits (host) and their logits (read
+    /// them before the next step: a replayed step reuses its buffers).
     pub fn step(
         &self,
         b: &B,
@@ -97,16 +98,36 @@ impl<B: Backend> EagleHead<B> {
         meta: &BatchMeta,
         features: &[f32],
     ) -> Result<(Vec<f32>, B::Tensor)> {
-        let c = &self.config;
-        let (h, n) = (c.hidden_size, meta.num_tokens());
+        let (h, n) = (self.config.hidden_size, meta.num_tokens());
         if features.len() != n * h {
             return Err(BackendError::Invalid(format!("{} feature values for {n} entries of {h}", features.len())));
         }
+        let feats = HostTensor::new(vec![n, h], features.to_vec());
+        let key = StepKey { computation: self as *const Self as u64, kv_cache: kv.id() };
+        let out =
+            b.replayable_step_with(key, meta, &[&feats], |inputs| self.forward(b, target, kv, meta, &inputs[0]))?;
+        match <[B::Tensor; 2]>::try_from(out) {
+            Ok([out, logits]) => Ok((b.to_host(&out)?, logits)),
+            Err(_) => Err(BackendError::Invalid("a replayed head step lost its outputs".into())),
+        }
+    }
+
+    /// The step's ops, from the features on the device: the predicted features of the rows
+    /// that want logits, and their logits.
+    fn forward(
+        &self,
+        b: &B,
+        target: &Llama<B>,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+        feats: &B::Tensor,
+    ) -> Result<Vec<B::Tensor>> {
+        let c = &self.config;
+        let h = c.hidden_size;
         let batch = b.prepare(meta)?;
         // Each input row, made on the device: the token's embedding, the feature, 1 for the
         // bias, zeros to the padded width.
-        let feats = b.upload(&HostTensor::new(vec![n, h], features.to_vec()))?;
-        let input = b.embed_concat(target.embed_table(), &batch, &feats, h, fc_width(h))?;
+        let input = b.embed_concat(target.embed_table(), &batch, feats, h, fc_width(h))?;
         let mut x = b.matmul(&input, &self.fc)?;
         let shape =
             AttnShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, window: kv.window };
@@ -120,7 +141,7 @@ impl<B: Backend> EagleHead<B> {
         b.add_rms_norm(&mut x, &b.matmul(&mlp, &self.w_down)?, &self.ones, c.rms_norm_eps)?;
         let out = b.gather_logit_rows(&x, &batch)?;
         let logits = b.matmul(&out, target.lm_head())?;
-        Ok((b.to_host(&out)?, logits))
+        Ok(vec![out, logits])
     }
 }
 
