@@ -10,6 +10,27 @@ extern "C" __global__ void embed_rows(const __nv_bfloat16* __restrict__ table, c
         out[(size_t)blockIdx.x * hidden + i] = bf16_to_f32(table[row * hidden + i]);
 }
 
+// A drafting head's input row t, bf16 (`width` wide): [table[tokens[t], :] | features[t, :]
+// | 1 | 0 ...], the 1 multiplying the head's bias column and the zeros padding the row to
+// a width the matmul takes. grid: tokens, block: 256.
+extern "C" __global__ void embed_concat_rows(const __nv_bfloat16* __restrict__ table,
+                                             const uint32_t* __restrict__ tokens,
+                                             const __nv_bfloat16* __restrict__ features,
+                                             __nv_bfloat16* __restrict__ out, int hidden, int width) {
+    pdl_start();
+    const size_t row = tokens[blockIdx.x];
+    const __nv_bfloat16* f = features + (size_t)blockIdx.x * hidden;
+    __nv_bfloat16* o = out + (size_t)blockIdx.x * width;
+    for (int i = threadIdx.x; i < width; i += blockDim.x) {
+        if (i < hidden)
+            o[i] = table[row * hidden + i];
+        else if (i < 2 * hidden)
+            o[i] = f[i - hidden];
+        else
+            o[i] = __float2bfloat16_rn(i == 2 * hidden ? 1.f : 0.f);
+    }
+}
+
 // out[r, :] = x[index[r], :] (the rows whose logits a step returns), rows of `width` 16-bit
 // halves (bf16 values, or f32 values as two halves each). grid: rows, block: 1024.
 extern "C" __global__ void gather_rows(const unsigned short* __restrict__ x, const uint32_t* __restrict__ index,

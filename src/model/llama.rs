@@ -64,6 +64,11 @@ pub struct KvCache<B: Backend> {
 static NEXT_KV_CACHE: AtomicU64 = AtomicU64::new(1);
 
 impl<B: Backend> KvCache<B> {
+    /// The id a step replayed on this cache names it by (`StepKey::kv_cache`).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// A cache in the backend's own precision, every position read.
     pub fn new(backend: &B, config: &ModelConfig, num_blocks: usize, block_size: usize) -> Result<Self> {
         Self::with_options(backend, config, num_blocks, block_size, KvOptions::default())

@@ -12,7 +12,8 @@ pub mod random;
 pub use batch::{BatchMeta, RowMeta, TreeMask, NO_BLOCK, NO_PARENT};
 pub use kv::{AttnWindow, KvDtype, KvLayout, KvOptions, KvStorage, WindowError};
 pub use ops::{
-    check_sample_rows, AttnShape, Backend, BackendError, DeviceMemory, KvFeature, RankGroup, Result, StepKey,
+    check_concat, check_rows, check_sample_rows, AttnShape, Backend, BackendError, DeviceMemory, KvFeature, RankGroup,
+    Result, StepKey, TopLogProbs,
 };
 
 /// A tensor on the host, f32, row-major: a weight dequantized at load, or an input a caller

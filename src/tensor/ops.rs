@@ -286,12 +286,66 @@ pub trait Backend: Send + Sync + 'static {
         step()
     }
 
+    /// `replayable_step` for a step that also reads `inputs`, host tensors whose values
+    /// change from step to step (a drafting head's features): `step` gets them on the
+    /// device as activations (f32), in buffers that a replay refills. Their shapes are part
+    /// of the key.
+    fn replayable_step_with(
+        &self,
+        _key: StepKey,
+        _meta: &BatchMeta,
+        inputs: &[&HostTensor],
+        step: impl FnOnce(&[Self::Tensor]) -> Result<Vec<Self::Tensor>>,
+    ) -> Result<Vec<Self::Tensor>>
+    where
+        Self: Sized,
+    {
+        let inputs = inputs.iter().map(|t| self.upload(t)).collect::<Result<Vec<_>>>()?;
+        step(&inputs)
+    }
+
     /// Greedy ids of each `vocab`-wide row of `logits`: the first maximum, as
     /// `core::sampling::argmax`. GPU backends compute it on the device so that only the
     /// ids cross to the host.
     fn argmax_rows(&self, logits: &Self::Tensor, vocab: usize) -> Result<Vec<u32>> {
         let host = self.to_host(logits)?;
         Ok(host.chunks(vocab.max(1)).map(crate::core::sampling::argmax).collect())
+    }
+
+    /// The `k` largest logits of each `vocab`-wide row of `logits` with their log-softmax
+    /// (temperature 1), largest first, ties to the lower id: `core::tree::top_log_probs` per
+    /// row (what a draft tree expands). GPU backends compute it on the device so that only
+    /// the `k` pairs of each row cross to the host.
+    fn top_log_probs_rows(&self, logits: &Self::Tensor, vocab: usize, k: usize) -> Result<Vec<TopLogProbs>> {
+        let host = self.to_host(logits)?;
+        check_rows("top_log_probs_rows", host.len(), vocab)?;
+        Ok(host.chunks(vocab).map(|row| crate::core::tree::top_log_probs(row, k)).collect())
+    }
+
+    /// A drafting head's input: for each token of the batch, its row of `table` (`hidden`
+    /// wide), then its row of `features` (`[tokens, hidden]`), then a 1 (the head's bias
+    /// as a weight column), then zeros up to `width` columns (a width the backend's matmul
+    /// takes whole). GPU backends assemble it on the device.
+    fn embed_concat(
+        &self,
+        table: &Self::Tensor,
+        batch: &Self::Batch,
+        features: &Self::Tensor,
+        hidden: usize,
+        width: usize,
+    ) -> Result<Self::Tensor> {
+        let emb = self.to_host(&self.embed(table, batch)?)?;
+        let feats = self.to_host(features)?;
+        check_concat(emb.len(), feats.len(), hidden, width)?;
+        let n = emb.len() / hidden.max(1);
+        let mut input = Vec::with_capacity(n * width);
+        for (e, f) in emb.chunks(hidden).zip(feats.chunks(hidden)) {
+            input.extend_from_slice(e);
+            input.extend_from_slice(f);
+            input.push(1.0);
+            input.resize(input.len() + width - 2 * hidden - 1, 0.0);
+        }
+        self.upload(&HostTensor::new(vec![n, width], input))
     }
 
     /// One token per `vocab`-wide row of `logits`, each row sampled as its `RowSampling`
@@ -302,6 +356,28 @@ pub trait Backend: Send + Sync + 'static {
         check_sample_rows(host.len(), vocab, rows.len())?;
         Ok(host.chunks(vocab).zip(rows).map(|(l, r)| crate::core::sampling::sample_row(l, r)).collect())
     }
+}
+
+/// A row's likeliest tokens with their log-probabilities, likeliest first.
+pub type TopLogProbs = Vec<(u32, f64)>;
+
+/// `values` must be whole rows of `vocab`.
+pub fn check_rows(op: &str, values: usize, vocab: usize) -> Result<()> {
+    if vocab == 0 || !values.is_multiple_of(vocab) {
+        return Err(BackendError::Invalid(format!("{op}: {values} logits are not rows of {vocab}")));
+    }
+    Ok(())
+}
+
+/// `Backend::embed_concat`: as many feature values as embedding values, rows of `hidden`,
+/// and room for both and the 1 in `width`.
+pub fn check_concat(embedded: usize, features: usize, hidden: usize, width: usize) -> Result<()> {
+    if hidden == 0 || embedded != features || !embedded.is_multiple_of(hidden) || width < 2 * hidden + 1 {
+        return Err(BackendError::Invalid(format!(
+            "embed_concat: {embedded} embedding and {features} feature values in rows of {hidden}, {width} wide"
+        )));
+    }
+    Ok(())
 }
 
 /// `Backend::sample_rows` needs one row of `vocab` logits per `RowSampling`.
@@ -346,5 +422,56 @@ mod tests {
         }
         let one = [RowSampling::greedy()];
         assert!(matches!(cpu.sample_rows(&t, 50, &one), Err(BackendError::Invalid(_))));
+    }
+
+    /// The k best of a row by sorting every (logit, id) pair, with its log-softmax in f64.
+    fn sorted_top(row: &[f32], k: usize) -> Vec<(u32, f64)> {
+        let lse = row.iter().map(|&l| (l as f64).exp()).sum::<f64>().ln();
+        let mut ids: Vec<u32> = (0..row.len() as u32).collect();
+        ids.sort_by(|&a, &b| row[b as usize].total_cmp(&row[a as usize]).then(a.cmp(&b)));
+        ids.into_iter().take(k).map(|i| (i, row[i as usize] as f64 - lse)).collect()
+    }
+
+    /// The default `top_log_probs_rows`: each row's k largest logits, ties to the lower id,
+    /// with their log-probabilities; rows that do not divide are refused.
+    #[test]
+    fn top_log_probs_rows_are_the_sorted_best_with_their_log_softmax() {
+        let cpu = CpuBackend::new();
+        // Few distinct values, so that ties cross the k-th place.
+        let logits: Vec<f32> = (0..4 * 40).map(|i| ((i * 29) % 11) as f32 * 0.5 - 2.0).collect();
+        let t = cpu.upload(&HostTensor::new(vec![4, 40], logits.clone())).unwrap();
+        for k in [0, 1, 3, 7, 40, 50] {
+            let got = cpu.top_log_probs_rows(&t, 40, k).unwrap();
+            assert_eq!(got.len(), 4);
+            for (row, g) in logits.chunks(40).zip(&got) {
+                let want = sorted_top(row, k);
+                assert_eq!(g.iter().map(|p| p.0).collect::<Vec<_>>(), want.iter().map(|p| p.0).collect::<Vec<_>>());
+                assert!(g.iter().zip(&want).all(|(a, b)| (a.1 - b.1).abs() < 1e-9), "{g:?} vs {want:?}");
+            }
+        }
+        assert!(matches!(cpu.top_log_probs_rows(&t, 30, 2), Err(BackendError::Invalid(_))));
+        assert!(matches!(cpu.top_log_probs_rows(&t, 0, 2), Err(BackendError::Invalid(_))));
+    }
+
+    /// The default `embed_concat`: embedding, feature, 1, zeros; mismatched sizes refused.
+    #[test]
+    fn embed_concat_rows_are_embedding_feature_one_and_padding() {
+        let cpu = CpuBackend::new();
+        let (vocab, h, width) = (5, 3, 10);
+        let table: Vec<f32> = (0..vocab * h).map(|i| i as f32).collect();
+        let table = cpu.upload(&HostTensor::new(vec![vocab, h], table)).unwrap();
+        let mut meta = BatchMeta::new(4);
+        meta.push_row(&[4, 1], 0, &[0], 1);
+        let batch = cpu.prepare(&meta).unwrap();
+        let feats = cpu.upload(&HostTensor::new(vec![2, h], vec![-1.0, -2.0, -3.0, -4.0, -5.0, -6.0])).unwrap();
+        let got = cpu.to_host(&cpu.embed_concat(&table, &batch, &feats, h, width).unwrap()).unwrap();
+        let want = [
+            [12.0, 13.0, 14.0, -1.0, -2.0, -3.0, 1.0, 0.0, 0.0, 0.0],
+            [3.0, 4.0, 5.0, -4.0, -5.0, -6.0, 1.0, 0.0, 0.0, 0.0],
+        ];
+        assert_eq!(got, want.concat());
+        assert!(matches!(cpu.embed_concat(&table, &batch, &feats, h, 6), Err(BackendError::Invalid(_))));
+        let short = cpu.upload(&HostTensor::new(vec![1, h], vec![0.0; h])).unwrap();
+        assert!(matches!(cpu.embed_concat(&table, &batch, &short, h, width), Err(BackendError::Invalid(_))));
     }
 }

@@ -37,6 +37,7 @@ pub const FILES: &[KernelFile] = &[
     KernelFile { name: "prefill.cu", source: include_str!("../../../kernels/prefill.cu") },
     KernelFile { name: "kv.cu", source: include_str!("../../../kernels/kv.cu") },
     KernelFile { name: "sample.cu", source: include_str!("../../../kernels/sample.cu") },
+    KernelFile { name: "topk.cu", source: include_str!("../../../kernels/topk.cu") },
 ];
 
 impl KernelFile {
@@ -212,6 +213,8 @@ pub fn arch_for(major: i32, minor: i32) -> String {
 /// Every kernel function, loaded once per context and shared by the backends on it.
 pub struct Kernels {
     pub embed_rows: CudaFunction,
+    /// A drafting head's input rows (`Backend::embed_concat`).
+    pub embed_concat_rows: CudaFunction,
     pub gather_rows: CudaFunction,
     pub f32_to_bf16: CudaFunction,
     pub fill_normal_bf16: CudaFunction,
@@ -238,6 +241,7 @@ pub struct Kernels {
     pub kv_copy: CudaFunction,
     pub argmax_rows: CudaFunction,
     pub sample_rows: CudaFunction,
+    pub top_log_probs_rows: CudaFunction,
     /// The architecture the cubins were built for.
     pub arch: String,
 }
@@ -284,6 +288,7 @@ impl Kernels {
         };
         Ok(Kernels {
             embed_rows: get("embed_rows")?,
+            embed_concat_rows: get("embed_concat_rows")?,
             gather_rows: get("gather_rows")?,
             f32_to_bf16: get("f32_to_bf16")?,
             fill_normal_bf16: get("fill_normal_bf16")?,
@@ -303,6 +308,7 @@ impl Kernels {
             kv_copy: get("kv_copy")?,
             argmax_rows: get("argmax_rows")?,
             sample_rows: get("sample_rows")?,
+            top_log_probs_rows: get("top_log_probs_rows")?,
             arch,
         })
     }
@@ -389,6 +395,8 @@ mod tests {
             "kv_copy",
             "argmax_rows",
             "sample_rows",
+            "top_log_probs_rows",
+            "embed_concat_rows",
         ] {
             assert!(names.iter().any(|n| n == expected), "{expected} missing from {names:?}");
         }

@@ -12,6 +12,7 @@ pub use self::attention::AttnPath;
 pub mod batch;
 pub mod blas;
 pub mod device;
+mod draft;
 mod fp8;
 pub mod graph;
 pub mod kernels;
@@ -40,6 +41,7 @@ use self::matmul::{Epilogue, SplitWorkspace};
 pub use self::tensor::{CudaTensor, DType};
 use crate::core::sampling::RowSampling;
 use crate::tensor::quant::QuantWeight;
+use crate::tensor::TopLogProbs;
 use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, DeviceMemory, HostTensor, Result, StepKey};
 use crate::tensor::{KvDtype, KvLayout, KvStorage};
 
@@ -582,6 +584,17 @@ impl Backend for CudaBackend {
         self.graphed(key, meta, step)
     }
 
+    /// Its inputs in buffers of the graph, refilled before each replay (see `graph.rs`).
+    fn replayable_step_with(
+        &self,
+        key: StepKey,
+        meta: &BatchMeta,
+        inputs: &[&HostTensor],
+        step: impl FnOnce(&[CudaTensor]) -> Result<Vec<CudaTensor>>,
+    ) -> Result<Vec<CudaTensor>> {
+        self.graphed_with(key, meta, inputs, step)
+    }
+
     /// A sticky error (an illegal address, say) or a stream left capturing shows here.
     fn healthy(&self) -> Result<()> {
         self.dev.sync()
@@ -599,5 +612,13 @@ impl Backend for CudaBackend {
 
     fn sample_rows(&self, logits: &CudaTensor, vocab: usize, rows: &[RowSampling]) -> Result<Vec<u32>> {
         self.sample_on_device(logits, vocab, rows)
+    }
+
+    fn top_log_probs_rows(&self, logits: &CudaTensor, vocab: usize, k: usize) -> Result<Vec<TopLogProbs>> {
+        self.top_log_probs_on_device(logits, vocab, k)
+    }
+
+    fn embed_concat(&self, t: &CudaTensor, b: &CudaBatch, f: &CudaTensor, h: usize, w: usize) -> Result<CudaTensor> {
+        self.embed_concat_on_device(t, b, f, h, w)
     }
 }

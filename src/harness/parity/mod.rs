@@ -1,4 +1,5 @@
-//! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces, sampling
+//! `specula kernels parity`: on a GPU, each kernel against the CPU op it replaces (and the
+//! EAGLE head's step replayed from its graph against a fresh capture), sampling
 //! against the CPU sampler's distribution, then the
 //! whole forward of a real model against the CPU backend, then the model with an FP8 KV
 //! cache against the bf16 cache on the GPU, then speculative decoding against plain
@@ -9,6 +10,8 @@
 mod chi_square;
 #[cfg(feature = "cuda")]
 mod forward;
+#[cfg(feature = "cuda")]
+mod head;
 #[cfg(feature = "cuda")]
 mod kv;
 #[cfg(feature = "cuda")]
@@ -63,10 +66,13 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     let gpu = CudaBackend::new(0)?;
     let cpu = CpuBackend::new();
     writeln!(out, "parity: {} against {}, seed {seed}", gpu.name(), cpu.name())?;
-    let ops = ops::all(&cpu, &gpu, seed)?;
+    let mut ops = ops::all(&cpu, &gpu, seed)?;
     let sampling = sampling::compare(&gpu, seed)?;
     let sampling_timing = Some(sampling::timing(&gpu, seed)?);
     let with_model = opts.model != "none";
+    if with_model {
+        ops.extend(head::replay(&gpu, &opts.model)?);
+    }
     let forward = if with_model { forward::compare(&cpu, &gpu, &opts.model, opts.tokens)? } else { vec![] };
     let kv_fp8 = if with_model { kv::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };
     let speculative = if with_model { speculative::compare(&gpu, &opts.model, opts.tokens)? } else { vec![] };

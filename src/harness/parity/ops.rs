@@ -1,6 +1,7 @@
 //! Each op on both backends with the same random inputs. Weights are rounded to bf16
 //! before the CPU sees them, so the comparison measures the kernels, not the storage.
 
+mod draft;
 mod fp8_kv;
 mod tree;
 
@@ -118,6 +119,8 @@ fn all_ops(c: &mut Ctx) -> Result<()> {
         tree::copy_kv(c, storage)?;
     }
     elementwise(c)?;
+    draft::top_log_probs(c)?;
+    draft::embed_concat(c)?;
     random(c)?;
     Ok(())
 }

@@ -3,10 +3,10 @@
 //! the bits of k + 1 decode steps, so the tokens must be equal, every one. With the KV
 //! cache in FP8 too: a rejected draft only moves positions back, nothing to undo.
 //!
-//! Tree speculation too (lookahead, and EAGLE with its default head where the model is the
-//! head's): every node of the tree reads exactly what a decode of it would read, and the
-//! accepted path's entries move onto consecutive positions (`copy_kv`), so the tokens must be
-//! equal as well.
+//! EAGLE chains too, with the default head where the model is the head's; and tree
+//! speculation (lookahead, and EAGLE): every node of the tree reads exactly what a decode
+//! of it would read, and the accepted path's entries move onto consecutive positions
+//! (`copy_kv`), so the tokens must be equal as well.
 
 use std::path::Path;
 
@@ -39,7 +39,7 @@ pub fn compare(gpu: &CudaBackend, model: &str, tokens: usize) -> Result<Vec<Spec
     let mut engine = Engine::new(backend, loaded.model, loaded.tokenizer);
     let exit_layers = EARLY_EXIT_LAYERS.min(engine.model.num_layers());
     let blocks = 8192 / BLOCK_SIZE;
-    let mut eagle = eagle_head(gpu, &engine, blocks)?;
+    let (mut eagle, mut eagle_chain) = (eagle_head(gpu, &engine, blocks)?, eagle_head(gpu, &engine, blocks)?);
     let look = LookaheadConfig::default();
     let look_label = format!("lookahead {}/{}/{} tree", look.window, look.ngram, look.guesses);
     let mut out = vec![];
@@ -54,8 +54,9 @@ pub fn compare(gpu: &CudaBackend, model: &str, tokens: usize) -> Result<Vec<Spec
             (format!("early-exit {exit_layers}L k<=4"), &mut early, 4, None),
             (look_label.clone(), &mut lookahead, 4, Some(look.tree_shape())),
         ];
-        if let Some(head) = eagle.as_mut() {
-            runs.push(("eagle tree 24/4 depth 5".into(), head, 5, Some(EAGLE_TREE)));
+        if let (Some(tree), Some(chain)) = (eagle.as_mut(), eagle_chain.as_mut()) {
+            runs.push(("eagle tree 24/4 depth 5".into(), tree, 5, Some(EAGLE_TREE)));
+            runs.push(("eagle chain k<=5".into(), chain, 5, None));
         }
         for run in runs {
             out.push(spec_row(&engine, &req, name, &plain, run)?);

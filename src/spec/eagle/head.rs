@@ -19,7 +19,7 @@ use crate::model::shard::Split;
 use crate::model::weight_loader::{load_weight, LoadOptions};
 use crate::model::{KvCache, Llama, LoadError, ModelConfig, WeightSource, Weights};
 use crate::spec::SpecError;
-use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result};
+use crate::tensor::{AttnShape, Backend, BackendError, BatchMeta, HostTensor, Result, StepKey};
 
 /// The head trained for the default model (SmolLM2-135M-Instruct), in this source tree:
 /// found by path rather than compiled in, so the binary stays small and the head loads
@@ -30,8 +30,9 @@ pub const DEFAULT_HEAD: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/models/eagl
 pub struct EagleHead<B: Backend> {
     /// The head's shape: one layer, the target's hidden size and vocabulary.
     pub config: ModelConfig,
-    /// `fc.weight` with `fc.bias` appended as a last column (zeros without a bias): the
-    /// input rows end in a 1, so one matmul adds the bias. `[hidden, 2 * hidden + 1]`
+    /// `fc.weight` with `fc.bias` appended as a column (zeros without a bias), then zero
+    /// columns: the input rows hold a 1 there, so one matmul adds the bias, and the width
+    /// is one the tensor-core matmul takes. `[hidden, fc_width(hidden)]`
     fc: B::Tensor,
     wq: B::Tensor,       // [heads * head_dim, hidden]
     wk: B::Tensor,       // [kv_heads * head_dim, hidden]
@@ -87,7 +88,8 @@ impl<B: Backend> EagleHead<B> {
 
     /// One forward over `meta`, whose token at each entry p is token p+1 of its sequence,
     /// with `features` `[tokens, hidden]` (host, row-major) the f_p each entry reads. Returns
-    /// the predicted features of the rows that want logits (host) and their logits.
+    /// the predicted features of the rows that want logits (host) and their logits (read
+    /// them before the next step: a replayed step reuses its buffers).
     pub fn step(
         &self,
         b: &B,
@@ -96,21 +98,37 @@ impl<B: Backend> EagleHead<B> {
         meta: &BatchMeta,
         features: &[f32],
     ) -> Result<(Vec<f32>, B::Tensor)> {
-        let c = &self.config;
-        let (h, n) = (c.hidden_size, meta.num_tokens());
+        let (h, n) = (self.config.hidden_size, meta.num_tokens());
         if features.len() != n * h {
             return Err(BackendError::Invalid(format!("{} feature values for {n} entries of {h}", features.len())));
         }
-        let batch = b.prepare(meta)?;
-        let emb = b.to_host(&b.embed(target.embed_table(), &batch)?)?;
-        // Each input row: the token's embedding, the feature, then 1 for the bias.
-        let mut input = Vec::with_capacity(n * (2 * h + 1));
-        for (e, f) in emb.chunks(h).zip(features.chunks(h)) {
-            input.extend_from_slice(e);
-            input.extend_from_slice(f);
-            input.push(1.0);
+        let feats = HostTensor::new(vec![n, h], features.to_vec());
+        let key = StepKey { computation: self as *const Self as u64, kv_cache: kv.id() };
+        let out =
+            b.replayable_step_with(key, meta, &[&feats], |inputs| self.forward(b, target, kv, meta, &inputs[0]))?;
+        match <[B::Tensor; 2]>::try_from(out) {
+            Ok([out, logits]) => Ok((b.to_host(&out)?, logits)),
+            Err(_) => Err(BackendError::Invalid("a replayed head step lost its outputs".into())),
         }
-        let mut x = b.matmul(&b.upload(&HostTensor::new(vec![n, 2 * h + 1], input))?, &self.fc)?;
+    }
+
+    /// The step's ops, from the features on the device: the predicted features of the rows
+    /// that want logits, and their logits.
+    fn forward(
+        &self,
+        b: &B,
+        target: &Llama<B>,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+        feats: &B::Tensor,
+    ) -> Result<Vec<B::Tensor>> {
+        let c = &self.config;
+        let h = c.hidden_size;
+        let batch = b.prepare(meta)?;
+        // Each input row, made on the device: the token's embedding, the feature, 1 for the
+        // bias, zeros to the padded width.
+        let input = b.embed_concat(target.embed_table(), &batch, feats, h, fc_width(h))?;
+        let mut x = b.matmul(&input, &self.fc)?;
         let shape =
             AttnShape { num_heads: c.num_heads, num_kv_heads: c.num_kv_heads, head_dim: c.head_dim, window: kv.window };
         let mut qkv = b.matmul_many(&x, &[&self.wq, &self.wk, &self.wv])?.into_iter();
@@ -123,7 +141,7 @@ impl<B: Backend> EagleHead<B> {
         b.add_rms_norm(&mut x, &b.matmul(&mlp, &self.w_down)?, &self.ones, c.rms_norm_eps)?;
         let out = b.gather_logit_rows(&x, &batch)?;
         let logits = b.matmul(&out, target.lm_head())?;
-        Ok((b.to_host(&out)?, logits))
+        Ok(vec![out, logits])
     }
 }
 
@@ -140,17 +158,26 @@ pub fn check_sizes(head: &ModelConfig, target: &ModelConfig) -> std::result::Res
     }
 }
 
-/// `fc.weight` `[hidden, 2 * hidden]` with `fc.bias` (or zeros) as an extra last column.
+/// The head's input width: embedding, feature and the bias's 1, padded to a multiple of
+/// 64 (the tensor-core matmul's K block; padding adds exact zeros to every sum).
+fn fc_width(hidden: usize) -> usize {
+    (2 * hidden + 1).next_multiple_of(64)
+}
+
+/// `fc.weight` `[hidden, 2 * hidden]` with `fc.bias` (or zeros) as an extra column, then
+/// zeros to `fc_width`.
 fn fc_with_bias(src: &dyn WeightSource, h: usize) -> std::result::Result<HostTensor, LoadError> {
     let w = src.tensor("fc.weight", &[h, 2 * h])?;
     let bias = match src.contains("fc.bias") {
         true => src.tensor("fc.bias", &[h])?.data,
         false => vec![0.0; h],
     };
-    let mut data = Vec::with_capacity(h * (2 * h + 1));
+    let width = fc_width(h);
+    let mut data = Vec::with_capacity(h * width);
     for (row, b) in w.data.chunks(2 * h).zip(bias) {
         data.extend_from_slice(row);
         data.push(b);
+        data.resize(data.len() + width - 2 * h - 1, 0.0);
     }
-    Ok(HostTensor::new(vec![h, 2 * h + 1], data))
+    Ok(HostTensor::new(vec![h, width], data))
 }

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use super::{EagleProposer, Row};
 use crate::backend::{Backend, BackendError, BatchMeta};
-use crate::core::tree::{best, expand, select_tree, top_log_probs, Candidate, TreeDraft, TreeShape};
+use crate::core::tree::{best, expand, select_tree, Candidate, TreeDraft, TreeShape};
 use crate::spec::{ProposeRequest, SeqId};
 use crate::tensor::{TreeMask, NO_PARENT};
 
@@ -104,13 +104,13 @@ impl<B: Backend> EagleProposer<B> {
     fn head_forward(&mut self, meta: &BatchMeta, features: &[f32], k: usize) -> Result<HeadOut, BackendError> {
         let (out, logits) = self.head.step(&self.backend, &self.target, &mut self.kv, meta, features)?;
         let vocab = self.target.config.vocab_size;
-        let tops = self.backend.to_host(&logits)?.chunks(vocab).map(|row| top_log_probs(row, k)).collect();
+        let tops = self.backend.top_log_probs_rows(&logits, vocab, k)?;
         Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), tops))
     }
 }
 
 /// A row's likeliest tokens with their log-probabilities.
-type TopTokens = Vec<(u32, f64)>;
+type TopTokens = crate::tensor::TopLogProbs;
 
 /// Predicted features, and each row's likeliest tokens.
 type HeadOut = (Vec<Vec<f32>>, Vec<TopTokens>);

@@ -78,10 +78,15 @@ impl<B: Backend> MedusaHeads<B> {
 
     /// Each of the first `n` heads' logits (host, `[vocab]` each) from the hidden state `h`.
     pub fn logits(&self, b: &B, target: &Llama<B>, h: &[f32], n: usize) -> Result<Vec<Vec<f32>>> {
+        self.logit_rows(b, target, h, n)?.iter().map(|t| b.to_host(t)).collect()
+    }
+
+    /// `logits` left on the device: one `[1, vocab]` tensor per head.
+    pub fn logit_rows(&self, b: &B, target: &Llama<B>, h: &[f32], n: usize) -> Result<Vec<B::Tensor>> {
         self.heads.iter().take(n).map(|head| self.head_logits(b, target, head, h)).collect()
     }
 
-    fn head_logits(&self, b: &B, target: &Llama<B>, head: &Head<B::Tensor>, h: &[f32]) -> Result<Vec<f32>> {
+    fn head_logits(&self, b: &B, target: &Llama<B>, head: &Head<B::Tensor>, h: &[f32]) -> Result<B::Tensor> {
         let mut x = h.to_vec();
         for block in &head.blocks {
             let input = HostTensor::new(vec![1, self.hidden + 1], x.iter().copied().chain([1.0]).collect());
@@ -89,7 +94,7 @@ impl<B: Backend> MedusaHeads<B> {
             x.iter_mut().zip(y).for_each(|(x, y)| *x += y / (1.0 + (-y).exp()));
         }
         let x = b.upload(&HostTensor::new(vec![1, self.hidden], x))?;
-        b.to_host(&b.matmul(&x, head.out.as_ref().unwrap_or(target.lm_head()))?)
+        b.matmul(&x, head.out.as_ref().unwrap_or(target.lm_head()))
     }
 }
 

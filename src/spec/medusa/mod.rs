@@ -23,7 +23,7 @@ pub use head::{MedusaConfig, MedusaHeads, MAX_MEDUSA_HEADS};
 use super::{pick_draft_token, Draft, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
 use crate::backend::{Backend, BackendError};
 use crate::core::sampling::SamplingParams;
-use crate::core::tree::{best, expand, select_tree, top_log_probs};
+use crate::core::tree::{best, expand, select_tree};
 use crate::model::Llama;
 
 pub struct MedusaProposer<B: Backend> {
@@ -56,13 +56,14 @@ impl<B: Backend> MedusaProposer<B> {
         &self.heads
     }
 
-    /// The first `n` heads' logits after `history`, or None when the hidden state of the
-    /// position before its newest token is not known (nothing to draft from).
-    fn head_logits(&self, seq: SeqId, history: &[u32], n: usize) -> Result<Option<Vec<Vec<f32>>>, BackendError> {
+    /// The first `n` heads' logits after `history` (on the device), or None when the
+    /// hidden state of the position before its newest token is not known (nothing to
+    /// draft from).
+    fn head_logits(&self, seq: SeqId, history: &[u32], n: usize) -> Result<Option<Vec<B::Tensor>>, BackendError> {
         let n = n.min(self.heads.config.num_heads);
         match self.last.get(&seq) {
             Some((pos, h)) if n > 0 && *pos + 2 == history.len() => {
-                Ok(Some(self.heads.logits(&self.backend, &self.target, h, n)?))
+                Ok(Some(self.heads.logit_rows(&self.backend, &self.target, h, n)?))
             }
             _ => Ok(None),
         }
@@ -73,7 +74,11 @@ impl<B: Backend> MedusaProposer<B> {
     /// `nodes` best candidates are kept (Medusa's top-k product, capped).
     fn draft_tree(&mut self, seq: SeqId, history: &[u32], shape: TreeShape) -> Result<TreeDraft, BackendError> {
         let Some(logits) = self.head_logits(seq, history, shape.depth)? else { return Ok(TreeDraft::default()) };
-        let tops: Vec<Vec<(u32, f64)>> = logits.iter().map(|l| top_log_probs(l, shape.top_k)).collect();
+        let vocab = self.target.config.vocab_size;
+        let mut tops = Vec::with_capacity(logits.len());
+        for l in &logits {
+            tops.extend(self.backend.top_log_probs_rows(l, vocab, shape.top_k)?);
+        }
         let mut cands = vec![];
         let mut level = vec![None];
         for top in &tops {
@@ -95,8 +100,9 @@ impl<B: Backend> Proposer for MedusaProposer<B> {
         let mut draft = Draft { tokens: vec![], probs: (!sampling.is_greedy()).then(Vec::new) };
         let Some(logits) = self.head_logits(seq, history, k)? else { return Ok(draft) };
         for row in &logits {
+            let row = self.backend.to_host(row)?;
             let context = [history, &draft.tokens].concat();
-            let token = pick_draft_token(&mut draft, row, &context, sampling, &mut self.rng);
+            let token = pick_draft_token(&mut draft, &row, &context, sampling, &mut self.rng);
             draft.tokens.push(token);
         }
         Ok(draft)
