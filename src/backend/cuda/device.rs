@@ -307,3 +307,39 @@ impl Device {
             .map_err(driver_err("kernel launch"))
     }
 }
+/// Fails cleanly where cudarc would panic at its first call: on a machine without an NVIDIA
+/// driver (no GPU) or without cuBLAS. NVRTC is checked where kernels are compiled.
+pub(super) fn check_libraries() -> Result<()> {
+    // SAFETY: these only try to open the shared libraries.
+    let (driver, cublas) =
+        unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
+    if !driver {
+        return Err(BackendError::Device(
+            "no CUDA driver (libcuda.so) on this machine: is there an NVIDIA GPU? Use --backend cpu".into(),
+        ));
+    }
+    if !cublas {
+        return Err(BackendError::Device(
+            "cuBLAS (libcublas.so) could not be loaded: install the CUDA toolkit or put it on LD_LIBRARY_PATH".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Keep freed memory in the stream-ordered pool instead of returning it to the driver at
+/// every synchronisation: every step allocates the same sizes again.
+pub(super) fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
+    use cudarc::driver::result;
+    ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
+    // SAFETY: the device's default pool; the attribute takes a u64.
+    unsafe {
+        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(driver_err("memory pool"))?;
+        let mut threshold = u64::MAX;
+        result::mem_pool::set_attribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            &mut threshold as *mut u64 as *mut _,
+        )
+        .map_err(driver_err("memory pool"))
+    }
+}

@@ -32,7 +32,7 @@ use cudarc::driver::{sys, CudaContext, CudaEvent, CudaStream};
 
 use self::batch::{blocks_needed, pack, splits_at, CudaBatch, ATTN_SPLIT};
 use self::blas::Blas;
-use self::device::{driver_err, launch, Device, DeviceBuf};
+use self::device::{check_libraries, driver_err, keep_pool_memory, launch, Device, DeviceBuf};
 use self::graph::Graphs;
 use self::kernels::Kernels;
 pub use self::matmul::MatmulTuning;
@@ -221,43 +221,6 @@ impl CudaBackend {
         let ((n, k), m) = (x.dims(), w.dims().0);
         let x = self.bf16_input(x)?;
         self.blas.gemm_bf16_f32(x.ptr(), w.ptr(), out.ptr(), n, k, m)
-    }
-}
-
-/// Fails cleanly where cudarc would panic at its first call: on a machine without an NVIDIA
-/// driver (no GPU) or without cuBLAS. NVRTC is checked where kernels are compiled.
-fn check_libraries() -> Result<()> {
-    // SAFETY: these only try to open the shared libraries.
-    let (driver, cublas) =
-        unsafe { (cudarc::driver::sys::is_culib_present(), cudarc::cublas::sys::is_culib_present()) };
-    if !driver {
-        return Err(BackendError::Device(
-            "no CUDA driver (libcuda.so) on this machine: is there an NVIDIA GPU? Use --backend cpu".into(),
-        ));
-    }
-    if !cublas {
-        return Err(BackendError::Device(
-            "cuBLAS (libcublas.so) could not be loaded: install the CUDA toolkit or put it on LD_LIBRARY_PATH".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// Keep freed memory in the stream-ordered pool instead of returning it to the driver at
-/// every synchronisation: every step allocates the same sizes again.
-fn keep_pool_memory(ctx: &Arc<CudaContext>) -> Result<()> {
-    use cudarc::driver::result;
-    ctx.bind_to_thread().map_err(driver_err("binding the context"))?;
-    // SAFETY: the device's default pool; the attribute takes a u64.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(driver_err("memory pool"))?;
-        let mut threshold = u64::MAX;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            &mut threshold as *mut u64 as *mut _,
-        )
-        .map_err(driver_err("memory pool"))
     }
 }
 
