@@ -37,7 +37,7 @@ fn speculation(model: &Arc<Llama<CpuBackend>>, method: Method, max_draft: usize,
             Box::new(ModelProposer::new(CpuBackend::new(), model.clone(), 6, draft_blocks, 16).unwrap())
         }
     };
-    Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: Default::default() }
+    Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: Default::default(), tree: None }
 }
 
 fn runtime(s: &Shared, spec: Speculation, configure: fn(RuntimeBuilder) -> RuntimeBuilder) -> RuntimeHandle {
@@ -209,6 +209,7 @@ fn greedy_speculation_on_tiny_random_models_equals_plain_greedy() {
                 max_draft: k,
                 synthetic_acceptance: None,
                 lengths: Default::default(),
+                tree: None,
             };
             let h = Runtime::builder()
                 .speculation(spec)
@@ -274,6 +275,7 @@ fn drafting_overlaps_verification_and_rejections_change_nothing() {
             max_draft: 4,
             synthetic_acceptance: None,
             lengths: Default::default(),
+            tree: None,
         };
         let h = Runtime::builder()
             .speculation(spec)
