@@ -69,8 +69,9 @@ pub struct SchedulerConfig {
     pub max_draft: usize,
     pub lengths: DraftLengths,
     /// Tree speculation: a decoding row that drafts reserves this many tree nodes, as deep
-    /// as `max_draft`; the length policy (fed each tree's depth and accepted path) then
-    /// only turns a row's tree on or off. None: chains.
+    /// as `max_draft`; the length policy (fed each tree's depth and accepted path, costing
+    /// every node: `AcceptanceTracker::tree_depth`) only turns a row's tree on or off.
+    /// None: chains.
     pub tree_nodes: Option<usize>,
 }
 
@@ -234,13 +235,14 @@ fn draft_len(
     if max_draft == 0 || !seq.decoding() {
         return 0;
     }
-    let wanted = match cfg.lengths {
-        DraftLengths::Adaptive => seq.acceptance.draft_len(max_draft, batch, cost, step),
-        DraftLengths::Fixed => max_draft,
-    };
-    let wanted = match cfg.tree_nodes {
-        Some(nodes) if wanted > 0 => nodes,
-        _ => wanted,
+    let wanted = match (cfg.lengths, cfg.tree_nodes) {
+        (DraftLengths::Fixed, None) => max_draft,
+        (DraftLengths::Fixed, Some(nodes)) => nodes,
+        (DraftLengths::Adaptive, None) => seq.acceptance.draft_len(max_draft, batch, cost, step),
+        (DraftLengths::Adaptive, Some(nodes)) => match seq.acceptance.tree_depth(max_draft, nodes, batch, cost, step) {
+            0 => 0,
+            _ => nodes,
+        },
     };
     wanted.min(seq.params.limits.draft_room(seq.tokens.len()))
 }
