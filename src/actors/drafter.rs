@@ -9,7 +9,7 @@
 //! current draft, the first of which guesses the target's bonus token. When the next plan
 //! shows that guess held, those tokens are the next draft, already made; otherwise they are
 //! dropped and the proposer rolls back. Rows pre-draft while their drafts are accepted
-//! whole.
+//! whole. With tree speculation each row gets a tree instead (`tree.rs`), nothing ahead.
 
 mod tree;
 

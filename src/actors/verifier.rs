@@ -10,7 +10,8 @@
 //! carries the Drafter's `k` drafts after its token: the forward computes `k + 1` logits for
 //! it and `spec::verify` accepts a prefix of the drafts plus the target's own next token.
 //! Rejected drafts' KV entries stay in the cache unreferenced (`computed` does not cover
-//! them) and are overwritten by the next step.
+//! them) and are overwritten by the next step. A row whose drafts are a tree (`tree.rs`) is
+//! a tree row of the same forward; its accepted path's entries are moved after every row.
 
 mod tree;
 
