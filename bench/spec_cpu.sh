@@ -8,9 +8,11 @@
 # head never saw in training), one request at a time: decode tok/s, tokens per step and the
 # acceptance at each draft position, over all prompts. Last, plain, chain and tree EAGLE
 # (`--spec-tree N`, EAGLE-2 style, drafted as deep as --draft-len) on the same held-out
-# prompts through the one-request engine (`generate --prompt`, where trees run): tokens per
-# target step, decode tok/s and acceptance per depth; TREES="16:4 32:4" sets the trees
-# (nodes:children per node), ENGINE_TOKENS the tokens per prompt (default 128).
+# prompts through the one-request engine (`generate --prompt`): tokens per target step,
+# decode tok/s and acceptance per depth; then the same trees batched through the runtime
+# (`--prompts-file`, batch 1 and 8: output tok/s of the whole run, tokens per step);
+# TREES="16:4 32:4" sets the trees (nodes:children per node), ENGINE_TOKENS the tokens per
+# prompt (default 128).
 # Then Medusa and lookahead against plain decoding, one request at a time through the
 # engine, on the held-out prompts and on the correcting prompt: no Medusa head is trained
 # for the default model, so its rows use random heads (`--draft-model dummy:...`) and are
@@ -103,6 +105,33 @@ for d in range(depth):
 print("%-28s %7.1f %9.2f %6d  %s" % (name, decoded / (ms / 1e3), (accepted + steps) / steps if steps else 1.0,
       tokens, " ".join("%.2f" % p for p in per) or "-"))
 PY
+done
+
+echo
+echo "the same trees batched through the runtime (--prompts-file), batch 1 and 8, held-out prompts:"
+printf '%-34s %5s %7s %9s %6s\n' method batch "tok/s" "tok/step" tokens
+configs=("none" "eagle --draft-len 4")
+for t in ${TREES:-16:4 24:4 32:4 32:8}; do
+    configs+=("eagle --draft-len 6 --spec-tree ${t%%:*} --tree-top-k ${t##*:}")
+done
+for batch in 1 8; do
+    for spec in "${configs[@]}"; do
+        # shellcheck disable=SC2086
+        "$bin" generate --backend "$backend" --chat --prompts-file "$dir/heldout.txt" --concurrency "$batch" \
+            --max-tokens "${ENGINE_TOKENS:-128}" --json --spec $spec >"$dir/out.json" 2>"$dir/err.txt"
+        python3 - "$(echo $spec | sed "s/--draft-len /k=/; s/--spec-tree /tree=/; s/--tree-top-k /top=/")" "$batch" \
+            "$dir/out.json" "$dir/err.txt" <<'PY'
+import json, re, sys
+name, batch, out, err = sys.argv[1:]
+rows = [json.loads(l) for l in open(out) if l.strip()]
+specs = [r["speculative"] for r in rows if r.get("speculative")]
+steps = sum(s["steps"] for s in specs)
+accepted = sum(s["accepted"] for s in specs)
+m = re.search(r"([0-9.]+) output tok/s", open(err).read())
+print("%-34s %5s %7s %9.2f %6d" % (name, batch, m.group(1) if m else "-", (accepted + steps) / steps if steps else 1.0,
+      sum(r["usage"]["completion_tokens"] for r in rows)))
+PY
+    done
 done
 
 echo

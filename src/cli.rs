@@ -221,9 +221,9 @@ pub struct SpecArgs {
     /// The output is then not the model's, and is labelled `synthetic` wherever it appears.
     #[arg(long, allow_negative_numbers = true)]
     pub synthetic_acceptance: Option<f64>,
-    /// With `--spec eagle` or `medusa`: draft a tree of up to N tokens per step, as deep as
-    /// `--draft-len`, verified in one forward; greedy requests, one at a time (`generate
-    /// --prompt`). `--spec lookahead` always drafts trees, in the same place.
+    /// With `--spec eagle` or `medusa`: draft a tree of up to N tokens per step and row, as
+    /// deep as `--draft-len`, verified in one forward (one request with `generate --prompt`,
+    /// or batched in the runtime). `--spec lookahead` always drafts trees.
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub spec_tree: Option<usize>,
     /// With `--spec-tree`: children considered per node, and nodes expanded per depth.
@@ -310,12 +310,7 @@ impl SpecArgs {
         tokenizer: Option<&Tokenizer>,
         new_backend: &dyn Fn() -> Result<B, BackendError>,
     ) -> Result<Option<Speculation>, Box<dyn std::error::Error>> {
-        if self.spec_tree.is_some() {
-            return Err(spec_error(SpecError::TreeInRuntime));
-        }
-        if self.spec == SpecMethod::Lookahead {
-            return Err(spec_error(SpecError::LookaheadInRuntime));
-        }
+        let tree = self.tree_shape()?;
         // Proposers that read the target's hidden states: a split target does not hand them out.
         if let (Target::Split(_, ranks), SpecMethod::Eagle | SpecMethod::Medusa) = (target, self.spec) {
             return Err(spec_error(SpecError::SplitTarget { method: self.spec, ranks: ranks.len() }));
@@ -326,6 +321,7 @@ impl SpecArgs {
             max_draft: self.draft_len,
             synthetic_acceptance: self.synthetic_acceptance,
             lengths: self.draft_lengths,
+            tree,
         }))
     }
 
@@ -349,9 +345,6 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
             c.window, c.ngram, c.guesses
         )
         .into(),
-        SpecError::LookaheadInRuntime => {
-            "--spec lookahead runs one request at a time (`generate --prompt`)".into()
-        }
         SpecError::DraftLayers { got, max } => {
             format!("--draft-layers must be between 1 and {max} (the target's layers), got {got}").into()
         }
@@ -365,8 +358,9 @@ pub fn spec_error(e: SpecError) -> Box<dyn std::error::Error> {
             "--draft-device {device}: the {method:?} proposer runs the target's own layers on the target's device; --draft-device applies to --spec draft and --spec eagle"
         )
         .into(),
-        SpecError::TreeInRuntime => {
-            "--spec-tree runs one request at a time (`generate --prompt`); the batching runtime drafts chains".into()
+        SpecError::TreeSynthetic => "--synthetic-acceptance applies to chains of drafts, not --spec-tree".into(),
+        SpecError::TreeExecutor => {
+            "--spec-tree and --spec lookahead move the accepted path's KV entries, which --tensor-parallel cannot".into()
         }
         other => other.into(),
     }

@@ -123,13 +123,18 @@ fn medusa_and_lookahead_run_labelled_and_refuse_what_they_cannot_do() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"random_heads\":true"), "{}", text(&out));
     let out = specula(&[&base[..], &["--spec", "lookahead"]].concat());
     assert!(out.status.success() && text(&out).contains("\"speculative\":{"), "{}", text(&out));
-    std::fs::write(dir.join("prompts.txt"), "The quick brown fox\n").unwrap();
+    // Trees and lookahead run in the batching runtime too (a prompts file goes through it).
+    std::fs::write(dir.join("prompts.txt"), "The quick brown fox\nA\n").unwrap();
     let file = dir.join("prompts.txt");
-    let batch = ["generate", "--model", model, "--prompts-file", file.to_str().unwrap()];
+    let batch = ["generate", "--model", model, "--prompts-file", file.to_str().unwrap(), "--max-tokens", "6"];
+    for spec in [&["--spec", "lookahead"][..], &random] {
+        let out = specula(&[&batch[..], spec].concat());
+        assert!(out.status.success(), "{spec:?}: {}", text(&out));
+    }
     for (args, want) in [
         ([&base[..], &["--spec", "medusa"]].concat(), "--spec medusa needs --draft-model DIR"),
         ([&base[..], &["--spec", "lookahead", "--lookahead-ngram", "1"]].concat(), "--lookahead-ngram at least 2"),
-        ([&batch[..], &["--spec", "lookahead"]].concat(), "--spec lookahead runs one request at a time"),
+        ([&batch[..], &["--spec", "ngram", "--spec-tree", "8"]].concat(), "--spec-tree needs --spec eagle or medusa"),
     ] {
         let out = specula(&args);
         assert_eq!(out.status.code(), Some(1), "{}", text(&out));

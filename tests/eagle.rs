@@ -11,13 +11,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::random_llama::tiny;
-use common::runtime::{assert_all_blocks_free, shared};
+use common::runtime::{assert_all_blocks_free, assert_runtime_equals, shared};
 use common::sampling::{assert_follows, nth_token_distribution};
 use common::tiny::{Rng, StDtype};
 use common::TempDir;
 use futures::executor::block_on;
 use safetensors::tensor::TensorView;
-use specula::actors::{collect, Runtime};
+use specula::actors::{collect, Runtime, RuntimeError};
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BatchMeta};
 use specula::core::sampling::SamplingParams;
@@ -265,6 +265,7 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
             max_draft: k,
             synthetic_acceptance: None,
             lengths: Default::default(),
+            tree: None,
         };
         let h = Runtime::builder()
             .speculation(spec)
@@ -304,6 +305,92 @@ fn greedy_tree_eagle_on_a_tiny_random_model_equals_plain_greedy() {
         }
         assert!(stats.steps > 0 && stats.drafted > 0, "{shape:?}: {stats:?}");
     }
+}
+
+/// Tree speculation as the runtime runs it: `reqs` through a runtime drafting trees of
+/// `shape` with a fresh proposer, against `want`.
+fn runtime_tree_spec(
+    target: &Arc<Llama<CpuBackend>>,
+    dir: &Path,
+    shape: TreeShape,
+    lengths: DraftLengths,
+) -> Speculation {
+    let proposer = Box::new(proposer(target, dir));
+    Speculation { proposer, max_draft: shape.depth, synthetic_acceptance: None, lengths, tree: Some(shape) }
+}
+
+#[test]
+fn greedy_tree_eagle_through_the_runtime_equals_plain_greedy() {
+    let target = Arc::new(tiny(64, 1, 0.5));
+    let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
+    let dir = TempDir::new("eagle-tree-runtime");
+    HeadSpec::new(64).write(dir.path(), 9);
+    let reqs = requests();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    for (shape, lengths) in [
+        (tree(1, 1, 1), DraftLengths::Fixed),
+        (tree(8, 2, 3), DraftLengths::Fixed),
+        (tree(16, 4, 6), DraftLengths::Fixed),
+        (tree(32, 8, 5), DraftLengths::Adaptive),
+    ] {
+        let spec = runtime_tree_spec(&target, dir.path(), shape.unwrap(), lengths);
+        let stats = assert_runtime_equals(&target, None, spec, &reqs, &want, 5);
+        // Acceptance per position is per depth: never deeper than the tree.
+        assert!(stats.acceptance_per_position.len() <= shape.unwrap().depth, "{shape:?}: {stats:?}");
+    }
+}
+
+#[test]
+fn sampled_and_penalised_tree_rows_share_steps_with_greedy_ones() {
+    let target = Arc::new(tiny(64, 1, 0.5));
+    let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
+    let dir = TempDir::new("eagle-tree-mixed");
+    HeadSpec::new(64).write(dir.path(), 9);
+    let mut reqs = requests();
+    // Rows 0 and 1 sample; row 2 is greedy with a repetition penalty (its targets are
+    // chosen on the host, in each node's context); the others are plain greedy.
+    for (i, r) in reqs.iter_mut().enumerate().take(3) {
+        r.sampling = match i {
+            2 => SamplingParams { repetition_penalty: 1.3, ..Default::default() },
+            _ => SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(i as u64), ..Default::default() },
+        };
+    }
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let spec = runtime_tree_spec(&target, dir.path(), TreeShape { nodes: 12, top_k: 3, depth: 4 }, DraftLengths::Fixed);
+    let h = Runtime::builder().speculation(spec).max_batch(8).build(CpuBackend::new(), target, None::<Tokenizer>);
+    let h = h.unwrap();
+    let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
+    for (i, out) in outs.into_iter().enumerate() {
+        let out = out.unwrap();
+        assert!(out.speculative.as_ref().unwrap().drafted > 0, "request {i} drafted trees");
+        match i {
+            0 | 1 => assert_eq!(out.token_ids.len(), reqs[i].max_tokens, "sampled request {i} completes"),
+            _ => assert_eq!(out.token_ids, want[i], "greedy request {i}"),
+        }
+    }
+    assert_all_blocks_free(&h);
+}
+
+#[test]
+fn the_runtime_refuses_trees_it_cannot_draft() {
+    let target = Arc::new(tiny(64, 1, 0.5));
+    let proposer = Box::new(specula::spec::NgramProposer::default());
+    let spec = Speculation {
+        proposer,
+        max_draft: 3,
+        synthetic_acceptance: None,
+        lengths: Default::default(),
+        tree: tree(8, 2, 3),
+    };
+    let err = Runtime::builder().speculation(spec).build(CpuBackend::new(), target.clone(), None::<Tokenizer>);
+    assert!(matches!(err, Err(RuntimeError::Spec(SpecError::TreeProposer))), "{:?}", err.err());
+    let dir = TempDir::new("eagle-tree-refused");
+    HeadSpec::new(64).write(dir.path(), 9);
+    let mut spec =
+        runtime_tree_spec(&target, dir.path(), TreeShape { nodes: 8, top_k: 2, depth: 3 }, DraftLengths::Fixed);
+    spec.synthetic_acceptance = Some(0.5);
+    let err = Runtime::builder().speculation(spec).build(CpuBackend::new(), target, None::<Tokenizer>);
+    assert!(matches!(err, Err(RuntimeError::Spec(SpecError::TreeSynthetic))), "{:?}", err.err());
 }
 
 #[test]
@@ -373,7 +460,8 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
     assert!(first > 0.2, "the trained head's first draft should often hold: {first:.2} ({stats:?})");
     let proposer = Box::new(EagleProposer::load(CpuBackend::new(), s.model.clone(), head, 256, 16).unwrap());
     // Fixed lengths: drafting may not pay on a CPU, and this checks that its drafts are used.
-    let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths: DraftLengths::Fixed };
+    let spec =
+        Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths: DraftLengths::Fixed, tree: None };
     let h = Runtime::builder()
         .speculation(spec)
         .max_batch(8)
@@ -390,6 +478,22 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
     let st = alone.speculative.unwrap();
     assert!(st.accepted > 0, "{st:?}");
     assert_all_blocks_free(&h);
+}
+
+#[test]
+fn greedy_tree_eagle_on_the_default_model_through_the_runtime_equals_plain_greedy() {
+    let Some(s) = shared() else { return };
+    let head = Path::new(DEFAULT_HEAD);
+    let reqs: Vec<GenerateRequest> = PROMPTS.iter().map(|p| chat(p, 24)).collect();
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| s.engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let proposer = Box::new(EagleProposer::load(CpuBackend::new(), s.model.clone(), head, 256, 16).unwrap());
+    let shape = TreeShape { nodes: 16, top_k: 4, depth: 4 };
+    // Fixed lengths: drafting may not pay on a CPU, and this checks that the trees are used.
+    let (lengths, tree) = (DraftLengths::Fixed, Some(shape));
+    let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths, tree };
+    let st = assert_runtime_equals(&s.model, Some(s.tokenizer.clone()), spec, &reqs, &want, 0);
+    // The trained head's trees hold often: more than one token per step on these prompts.
+    assert!(st.accepted > 0 && st.mean_accepted_length > 1.2, "{st:?}");
 }
 
 // Sampling.

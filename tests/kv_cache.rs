@@ -241,7 +241,8 @@ fn check_lossless(kv: KvOptions, step_tokens: usize, kv_blocks: usize, max_token
             "ngram" => Box::new(NgramProposer::default()),
             _ => Box::new(ModelProposer::new(CpuBackend::new(), target.clone(), 1, 256, 16).unwrap()),
         };
-        let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths: Default::default() };
+        let spec =
+            Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths: Default::default(), tree: None };
         let h = Runtime::builder()
             .speculation(spec)
             .kv_cache(kv)

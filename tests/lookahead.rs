@@ -8,11 +8,14 @@ mod common;
 use std::sync::Arc;
 
 use common::random_llama::tiny;
-use common::runtime::shared;
+use common::runtime::{assert_runtime_equals, shared};
 use specula::backend::cpu::CpuBackend;
 use specula::engine::{Engine, SpecOptions};
 use specula::request::{GenerateRequest, Prompt};
-use specula::spec::{LookaheadConfig, LookaheadProposer, ProposerChoice, SpecError, SpecMethod, SpecStats, TreeShape};
+use specula::spec::{
+    DraftLengths, LookaheadConfig, LookaheadProposer, ProposerChoice, SpecError, SpecMethod, SpecStats, Speculation,
+    TreeShape,
+};
 
 fn config(window: usize, ngram: usize, guesses: usize) -> LookaheadConfig {
     LookaheadConfig { window, ngram, guesses }
@@ -45,6 +48,20 @@ fn greedy_lookahead_on_a_tiny_random_model_equals_plain_greedy() {
             total.merge(&stats);
         }
         assert!(total.steps > 0 && total.drafted > 0, "{c:?}: {total:?}");
+    }
+}
+
+#[test]
+fn greedy_lookahead_through_the_runtime_equals_plain_greedy() {
+    let target = Arc::new(tiny(64, 1, 0.5));
+    let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
+    let reqs = common::token_requests(64, 8, 3, |i| 9 + 5 * i as usize);
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    for c in [config(3, 3, 2), config(5, 4, 5), config(2, 5, 1)] {
+        let proposer = Box::new(LookaheadProposer::new(c));
+        let (lengths, tree) = (DraftLengths::Fixed, shape(c));
+        let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths, tree };
+        assert_runtime_equals(&target, None, spec, &reqs, &want, 5);
     }
 }
 

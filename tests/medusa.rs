@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::random_llama::tiny;
-use common::runtime::{assert_all_blocks_free, shared};
+use common::runtime::{assert_all_blocks_free, assert_runtime_equals, shared};
 use common::tiny::{Rng, StDtype};
 use common::TempDir;
 use futures::executor::block_on;
@@ -22,7 +22,7 @@ use specula::engine::{Engine, SpecOptions};
 use specula::model::{Llama, Tokenizer};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::medusa::MedusaHeads;
-use specula::spec::{HeadSize, MedusaProposer, SpecError, SpecStats, Speculation, TreeShape};
+use specula::spec::{DraftLengths, HeadSize, MedusaProposer, SpecError, SpecStats, Speculation, TreeShape};
 
 /// Heads to write: their sizes and layout.
 struct HeadsSpec {
@@ -191,7 +191,8 @@ fn greedy_medusa_on_a_tiny_random_model_equals_plain_greedy() {
     }
     // Chains also run through the batching runtime, alone and all requests at once.
     let proposer = Box::new(MedusaProposer::load(CpuBackend::new(), target.clone(), dir.path()).unwrap());
-    let spec = Speculation { proposer, max_draft: 3, synthetic_acceptance: None, lengths: Default::default() };
+    let spec =
+        Speculation { proposer, max_draft: 3, synthetic_acceptance: None, lengths: Default::default(), tree: None };
     let h = Runtime::builder().speculation(spec).max_batch(8).build(CpuBackend::new(), target, None::<Tokenizer>);
     let h = h.unwrap();
     let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
@@ -202,6 +203,26 @@ fn greedy_medusa_on_a_tiny_random_model_equals_plain_greedy() {
     assert_eq!(alone.token_ids, want[5], "runtime batch 1");
     assert!(alone.speculative.unwrap().drafted > 0, "the heads drafted");
     assert_all_blocks_free(&h);
+}
+
+#[test]
+fn greedy_medusa_trees_through_the_runtime_equal_plain_greedy() {
+    let target = Arc::new(tiny(64, 1, 0.5));
+    let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
+    let dir = TempDir::new("medusa-tree-runtime");
+    HeadsSpec { heads: 4, ..HeadsSpec::new(64, 64) }.write(dir.path(), 9);
+    let reqs = common::token_requests(64, 8, 2, |i| 7 + 4 * i as usize);
+    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    for (random, shape) in [(false, tree(8, 2, 3)), (false, tree(32, 8, 4)), (true, tree(16, 4, 4))] {
+        let proposer = Box::new(match random {
+            true => MedusaProposer::random(CpuBackend::new(), target.clone(), 4).unwrap(),
+            false => MedusaProposer::load(CpuBackend::new(), target.clone(), dir.path()).unwrap(),
+        });
+        let (lengths, max_draft) = (DraftLengths::Fixed, 4);
+        let spec = Speculation { proposer, max_draft, synthetic_acceptance: None, lengths, tree: shape };
+        let stats = assert_runtime_equals(&target, None, spec, &reqs, &want, 5);
+        assert_eq!(stats.random_heads, random, "random heads are labelled");
+    }
 }
 
 fn chat(text: &str, max_tokens: usize) -> GenerateRequest {

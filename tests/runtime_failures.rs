@@ -178,7 +178,8 @@ fn a_drafter_that_panics_leaves_requests_to_run_without_drafts() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let info = ModelInfo { vocab: VOCAB, context: 4096, eos: vec![] };
     let proposer = Box::new(PanickingProposer { inner: NgramProposer::default(), calls: 0 });
-    let spec = Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths: Default::default() };
+    let spec =
+        Speculation { proposer, max_draft: 4, synthetic_acceptance: None, lengths: Default::default(), tree: None };
     let h = Runtime::builder()
         .kv_blocks(64)
         .speculation(spec)

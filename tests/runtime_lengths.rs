@@ -101,7 +101,7 @@ fn speculation(spec: Spec, target: &Arc<Llama<CpuBackend>>, context: usize, max_
             Box::new(ModelProposer::new(CpuBackend::new(), draft, 2, 64, BLOCK).unwrap())
         }
     };
-    Some(Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: Default::default() })
+    Some(Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: Default::default(), tree: None })
 }
 
 fn run(case: &Case) -> Result<(), TestCaseError> {

@@ -39,7 +39,7 @@ fn speculation(model: &Arc<Llama<CpuBackend>>, method: Method, max_draft: usize,
     };
     // Fixed lengths: these tests check the output with drafts in it, and on a CPU at batch 8
     // the delivery guard would hold drafting off after a step or two.
-    Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: DraftLengths::Fixed }
+    Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: DraftLengths::Fixed, tree: None }
 }
 
 fn runtime(s: &Shared, spec: Speculation, configure: fn(RuntimeBuilder) -> RuntimeBuilder) -> RuntimeHandle {
@@ -211,6 +211,7 @@ fn greedy_speculation_on_tiny_random_models_equals_plain_greedy() {
                 max_draft: k,
                 synthetic_acceptance: None,
                 lengths: Default::default(),
+                tree: None,
             };
             let h = Runtime::builder()
                 .speculation(spec)
@@ -276,6 +277,7 @@ fn drafting_overlaps_verification_and_rejections_change_nothing() {
             max_draft: 4,
             synthetic_acceptance: None,
             lengths: Default::default(),
+            tree: None,
         };
         let h = Runtime::builder()
             .speculation(spec)

@@ -283,6 +283,7 @@ async fn a_speculating_server_reports_its_drafts() {
         max_draft: 8,
         synthetic_acceptance: None,
         lengths: Default::default(),
+        tree: None,
     };
     let srv = server_support::start(specula::actors::Runtime::builder().speculation(spec), None);
     let prompt = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps over the lazy dog. The quick";

@@ -164,7 +164,13 @@ fn runtime_samples(
     let proposer = Box::new(ModelProposer::new(CpuBackend::new(), Arc::new(draft), 2, 1024, 4).unwrap());
     let h = Runtime::builder()
         // Fixed lengths: this checks distributions, and on a CPU drafting may not pay.
-        .speculation(Speculation { proposer, max_draft, synthetic_acceptance: None, lengths: DraftLengths::Fixed })
+        .speculation(Speculation {
+            proposer,
+            max_draft,
+            synthetic_acceptance: None,
+            lengths: DraftLengths::Fixed,
+            tree: None,
+        })
         .max_batch(16)
         .build(CpuBackend::new(), target, None::<specula::model::Tokenizer>)
         .unwrap();

@@ -234,3 +234,21 @@ fn one_rank_samples_what_the_whole_model_samples() {
         history.extend(ta);
     }
 }
+
+#[test]
+fn trees_are_refused_on_ranks_that_cannot_move_kv_entries() {
+    let (_, tp) = whole_and_one_rank("tp-trees", 11);
+    assert!(!tp.copies_slots());
+    let info = specula::actors::ModelInfo { vocab: tp.vocab_size(), context: 256, eos: vec![] };
+    let config = specula::spec::LookaheadConfig::default();
+    let spec = specula::spec::Speculation {
+        proposer: Box::new(specula::spec::LookaheadProposer::new(config)),
+        max_draft: 4,
+        synthetic_acceptance: None,
+        lengths: Default::default(),
+        tree: Some(config.tree_shape()),
+    };
+    let built = Runtime::builder().speculation(spec).kv_blocks(BLOCKS).build_with(tp, info, None);
+    let err = built.err().expect("refused");
+    assert!(matches!(err, specula::actors::RuntimeError::Spec(specula::spec::SpecError::TreeExecutor)), "{err}");
+}

@@ -9,7 +9,9 @@
 //! current draft, the first of which guesses the target's bonus token. When the next plan
 //! shows that guess held, those tokens are the next draft, already made; otherwise they are
 //! dropped and the proposer rolls back. Rows pre-draft while their drafts are accepted
-//! whole.
+//! whole. With tree speculation each row gets a tree instead (`tree.rs`), nothing ahead.
+
+mod tree;
 
 use std::collections::HashMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -21,7 +23,7 @@ use metrics::{counter, gauge};
 
 use super::intake::Intake;
 use super::mailbox::{Mailbox, MailboxSender};
-use super::messages::{DraftPoolUsage, HiddenStates, VerifyMsg};
+use super::messages::{DraftPoolUsage, HiddenStates, TreeVerdicts, VerifyMsg};
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use super::verifier::panic_message;
@@ -29,7 +31,7 @@ use crate::core::draft_sync::{readmit, resync, Ahead};
 use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{RowPlan, SeqParams, StepPlan};
 use crate::request::RequestId;
-use crate::spec::{Draft, ProposeRequest, Proposer};
+use crate::spec::{Draft, ProposeRequest, Proposer, TreeShape};
 
 struct DraftSeq {
     params: Arc<SeqParams>,
@@ -59,6 +61,10 @@ pub struct Drafter {
     broken: bool,
     /// The Verifier's hidden states of verified positions, for a proposer that reads them.
     pub hidden: Option<crossbeam_channel::Receiver<HiddenStates>>,
+    /// Tree speculation: the shape of each row's tree (`tree.rs`), and the Verifier's
+    /// verdicts on the last step's trees.
+    pub tree: Option<TreeShape>,
+    pub verdicts: Option<crossbeam_channel::Receiver<TreeVerdicts>>,
 }
 
 impl Drafter {
@@ -69,7 +75,20 @@ impl Drafter {
         timeline: Option<Arc<Timeline>>,
     ) -> Self {
         let seqs = HashMap::new();
-        Drafter { proposer, seqs, verifier, intake, pool: None, timeline, warned: false, broken: false, hidden: None }
+        let (tree, verdicts) = (None, None);
+        Drafter {
+            proposer,
+            seqs,
+            verifier,
+            intake,
+            pool: None,
+            timeline,
+            warned: false,
+            broken: false,
+            hidden: None,
+            tree,
+            verdicts,
+        }
     }
 
     /// Fills the drafts of `plan`'s decoding rows.
@@ -82,6 +101,7 @@ impl Drafter {
                 self.proposer.observe(row.id.0, row.start, &row.rows);
             }
         }
+        self.take_verdicts();
         for id in &plan.finished {
             self.seqs.remove(id);
             self.proposer.release(id.0);
@@ -89,10 +109,14 @@ impl Drafter {
         for row in &plan.rows {
             self.sync(row);
         }
+        if let Some(shape) = self.tree {
+            self.draft_trees(plan, shape);
+        }
+        let chains = self.tree.is_none();
         let wanted: Vec<(RequestId, usize)> =
-            plan.rows.iter().filter(|r| r.sample && r.draft_len > 0).map(|r| (r.id, r.draft_len)).collect();
+            plan.rows.iter().filter(|r| chains && r.sample && r.draft_len > 0).map(|r| (r.id, r.draft_len)).collect();
         self.extend(&wanted);
-        for row in plan.rows.iter_mut().filter(|r| r.sample && r.draft_len > 0) {
+        for row in plan.rows.iter_mut().filter(|r| chains && r.sample && r.draft_len > 0) {
             if let Some(st) = self.seqs.get_mut(&row.id) {
                 row.draft = take(&st.ahead, row.draft_len);
                 st.sent = row.draft.tokens.len();
@@ -251,7 +275,8 @@ impl Drafter {
     pub fn run(mut self, plans: Mailbox<VerifyMsg>) {
         while let Ok(mut plan) = plans.recv() {
             self.caught(&mut plan, |d, plan| d.draft(plan));
-            let pre = (!plan.rows.is_empty() && !self.broken).then(|| plan.clone());
+            // Trees are drafted from verified positions only.
+            let pre = (!plan.rows.is_empty() && !self.broken && self.tree.is_none()).then(|| plan.clone());
             // One plan in flight: the Verifier's mailbox (of two) never makes this wait.
             if self.verifier.send(plan).is_err() {
                 break;

@@ -50,6 +50,15 @@ where
     fn take_hidden(&mut self) -> Option<Vec<f32>> {
         None
     }
+    /// Whether `copy_slots` moves this executor's KV entries: tree speculation needs it
+    /// (an accepted path's entries move onto consecutive positions).
+    fn copies_slots(&self) -> bool {
+        false
+    }
+    /// Copies each `(from, to)` KV slot's keys and values, in order, in every layer.
+    fn copy_slots(&mut self, _moves: &[(u32, u32)]) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// The target model with its paged KV cache (block ids are the KvAllocator's).
@@ -115,6 +124,17 @@ impl<B: Backend> Executor<BackendError> for ModelExecutor<B> {
     fn take_hidden(&mut self) -> Option<Vec<f32>> {
         self.hidden.as_mut().map(std::mem::take)
     }
+
+    fn copies_slots(&self) -> bool {
+        true
+    }
+
+    fn copy_slots(&mut self, moves: &[(u32, u32)]) -> Result<(), BackendError> {
+        match moves.is_empty() {
+            true => Ok(()),
+            false => self.kv.copy_slots(&self.backend, moves),
+        }
+    }
 }
 
 /// No model: logits that make token `(last input + 1) % vocab` the greedy choice. Measures
@@ -135,5 +155,10 @@ impl Executor for NoopExecutor {
             out[row * self.vocab + next] = 1.0;
         }
         Ok(out)
+    }
+
+    /// No KV entries to move: trees run (their targets come from the tokens alone).
+    fn copies_slots(&self) -> bool {
+        true
     }
 }

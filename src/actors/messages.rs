@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::error::{DownReason, KvError, StepError};
 use crate::core::kv_manager::KvStats;
 use crate::core::scheduler::{Fit, Proposal, RowOutcome, StepPlan};
+use crate::core::tree::TreeDraft;
 use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
 use crate::spec::SpecStats;
 
@@ -178,6 +179,22 @@ pub struct RowHidden {
     pub id: RequestId,
     pub start: usize,
     pub rows: Vec<f32>,
+}
+
+/// Verifier → Drafter, with tree speculation: each tree row's draft and the target's token
+/// after each of its nodes. Sent before the step's `StepDone`, so the Drafter has them
+/// before the plan that follows: a plan shows the tokens after the accepted path, not the
+/// path, which the Drafter takes from here (`accept_tree`), and a proposer learns from
+/// every node (`Proposer::tree_verified`: lookahead).
+#[derive(Debug, Default)]
+pub struct TreeVerdicts(pub Vec<TreeVerdict>);
+
+/// One tree row's draft and the target's token after its root and after each node.
+#[derive(Debug)]
+pub struct TreeVerdict {
+    pub id: RequestId,
+    pub draft: TreeDraft,
+    pub targets: Vec<u32>,
 }
 
 /// Block usage of the target pool and the draft model's pool (with a draft model).

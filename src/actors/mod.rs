@@ -67,7 +67,7 @@ use crate::core::lengths::{Lengths, WINDOWED_CONTEXT};
 use crate::core::scheduler::{Scheduler, SchedulerConfig};
 use crate::core::spec::DraftLengths;
 use crate::model::{KvCache, Llama, ModelConfig, Tokenizer};
-use crate::spec::{check_settings, SpecStats, Speculation};
+use crate::spec::{check_settings, SpecError, SpecStats, Speculation, MAX_DRAFT_LEN, MAX_TREE_NODES, MAX_TREE_TOP_K};
 use crate::tensor::KvOptions;
 use handle::Inner;
 use intake::Intake;
@@ -213,6 +213,7 @@ impl RuntimeBuilder {
         c.check_window_fits(num_blocks)?;
         if let Some(s) = &self.speculation {
             check_settings(s.max_draft, s.synthetic_acceptance)?;
+            check_tree(s, &exec)?;
         }
         let kv_cache = KvCacheInfo {
             storage: self.kv_info.map(|(s, _)| s),
@@ -226,11 +227,7 @@ impl RuntimeBuilder {
         let health = Arc::new(Health::default());
         ::metrics::gauge!(metrics::HEALTHY).set(1.0);
         let actors = ActorSetup {
-            sched: scheduler(
-                &c,
-                self.speculation.as_ref().map_or((0, Default::default()), |s| (s.max_draft, s.lengths)),
-                exec.warms_up(),
-            ),
+            sched: scheduler(&c, self.speculation.as_ref(), exec.warms_up()),
             limits: intake::Limits {
                 vocab: info.vocab,
                 lengths: Lengths { context: info.context, kv_tokens: num_blocks * c.block_size, held: c.held_tokens() },
@@ -258,7 +255,16 @@ impl RuntimeBuilder {
     }
 }
 
-fn scheduler(c: &RuntimeConfig, (max_draft, lengths): (usize, DraftLengths), warm_ups: bool) -> Scheduler {
+/// The scheduler for `c`, drafting as `spec` says: a tree reserves its nodes, as deep as
+/// its depth (within the longest draft the length policy knows).
+fn scheduler(c: &RuntimeConfig, spec: Option<&Speculation>, warm_ups: bool) -> Scheduler {
+    let (max_draft, lengths, tree_nodes) = match spec {
+        None => (0, DraftLengths::default(), None),
+        Some(s) => match s.tree {
+            Some(t) => (t.depth.clamp(1, MAX_DRAFT_LEN), s.lengths, Some(t.nodes)),
+            None => (s.max_draft, s.lengths, None),
+        },
+    };
     Scheduler::new(SchedulerConfig {
         max_batch: c.max_batch,
         step_tokens: c.step_tokens,
@@ -267,7 +273,27 @@ fn scheduler(c: &RuntimeConfig, (max_draft, lengths): (usize, DraftLengths), war
         max_draft,
         lengths,
         warm_ups,
+        tree_nodes,
     })
+}
+
+/// Refuses tree speculation that cannot run: a proposer without trees, synthetic
+/// acceptance, a shape out of range, an executor that cannot move KV entries.
+fn check_tree<X: Executor<E>, E: Into<ExecutorError>>(s: &Speculation, exec: &X) -> Result<(), SpecError> {
+    let Some(t) = s.tree else { return Ok(()) };
+    if !s.proposer.drafts_trees() {
+        return Err(SpecError::TreeProposer);
+    }
+    if s.synthetic_acceptance.is_some() {
+        return Err(SpecError::TreeSynthetic);
+    }
+    if !(1..=MAX_TREE_NODES).contains(&t.nodes) || !(1..=MAX_TREE_TOP_K).contains(&t.top_k) {
+        return Err(SpecError::TreeShape { nodes: t.nodes, top_k: t.top_k });
+    }
+    match exec.copies_slots() {
+        true => Ok(()),
+        false => Err(SpecError::TreeExecutor),
+    }
 }
 
 /// What the actix actors are built from.
@@ -331,6 +357,8 @@ impl ActorSetup {
 /// Steps' hidden states on their way to the Drafter: it takes each before the next plan,
 /// so one is ever waiting; a few more leave room.
 const HIDDEN_STATES_CHANNEL: usize = 4;
+/// Steps' tree verdicts on their way to the Drafter, likewise.
+const TREE_VERDICTS_CHANNEL: usize = 4;
 
 /// Starts the GPU workers' OS threads: the Verifier, and with speculation the Drafter in
 /// front of it.
@@ -360,12 +388,21 @@ where
     verifier.synthetic_acceptance = speculation.as_ref().and_then(|s| s.synthetic_acceptance);
     verifier.timeline = timeline.clone();
     verifier.hidden = hidden_tx;
+    let (trees_tx, trees_rx) = match speculation.as_ref().is_some_and(|s| s.tree.is_some()) {
+        true => {
+            let (tx, rx) = crossbeam_channel::bounded(TREE_VERDICTS_CHANNEL);
+            (Some(tx), Some(rx))
+        }
+        false => (None, None),
+    };
+    verifier.trees = trees_tx;
     let mut threads = vec![];
     let verify_rx = match speculation {
         Some(spec) => {
             let (verify_tx, verify_rx) = mailbox::bounded(2);
             let mut drafter = drafter::Drafter::new(spec.proposer, verify_tx, intake, timeline);
             drafter.hidden = hidden_rx;
+            (drafter.tree, drafter.verdicts) = (spec.tree, trees_rx);
             let t = std::thread::Builder::new().name("specula-drafter".into());
             threads.push(t.spawn(move || drafter.run(plans))?);
             verify_rx

@@ -98,7 +98,7 @@ impl Subscriber {
         let mut finish = o.finish;
         let mut events = vec![];
         if let Some(s) = self.speculative.as_mut() {
-            s.record(o.drafted, o.accepted);
+            s.record_tree(o.drafted, o.depth, o.accepted);
         }
         let decode = tokenizer.map(|tok| move |ids: &[u32]| tok.decode(ids));
         for &t in &o.new_tokens {

@@ -10,7 +10,10 @@
 //! carries the Drafter's `k` drafts after its token: the forward computes `k + 1` logits for
 //! it and `spec::verify` accepts a prefix of the drafts plus the target's own next token.
 //! Rejected drafts' KV entries stay in the cache unreferenced (`computed` does not cover
-//! them) and are overwritten by the next step.
+//! them) and are overwritten by the next step. A row whose drafts are a tree (`tree.rs`) is
+//! a tree row of the same forward; its accepted path's entries are moved after every row.
+
+mod tree;
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -24,7 +27,7 @@ use super::error::{DownReason, ExecutorError, ForwardOutput, StepError};
 use super::executor::Executor;
 use super::intake::Intake;
 use super::mailbox::Mailbox;
-use super::messages::{ExecutorStopped, HiddenStates, RowHidden, StepDone, StepFailure, VerifyMsg};
+use super::messages::{ExecutorStopped, HiddenStates, RowHidden, StepDone, StepFailure, TreeVerdicts, VerifyMsg};
 use super::metrics as m;
 use super::timeline::{Timeline, Work};
 use crate::backend::BatchMeta;
@@ -75,6 +78,8 @@ pub struct Verifier<X, E> {
     pub timeline: Option<Arc<Timeline>>,
     /// Where the hidden states of verified positions go, for a proposer that reads them.
     pub hidden: Option<crossbeam_channel::Sender<HiddenStates>>,
+    /// Where tree rows' verdicts go, with tree speculation.
+    pub trees: Option<crossbeam_channel::Sender<TreeVerdicts>>,
     error: PhantomData<fn() -> E>,
 }
 
@@ -90,6 +95,7 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
             synthetic_acceptance: None,
             timeline: None,
             hidden: None,
+            trees: None,
             error: PhantomData,
         }
     }
@@ -111,6 +117,8 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
         let vocab = self.exec.vocab_size();
         let mut offset = 0;
         let mut out = Vec::with_capacity(plan.rows.len());
+        // Per row, which of its positions the step verified; what tree rows leave to do.
+        let (mut verified, mut trees) = (Vec::with_capacity(plan.rows.len()), tree::TreeWork::default());
         for row in &plan.rows {
             let n = row.want_logits();
             let scores = match ids_only {
@@ -122,9 +130,20 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
                 ),
             };
             offset += n;
-            out.push(self.outcome(row, scores));
+            let (o, kept) = match row.tree() {
+                Some(t) => self.tree_outcome(row, t, scores, &mut trees),
+                None => {
+                    let o = self.outcome(row, scores);
+                    let kept = (0..o.computed).collect();
+                    (o, kept)
+                }
+            };
+            out.push(o);
+            verified.push(kept);
         }
-        self.send_hidden(plan, &meta, &out);
+        self.exec.copy_slots(&trees.moves).map_err(failed)?;
+        self.send_hidden(plan, &meta, &verified);
+        self.send_verdicts(trees.verdicts);
         Ok(out)
     }
 
@@ -164,14 +183,16 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
     }
 
     /// Passes the hidden states of each row's verified positions (its tokens and accepted
-    /// drafts) to the Drafter; those of rejected drafts are dropped here.
-    fn send_hidden(&mut self, plan: &StepPlan, meta: &BatchMeta, out: &[RowOutcome]) {
+    /// drafts: `verified`, the row's query tokens that hold) to the Drafter; those of
+    /// rejected drafts are dropped here.
+    fn send_hidden(&mut self, plan: &StepPlan, meta: &BatchMeta, verified: &[Vec<usize>]) {
         let Some(tx) = &self.hidden else { return };
         let Some(all) = self.exec.take_hidden() else { return };
         let width = all.len() / meta.num_tokens().max(1);
-        let rows = plan.rows.iter().zip(&meta.rows).zip(out).map(|((row, m), o)| {
-            let from = m.start as usize * width;
-            RowHidden { id: row.id, start: row.computed, rows: all[from..from + o.computed * width].to_vec() }
+        let rows = plan.rows.iter().zip(&meta.rows).zip(verified).map(|((row, m), kept)| {
+            let at = |i: usize| (m.start as usize + i) * width;
+            let rows = kept.iter().flat_map(|&i| all[at(i)..at(i) + width].iter().copied()).collect();
+            RowHidden { id: row.id, start: row.computed, rows }
         });
         // The Drafter takes them before the next plan: the channel never holds more than a
         // step's. Were it full, drafting would restart from later positions, nothing worse.
@@ -199,7 +220,12 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
             st.history.truncate(row.computed);
             st.history.extend_from_slice(&row.tokens);
             let tokens: Vec<u32> = row.tokens.iter().chain(&row.draft.tokens).copied().collect();
-            meta.push_row(&tokens, row.computed as u32, &row.block_table, row.want_logits());
+            match row.tree() {
+                Some(t) => meta
+                    .push_tree_row(&tokens, t.mask(row.computed as u32), &row.block_table, true)
+                    .map_err(|e| StepError::Executor(e.into()))?,
+                None => meta.push_row(&tokens, row.computed as u32, &row.block_table, row.want_logits()),
+            }
         }
         Ok(meta)
     }
@@ -214,6 +240,7 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
             finish: None,
             drafted,
             accepted: 0,
+            depth: drafted,
         };
         if !row.sample {
             return o;
@@ -232,7 +259,7 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
         o.accepted = tokens.len() - 1;
         // Accepted drafts are in the cache now; the last token joins the next step's row.
         st.history.extend_from_slice(&tokens[..o.accepted]);
-        record_acceptance(drafted, o.accepted);
+        record_acceptance(drafted, drafted, o.accepted);
         let p = &st.params;
         let rules = FinishRules { eos: &self.eos, ignore_eos: p.ignore_eos, limits: p.limits };
         let taken = rules.take(st.history.len() - o.accepted, &tokens);
@@ -321,15 +348,16 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Server-wide speculation counters.
-fn record_acceptance(drafted: usize, accepted: usize) {
+/// Server-wide speculation counters, for `drafted` drafts reaching `depth` deep (a chain:
+/// as deep as it is long) of which a path of `accepted` held; positions are depths.
+fn record_acceptance(drafted: usize, depth: usize, accepted: usize) {
     if drafted == 0 {
         return;
     }
     counter!(m::SPEC_DRAFTS).increment(1);
     counter!(m::SPEC_DRAFT_TOKENS).increment(drafted as u64);
     counter!(m::SPEC_ACCEPTED_TOKENS).increment(accepted as u64);
-    for i in 0..drafted {
+    for i in 0..depth {
         let position = (i + 1).to_string();
         counter!(m::SPEC_DRAFTED_BY_POSITION, m::POSITION_LABEL => position.clone()).increment(1);
         if i < accepted {

@@ -12,8 +12,8 @@
 //!  n-gram of column j: a_j b_j c_j (new c_j) → pool[a_j]
 //!  verification: the pool's n-grams after the root, merged into a trie (a tree too)
 //! ```
-//! Both branches are trees, so the one-request engine verifies them together with the tree
-//! mask; any path the target agrees with is accepted (the branch's own guesses too).
+//! Both branches are trees, so the one-request engine (or the runtime's Verifier) verifies
+//! them together with the tree mask; any path the target agrees with is accepted (the branch's own guesses too).
 //! The pool also starts with the prompt's n-grams (prompt lookup, for free).
 
 use std::collections::{HashMap, VecDeque};

@@ -29,6 +29,7 @@ use crate::core::sampling::SamplingParams;
 use crate::core::spec::{AcceptanceTracker, Draft, DraftLengths};
 use crate::core::spec_guard::{SpecGuard, StepKind};
 use crate::core::step_cost::StepCost;
+use crate::core::tree::TreeDraft;
 use crate::request::{FinishReason, RequestId};
 
 /// What a decoding step took and gave (`Scheduler::record_step`).
@@ -70,6 +71,11 @@ pub struct SchedulerConfig {
     /// The first step of each size is slower than the later ones (a GPU captures its
     /// graph): leave it out of the step costs and of what drafting delivers.
     pub warm_ups: bool,
+    /// Tree speculation: a decoding row that drafts reserves this many tree nodes, as deep
+    /// as `max_draft`; the length policy (fed each tree's depth and accepted path, costing
+    /// every node: `AcceptanceTracker::tree_depth`) only turns a row's tree on or off.
+    /// None: chains.
+    pub tree_nodes: Option<usize>,
 }
 
 /// One request's wish for the next step, in priority order.
@@ -129,6 +135,9 @@ pub struct RowPlan {
     /// The drafts themselves, filled by the Drafter (at most `draft_len`): the row is then
     /// verified at `draft.tokens.len() + 1` positions.
     pub draft: Draft,
+    /// When the drafts are a tree: each one's parent (0: the row's token, i: draft i,
+    /// 1-based; parents first). None: a chain.
+    pub parents: Option<Vec<u32>>,
     pub block_table: Vec<u32>,
     /// The row reaches the end of the sequence: sample the next token from its logits.
     pub sample: bool,
@@ -145,6 +154,14 @@ impl RowPlan {
         } else {
             0
         }
+    }
+
+    /// The drafts as a tree, when they are one: a decoding row's (one token, then the
+    /// tree after it) whose parents come before their children. Anything else is verified
+    /// as a chain, which keeps the output the target's.
+    pub fn tree(&self) -> Option<TreeDraft> {
+        let parents = self.parents.clone().filter(|_| self.sample && self.tokens.len() == 1)?;
+        Some(TreeDraft { tokens: self.draft.tokens.clone(), parents }).filter(TreeDraft::is_valid)
     }
 }
 
@@ -176,6 +193,8 @@ pub struct RowOutcome {
     /// Draft tokens verified in this step, and how many of them were accepted.
     pub drafted: usize,
     pub accepted: usize,
+    /// How deep the drafts went: `drafted` for a chain, the deepest node's depth for a tree.
+    pub depth: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -206,11 +225,12 @@ impl Seq {
 }
 
 /// Draft positions to reserve for a running row: only when it is decoding (its last token
-/// is its only uncomputed one), never past its length limit (`SeqLimits::draft_room`).
+/// is its only uncomputed one), never past its length limit (`SeqLimits::draft_room`). A
+/// tree row that drafts reserves all its nodes.
 fn draft_len(
     seq: &mut Seq,
+    cfg: &SchedulerConfig,
     max_draft: usize,
-    lengths: DraftLengths,
     batch: usize,
     cost: &StepCost,
     step: u64,
@@ -218,9 +238,14 @@ fn draft_len(
     if max_draft == 0 || !seq.decoding() {
         return 0;
     }
-    let wanted = match lengths {
-        DraftLengths::Adaptive => seq.acceptance.draft_len(max_draft, batch, cost, step),
-        DraftLengths::Fixed => max_draft,
+    let wanted = match (cfg.lengths, cfg.tree_nodes) {
+        (DraftLengths::Fixed, None) => max_draft,
+        (DraftLengths::Fixed, Some(nodes)) => nodes,
+        (DraftLengths::Adaptive, None) => seq.acceptance.draft_len(max_draft, batch, cost, step),
+        (DraftLengths::Adaptive, Some(nodes)) => match seq.acceptance.tree_depth(max_draft, nodes, batch, cost, step) {
+            0 => 0,
+            _ => nodes,
+        },
     };
     wanted.min(seq.params.limits.draft_room(seq.tokens.len()))
 }
@@ -367,7 +392,7 @@ impl Scheduler {
             }
             // A row left without budget still asks (for nothing): it holds blocks, so it
             // stays a preemption candidate for the rows before it.
-            let drafts = draft_len(seq, max_draft, self.cfg.lengths, batch, &self.cost, self.step);
+            let drafts = draft_len(seq, &self.cfg, max_draft, batch, &self.cost, self.step);
             let n = row_tokens(seq.tokens.len() - seq.computed, drafts, budget);
             budget -= n;
             asks.push(Ask { id, computed: seq.computed, new_tokens: n, lookup: None, running: true });
@@ -437,6 +462,7 @@ impl Scheduler {
                 tokens: seq.tokens[from..to].to_vec(),
                 draft_len,
                 draft: Draft::default(),
+                parents: None,
                 block_table: g.block_table,
                 sample: to == seq.tokens.len(),
                 fresh,
@@ -469,7 +495,8 @@ impl Scheduler {
             debug_assert!(seq.computed + o.computed <= seq.tokens.len());
             // Never count KV past the sequence, whatever the model side reports.
             seq.computed = (seq.computed + o.computed).min(seq.tokens.len());
-            seq.acceptance.record(o.drafted, o.accepted);
+            // A tree counts as a chain of its depth holding its accepted path.
+            seq.acceptance.record(o.depth, o.accepted);
             if let Some(reason) = o.finish {
                 let seq = self.seqs.remove(&o.id).expect("present");
                 self.running.retain(|&r| r != o.id);

@@ -157,6 +157,20 @@ impl AcceptanceTracker {
         }
     }
 
+    /// For a tree of `nodes` drafts up to `depth` deep, as `draft_len` decides for a chain
+    /// but costing every node: its depth, or 0 to run plain (the same probes and
+    /// exploration, so plain steps and trees both keep being measured).
+    pub fn tree_depth(&mut self, depth: usize, nodes: usize, batch: usize, cost: &StepCost, step: u64) -> usize {
+        let room = SPECULATION_OFF_AT_BATCH.saturating_sub(batch.max(1));
+        if room == 0 || depth == 0 {
+            return 0;
+        }
+        match cost.tree_pays(self.rate(), depth, nodes, batch) {
+            Some(pays) => self.known_cost_len(if pays { depth } else { 0 }, depth),
+            None => self.unknown_cost_len(depth, depth, step),
+        }
+    }
+
     fn known_cost_len(&mut self, best: usize, cap: usize) -> usize {
         self.idle = if best == 0 { self.idle + 1 } else { 0 };
         if self.idle >= PROBE_EVERY {

@@ -1,7 +1,7 @@
 //! Lookahead decoding as a proposer: no draft model; each request keeps a Jacobi window
 //! and an n-gram pool (`core::lookahead`), drafts them as one tree and learns from the
 //! target's tokens over that tree (`Proposer::tree_verified`). Trees only: the one-request
-//! engine runs it.
+//! engine and the runtime (with its tree shape) run it.
 
 use std::collections::HashMap;
 

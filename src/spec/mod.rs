@@ -128,6 +128,9 @@ pub struct Speculation {
     pub synthetic_acceptance: Option<f64>,
     /// Adaptive (the default) or always `max_draft`.
     pub lengths: DraftLengths,
+    /// Draft a tree of this shape per decoding row instead of a chain (a proposer that
+    /// drafts trees); the row's length policy then only turns its tree on or off.
+    pub tree: Option<TreeShape>,
 }
 
 /// Which proposer, as chosen on the command line.
@@ -141,10 +144,9 @@ pub enum SpecMethod {
     /// without one, the head trained for the default model).
     Eagle,
     /// Medusa heads over the target's last hidden state (`draft_model`: the heads' folder;
-    /// `dummy:` random heads, labelled); trees (`--spec-tree`) one request at a time.
+    /// `dummy:` random heads, labelled); chains, or trees with `--spec-tree`.
     Medusa,
-    /// Lookahead decoding: Jacobi iterations and an n-gram pool, verified as one tree;
-    /// one request at a time (`generate --prompt`), greedy.
+    /// Lookahead decoding: Jacobi iterations and an n-gram pool, verified as one tree.
     Lookahead,
 }
 
@@ -247,8 +249,6 @@ pub enum SpecError {
     MissingMedusaHead,
     #[error("a lookahead shape needs window >= 1, ngram >= 2 and (window + guesses) * (ngram - 1) <= {MAX_TREE_NODES}, got {0:?}")]
     LookaheadShape(LookaheadConfig),
-    #[error("lookahead decoding verifies a tree each step: it runs in the one-request engine")]
-    LookaheadInRuntime,
     /// A device for a proposer that runs the target's own layers, other than the target's.
     #[error("the {method:?} proposer runs the target's own layers, on the target's device: draft_device {device} applies to a draft model or an EAGLE head")]
     DraftDevice { method: SpecMethod, device: usize },
@@ -256,8 +256,10 @@ pub enum SpecError {
     TreeProposer,
     #[error("synthetic_acceptance applies to chains of drafts, not trees")]
     TreeSynthetic,
-    #[error("tree speculation runs in the one-request engine; the batching runtime drafts chains")]
-    TreeInRuntime,
+    #[error(
+        "tree speculation moves the accepted path's KV entries, which this executor cannot (a tensor-parallel target)"
+    )]
+    TreeExecutor,
     #[error(
         "a tree needs 1 to {MAX_TREE_NODES} nodes and 1 to {MAX_TREE_TOP_K} children per node, got {nodes} and {top_k}"
     )]

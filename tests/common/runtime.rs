@@ -49,3 +49,32 @@ pub fn assert_all_blocks_free(h: &RuntimeHandle) {
     }
     panic!("blocks still in use: {:?}", block_on(h.stats()));
 }
+
+/// Runs `reqs` through a runtime of `target` speculating with `spec` (a tree, greedy):
+/// all at once (batch 8), then `reqs[alone]` by itself; each must give `want`'s tokens, the
+/// lone request must have drafted, and every block must be free after. Returns the lone
+/// request's statistics.
+pub fn assert_runtime_equals(
+    target: &Arc<Llama<CpuBackend>>,
+    tokenizer: Option<Arc<Tokenizer>>,
+    spec: specula::spec::Speculation,
+    reqs: &[specula::request::GenerateRequest],
+    want: &[Vec<u32>],
+    alone: usize,
+) -> specula::spec::SpecStats {
+    use specula::actors::{collect, Runtime};
+    let label = format!("{:?}", spec.tree);
+    let h = Runtime::builder().speculation(spec).max_batch(8).build(CpuBackend::new(), target.clone(), tokenizer);
+    let h = h.unwrap();
+    let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
+    for (i, out) in outs.into_iter().enumerate() {
+        assert_eq!(out.unwrap().token_ids, want[i], "runtime batch {}, {label}, request {i}", reqs.len());
+    }
+    let out = block_on(collect(h.generate(reqs[alone].clone()))).unwrap();
+    assert_eq!(out.token_ids, want[alone], "runtime batch 1, {label}");
+    let stats = out.speculative.expect("speculation statistics");
+    eprintln!("{label}, batch 1: {stats:?}");
+    assert!(stats.drafted > 0, "{label}: nothing drafted: {stats:?}");
+    assert_all_blocks_free(&h);
+    stats
+}

@@ -58,6 +58,7 @@ impl Sim {
                     finish: None,
                     drafted: 0,
                     accepted: 0,
+                    depth: 0,
                 };
                 if r.sample {
                     let out = self.out.get_mut(&r.id).unwrap();
@@ -106,6 +107,7 @@ fn cfg(max_batch: usize, step_tokens: usize) -> SchedulerConfig {
         max_draft: 0,
         lengths: Default::default(),
         warm_ups: true,
+        tree_nodes: None,
     }
 }
 
@@ -165,6 +167,21 @@ fn a_step_with_a_prompt_chunk_drafts_only_where_drafting_is_known_to_pay() {
     // Decoding steps only from then on: every other one drafts while costs are unknown.
     let later: Vec<_> = (0..2).map(|_| draft_lens(&sim.step())).collect();
     assert!(later.iter().any(|lens| lens.iter().all(|&(_, k)| k > 0)), "{later:?}");
+}
+
+#[test]
+fn a_tree_row_reserves_its_nodes_within_the_sequences_room() {
+    let tree = SchedulerConfig { max_draft: 3, lengths: DraftLengths::Fixed, tree_nodes: Some(6), ..cfg(4, 64) };
+    let mut s = Sim::new(tree, 64);
+    // Id 6 stops after 7 tokens by the sim's rule; its limits end the sequence at 12.
+    s.add(6, vec![1, 2], 10);
+    // The prompt, then decoding rows of one token and six node positions, until the room
+    // left before the end (one short of it) cuts the tree.
+    let asked: Vec<(usize, usize)> =
+        (0..7).map(|_| s.step()).map(|p| (p.rows[0].tokens.len(), p.rows[0].draft_len)).collect();
+    assert_eq!(asked, vec![(2, 0), (1, 6), (1, 6), (1, 6), (1, 5), (1, 4), (1, 3)]);
+    s.run(2);
+    assert_eq!((s.done.clone(), s.kv.pool().num_used()), (vec![RequestId(6)], 0));
 }
 
 #[test]
