@@ -104,7 +104,7 @@ impl<B: Backend> EagleProposer<B> {
     fn head_forward(&mut self, meta: &BatchMeta, features: &[f32], k: usize) -> Result<HeadOut, BackendError> {
         let (out, logits) = self.head.step(&self.backend, &self.target, &mut self.kv, meta, features)?;
         let vocab = self.target.config.vocab_size;
-        let tops = self.backend.to_host(&logits)?.chunks(vocab).map(|row| top_log_probs(row, k)).collect();
+        let tops = logits.host_rows(&self.backend)?.chunks(vocab).map(|row| top_log_probs(row, k)).collect();
         Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), tops))
     }
 }
