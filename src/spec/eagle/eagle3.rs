@@ -12,10 +12,10 @@
 //!  logits:           lm_head(norm(x)) over the draft vocabulary; draft id i is target id
 //!                    i + d2t[i]
 //! ```
-//! On the device, `fc` carries an identity block (`[hidden, 4 hidden]`): an input row is
-//! `[features, 0]` for a target entry and `[0, g]` for a drafted one, so one matmul makes
-//! the layer's input either way. The concatenation `u` is never built: q, k and v are each
-//! the sum of two products, one per half of their weight.
+//! A drafted entry's g comes from the host; an identity matmul makes it the residual
+//! stream's own type on the device (f32 on CUDA, where uploads of matrices are bf16). The
+//! concatenation `u` is never built: q, k and v are each the sum of two products, one per
+//! half of their weight.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -59,7 +59,7 @@ pub fn is_eagle3(dir: &Path) -> bool {
     let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     let arch = json["architectures"].as_array().into_iter().flatten();
     let named = arch.filter_map(|a| a.as_str()).any(|a| a.to_ascii_lowercase().contains("eagle3"));
-    let weights = SafetensorsWeights::open_files(&[dir.join("model.safetensors")]);
+    let weights = SafetensorsWeights::open_dir(dir);
     let norm = weights.is_ok_and(|w| LAYER_PREFIXES.iter().any(|p| w.contains(&format!("{p}hidden_norm.weight"))));
     named || json.get("draft_vocab_size").is_some() || norm
 }
@@ -93,8 +93,10 @@ pub struct Eagle3Head<B: Backend> {
     pub aux: [usize; 3],
     /// Draft id → target id; `None` when the head predicts over the target's vocabulary.
     d2t: Option<Arc<[u32]>>,
-    /// `fc.weight` with an identity block appended, `[hidden, 4 * hidden]`.
+    /// `fc.weight`, `[hidden, 3 * hidden]`.
     fc: B::Tensor,
+    /// The identity, `[hidden, hidden]`: a drafted entry's input as an activation.
+    identity: B::Tensor,
     /// The head's own embedding table, if it has one (else the target's).
     embed: Option<B::Tensor>,
     input_norm: B::Tensor,  // [hidden]
@@ -114,7 +116,8 @@ pub struct Eagle3Head<B: Backend> {
 }
 
 impl<B: Backend> Eagle3Head<B> {
-    /// Loads the head in `dir` (config.json, model.safetensors) for `target`: a head of
+    /// Loads the head in `dir` (config.json; model.safetensors or a sharded index; FP8
+    /// weights are dequantized) for `target`: a head of
     /// another hidden size or vocabulary is refused with both sizes named, an unknown
     /// layout with the tensor it lacks named.
     pub fn load(dir: &Path, target: &ModelConfig, b: &B) -> std::result::Result<Self, SpecError> {
@@ -125,8 +128,7 @@ impl<B: Backend> Eagle3Head<B> {
             serde_json::from_str(&text).map_err(|e| SpecError::EagleHead(LoadError::format(&path, e.to_string())))?;
         check_json(&json, &config, target, &path)?;
         let aux = aux_layers(&json, target.num_layers)?;
-        let file = dir.join("model.safetensors");
-        let src = SafetensorsWeights::open_files(std::slice::from_ref(&file)).map_err(SpecError::EagleHead)?;
+        let src = SafetensorsWeights::open_dir(dir).map_err(SpecError::EagleHead)?;
         let draft_vocab = json.draft_vocab_size.unwrap_or(config.vocab_size);
         let d2t = draft_map(&src, draft_vocab, target.vocab_size)?;
         let config = ModelConfig { num_layers: 1, ..config };
@@ -153,7 +155,8 @@ impl<B: Backend> Eagle3Head<B> {
         let embed_name = top("embed_tokens.weight");
         let ones = |n: usize| b.upload(&HostTensor::new(vec![n], vec![1.0; n]));
         Ok(Eagle3Head {
-            fc: b.upload(&fc_with_identity(src, &top("fc.weight"), h)?)?,
+            fc: up(&top("fc.weight"), &[h, 3 * h])?,
+            identity: b.upload(&identity(h))?,
             embed: match src.contains(&embed_name) {
                 true => Some(up(&embed_name, &[c.vocab_size, h])?),
                 false => None,
@@ -196,6 +199,18 @@ impl<B: Backend> Eagle3Head<B> {
         self.d2t.as_ref().map_or(self.config.vocab_size, |m| m.len())
     }
 
+    /// The layer's input g of `n` entries: `fc` over fused target features (3 hidden wide
+    /// each), or the head's own outputs (hidden wide each) as they are.
+    fn input(&self, b: &B, features: &[f32], n: usize) -> Result<B::Tensor> {
+        let h = self.config.hidden_size;
+        let (w, width) = match features.len() {
+            l if l == n * 3 * h => (&self.fc, 3 * h),
+            l if l == n * h => (&self.identity, h),
+            l => return Err(BackendError::Invalid(format!("{l} feature values for {n} entries of {h} or {}", 3 * h))),
+        };
+        b.matmul(&b.upload(&HostTensor::new(vec![n, width], features.to_vec()))?, w)
+    }
+
     /// One forward over `meta`, whose token at each entry p is token p+1 of its sequence.
     /// `features` (host, row-major) are the target's fused features of every entry
     /// (`[tokens, 3 * hidden]`) or the head's own outputs (`[tokens, hidden]`). Returns the
@@ -210,10 +225,10 @@ impl<B: Backend> Eagle3Head<B> {
         features: &[f32],
     ) -> Result<(Vec<f32>, B::Tensor)> {
         let c = &self.config;
-        let (h, n, eps) = (c.hidden_size, meta.num_tokens(), c.rms_norm_eps);
+        let (n, eps) = (meta.num_tokens(), c.rms_norm_eps);
         let batch = b.prepare(meta)?;
         let emb = b.embed(self.embed.as_ref().unwrap_or(target.embed_table()), &batch)?;
-        let mut x = b.matmul(&b.upload(&input_rows(features, n, h)?)?, &self.fc)?;
+        let mut x = self.input(b, features, n)?;
         let (en, hn) = (b.rms_norm(&emb, &self.input_norm, eps)?, b.rms_norm(&x, &self.hidden_norm, eps)?);
         let [we, wh] = &self.wqkv;
         let mut qkv = b.matmul_many(&en, &[&we[0], &we[1], &we[2]])?;
@@ -236,32 +251,9 @@ impl<B: Backend> Eagle3Head<B> {
     }
 }
 
-/// The fc input rows for `n` entries: `[features, 0]` for fused target features (3 hidden
-/// wide), `[0, g]` for the head's own outputs (hidden wide), `[n, 4 * hidden]`.
-fn input_rows(features: &[f32], n: usize, h: usize) -> Result<HostTensor> {
-    let fused = match features.len() {
-        l if l == n * 3 * h => true,
-        l if l == n * h => false,
-        l => return Err(BackendError::Invalid(format!("{l} feature values for {n} entries of {h} or {}", 3 * h))),
-    };
-    let mut rows = vec![0f32; n * 4 * h];
-    let width = if fused { 3 * h } else { h };
-    let at = if fused { 0 } else { 3 * h };
-    for (row, f) in rows.chunks_mut(4 * h).zip(features.chunks(width.max(1))) {
-        row[at..at + width].copy_from_slice(f);
-    }
-    Ok(HostTensor::new(vec![n, 4 * h], rows))
-}
-
-/// `fc.weight` `[hidden, 3 * hidden]` with an identity block appended, `[hidden, 4 * hidden]`.
-fn fc_with_identity(src: &SafetensorsWeights, name: &str, h: usize) -> std::result::Result<HostTensor, LoadError> {
-    let w = src.tensor(name, &[h, 3 * h])?;
-    let mut data = Vec::with_capacity(h * 4 * h);
-    for (r, row) in w.data.chunks(3 * h).enumerate() {
-        data.extend_from_slice(row);
-        data.extend((0..h).map(|c| if c == r { 1.0 } else { 0.0 }));
-    }
-    Ok(HostTensor::new(vec![h, 4 * h], data))
+/// The `[hidden, hidden]` identity matrix.
+fn identity(h: usize) -> HostTensor {
+    HostTensor::new(vec![h, h], (0..h * h).map(|i| if i / h == i % h { 1.0 } else { 0.0 }).collect())
 }
 
 /// q, k and v (`[out, 2 * hidden]` each) split into their embedding and hidden halves.
