@@ -95,6 +95,9 @@ enum Layout {
     Vllm,
     /// `model.layers.0.*`, `model.fc`, `model.norm`, `model.embed_tokens`.
     Prefixed,
+    /// vLLM's speculators: `layers.0.*`, `fc.bias`, `norm_before_residual`, the Llama part
+    /// of the config in `transformer_layer_config` as a difference from `LlamaConfig`.
+    Speculators,
 }
 
 /// Which target layers the config names.
@@ -154,6 +157,9 @@ impl Head3Spec {
         if self.own_embed {
             out.push(("embed_tokens.weight".into(), vec![self.vocab, h]));
         }
+        if self.layout == Layout::Speculators {
+            out.push(("fc.bias".into(), vec![h]));
+        }
         out
     }
 
@@ -161,7 +167,7 @@ impl Head3Spec {
     fn stored_name(&self, canonical: &str) -> String {
         let (layer, top) = match self.layout {
             Layout::Official => ("midlayer.", ""),
-            Layout::Vllm => ("layers.0.", ""),
+            Layout::Vllm | Layout::Speculators => ("layers.0.", ""),
             Layout::Prefixed => ("model.layers.0.", "model."),
         };
         match canonical.strip_prefix("layer.") {
@@ -179,6 +185,19 @@ impl Head3Spec {
             "rope_theta": THETA, "rms_norm_eps": EPS, "vocab_size": self.vocab,
             "draft_vocab_size": self.draft_vocab(), "torch_dtype": "float32",
         });
+        if self.layout == Layout::Speculators {
+            // rope_theta and max_position_embeddings are LlamaConfig's defaults: left out.
+            let layer = serde_json::json!({
+                "model_type": "llama", "hidden_size": self.hidden, "intermediate_size": INTER,
+                "num_hidden_layers": 1, "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS,
+                "head_dim": HEAD_DIM, "rms_norm_eps": EPS, "vocab_size": self.vocab,
+            });
+            c = serde_json::json!({
+                "architectures": ["Eagle3Speculator"], "speculators_model_type": "eagle3",
+                "transformer_layer_config": layer, "draft_vocab_size": self.draft_vocab(),
+                "norm_before_residual": true,
+            });
+        }
         match &self.aux {
             Aux::Default => {}
             Aux::Top(ids) => c["eagle_aux_hidden_state_layer_ids"] = serde_json::json!(ids),
@@ -197,7 +216,7 @@ impl Head3Spec {
         for (name, shape) in self.shapes() {
             let n: usize = shape.iter().product();
             let std = if shape.len() == 1 { 0.2 } else { self.scale / (shape[1] as f64).sqrt() };
-            let mean = if shape.len() == 1 { 1.0 } else { 0.0 };
+            let mean = if shape.len() == 1 && !name.ends_with("bias") { 1.0 } else { 0.0 };
             weights.insert(name, (0..n).map(|_| (mean + std * rng.normal()) as f32).collect());
         }
         let mut tensors: Vec<(String, Vec<usize>, Dtype, Vec<u8>)> = self
@@ -277,13 +296,21 @@ fn attend(q: &[f64], keys: &[Vec<f64>], values: &[Vec<f64>]) -> Vec<f64> {
 /// position i, causal.
 fn reference(w: &Weights, emb: &[Vec<f64>], inputs: &[Input]) -> Vec<(Vec<f64>, Vec<f64>)> {
     let l = |s: &str| &w[&format!("layer.{s}.weight")];
+    // The speculators' heads: a bias on fc, the residual taken after hidden_norm.
+    let speculators = w.contains_key("fc.bias");
     let (mut keys, mut values, mut out) = (vec![], vec![], vec![]);
     for (i, (e, input)) in emb.iter().zip(inputs).enumerate() {
         let g = match input {
-            Input::Fused(f) => matvec(&w["fc.weight"], f),
+            Input::Fused(f) => {
+                let zeros = vec![0f32; H];
+                let bias = w.get("fc.bias").unwrap_or(&zeros);
+                matvec(&w["fc.weight"], f).iter().zip(bias).map(|(a, &b)| a + b as f64).collect()
+            }
             Input::Own(g) => g.clone(),
         };
-        let u: Vec<f64> = norm(e, l("input_layernorm")).into_iter().chain(norm(&g, l("hidden_norm"))).collect();
+        let gn = norm(&g, l("hidden_norm"));
+        let u: Vec<f64> = norm(e, l("input_layernorm")).into_iter().chain(gn.iter().copied()).collect();
+        let g = if speculators { gn } else { g };
         let (mut q, mut k) = (matvec(l("self_attn.q_proj"), &u), matvec(l("self_attn.k_proj"), &u));
         rope(&mut q, i);
         rope(&mut k, i);
@@ -310,7 +337,9 @@ fn the_head_computes_what_the_reference_says_in_each_layout() {
     let mut rng = Rng(7);
     let fused: Vec<Vec<f64>> = (0..n).map(|_| (0..3 * H).map(|_| rng.normal()).collect()).collect();
     let flat: Vec<f32> = fused.iter().flatten().map(|&x| x as f32).collect();
-    for (layout, own_embed) in [(Layout::Official, true), (Layout::Vllm, false), (Layout::Prefixed, true)] {
+    let layouts =
+        [(Layout::Official, true), (Layout::Vllm, false), (Layout::Prefixed, true), (Layout::Speculators, true)];
+    for (layout, own_embed) in layouts {
         let dir = TempDir::new("eagle3-head");
         let spec = Head3Spec { own_embed, ..Head3Spec::new(layout, Aux::Top(vec![0, 1, 2]), 64) };
         let w = spec.write(dir.path(), 5);
@@ -407,6 +436,26 @@ fn tree(nodes: usize, top_k: usize, depth: usize) -> Option<TreeShape> {
 }
 
 #[test]
+fn the_aux_layers_follow_each_frameworks_convention() {
+    let target = deep_target(64, 1, 0.5);
+    let cases = [
+        // 2, L/2, L − 3 of L = 6.
+        (Aux::Default, [2, 3, 3]),
+        // vLLM: the layers whose input is kept.
+        (Aux::Top(vec![1, 6, 4]), [1, 6, 4]),
+        // SGLang, SpecForge, TensorRT-LLM: the layers whose output is kept.
+        (Aux::Nested(vec![0, 2, 5]), [1, 3, 6]),
+    ];
+    for (aux, want) in cases {
+        let dir = TempDir::new("eagle3-aux-ids");
+        Head3Spec::new(Layout::Official, aux.clone(), 64).write(dir.path(), 2);
+        let head = Eagle3Head::load(dir.path(), &target.config, &CpuBackend::new()).unwrap();
+        assert_eq!(head.aux, want, "{aux:?}");
+        assert_eq!(head.hidden_kind(), HiddenKind::Layers(want));
+    }
+}
+
+#[test]
 fn greedy_eagle3_equals_plain_greedy_in_the_engine_chain_and_tree() {
     let engine = Engine::new(CpuBackend::new(), deep_target(64, 1, 0.5), None);
     let reqs = requests();
@@ -415,6 +464,7 @@ fn greedy_eagle3_equals_plain_greedy_in_the_engine_chain_and_tree() {
         Head3Spec::new(Layout::Official, Aux::Default, 64),
         Head3Spec { draft_ids: None, ..Head3Spec::new(Layout::Vllm, Aux::Top(vec![1, 6, 4]), 64) },
         Head3Spec { own_embed: true, ..Head3Spec::new(Layout::Prefixed, Aux::Nested(vec![0, 2, 5]), 64) },
+        Head3Spec::new(Layout::Speculators, Aux::Top(vec![2, 3, 3]), 64),
     ];
     for head in heads {
         let dir = TempDir::new("eagle3-lossless");

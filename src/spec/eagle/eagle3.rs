@@ -1,13 +1,16 @@
 //! An EAGLE-3 draft head (Li et al., 2025), loaded as SafeAILab/EAGLE and SpecForge save it
 //! (`midlayer.*`) or as vLLM and the speculators convert it (`layers.0.*`, or
-//! `model.layers.0.*` with `model.` before `fc`, `norm` and `embed_tokens`).
+//! `model.layers.0.*` with `model.` before `fc`, `norm` and `embed_tokens`), its config a
+//! Llama `config.json` with EAGLE-3's keys or the speculators' (`transformer_layer_config`
+//! holding the Llama part, as a difference from `LlamaConfig`'s defaults).
 //!
 //! ```text
 //!  target entry p:   g = fc(concat(a_p, b_p, c_p))     a, b, c: the residual stream entering
 //!                                                     the target's low, middle, high layers
 //!  drafted entry p:  g = the head's own output at p    (no fc)
 //!  the layer:        u = concat(input_layernorm(embed(token p+1)), hidden_norm(g))   [2 hidden]
-//!                    x = g + o_proj(attention(q, k, v of u))
+//!                    x = g + o_proj(attention(q, k, v of u))   (norm_before_residual:
+//!                                                     hidden_norm(g) + ...)
 //!                    x = x + mlp(post_attention_layernorm(x))       x: the output, next g
 //!  logits:           lm_head(norm(x)) over the draft vocabulary; draft id i is target id
 //!                    i + d2t[i]
@@ -34,6 +37,8 @@ const LAYER_PREFIXES: [&str; 3] = ["midlayer.", "layers.0.", "model.layers.0."];
 /// What config.json says beyond a Llama configuration.
 #[derive(Deserialize, Default)]
 struct Eagle3Json {
+    /// The speculators' format: the Llama configuration of the layer, nested.
+    transformer_layer_config: Option<serde_json::Value>,
     draft_vocab_size: Option<usize>,
     target_hidden_size: Option<usize>,
     #[serde(default)]
@@ -93,8 +98,11 @@ pub struct Eagle3Head<B: Backend> {
     pub aux: [usize; 3],
     /// Draft id → target id; `None` when the head predicts over the target's vocabulary.
     d2t: Option<Arc<[u32]>>,
-    /// `fc.weight`, `[hidden, 3 * hidden]`.
+    /// `fc.weight` with `fc.bias` (or zeros) as a last column, `[hidden, 3 * hidden + 1]`:
+    /// fused rows end in a 1.
     fc: B::Tensor,
+    /// The residual is `hidden_norm(g)` rather than g.
+    norm_before_residual: bool,
     /// The identity, `[hidden, hidden]`: a drafted entry's input as an activation.
     identity: B::Tensor,
     /// The head's own embedding table, if it has one (else the target's).
@@ -122,17 +130,16 @@ impl<B: Backend> Eagle3Head<B> {
     /// layout with the tensor it lacks named.
     pub fn load(dir: &Path, target: &ModelConfig, b: &B) -> std::result::Result<Self, SpecError> {
         let path = dir.join("config.json");
-        let config = ModelConfig::from_hf_json(&path).map_err(SpecError::EagleHead)?;
-        let text = std::fs::read_to_string(&path).map_err(|e| SpecError::EagleHead(LoadError::io(&path, e)))?;
-        let json: Eagle3Json =
-            serde_json::from_str(&text).map_err(|e| SpecError::EagleHead(LoadError::format(&path, e.to_string())))?;
+        let (config, json) = read_config(&path).map_err(SpecError::EagleHead)?;
         check_json(&json, &config, target, &path)?;
+        let norm_before_residual = json.norm_before_residual;
         let aux = aux_layers(&json, target.num_layers)?;
         let src = SafetensorsWeights::open_dir(dir).map_err(SpecError::EagleHead)?;
         let draft_vocab = json.draft_vocab_size.unwrap_or(config.vocab_size);
         let d2t = draft_map(&src, draft_vocab, target.vocab_size)?;
         let config = ModelConfig { num_layers: 1, ..config };
-        Self::from_source(config, aux, d2t, draft_vocab, &src, b).map_err(SpecError::EagleHead)
+        let head = Self::from_source(config, aux, d2t, draft_vocab, &src, b).map_err(SpecError::EagleHead)?;
+        Ok(Eagle3Head { norm_before_residual, ..head })
     }
 
     fn from_source(
@@ -155,7 +162,8 @@ impl<B: Backend> Eagle3Head<B> {
         let embed_name = top("embed_tokens.weight");
         let ones = |n: usize| b.upload(&HostTensor::new(vec![n], vec![1.0; n]));
         Ok(Eagle3Head {
-            fc: up(&top("fc.weight"), &[h, 3 * h])?,
+            fc: b.upload(&fc_with_bias(src, top("fc.weight").trim_end_matches(".weight"), h)?)?,
+            norm_before_residual: false,
             identity: b.upload(&identity(h))?,
             embed: match src.contains(&embed_name) {
                 true => Some(up(&embed_name, &[c.vocab_size, h])?),
@@ -203,12 +211,14 @@ impl<B: Backend> Eagle3Head<B> {
     /// each), or the head's own outputs (hidden wide each) as they are.
     fn input(&self, b: &B, features: &[f32], n: usize) -> Result<B::Tensor> {
         let h = self.config.hidden_size;
-        let (w, width) = match features.len() {
-            l if l == n * 3 * h => (&self.fc, 3 * h),
-            l if l == n * h => (&self.identity, h),
+        let rows = match features.len() {
+            l if l == n * h => {
+                return b.matmul(&b.upload(&HostTensor::new(vec![n, h], features.to_vec()))?, &self.identity)
+            }
+            l if l == n * 3 * h => features.chunks(3 * h).flat_map(|f| f.iter().copied().chain([1.0])).collect(),
             l => return Err(BackendError::Invalid(format!("{l} feature values for {n} entries of {h} or {}", 3 * h))),
         };
-        b.matmul(&b.upload(&HostTensor::new(vec![n, width], features.to_vec()))?, w)
+        b.matmul(&b.upload(&HostTensor::new(vec![n, 3 * h + 1], rows))?, &self.fc)
     }
 
     /// One forward over `meta`, whose token at each entry p is token p+1 of its sequence.
@@ -230,6 +240,9 @@ impl<B: Backend> Eagle3Head<B> {
         let emb = b.embed(self.embed.as_ref().unwrap_or(target.embed_table()), &batch)?;
         let mut x = self.input(b, features, n)?;
         let (en, hn) = (b.rms_norm(&emb, &self.input_norm, eps)?, b.rms_norm(&x, &self.hidden_norm, eps)?);
+        if self.norm_before_residual {
+            x = b.matmul(&hn, &self.identity)?;
+        }
         let [we, wh] = &self.wqkv;
         let mut qkv = b.matmul_many(&en, &[&we[0], &we[1], &we[2]])?;
         let from_hidden = b.matmul_many(&hn, &[&wh[0], &wh[1], &wh[2]])?;
@@ -249,6 +262,55 @@ impl<B: Backend> Eagle3Head<B> {
         let logits = b.matmul(&b.gather_logit_rows(&out_normed, &batch)?, &self.lm_head)?;
         Ok((b.to_host(&b.gather_logit_rows(&x, &batch)?)?, logits))
     }
+}
+
+/// The head's Llama configuration and its EAGLE-3 keys, from `path`: a Llama `config.json`,
+/// or the speculators' (the Llama part in `transformer_layer_config`, written as its
+/// difference from `LlamaConfig`'s defaults).
+fn read_config(path: &Path) -> std::result::Result<(ModelConfig, Eagle3Json), LoadError> {
+    let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| LoadError::format(path, e.to_string()))?;
+    let json: Eagle3Json = serde_json::from_value(value.clone()).map_err(|e| LoadError::format(path, e.to_string()))?;
+    let llama = match &json.transformer_layer_config {
+        Some(serde_json::Value::Object(layer)) => {
+            let mut merged = llama_defaults();
+            merged.extend(layer.clone());
+            serde_json::Value::Object(merged)
+        }
+        Some(_) => return Err(LoadError::format(path, "transformer_layer_config is not an object")),
+        None => value,
+    };
+    Ok((ModelConfig::from_hf_value(llama, path)?, json))
+}
+
+/// transformers' `LlamaConfig` defaults, which a difference from them leaves out.
+fn llama_defaults() -> serde_json::Map<String, serde_json::Value> {
+    let defaults = serde_json::json!({
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": false,
+    });
+    match defaults {
+        serde_json::Value::Object(map) => map,
+        _ => unreachable!("an object literal"),
+    }
+}
+
+/// `{prefix}.weight` `[hidden, 3 * hidden]` with `{prefix}.bias` (or zeros) as an extra last
+/// column (the speculators' heads have a bias; EAGLE's and SpecForge's do not).
+fn fc_with_bias(src: &SafetensorsWeights, prefix: &str, h: usize) -> std::result::Result<HostTensor, LoadError> {
+    let w = src.tensor(&format!("{prefix}.weight"), &[h, 3 * h])?;
+    let bias_name = format!("{prefix}.bias");
+    let bias = match src.contains(&bias_name) {
+        true => src.tensor(&bias_name, &[h])?.data,
+        false => vec![0.0; h],
+    };
+    let mut data = Vec::with_capacity(h * (3 * h + 1));
+    for (row, b) in w.data.chunks(3 * h).zip(bias) {
+        data.extend_from_slice(row);
+        data.push(b);
+    }
+    Ok(HostTensor::new(vec![h, 3 * h + 1], data))
 }
 
 /// The `[hidden, hidden]` identity matrix.
@@ -315,9 +377,6 @@ fn check_json(
         return Err(SpecError::HeadMismatch { what, head, target });
     }
     let unsupported = |what: &str| Err(SpecError::EagleHead(LoadError::format(path, format!("unsupported: {what}"))));
-    if json.norm_before_residual {
-        return unsupported("norm_before_residual (the residual taken after hidden_norm)");
-    }
     if json.eagle_config.as_ref().and_then(|c| c.use_aux_hidden_state) == Some(false) {
         return unsupported("use_aux_hidden_state false (a head without fc)");
     }
