@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::eagle3::{is_eagle3, Eagle3Head};
 use super::head::{check_sizes, EagleHead};
+use crate::core::tree::top_log_probs;
 use crate::model::{HiddenKind, KvCache, Llama, ModelConfig};
 use crate::spec::SpecError;
 use crate::tensor::{Backend, BatchMeta, Result};
@@ -46,6 +47,18 @@ impl<B: Backend> HeadLogits<B> {
             Some(map) => ids.into_iter().map(|i| map[i as usize]).collect(),
             None => ids,
         })
+    }
+
+    /// Each row's `k` likeliest tokens (target ids) with their log-probabilities, ranked
+    /// over the head's own vocabulary: the same as over the target's with the rest at −∞.
+    pub fn top_log_probs(&self, b: &B, k: usize) -> Result<Vec<Vec<(u32, f64)>>> {
+        let width = self.map.as_ref().map_or(self.vocab, |m| m.len()).max(1);
+        let host = b.to_host(&self.tensor)?;
+        let map = |t: u32| self.map.as_ref().map_or(t, |m| m[t as usize]);
+        Ok(host
+            .chunks(width)
+            .map(|row| top_log_probs(row, k).into_iter().map(|(t, l)| (map(t), l)).collect())
+            .collect())
     }
 
     /// The rows on the host over the target's vocabulary, `[rows, vocab]`: a token outside

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 
 use super::{EagleProposer, Row};
 use crate::backend::{Backend, BackendError, BatchMeta};
-use crate::core::tree::{best, expand, select_tree, top_log_probs, Candidate, TreeDraft, TreeShape};
+use crate::core::tree::{best, expand, select_tree, Candidate, TreeDraft, TreeShape};
 use crate::spec::{ProposeRequest, SeqId};
 use crate::tensor::{TreeMask, NO_PARENT};
 
@@ -103,8 +103,7 @@ impl<B: Backend> EagleProposer<B> {
     /// with their log-probabilities.
     fn head_forward(&mut self, meta: &BatchMeta, features: &[f32], k: usize) -> Result<HeadOut, BackendError> {
         let (out, logits) = self.head.step(&self.backend, &self.target, &mut self.kv, meta, features)?;
-        let vocab = self.target.config.vocab_size;
-        let tops = logits.host_rows(&self.backend)?.chunks(vocab).map(|row| top_log_probs(row, k)).collect();
+        let tops = logits.top_log_probs(&self.backend, k)?;
         Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), tops))
     }
 }
