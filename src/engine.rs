@@ -17,7 +17,7 @@ use crate::core::lengths::{window_held, Lengths, SeqLimits, WINDOWED_CONTEXT};
 use crate::core::sampling::Sampler;
 use crate::core::spec::AcceptanceTracker;
 use crate::core::step_cost::StepCost;
-use crate::model::{ForwardStep, KvCache, Llama, Tokenizer};
+use crate::model::{hidden_to_host, ForwardStep, HiddenKind, KvCache, Llama, Tokenizer};
 use crate::prompt::{tokenize_prompt, BLOCK_SIZE};
 use crate::request::{FinishReason, GenerateRequest, RequestError, RequestId, Usage};
 use crate::spec::{ids_suffice, verify, verify_ids, Draft, Proposer, SeqId, SpecError, SpecStats, MAX_DRAFT_LEN};
@@ -191,8 +191,7 @@ impl<B: Backend> Engine<B> {
         let table = reserve(&mut seq.blocks, history.len() - 1, row.len())?;
         meta.push_row(&row, (history.len() - 1) as u32, &table, row.len());
         let step_start = Instant::now();
-        let wants_hidden = spec.as_ref().is_some_and(|s| s.proposer.wants_hidden());
-        let (out, hidden) = self.forward(&mut seq.kv, &meta, wants_hidden)?;
+        let (out, hidden) = self.forward(&mut seq.kv, &meta, spec.as_ref().and_then(|s| wanted(&*s.proposer)))?;
         let synthetic = spec.as_ref().and_then(|s| s.synthetic_acceptance);
         let vocab = self.model.config.vocab_size;
         let new_tokens = if ids_suffice(sampler) {
@@ -265,7 +264,7 @@ impl<B: Backend> Engine<B> {
             let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
             let table = reserve(&mut seq.blocks, i * PREFILL_CHUNK, chunk.len())?;
             meta.push_row(chunk, (i * PREFILL_CHUNK) as u32, &table, 1);
-            let (out, hidden) = self.forward(&mut seq.kv, &meta, observer.is_some())?;
+            let (out, hidden) = self.forward(&mut seq.kv, &meta, observer.as_deref().and_then(wanted))?;
             if let (Some(p), Some(hidden)) = (observer.as_deref_mut(), hidden) {
                 p.observe(SEQ, i * PREFILL_CHUNK, &hidden);
             }
@@ -288,19 +287,24 @@ impl<B: Backend> Engine<B> {
     }
 
     /// The target's forward over `meta` (replayable), or with `hidden` the forward that also
-    /// keeps the hidden state of every token (`[tokens, hidden]`, on the host).
+    /// keeps those hidden states of every token (`[tokens, parts * hidden]`, on the host).
     fn forward(
         &self,
         kv: &mut KvCache<B>,
         meta: &BatchMeta,
-        hidden: bool,
+        hidden: Option<HiddenKind>,
     ) -> Result<(B::Tensor, Option<Vec<f32>>), BackendError> {
-        if !hidden {
+        let Some(kind) = hidden else {
             return Ok((self.backend.forward_step(&self.model, kv, meta, self.model.num_layers())?, None));
-        }
-        let (logits, h) = self.backend.forward_step_hidden(&self.model, kv, meta)?;
-        Ok((logits, Some(self.backend.to_host(&h)?)))
+        };
+        let (logits, h) = self.backend.forward_step_hidden(&self.model, kv, meta, kind)?;
+        Ok((logits, Some(hidden_to_host(&self.backend, &h, self.model.config.hidden_size)?)))
     }
+}
+
+/// The hidden states `p` reads of the target, if any.
+fn wanted(p: &(dyn Proposer + '_)) -> Option<HiddenKind> {
+    p.wants_hidden().then(|| p.hidden_kind())
 }
 
 /// The one sequence the engine runs at a time, as proposers know it.

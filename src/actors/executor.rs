@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::error::ExecutorError;
 use crate::backend::{Backend, BackendError, BatchMeta};
 use crate::core::sampling::{argmax, sample_row, RowSampling};
-use crate::model::{ForwardStep, KvCache, Llama};
+use crate::model::{hidden_to_host, ForwardStep, HiddenKind, KvCache, Llama};
 
 /// Runs forwards for the Verifier. `Error` is how a forward fails: `BackendError` for the
 /// model; text (the default) for executors written for tests and benchmarks.
@@ -40,13 +40,13 @@ where
     fn warms_up(&self) -> bool {
         true
     }
-    /// From now on, keep the hidden states every forward computes (for a proposer that
-    /// reads them); false when this executor has none to keep.
-    fn keep_hidden(&mut self) -> bool {
+    /// From now on, keep the hidden states `kind` names that every forward computes (for a
+    /// proposer that reads them); false when this executor has none to keep.
+    fn keep_hidden(&mut self, _kind: HiddenKind) -> bool {
         false
     }
-    /// The last forward's hidden states after the final norm, `[tokens, hidden]` row-major
-    /// in the batch's token order, when kept.
+    /// The last forward's hidden states, `[tokens, parts * hidden]` row-major in the
+    /// batch's token order, when kept.
     fn take_hidden(&mut self) -> Option<Vec<f32>> {
         None
     }
@@ -68,11 +68,13 @@ pub struct ModelExecutor<B: Backend> {
     pub kv: KvCache<B>,
     /// The last forward's hidden states, when asked to keep them (`Some` from then on).
     hidden: Option<Vec<f32>>,
+    /// Which hidden states to keep.
+    hidden_kind: HiddenKind,
 }
 
 impl<B: Backend> ModelExecutor<B> {
     pub fn new(backend: B, model: Arc<Llama<B>>, kv: KvCache<B>) -> Self {
-        ModelExecutor { backend, model, kv, hidden: None }
+        ModelExecutor { backend, model, kv, hidden: None, hidden_kind: HiddenKind::Last }
     }
 
     /// The logits of `meta`, keeping the hidden states when asked to. A GPU replays the
@@ -82,8 +84,9 @@ impl<B: Backend> ModelExecutor<B> {
             let layers = self.model.num_layers();
             return self.backend.forward_step(&self.model, &mut self.kv, meta, layers);
         }
-        let (logits, hidden) = self.backend.forward_step_hidden(&self.model, &mut self.kv, meta)?;
-        self.hidden = Some(self.backend.to_host(&hidden)?);
+        let kind = self.hidden_kind;
+        let (logits, hidden) = self.backend.forward_step_hidden(&self.model, &mut self.kv, meta, kind)?;
+        self.hidden = Some(hidden_to_host(&self.backend, &hidden, self.model.config.hidden_size)?);
         Ok(logits)
     }
 }
@@ -116,7 +119,8 @@ impl<B: Backend> Executor<BackendError> for ModelExecutor<B> {
         self.backend.sample_rows(&logits, self.model.config.vocab_size, rows)
     }
 
-    fn keep_hidden(&mut self) -> bool {
+    fn keep_hidden(&mut self, kind: HiddenKind) -> bool {
+        self.hidden_kind = kind;
         self.hidden.get_or_insert_with(Vec::new);
         true
     }

@@ -376,7 +376,8 @@ where
     E: Into<ExecutorError> + 'static,
 {
     // A proposer that reads the target's hidden states gets them from the Verifier directly.
-    let wants_hidden = speculation.as_ref().is_some_and(|s| s.proposer.wants_hidden()) && exec.keep_hidden();
+    let wants = speculation.as_ref().filter(|s| s.proposer.wants_hidden()).map(|s| s.proposer.hidden_kind());
+    let wants_hidden = wants.is_some_and(|kind| exec.keep_hidden(kind));
     let (hidden_tx, hidden_rx) = match wants_hidden {
         true => {
             let (tx, rx) = crossbeam_channel::bounded(HIDDEN_STATES_CHANNEL);

@@ -45,8 +45,7 @@ impl<B: Backend> Engine<B> {
         let mut meta = BatchMeta::new(BLOCK_SIZE as u32);
         meta.push_tree_row(&row, draft.mask(p as u32), &table, true)?;
         let step_start = Instant::now();
-        let wants_hidden = s.proposer.wants_hidden();
-        let (out, hidden) = self.forward(&mut seq.kv, &meta, wants_hidden)?;
+        let (out, hidden) = self.forward(&mut seq.kv, &meta, super::wanted(&*s.proposer))?;
         let targets = self.tree_targets(&out, &draft, history, sampler)?;
         let accept = accept_tree(&draft, &targets);
         s.proposer.tree_verified(SEQ, &draft, &targets);

@@ -126,8 +126,16 @@ impl ModelConfig {
     /// Reads a Hugging Face `config.json` (architecture `LlamaForCausalLM`).
     pub fn from_hf_json(path: &Path) -> Result<Self, LoadError> {
         let text = std::fs::read_to_string(path).map_err(|e| LoadError::io(path, e))?;
-        let raw: HfConfig =
+        let value =
             serde_json::from_str(&text).map_err(|e| LoadError::format(path, format!("invalid config.json: {e}")))?;
+        Self::from_hf_value(value, path)
+    }
+
+    /// A Hugging Face configuration already parsed (one nested in another file's, say);
+    /// `path` names where it came from in errors.
+    pub fn from_hf_value(value: serde_json::Value, path: &Path) -> Result<Self, LoadError> {
+        let raw: HfConfig =
+            serde_json::from_value(value).map_err(|e| LoadError::format(path, format!("invalid config.json: {e}")))?;
         raw.into_config().map_err(|msg| LoadError::format(path, msg))
     }
 }

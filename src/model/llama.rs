@@ -207,21 +207,40 @@ impl<B: Backend> Llama<B> {
     /// The forward through the first `num_layers` layers, then the final norm and head: the
     /// full model when `num_layers` is the layer count, an early-exit draft model otherwise.
     pub fn forward_layers(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta, num_layers: usize) -> Result<B::Tensor> {
-        let (batch, h) = self.trunk(b, kv, meta, num_layers)?;
+        let (batch, h, _) = self.trunk(b, kv, meta, num_layers, &[])?;
         self.logits(b, &batch, &h, meta)
     }
 
-    /// The full forward, keeping what EAGLE heads read: the logits, and the hidden state of
-    /// every token of the batch after the final norm (`[tokens, hidden]`, the features the
-    /// LM head reads), computed once for both.
-    pub fn forward_hidden(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta) -> Result<(B::Tensor, B::Tensor)> {
-        let (batch, h) = self.trunk(b, kv, meta, self.layers.len())?;
-        Ok((self.logits(b, &batch, &h, meta)?, h))
+    /// The full forward, keeping what a drafting head reads, computed once with the logits:
+    /// the hidden states `kind` names, one `[tokens, hidden]` tensor per part.
+    pub fn forward_hidden(
+        &self,
+        b: &B,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+        kind: HiddenKind,
+    ) -> Result<(B::Tensor, Vec<B::Tensor>)> {
+        let layers = self.layers.len();
+        let (batch, h, parts) = match kind {
+            HiddenKind::Last => self.trunk(b, kv, meta, layers, &[])?,
+            HiddenKind::Layers(ids) => self.trunk(b, kv, meta, layers, &ids)?,
+        };
+        let logits = self.logits(b, &batch, &h, meta)?;
+        Ok((logits, if parts.is_empty() { vec![h] } else { parts }))
     }
 
     /// The layers, ending in the final norm (or, for an early exit, in its norm): the
-    /// normalized hidden state of every token, `[tokens, hidden]`.
-    fn trunk(&self, b: &B, kv: &mut KvCache<B>, meta: &BatchMeta, num_layers: usize) -> Result<(B::Batch, B::Tensor)> {
+    /// normalized hidden state of every token, `[tokens, hidden]`; and copies of the residual
+    /// stream entering each layer of `capture` (in that order; the layer count: after the
+    /// last layer).
+    fn trunk(
+        &self,
+        b: &B,
+        kv: &mut KvCache<B>,
+        meta: &BatchMeta,
+        num_layers: usize,
+        capture: &[usize],
+    ) -> Result<Trunk<B>> {
         let c = &self.config;
         let eps = c.rms_norm_eps;
         let (num_heads, num_kv_heads, head_dim) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -229,7 +248,9 @@ impl<B: Backend> Llama<B> {
         let batch = b.prepare(meta)?;
         let mut x = b.embed(&self.embed, &batch)?; // [tokens, hidden], the residual stream
         let mut h = b.rms_norm(&x, &self.layers[0].attn_norm, eps)?;
+        let mut caught: Vec<Option<B::Tensor>> = capture.iter().map(|_| None).collect();
         for (l, layer) in self.layers[..num_layers].iter().enumerate() {
+            catch(b, capture, l, &x, &mut caught)?;
             let mut qkv = b.matmul_many(&h, &[&layer.wq, &layer.wk, &layer.wv])?.into_iter();
             let (Some(mut q), Some(mut k), Some(v)) = (qkv.next(), qkv.next(), qkv.next()) else {
                 return Err(BackendError::Invalid("matmul_many returned fewer than 3 tensors".into()));
@@ -247,7 +268,10 @@ impl<B: Backend> Llama<B> {
             b.all_reduce(&mut down)?;
             h = b.add_rms_norm(&mut x, &down, next_norm, eps)?;
         }
-        Ok((batch, h))
+        catch(b, capture, num_layers, &x, &mut caught)?;
+        let parts = caught.into_iter().collect::<Option<Vec<_>>>();
+        let parts = parts.ok_or_else(|| BackendError::Invalid(format!("no layer {capture:?} to keep")))?;
+        Ok((batch, h, parts))
     }
 
     /// The LM head over the rows of `h` the batch wants logits for.
@@ -276,6 +300,63 @@ impl<B: Backend> Llama<B> {
     }
 }
 
+/// What `Llama::trunk` returns: the prepared batch, the normed hidden state of every token,
+/// and the residual-stream copies it was asked to keep.
+type Trunk<B> = (<B as Backend>::Batch, <B as Backend>::Tensor, Vec<<B as Backend>::Tensor>);
+
+/// Which hidden states a forward keeps for a drafting head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum HiddenKind {
+    /// After the final norm, what the LM head reads (EAGLE-1, Medusa).
+    Last,
+    /// The residual stream entering each of these layers (the layer count: after the last
+    /// layer, before the final norm), side by side in this order: EAGLE-3's low, middle and
+    /// high features, as vLLM and SGLang collect them (`hidden_states + residual` before
+    /// the layer runs).
+    Layers([usize; 3]),
+}
+
+impl HiddenKind {
+    /// How many `[tokens, hidden]` parts sit side by side in each row.
+    pub fn parts(self) -> usize {
+        match self {
+            HiddenKind::Last => 1,
+            HiddenKind::Layers(ids) => ids.len(),
+        }
+    }
+}
+
+/// Keeps a copy of the residual stream `x` entering layer `l`, for each place `capture` asks.
+fn catch<B: Backend>(
+    b: &B,
+    capture: &[usize],
+    l: usize,
+    x: &B::Tensor,
+    caught: &mut [Option<B::Tensor>],
+) -> Result<()> {
+    for (i, _) in capture.iter().enumerate().filter(|&(_, &c)| c == l) {
+        caught[i] = Some(b.duplicate(x)?);
+    }
+    Ok(())
+}
+
+/// The hidden-state parts of a forward on the host, `[tokens, parts * hidden]` row-major:
+/// row t is each part's row t side by side.
+pub fn hidden_to_host<B: Backend>(b: &B, parts: &[B::Tensor], hidden: usize) -> Result<Vec<f32>> {
+    let mut host = parts.iter().map(|p| b.to_host(p)).collect::<Result<Vec<_>>>()?;
+    if host.len() == 1 {
+        return Ok(host.pop().unwrap_or_default());
+    }
+    let tokens = host.first().map_or(0, |p| p.len() / hidden.max(1));
+    let mut out = Vec::with_capacity(tokens * hidden * host.len());
+    for t in 0..tokens {
+        for p in &host {
+            out.extend_from_slice(&p[t * hidden..(t + 1) * hidden]);
+        }
+    }
+    Ok(out)
+}
+
 /// A forward step on a backend, through its replay hook (`Backend::replayable_step`): what
 /// the engine, the runtime's workers and the draft models run. A GPU replays the graph it
 /// captured for a step of the same model, layer count, KV cache and shape; the result may
@@ -290,14 +371,15 @@ pub trait ForwardStep: Backend + Sized {
         num_layers: usize,
     ) -> Result<Self::Tensor>;
 
-    /// `model.forward_hidden(self, kv, meta)`, replayable: the logits and the final hidden
-    /// state of every token (what a drafting head reads).
+    /// `model.forward_hidden(self, kv, meta, kind)`, replayable: the logits and the hidden
+    /// states `kind` names of every token (what a drafting head reads), one tensor per part.
     fn forward_step_hidden(
         &self,
         model: &Llama<Self>,
         kv: &mut KvCache<Self>,
         meta: &BatchMeta,
-    ) -> Result<(Self::Tensor, Self::Tensor)>;
+        kind: HiddenKind,
+    ) -> Result<(Self::Tensor, Vec<Self::Tensor>)>;
 }
 
 impl<B: Backend> ForwardStep for B {
@@ -308,7 +390,7 @@ impl<B: Backend> ForwardStep for B {
         meta: &BatchMeta,
         num_layers: usize,
     ) -> Result<B::Tensor> {
-        let key = StepKey { computation: step_id(model, num_layers, false), kv_cache: kv.id };
+        let key = StepKey { computation: step_id(model, num_layers, None), kv_cache: kv.id };
         let mut out =
             self.replayable_step(key, meta, || Ok(vec![model.forward_layers(self, kv, meta, num_layers)?]))?;
         out.pop().ok_or_else(|| BackendError::Invalid("a replayed step returned no logits".into()))
@@ -319,21 +401,32 @@ impl<B: Backend> ForwardStep for B {
         model: &Llama<B>,
         kv: &mut KvCache<B>,
         meta: &BatchMeta,
-    ) -> Result<(B::Tensor, B::Tensor)> {
-        let key = StepKey { computation: step_id(model, model.num_layers(), true), kv_cache: kv.id };
-        let out = self.replayable_step(key, meta, || {
-            let (logits, hidden) = model.forward_hidden(self, kv, meta)?;
-            Ok(vec![logits, hidden])
+        kind: HiddenKind,
+    ) -> Result<(B::Tensor, Vec<B::Tensor>)> {
+        let key = StepKey { computation: step_id(model, model.num_layers(), Some(kind)), kv_cache: kv.id };
+        let mut out = self.replayable_step(key, meta, || {
+            let (logits, hidden) = model.forward_hidden(self, kv, meta, kind)?;
+            Ok(std::iter::once(logits).chain(hidden).collect())
         })?;
-        match <[B::Tensor; 2]>::try_from(out) {
-            Ok([logits, hidden]) => Ok((logits, hidden)),
-            Err(_) => Err(BackendError::Invalid("a replayed step lost its hidden states".into())),
+        if out.len() != 1 + kind.parts() {
+            return Err(BackendError::Invalid("a replayed step lost its hidden states".into()));
         }
+        let hidden = out.split_off(1);
+        Ok((out.remove(0), hidden))
     }
 }
 
-/// Names a model's forward over its first `num_layers` layers, with or without the hidden
-/// states kept, for `StepKey::computation`.
-fn step_id<B: Backend>(model: &Llama<B>, num_layers: usize, hidden: bool) -> u64 {
-    (model as *const _ as u64) ^ ((num_layers as u64) << 48) ^ ((hidden as u64) << 63)
+/// Names a model's forward over its first `num_layers` layers, with the hidden states
+/// `hidden` names kept or none, for `StepKey::computation`: each kind its own graph.
+fn step_id<B: Backend>(model: &Llama<B>, num_layers: usize, hidden: Option<HiddenKind>) -> u64 {
+    let base = (model as *const _ as u64) ^ ((num_layers as u64) << 48);
+    match hidden {
+        None => base,
+        Some(HiddenKind::Last) => base ^ (1 << 63),
+        Some(kind) => {
+            let mut h = std::hash::DefaultHasher::new();
+            std::hash::Hash::hash(&(base, kind), &mut h);
+            std::hash::Hasher::finish(&h)
+        }
+    }
 }

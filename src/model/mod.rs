@@ -14,7 +14,7 @@ pub mod tokenizer;
 pub mod weight_loader;
 
 pub use config::{ConfigField, InvalidConfig, ModelConfig, Preset, RopeScaling};
-pub use llama::{ForwardStep, KvCache, Llama, Weights};
+pub use llama::{hidden_to_host, ForwardStep, HiddenKind, KvCache, Llama, Weights};
 
 pub use loader::{load_model, load_model_shard, load_model_with, LoadedModel, ModelSource};
 pub use shard::{Shard, ShardError};

@@ -106,6 +106,29 @@ impl SafetensorsWeights {
             .map_err(|msg| LoadError::format(path, format!("tensor `{name}`: {msg}")))
     }
 
+    /// An integer tensor (I64 or I32) of `len` values: an index table such as an EAGLE-3
+    /// head's draft-to-target vocabulary map.
+    pub fn integers(&self, name: &str, len: usize) -> Result<Vec<i64>, LoadError> {
+        let (path, view) = self.view(name)?;
+        if view.shape() != [len] {
+            return Err(LoadError::shape(path, name, &[len], view.shape()));
+        }
+        let bytes = view.data();
+        Ok(match view.dtype() {
+            Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes"))).collect(),
+            Dtype::I32 => {
+                bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")) as i64).collect()
+            }
+            other => {
+                return Err(LoadError::Dtype {
+                    path: path.to_path_buf(),
+                    tensor: name.into(),
+                    dtype: format!("{other:?}"),
+                })
+            }
+        })
+    }
+
     /// A floating-point tensor of any shape, as f32.
     fn floats(&self, name: &str) -> Result<Vec<f32>, LoadError> {
         let (path, view) = self.view(name)?;

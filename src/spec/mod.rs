@@ -57,8 +57,12 @@ pub trait Proposer: Send {
     fn wants_hidden(&self) -> bool {
         false
     }
-    /// The target's hidden states after its final norm at positions `start..` of `seq`,
-    /// `[n, hidden]` row-major: verified tokens only.
+    /// Which of the target's hidden states `observe` gets (with `wants_hidden`).
+    fn hidden_kind(&self) -> crate::model::HiddenKind {
+        crate::model::HiddenKind::Last
+    }
+    /// The target's hidden states `hidden_kind` names at positions `start..` of `seq`,
+    /// `[n, parts * hidden]` row-major: verified tokens only.
     fn observe(&mut self, _seq: SeqId, _start: usize, _hidden: &[f32]) {}
     /// Whether this proposer drafts trees (`propose_tree`).
     fn drafts_trees(&self) -> bool {
@@ -239,6 +243,10 @@ pub enum SpecError {
     DefaultHeadMissing(&'static str),
     #[error("the draft head's {what} is {head}, the target's is {target}: it was trained for another model")]
     HeadMismatch { what: HeadSize, head: usize, target: usize },
+    /// An EAGLE-3 head that reads target layers the target does not have (or a target too
+    /// shallow for the default low, middle and high layers).
+    #[error("the EAGLE-3 head reads the residual stream entering the target's layers {ids:?}, but the target has {layers} layers")]
+    AuxLayers { ids: Vec<i64>, layers: usize },
     /// A proposer that drafts with the target's own layers, for a target split by tensor
     /// parallelism.
     #[error("the {method:?} proposer drafts with the target's own layers, which tensor parallelism splits over {ranks} ranks (a draft model or n-grams can draft)")]

@@ -256,6 +256,10 @@ pub trait Backend: Send + Sync + 'static {
     fn warms_up(&self) -> bool {
         true
     }
+
+    /// A copy of an activation (same shape and type) that later in-place ops on `x` leave
+    /// alone: the residual stream kept at a layer for an EAGLE-3 head.
+    fn duplicate(&self, x: &Self::Tensor) -> Result<Self::Tensor>;
     /// The rows of `x` named by the batch's `logits_for`.
     fn gather_logit_rows(&self, x: &Self::Tensor, batch: &Self::Batch) -> Result<Self::Tensor>;
     fn to_host(&self, x: &Self::Tensor) -> Result<Vec<f32>>;

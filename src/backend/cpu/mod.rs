@@ -317,6 +317,10 @@ impl Backend for CpuBackend {
         }
     }
 
+    fn duplicate(&self, x: &CpuTensor) -> Result<CpuTensor> {
+        Ok(CpuTensor::Dense(x.dense().clone()))
+    }
+
     fn gather_logit_rows(&self, x: &CpuTensor, batch: &BatchMeta) -> Result<CpuTensor> {
         let x = x.dense();
         let d = rows(x).1;

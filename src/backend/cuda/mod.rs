@@ -514,6 +514,11 @@ impl Backend for CudaBackend {
         Ok(out)
     }
 
+    /// One stream-ordered device copy (captured into a graph like any other work).
+    fn duplicate(&self, x: &CudaTensor) -> Result<CudaTensor> {
+        self.copy(x)
+    }
+
     fn gather_logit_rows(&self, x: &CudaTensor, batch: &CudaBatch) -> Result<CudaTensor> {
         let (rows, width) = (batch.meta.logits_for.len(), x.dims().1);
         let out = self.alloc(vec![rows, width], x.dtype)?;

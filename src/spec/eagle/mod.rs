@@ -12,7 +12,9 @@
 //! target's features come from `Proposer::observe` (verified positions only), so a rejected
 //! draft never leaves anything behind.
 
+mod eagle3;
 mod head;
+mod heads;
 mod tree;
 
 use std::collections::HashMap;
@@ -22,7 +24,9 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
+pub use eagle3::{is_eagle3, Eagle3Head};
 pub use head::{check_sizes, EagleHead, DEFAULT_HEAD};
+pub use heads::{Head, HeadLogits};
 
 use super::{pick_draft_token, propose_one, Draft, ProposeRequest, Proposer, SeqId, SpecError, TreeDraft, TreeShape};
 use crate::backend::{Backend, BackendError, BatchMeta};
@@ -52,7 +56,7 @@ struct HeadSeq {
     /// The sequence position of `features`' first row. The head's cache starts there: the
     /// entry of position p sits at head position p - base (RoPE sees only differences).
     base: usize,
-    /// The target's hidden states at positions `base..`, `[n, hidden]`.
+    /// The target's features at positions `base..`, `[n, width]` (`Head::feature_width`).
     features: Vec<f32>,
     /// Entries `base..cached` are in the head's cache, computed from the target's features.
     cached: usize,
@@ -97,7 +101,7 @@ struct Row {
 pub struct EagleProposer<B: Backend> {
     backend: B,
     target: Arc<Llama<B>>,
-    head: EagleHead<B>,
+    head: Head<B>,
     kv: KvCache<B>,
     pool: BlockPool,
     seqs: HashMap<SeqId, HeadSeq>,
@@ -105,23 +109,25 @@ pub struct EagleProposer<B: Backend> {
 }
 
 impl<B: Backend> EagleProposer<B> {
-    /// A proposer drafting with `head` for `target`, the head's cache `num_blocks` blocks of
-    /// `block_size` entries.
+    /// A proposer drafting with `head` (EAGLE-1 or EAGLE-3) for `target`, the head's cache
+    /// `num_blocks` blocks of `block_size` entries.
     pub fn new(
         backend: B,
         target: Arc<Llama<B>>,
-        head: EagleHead<B>,
+        head: impl Into<Head<B>>,
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self, SpecError> {
-        check_sizes(&head.config, &target.config)?;
+        let head = head.into();
+        head.check(&target.config)?;
         let kv = head.kv_cache(&backend, num_blocks, block_size)?;
         let (pool, seqs, rng) =
             (BlockPool::new(num_blocks, block_size), HashMap::new(), StdRng::seed_from_u64(0xea91e));
         Ok(EagleProposer { backend, target, head, kv, pool, seqs, rng })
     }
 
-    /// Loads the head in `dir` (config.json and model.safetensors) for `target`.
+    /// Loads the head in `dir` (config.json and model.safetensors) for `target`: EAGLE-3
+    /// when its files say so (`is_eagle3`), else EAGLE-1.
     pub fn load(
         backend: B,
         target: Arc<Llama<B>>,
@@ -129,19 +135,24 @@ impl<B: Backend> EagleProposer<B> {
         num_blocks: usize,
         block_size: usize,
     ) -> Result<Self, SpecError> {
-        let head = EagleHead::load(dir, &target.config, &backend)?;
+        let head = Head::load(dir, &target.config, &backend)?;
         Self::new(backend, target, head, num_blocks, block_size)
     }
 
     fn hidden(&self) -> usize {
-        self.head.config.hidden_size
+        self.head.config().hidden_size
+    }
+
+    /// Values per position of the target's features (3 hidden for EAGLE-3).
+    fn width(&self) -> usize {
+        self.head.feature_width()
     }
 
     /// The row that catches the head up on `r`'s target features and drafts its first
     /// token, with blocks for `r.k` drafts; None when the features do not reach the
     /// newest token (nothing to draft from).
     fn first_row(&mut self, i: usize, r: &ProposeRequest) -> Result<Option<Row>, BackendError> {
-        let (h, n) = (self.hidden(), r.history.len());
+        let (h, n) = (self.width(), r.history.len());
         let Some(st) = self.seqs.get_mut(&r.seq) else { return Ok(None) };
         if r.k == 0 || n < 2 || st.base > n - 2 || st.known(h) < n - 1 {
             return Ok(None);
@@ -183,14 +194,14 @@ impl<B: Backend> EagleProposer<B> {
         &mut self,
         reqs: &[ProposeRequest],
         rows: &[Row],
-        logits: &B::Tensor,
+        logits: &HeadLogits<B>,
         drafts: &mut [Draft],
     ) -> Result<Vec<u32>, BackendError> {
         let vocab = self.target.config.vocab_size;
         if rows.iter().all(|r| reqs[r.req].sampling.is_greedy()) {
-            return self.backend.argmax_rows(logits, vocab);
+            return logits.argmax(&self.backend);
         }
-        let host = self.backend.to_host(logits)?;
+        let host = logits.host_rows(&self.backend)?;
         let mut picked = Vec::with_capacity(rows.len());
         for (r, row) in rows.iter().zip(host.chunks(vocab)) {
             let (req, draft) = (&reqs[r.req], &mut drafts[r.req]);
@@ -259,7 +270,7 @@ impl<B: Backend> Proposer for EagleProposer<B> {
     }
 
     fn rollback(&mut self, seq: SeqId, valid: usize) {
-        let h = self.hidden();
+        let h = self.width();
         if let Some(s) = self.seqs.get_mut(&seq) {
             s.rollback(valid, h);
         }
@@ -279,6 +290,10 @@ impl<B: Backend> Proposer for EagleProposer<B> {
         true
     }
 
+    fn hidden_kind(&self) -> crate::model::HiddenKind {
+        self.head.hidden_kind()
+    }
+
     fn drafts_trees(&self) -> bool {
         true
     }
@@ -288,7 +303,7 @@ impl<B: Backend> Proposer for EagleProposer<B> {
     }
 
     fn observe(&mut self, seq: SeqId, start: usize, hidden: &[f32]) {
-        let h = self.hidden();
+        let h = self.width();
         let st =
             self.seqs.entry(seq).or_insert(HeadSeq { base: start, features: vec![], cached: start, blocks: vec![] });
         st.observe(start, hidden, h);

@@ -103,8 +103,7 @@ impl<B: Backend> EagleProposer<B> {
     /// with their log-probabilities.
     fn head_forward(&mut self, meta: &BatchMeta, features: &[f32], k: usize) -> Result<HeadOut, BackendError> {
         let (out, logits) = self.head.step(&self.backend, &self.target, &mut self.kv, meta, features)?;
-        let vocab = self.target.config.vocab_size;
-        let tops = self.backend.top_log_probs_rows(&logits, vocab, k)?;
+        let tops = logits.top_log_probs(&self.backend, k)?;
         Ok((out.chunks(self.hidden()).map(<[f32]>::to_vec).collect(), tops))
     }
 }
