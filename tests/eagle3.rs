@@ -497,6 +497,7 @@ fn greedy_eagle3_equals_plain_greedy_in_the_runtime_at_batch_1_and_8() {
             max_draft: k,
             synthetic_acceptance: None,
             lengths: Default::default(),
+            tree: None,
         };
         let h = Runtime::builder()
             .speculation(spec)
