@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use common::random_llama::{tiny, tiny_config, tiny_with};
 use common::runtime::assert_all_blocks_free;
-use common::sampling::{assert_follows, nth_token_distribution};
+use common::sampling::{assert_follows, nth_token_distribution, third_token_counts};
 use common::tiny::Rng;
 use common::TempDir;
 use futures::executor::block_on;
@@ -26,7 +26,7 @@ use specula::backend::{Backend, BatchMeta};
 use specula::core::sampling::SamplingParams;
 use specula::engine::{Engine, SpecOptions};
 use specula::model::{HiddenKind, KvCache, Llama, Tokenizer};
-use specula::request::{GenerateRequest, Prompt};
+use specula::request::GenerateRequest;
 use specula::spec::eagle::Eagle3Head;
 use specula::spec::{EagleProposer, HeadSize, SpecError, Speculation, TreeShape};
 
@@ -530,22 +530,8 @@ fn sampled_eagle3_follows_the_target(label: &str, shape: Option<TreeShape>) {
     let params = SamplingParams { temperature: 1.0, top_p: 0.9, ..Default::default() };
     let expected = nth_token_distribution(&engine.model, &prompt, &params, 3);
     let mut p = load(&engine.model, dir.path()).unwrap();
-    let (mut counts, mut drafted, mut accepted) = (vec![0usize; vocab], 0, 0);
-    for i in 0..20_000u64 {
-        let sampling = SamplingParams { seed: Some(i), ..params.clone() };
-        let req = GenerateRequest {
-            max_tokens: 3,
-            ignore_eos: true,
-            sampling,
-            ..GenerateRequest::new(Prompt::Tokens(prompt.clone()))
-        };
-        let spec = SpecOptions { proposer: &mut p, max_draft: 3, synthetic_acceptance: None, tree: shape };
-        let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
-        counts[out.token_ids[2] as usize] += 1;
-        let st = out.speculative.unwrap();
-        (drafted, accepted) = (drafted + st.drafted, accepted + st.accepted);
-    }
-    assert_follows(label, &counts, &expected, (drafted, accepted));
+    let (counts, drafts) = third_token_counts(&engine, &mut p, shape, &prompt, &params);
+    assert_follows(label, &counts, &expected, drafts);
 }
 
 #[test]

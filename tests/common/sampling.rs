@@ -77,3 +77,34 @@ pub fn assert_follows(label: &str, counts: &[usize], expected: &[f64], (drafted,
     assert!(accepted > 0 && accepted < drafted, "the test must see both acceptances and rejections");
     assert!(stat < chi_square_critical(dof), "chi-square {stat:.1} exceeds the 1% critical value on {dof} dof");
 }
+
+/// The third generated token of `prompt`, sampled with `params` and seeds 0..20,000, the
+/// engine speculating with `proposer` (chains of up to 3, or trees of `tree`): the counts
+/// per token, with the drafts drafted and accepted. The third token is drafted whether the
+/// first decoding step drafts or (costs unknown yet) runs plain and the second drafts.
+pub fn third_token_counts(
+    engine: &specula::engine::Engine<CpuBackend>,
+    proposer: &mut dyn specula::spec::Proposer,
+    tree: Option<specula::spec::TreeShape>,
+    prompt: &[u32],
+    params: &SamplingParams,
+) -> (Vec<usize>, (u64, u64)) {
+    use specula::request::{GenerateRequest, Prompt};
+    let (mut counts, mut drafted, mut accepted) = (vec![0usize; engine.model.config.vocab_size], 0, 0);
+    for i in 0..20_000u64 {
+        let sampling = SamplingParams { seed: Some(i), ..params.clone() };
+        let req = GenerateRequest {
+            max_tokens: 3,
+            ignore_eos: true,
+            sampling,
+            ..GenerateRequest::new(Prompt::Tokens(prompt.to_vec()))
+        };
+        let spec =
+            specula::engine::SpecOptions { proposer: &mut *proposer, max_draft: 3, synthetic_acceptance: None, tree };
+        let out = engine.generate_speculative(&req, Some(spec), |_, _| {}).unwrap();
+        counts[out.token_ids[2] as usize] += 1;
+        let st = out.speculative.unwrap();
+        (drafted, accepted) = (drafted + st.drafted, accepted + st.accepted);
+    }
+    (counts, (drafted, accepted))
+}
