@@ -1,8 +1,8 @@
-// Helpers shared by the attention split kernels (kernels/attention.cu: one query head per
-// lane group on CUDA cores; kernels/attention_mma.cu: tiles of 16 positions on tensor cores):
-// the split sizes, where a position's key and value live, the FP8 scale exponents and codes,
-// the cache store, asynchronous copies, RoPE, the merge of a block's warps and the kernel
-// arguments. Pasted after common.cuh into the files that include it (as common.cuh is: see
+// Helpers shared by the attention kernels (kernels/attention.cu: one query head per
+// lane group on CUDA cores; kernels/attention_mma.cu: tiles of 16 positions on tensor cores;
+// kernels/prefill.cu: tiles of a long row's tokens): the split sizes, where a position's key
+// and value live, the FP8 scale exponents and codes, the cache store, asynchronous copies,
+// RoPE, the merge of a block's warps, the kernel arguments and the tensor-core wrappers. Pasted after common.cuh into the files that include it (as common.cuh is: see
 // src/backend/cuda/kernels.rs), so it includes nothing itself.
 #define SHORT_SPLITS 64  // as batch::SHORT_SPLITS
 #define LONG_SPLIT 256   // as batch::LONG_SPLIT
@@ -195,3 +195,49 @@ __device__ __forceinline__ void merge_warps(const unsigned char* smem, float* pa
 #define ATTN_PASS                                                                                                 \
     q, k, v, kc, vc, ke, ve, positions, slots, token_row, row_first, tree, block_tables, max_blocks, block_size, \
         heads, kv_heads, max_splits, partial, inv_freq, min_split, window, sinks
+
+// Tensor cores (kernels/attention_mma.cu, prefill.cu): shared-memory addresses, ldmatrix,
+// the bf16 mma and the split of f32 pairs into two bf16 halves. The mma is a pure function of
+// its registers (not volatile: the compiler may schedule it freely); the ldmatrix are
+// volatile and clobber memory: their address repeats from tile to tile, the data does not,
+// and they must stay between the barriers.
+__device__ __forceinline__ uint32_t smem_u32(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr)
+                 : "memory");
+}
+
+// The transpose of the 8x8 b16 matrix the warp holds in the "row gr, cols 2tg, 2tg+1" layout.
+__device__ __forceinline__ uint32_t transpose8x8(uint32_t x) {
+    uint32_t r;
+    asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
+// c += a . b for one m16n8k16 tile.
+__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t bf16x2_bits(__nv_bfloat162 v) { return *(const uint32_t*)&v; }
+
+// (x, y) as bf16 pairs hi = bf16(x, y) and lo = bf16 of the remainders (exact in f32): hi + lo
+// carries ~16 bits of each, enough for the scores and the weights (see the top).
+__device__ __forceinline__ void split_bf16(float x, float y, uint32_t& hi, uint32_t& lo) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
+    const float2 back = __bfloat1622float2(h);
+    hi = bf16x2_bits(h);
+    lo = bf16x2_bits(__floats2bfloat162_rn(x - back.x, y - back.y));
+}

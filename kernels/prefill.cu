@@ -114,47 +114,12 @@ extern "C" __global__ void kv_store_hd128(KV_STORE_ARGS) { kv_store<128, false>(
 extern "C" __global__ void kv_store_fp8_hd64(KV_STORE_ARGS) { kv_store<64, true>(KV_STORE_PASS); }
 extern "C" __global__ void kv_store_fp8_hd128(KV_STORE_ARGS) { kv_store<128, true>(KV_STORE_PASS); }
 
-// A pure function of its registers (not volatile: the compiler may schedule it freely). The
-// ldmatrix below are volatile and clobber memory: their address repeats from tile to tile,
-// the data does not, and they must stay between the barriers.
-__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Four 8x8 bf16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i gets it.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr)
-                 : "memory");
-}
-
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
     const uint32_t s = (uint32_t)__cvta_generic_to_shared(smem);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() {
     asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
-}
-
-// Two f32 as a bf16 pair (x in the low half) and what rounding left: hi + lo carries x to
-// 2^-16 of its size.
-__device__ __forceinline__ void split_pair(float x, float y, uint32_t& hi, uint32_t& lo) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(x, y);
-    const float2 hf = __bfloat1622float2(h);
-    const __nv_bfloat162 l = __floats2bfloat162_rn(x - hf.x, y - hf.y);
-    hi = *(const uint32_t*)&h;
-    lo = *(const uint32_t*)&l;
 }
 
 // Byte offset of 16-byte chunk c of key row `key` in a swizzled [PF_KEYS][HD] bf16 tile.
@@ -306,7 +271,7 @@ struct WarpRows {
             for (int h = 0; h < 2; h++)
 #pragma unroll
                 for (int c = 0; c < 2; c++)  // a0 = (gid, lo cols), a1 = (gid+8, lo), a2 = (gid, hi), a3 = (gid+8, hi)
-                    split_pair(x[h][s][c][0], x[h][s][c][1], qh[s][h + 2 * c], ql[s][h + 2 * c]);
+                    split_bf16(x[h][s][c][0], x[h][s][c][1], qh[s][h + 2 * c], ql[s][h + 2 * c]);
 #pragma unroll
         for (int d = 0; d < HD / 8; d++)
 #pragma unroll
@@ -323,7 +288,7 @@ struct WarpRows {
             for (int sp = 0; sp < HD / 32; sp++) {
                 // Matrix i: keys 8j..8j+7, dimensions 32sp + 8i..+7: b0, b1 of k-steps 2sp, 2sp+1.
                 uint32_t b[4];
-                ldmatrix_x4(b, ks + tile_offset<HD>(8 * j + lane % 8, 4 * sp + lane / 8));
+                ldsm_x4(b, ks + tile_offset<HD>(8 * j + lane % 8, 4 * sp + lane / 8));
                 mma_bf16(s[j], qh[2 * sp], b[0], b[1]);
                 mma_bf16(s[j], ql[2 * sp], b[0], b[1]);
                 mma_bf16(s[j], qh[2 * sp + 1], b[2], b[3]);
@@ -375,16 +340,16 @@ struct WarpRows {
 #pragma unroll
         for (int kk = 0; kk < PF_KEYS / 16; kk++) {
             uint32_t ph[4], pl[4];  // P over keys 16kk..16kk+15 as an A fragment
-            split_pair(s[2 * kk][0], s[2 * kk][1], ph[0], pl[0]);
-            split_pair(s[2 * kk][2], s[2 * kk][3], ph[1], pl[1]);
-            split_pair(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2], pl[2]);
-            split_pair(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3], pl[3]);
+            split_bf16(s[2 * kk][0], s[2 * kk][1], ph[0], pl[0]);
+            split_bf16(s[2 * kk][2], s[2 * kk][3], ph[1], pl[1]);
+            split_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1], ph[2], pl[2]);
+            split_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3], ph[3], pl[3]);
 #pragma unroll
             for (int dp = 0; dp < HD / 16; dp++) {
                 // Matrix i: keys 16kk + 8(i % 2)..+7, dimensions 16dp + 8(i / 2)..+7 (.trans):
                 // b0, b1 of dimension tiles 2dp and 2dp + 1.
                 uint32_t b[4];
-                ldmatrix_x4_trans(b, vs + tile_offset<HD>(16 * kk + lane % 8 + 8 * ((lane / 8) % 2), 2 * dp + lane / 16));
+                ldsm_x4_trans(b, vs + tile_offset<HD>(16 * kk + lane % 8 + 8 * ((lane / 8) % 2), 2 * dp + lane / 16));
                 mma_bf16(o[2 * dp], ph, b[0], b[1]);
                 mma_bf16(o[2 * dp], pl, b[0], b[1]);
                 mma_bf16(o[2 * dp + 1], ph, b[2], b[3]);
