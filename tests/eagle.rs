@@ -267,19 +267,7 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
             lengths: Default::default(),
             tree: None,
         };
-        let h = Runtime::builder()
-            .speculation(spec)
-            .max_batch(8)
-            .build(CpuBackend::new(), target.clone(), None::<Tokenizer>)
-            .unwrap();
-        let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
-        for (i, out) in outs.into_iter().enumerate() {
-            assert_eq!(out.unwrap().token_ids, want[i], "runtime batch 8, k={k}, request {i}");
-        }
-        let alone = block_on(collect(h.generate(reqs[5].clone()))).unwrap();
-        assert_eq!(alone.token_ids, want[5], "runtime batch 1, k={k}");
-        assert!(alone.speculative.unwrap().drafted > 0, "the head drafted");
-        assert_all_blocks_free(&h);
+        assert_runtime_equals(&target, None, spec, &reqs, &want, 5);
     }
 }
 

@@ -13,19 +13,17 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::random_llama::{tiny, tiny_config, tiny_with};
-use common::runtime::assert_all_blocks_free;
+use common::runtime::assert_runtime_equals;
 use common::sampling::{assert_follows, nth_token_distribution, third_token_counts};
 use common::tiny::Rng;
 use common::TempDir;
-use futures::executor::block_on;
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
-use specula::actors::{collect, Runtime};
 use specula::backend::cpu::CpuBackend;
 use specula::backend::{Backend, BatchMeta};
 use specula::core::sampling::SamplingParams;
 use specula::engine::{Engine, SpecOptions};
-use specula::model::{HiddenKind, KvCache, Llama, Tokenizer};
+use specula::model::{HiddenKind, KvCache, Llama};
 use specula::request::GenerateRequest;
 use specula::spec::eagle::Eagle3Head;
 use specula::spec::{EagleProposer, HeadSize, SpecError, Speculation, TreeShape};
@@ -499,19 +497,7 @@ fn greedy_eagle3_equals_plain_greedy_in_the_runtime_at_batch_1_and_8() {
             lengths: Default::default(),
             tree: None,
         };
-        let h = Runtime::builder()
-            .speculation(spec)
-            .max_batch(8)
-            .build(CpuBackend::new(), target.clone(), None::<Tokenizer>)
-            .unwrap();
-        let outs = block_on(futures::future::join_all(reqs.iter().map(|r| collect(h.generate(r.clone())))));
-        for (i, out) in outs.into_iter().enumerate() {
-            assert_eq!(out.unwrap().token_ids, want[i], "runtime batch 8, k={k}, request {i}");
-        }
-        let alone = block_on(collect(h.generate(reqs[5].clone()))).unwrap();
-        assert_eq!(alone.token_ids, want[5], "runtime batch 1, k={k}");
-        assert!(alone.speculative.unwrap().drafted > 0, "the head drafted");
-        assert_all_blocks_free(&h);
+        assert_runtime_equals(&target, None, spec, &reqs, &want, 5);
     }
 }
 
