@@ -11,6 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::random_llama::tiny;
+use common::reference::{matvec_f32 as matvec, rope_theta};
 use common::runtime::{assert_all_blocks_free, assert_runtime_equals, shared};
 use common::sampling::{assert_follows, nth_token_distribution, third_token_counts};
 use common::tiny::{Rng, StDtype};
@@ -119,21 +120,8 @@ fn proposer(target: &Arc<Llama<CpuBackend>>, dir: &Path) -> EagleProposer<CpuBac
 
 // The f64 reference of the head (scripts/eagle/common.py: EagleHead.forward_cached).
 
-/// `w` `[out, in]` times `x`.
-fn matvec(w: &[f32], x: &[f64]) -> Vec<f64> {
-    w.chunks(x.len()).map(|row| row.iter().zip(x).map(|(&a, b)| a as f64 * b).sum()).collect()
-}
-
 fn rope(x: &mut [f64], pos: usize) {
-    for head in x.chunks_mut(HEAD_DIM) {
-        let half = HEAD_DIM / 2;
-        for i in 0..half {
-            let angle = pos as f64 / THETA.powf(2.0 * i as f64 / HEAD_DIM as f64);
-            let (a, b) = (head[i], head[i + half]);
-            head[i] = a * angle.cos() - b * angle.sin();
-            head[i + half] = b * angle.cos() + a * angle.sin();
-        }
-    }
+    rope_theta(x, HEAD_DIM, THETA, pos);
 }
 
 /// The head's output at every entry of one sequence (entry i at position i), causal.

@@ -13,6 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::random_llama::{tiny, tiny_config, tiny_with};
+use common::reference::{matvec_f32 as matvec, rope_theta};
 use common::runtime::assert_runtime_equals;
 use common::sampling::{assert_follows, nth_token_distribution, third_token_counts};
 use common::tiny::Rng;
@@ -248,25 +249,13 @@ enum Input {
     Own(Vec<f64>),
 }
 
-fn matvec(w: &[f32], x: &[f64]) -> Vec<f64> {
-    w.chunks(x.len()).map(|row| row.iter().zip(x).map(|(&a, b)| a as f64 * b).sum()).collect()
-}
-
 fn norm(x: &[f64], w: &[f32]) -> Vec<f64> {
     let r = (x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64 + EPS).sqrt();
     x.iter().zip(w).map(|(v, &g)| v / r * g as f64).collect()
 }
 
 fn rope(x: &mut [f64], pos: usize) {
-    for head in x.chunks_mut(HEAD_DIM) {
-        let half = HEAD_DIM / 2;
-        for i in 0..half {
-            let angle = pos as f64 / THETA.powf(2.0 * i as f64 / HEAD_DIM as f64);
-            let (a, b) = (head[i], head[i + half]);
-            head[i] = a * angle.cos() - b * angle.sin();
-            head[i + half] = b * angle.cos() + a * angle.sin();
-        }
-    }
+    rope_theta(x, HEAD_DIM, THETA, pos);
 }
 
 fn attend(q: &[f64], keys: &[Vec<f64>], values: &[Vec<f64>]) -> Vec<f64> {

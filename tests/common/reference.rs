@@ -128,3 +128,14 @@ fn rope(x: &mut [f64], head_dim: usize, pos: usize, inv_freq: &[f64]) {
         }
     }
 }
+
+/// `w · x` for f32 weights of shape `[out, x.len()]` (as a checkpoint stores them), in f64.
+pub fn matvec_f32(w: &[f32], x: &[f64]) -> Vec<f64> {
+    w.chunks_exact(x.len()).map(|row| row.iter().zip(x).map(|(&a, b)| a as f64 * b).sum()).collect()
+}
+
+/// `rope` with the inverse frequencies of base `theta` (no scaling).
+pub fn rope_theta(x: &mut [f64], head_dim: usize, theta: f64, pos: usize) {
+    let inv_freq: Vec<f64> = (0..head_dim / 2).map(|i| theta.powf(-2.0 * i as f64 / head_dim as f64)).collect();
+    rope(x, head_dim, pos, &inv_freq);
+}
