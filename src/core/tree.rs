@@ -10,6 +10,7 @@
 //!                                                        3   4   5    then target[4]
 //! ```
 
+use super::sampling::Sampler;
 use crate::tensor::{TreeMask, NO_PARENT};
 
 /// How a tree grows: at most `nodes` drafts, `depth` deep, the `top_k` likeliest children
@@ -120,6 +121,31 @@ pub fn accept_tree(draft: &TreeDraft, target: &[u32]) -> TreeAccept {
     }
 }
 
+/// The target's token after each node (a logits row per node, the root's first), sampled
+/// in the node's own context: the sequence `history`, then the node's path. Lossless for
+/// drafts chosen without randomness: the token emitted after a node is the target's own
+/// sample there, and the walk (`accept_tree`) goes on only into the child drafted with it;
+/// every node gets an independent draw, the unused ones are discarded.
+pub fn sample_node_targets(logits: &[f32], tree: &TreeDraft, history: &[u32], sampler: &mut Sampler) -> Vec<u32> {
+    let vocab = logits.len() / (tree.len() + 1);
+    let mut context = history.to_vec();
+    let rows = logits.chunks(vocab).enumerate();
+    rows.map(|(i, row)| {
+        context.truncate(history.len());
+        context.extend(tree.path_tokens(i));
+        sampler.sample(row, &context)
+    })
+    .collect()
+}
+
+/// Slot moves that bring the accepted path (the root at position `p`, node j stored at
+/// `p + j`) onto positions `p + 1, p + 2, ...`, through the row's block `table`.
+pub fn path_moves(accept: &TreeAccept, p: usize, table: &[u32], block_size: usize) -> Vec<(u32, u32)> {
+    let slot = |pos: usize| table[pos / block_size] * block_size as u32 + (pos % block_size) as u32;
+    let moves = accept.path.iter().enumerate().filter(|&(j, &a)| a != j + 1);
+    moves.map(|(j, &a)| (slot(p + a), slot(p + j + 1))).collect()
+}
+
 /// A candidate node while a tree grows: its token, its parent (a candidate index, or None
 /// for the root's children) and the log of its cumulative draft probability.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -199,6 +225,18 @@ mod tests {
     /// The tree of the module's diagram, tokens 10 + node.
     fn diagram() -> TreeDraft {
         TreeDraft { tokens: vec![11, 12, 13, 14, 15], parents: vec![0, 0, 1, 2, 2] }
+    }
+
+    #[test]
+    fn moves_bring_the_path_onto_consecutive_slots_across_blocks() {
+        // Root at position 6 of blocks [3, 9] of 4 slots: positions 6, 7 in block 3, 8.. in 9.
+        let accept = TreeAccept { path: vec![2, 3, 5], tokens: vec![0; 4] };
+        // Node 2 (position 8 → slot 36) to position 7 (slot 15), node 3 (9 → 37) to 8
+        // (36), node 5 (11 → 39) to 9 (37).
+        assert_eq!(path_moves(&accept, 6, &[0, 3, 9], 4), vec![(36, 15), (37, 36), (39, 37)]);
+        // A path that is already consecutive moves nothing.
+        let chain = TreeAccept { path: vec![1, 2], tokens: vec![0; 3] };
+        assert!(path_moves(&chain, 6, &[0, 3, 9], 4).is_empty());
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::time::Instant;
 use super::{reserve, Engine, EngineError, Sequence, SpecOptions, Speculating, SEQ};
 use crate::backend::{Backend, BatchMeta};
 use crate::core::sampling::Sampler;
-use crate::core::tree::{accept_tree, TreeAccept, TreeDraft, TreeShape};
+use crate::core::tree::{accept_tree, path_moves, sample_node_targets, TreeDraft, TreeShape};
 use crate::prompt::BLOCK_SIZE;
 use crate::spec::{ids_suffice, SpecError};
 
@@ -50,7 +50,7 @@ impl<B: Backend> Engine<B> {
         let accept = accept_tree(&draft, &targets);
         s.proposer.tree_verified(SEQ, &draft, &targets);
         state.cost.record_step(row.len(), step_start.elapsed().as_secs_f64());
-        seq.kv.copy_slots(&self.backend, &path_moves(&accept, p, &table))?;
+        seq.kv.copy_slots(&self.backend, &path_moves(&accept, p, &table, BLOCK_SIZE))?;
         if let Some(hidden) = hidden {
             // The positions verified: the last token and the accepted path.
             let width = hidden.len() / row.len();
@@ -63,16 +63,9 @@ impl<B: Backend> Engine<B> {
         Ok(accept.tokens)
     }
 
-    /// The target's token after each node, chosen in the node's own context (the sequence
-    /// and the node's path): its argmax when ids suffice, else the request's sampler.
-    ///
-    /// Sampled, this is lossless multi-draft verification for drafts chosen without
-    /// randomness (the heads' top-k): walking from the root, the token emitted after a node
-    /// is the target's own sample there, and the walk goes on only into the child drafted
-    /// with that very token. Each emitted token is thus drawn from the target's distribution
-    /// in its context (every node gets an independent draw; the unused ones are discarded),
-    /// and a node's children hold with the probability the target gives their tokens
-    /// together, the most any verification of fixed drafts can accept.
+    /// The target's token after each node: its argmax when ids suffice, else the
+    /// request's sampler in the node's own context (`core::tree::sample_node_targets`,
+    /// which says why that is lossless).
     fn tree_targets(
         &self,
         out: &B::Tensor,
@@ -84,26 +77,8 @@ impl<B: Backend> Engine<B> {
         if ids_suffice(sampler) {
             return Ok(self.backend.argmax_rows(out, vocab)?);
         }
-        let logits = self.backend.to_host(out)?;
-        // One context buffer: the history, then each node's path in turn.
-        let mut context = history.to_vec();
-        let rows = logits.chunks(vocab).enumerate();
-        Ok(rows
-            .map(|(i, row)| {
-                context.truncate(history.len());
-                context.extend(draft.path_tokens(i));
-                sampler.sample(row, &context)
-            })
-            .collect())
+        Ok(sample_node_targets(&self.backend.to_host(out)?, draft, history, sampler))
     }
-}
-
-/// Slot moves that bring the accepted path (storage `p + a_j`) to positions `p + j`.
-fn path_moves(accept: &TreeAccept, p: usize, table: &[u32]) -> Vec<(u32, u32)> {
-    let bs = BLOCK_SIZE;
-    let slot = |pos: usize| table[pos / bs] * bs as u32 + (pos % bs) as u32;
-    let moves = accept.path.iter().enumerate().filter(|&(j, &a)| a != j + 1);
-    moves.map(|(j, &a)| (slot(p + a), slot(p + j + 1))).collect()
 }
 
 /// Refuses what tree speculation cannot do: proposers without trees, synthetic acceptance.

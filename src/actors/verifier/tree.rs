@@ -16,9 +16,8 @@ use crate::actors::error::ExecutorError;
 use crate::actors::executor::Executor;
 use crate::actors::messages::{TreeVerdict, TreeVerdicts};
 use crate::core::finish::FinishRules;
-use crate::core::sampling::Sampler;
 use crate::core::scheduler::{RowOutcome, RowPlan};
-use crate::core::tree::{accept_tree, TreeAccept, TreeDraft};
+use crate::core::tree::{accept_tree, path_moves, sample_node_targets, TreeDraft};
 
 /// What a step's tree rows leave to do once every row has its outcome.
 #[derive(Debug, Default)]
@@ -42,7 +41,7 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
         let st = self.seqs.get_mut(&row.id).expect("registered in step");
         let targets = match scores {
             Scores::Ids(ids) => ids.to_vec(),
-            Scores::Logits(logits) => node_targets(logits, &tree, &st.history, &mut st.sampler),
+            Scores::Logits(logits) => sample_node_targets(logits, &tree, &st.history, &mut st.sampler),
         };
         let accept = accept_tree(&tree, &targets);
         let accepted = accept.path.len();
@@ -78,44 +77,5 @@ impl<X: Executor<E>, E: Into<ExecutorError>> Verifier<X, E> {
         if tx.try_send(TreeVerdicts(verdicts)).is_err() {
             tracing::warn!("the drafter's tree verdicts channel is full; dropping a step's");
         }
-    }
-}
-
-/// The target's token after each node, sampled in the node's own context (the sequence,
-/// then the node's path): lossless for drafts chosen without randomness, as the
-/// one-request engine's `tree_targets` explains.
-fn node_targets(logits: &[f32], tree: &TreeDraft, history: &[u32], sampler: &mut Sampler) -> Vec<u32> {
-    let vocab = logits.len() / (tree.len() + 1);
-    let mut context = history.to_vec();
-    let rows = logits.chunks(vocab).enumerate();
-    rows.map(|(i, row)| {
-        context.truncate(history.len());
-        context.extend(tree.path_tokens(i));
-        sampler.sample(row, &context)
-    })
-    .collect()
-}
-
-/// Slot moves that bring the accepted path (storage `p + a_j`) to positions `p + j`.
-pub(super) fn path_moves(accept: &TreeAccept, p: usize, table: &[u32], bs: usize) -> Vec<(u32, u32)> {
-    let slot = |pos: usize| table[pos / bs] * bs as u32 + (pos % bs) as u32;
-    let moves = accept.path.iter().enumerate().filter(|&(j, &a)| a != j + 1);
-    moves.map(|(j, &a)| (slot(p + a), slot(p + j + 1))).collect()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn moves_bring_the_path_onto_consecutive_slots_across_blocks() {
-        // Root at position 6 of blocks [3, 9] of 4 slots: positions 6, 7 in block 3, 8.. in 9.
-        let accept = TreeAccept { path: vec![2, 3, 5], tokens: vec![0; 4] };
-        // Node 2 (position 8 → slot 36) to position 7 (slot 15), node 3 (9 → 37) to 8
-        // (36), node 5 (11 → 39) to 9 (37).
-        assert_eq!(path_moves(&accept, 6, &[0, 3, 9], 4), vec![(36, 15), (37, 36), (39, 37)]);
-        // A path that is already consecutive moves nothing.
-        let chain = TreeAccept { path: vec![1, 2], tokens: vec![0; 3] };
-        assert!(path_moves(&chain, 6, &[0, 3, 9], 4).is_empty());
     }
 }
