@@ -221,10 +221,11 @@ impl<B: Backend> Llama<B> {
         kind: HiddenKind,
     ) -> Result<(B::Tensor, Vec<B::Tensor>)> {
         let layers = self.layers.len();
-        let (batch, h, parts) = match kind {
-            HiddenKind::Last => self.trunk(b, kv, meta, layers, &[])?,
-            HiddenKind::Layers(ids) => self.trunk(b, kv, meta, layers, &ids)?,
+        let capture: &[usize] = match &kind {
+            HiddenKind::Last => &[],
+            HiddenKind::Layers(ids) => ids,
         };
+        let (batch, h, parts) = self.trunk(b, kv, meta, layers, capture)?;
         let logits = self.logits(b, &batch, &h, meta)?;
         Ok((logits, if parts.is_empty() { vec![h] } else { parts }))
     }
