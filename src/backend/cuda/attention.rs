@@ -15,8 +15,9 @@ const MERGE_GROUPS: usize = 4;
 
 /// Which split kernel attention runs: one position at a time on CUDA cores
 /// (`kernels/attention.cu`, the default, measured) or tiles of 16 positions on tensor cores
-/// (`attention_mma.cu`, with `SPECULA_ATTENTION=mma`): it becomes the default once the
-/// parity script has passed it on a GPU and the long-context bench has measured it.
+/// (`attention_mma.cu`, with `SPECULA_ATTENTION=mma`): measured faster at long contexts
+/// (bench/NOTES.md, run 47), it becomes the default once the default model's parity
+/// (verification = decoding bitwise, speculative = plain) has passed with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttnPath {
     Mma,
