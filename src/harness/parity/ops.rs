@@ -61,8 +61,19 @@ impl Ctx<'_> {
         let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
         let width = want.len() / meta.num_tokens().max(1);
         let rows = long.start as usize * width..(long.start + long.len) as usize * width;
-        let label = format!("{shape}, its {}-token row after {}", long.len, long.context_len - long.len);
-        self.push(&format!("{op}, prefill chunk"), label, &got[rows.clone()], &want[rows]);
+        let mut label = format!("{shape}, its {}-token row after {}", long.len, long.context_len - long.len);
+        let (got, want) = (&got[rows.clone()], &want[rows]);
+        if rel_err(got, want) > TOLERANCE {
+            let (at, _) = got.iter().zip(want).map(|(g, w)| (g - w).abs()).enumerate().fold((0, 0f32), |m, (i, d)| {
+                if d > m.1 {
+                    (i, d)
+                } else {
+                    m
+                }
+            });
+            label += &format!(" (worst: its token {}, column {})", at / width, at % width);
+        }
+        self.push(&format!("{op}, prefill chunk"), label, got, want);
     }
 
     /// The same host tensor on both backends.
