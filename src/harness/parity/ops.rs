@@ -64,13 +64,8 @@ impl Ctx<'_> {
         let mut label = format!("{shape}, its {}-token row after {}", long.len, long.context_len - long.len);
         let (got, want) = (&got[rows.clone()], &want[rows]);
         if rel_err(got, want) > TOLERANCE {
-            let (at, _) = got.iter().zip(want).map(|(g, w)| (g - w).abs()).enumerate().fold((0, 0f32), |m, (i, d)| {
-                if d > m.1 {
-                    (i, d)
-                } else {
-                    m
-                }
-            });
+            let gap = |i: usize| (got[i] - want[i]).abs();
+            let at = (0..got.len()).max_by(|&a, &b| gap(a).total_cmp(&gap(b))).unwrap_or(0);
             label += &format!(" (worst: its token {}, column {})", at / width, at % width);
         }
         self.push(&format!("{op}, prefill chunk"), label, got, want);
