@@ -58,10 +58,10 @@ impl Ctx<'_> {
     /// (the prefill chunk of `attention_meta`, which the GPU runs on its prefill kernel).
     fn push_long(&mut self, op: &str, shape: &str, meta: &BatchMeta, (got, want): (&[f32], &[f32])) {
         self.push(op, shape.to_string(), got, want);
-        let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
         let width = want.len() / meta.num_tokens().max(1);
-        let rows = long.start as usize * width..(long.start + long.len) as usize * width;
+        let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
         let mut label = format!("{shape}, its {}-token row after {}", long.len, long.context_len - long.len);
+        let rows = long_row(meta, width);
         let (got, want) = (&got[rows.clone()], &want[rows]);
         if rel_err(got, want) > TOLERANCE {
             let gap = |i: usize| (got[i] - want[i]).abs();
@@ -75,6 +75,12 @@ impl Ctx<'_> {
     fn both(&self, t: &HostTensor) -> Result<(<CpuBackend as Backend>::Tensor, <CudaBackend as Backend>::Tensor)> {
         Ok((self.cpu.upload(t)?, self.gpu.upload(t)?))
     }
+}
+
+/// The elements of the longest row of an output `width` wide per token.
+fn long_row(meta: &BatchMeta, width: usize) -> std::ops::Range<usize> {
+    let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
+    long.start as usize * width..(long.start + long.len) as usize * width
 }
 
 pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>> {
@@ -342,22 +348,24 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     c.push("rope_attention KV write", shape.clone(), &got, &want);
     let gpu = c.gpu;
     let bg = gpu.prepare(&meta)?;
-    mma_vs_simt(c, "rope_attention", &shape, &rope_want, |g| {
+    let prefill = long_row(&meta, s.num_heads * s.head_dim);
+    mma_vs_simt(c, "rope_attention", &shape, (&rope_want, prefill), |g| {
         let (mut q, mut k) = (f32_tensor(g, &q)?, f32_tensor(g, &k)?);
         g.to_host(&g.rope_attention(&mut q, &mut k, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)
     })
 }
 
 /// Runs `step` with the tensor-core and then the CUDA-core split kernel; pushes the first
-/// against the CPU's output `want` (the parity tolerance), and how many elements of the two
-/// kernels' bf16 outputs are further apart than one bf16 ulp (none may be). The backend's
-/// path is restored. The step may store its keys and values in the caches twice: both
-/// kernels store the same bits.
+/// against the CPU's output `want` (the parity tolerance) outside the elements `prefill`
+/// (a prefill chunk, which the prefill kernel runs either way), and how many elements of
+/// the two kernels' bf16 outputs are further apart than one bf16 ulp (none may be). The
+/// backend's path is restored. The step may store its keys and values in the caches twice:
+/// both kernels store the same bits.
 fn mma_vs_simt(
     c: &mut Ctx,
     op: &str,
     shape: &str,
-    want: &[f32],
+    (want, prefill): (&[f32], std::ops::Range<usize>),
     mut step: impl FnMut(&CudaBackend) -> Result<Vec<f32>>,
 ) -> Result<()> {
     let gpu = c.gpu;
@@ -368,7 +376,8 @@ fn mma_vs_simt(
     let simt = step(gpu);
     gpu.set_attention_path(before);
     let (mma, simt) = (mma?, simt?);
-    c.push(&format!("{op} mma"), shape.to_string(), &mma, want);
+    let outside = |v: &[f32]| -> Vec<f32> { [&v[..prefill.start], &v[prefill.end..]].concat() };
+    c.push(&format!("{op} mma"), format!("{shape}, its split-kernel rows"), &outside(&mma), &outside(want));
     let top = simt.iter().fold(0f32, |m, v| m.max(v.abs()));
     let apart = super::ulps::beyond_one_bf16_ulp(&mma, &simt, top * MMA_VS_SIMT_FLOOR);
     c.rows.push(OpRow {

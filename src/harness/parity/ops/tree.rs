@@ -110,7 +110,7 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape, storage: KvStorage) -> Result
         let (want, got) = (cpu.to_host(&kcc)?, gpu.to_host(&kcg)?);
         c.push("tree bf16 KV write", shape.clone(), &got, &want);
     }
-    super::mma_vs_simt(c, &format!("rope_attention tree {kind} KV"), &shape, &want, |g| {
+    super::mma_vs_simt(c, &format!("rope_attention tree {kind} KV"), &shape, (&want, 0..0), |g| {
         let (mut q, mut k) = (f32_tensor(g, &q)?, f32_tensor(g, &k)?);
         g.to_host(&g.rope_attention(&mut q, &mut k, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)
     })?;
