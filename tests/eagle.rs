@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use common::random_llama::tiny;
 use common::reference::{matvec_f32 as matvec, rope_theta};
-use common::runtime::{assert_all_blocks_free, assert_runtime_equals, shared};
+use common::runtime::{assert_all_blocks_free, assert_runtime_equals, plain_greedy, shared, tree};
 use common::sampling::{assert_follows, nth_token_distribution, third_token_counts};
 use common::tiny::{Rng, StDtype};
 use common::TempDir;
@@ -240,7 +240,7 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     let dir = TempDir::new("eagle-lossless");
     HeadSpec::new(64).write(dir.path(), 9);
     let reqs = requests();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     for k in [1, 3, 6] {
         let mut p = proposer(&engine.model, dir.path());
         for (i, req) in reqs.iter().enumerate() {
@@ -259,9 +259,6 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     }
 }
 
-fn tree(nodes: usize, top_k: usize, depth: usize) -> Option<TreeShape> {
-    Some(TreeShape { nodes, top_k, depth })
-}
 
 #[test]
 fn greedy_tree_eagle_on_a_tiny_random_model_equals_plain_greedy() {
@@ -269,7 +266,7 @@ fn greedy_tree_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     let dir = TempDir::new("eagle-tree-lossless");
     HeadSpec::new(64).write(dir.path(), 9);
     let reqs = requests();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     for shape in [tree(1, 1, 1), tree(8, 2, 3), tree(16, 4, 6), tree(32, 8, 5)] {
         let mut p = proposer(&engine.model, dir.path());
         let mut stats = specula::spec::SpecStats::default();
@@ -302,7 +299,7 @@ fn greedy_tree_eagle_through_the_runtime_equals_plain_greedy() {
     let dir = TempDir::new("eagle-tree-runtime");
     HeadSpec::new(64).write(dir.path(), 9);
     let reqs = requests();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     for (shape, lengths) in [
         (tree(1, 1, 1), DraftLengths::Fixed),
         (tree(8, 2, 3), DraftLengths::Fixed),
@@ -331,7 +328,7 @@ fn sampled_and_penalised_tree_rows_share_steps_with_greedy_ones() {
             _ => SamplingParams { temperature: 0.9, top_p: 0.95, seed: Some(i as u64), ..Default::default() },
         };
     }
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     let spec = runtime_tree_spec(&target, dir.path(), TreeShape { nodes: 12, top_k: 3, depth: 4 }, DraftLengths::Fixed);
     let h = Runtime::builder().speculation(spec).max_batch(8).build(CpuBackend::new(), target, None::<Tokenizer>);
     let h = h.unwrap();
@@ -421,7 +418,7 @@ fn greedy_eagle_on_the_default_model_with_its_head_equals_plain_greedy() {
     let Some(s) = shared() else { return };
     let head = Path::new(DEFAULT_HEAD);
     let reqs: Vec<GenerateRequest> = PROMPTS.iter().map(|p| chat(p, 24)).collect();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| s.engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&s.engine, &reqs);
     let mut p = EagleProposer::load(CpuBackend::new(), s.engine.model.clone(), head, 64, 16).unwrap();
     let mut stats = specula::spec::SpecStats::default();
     for (i, req) in reqs.iter().enumerate().take(3) {
@@ -461,7 +458,7 @@ fn greedy_tree_eagle_on_the_default_model_through_the_runtime_equals_plain_greed
     let Some(s) = shared() else { return };
     let head = Path::new(DEFAULT_HEAD);
     let reqs: Vec<GenerateRequest> = PROMPTS.iter().map(|p| chat(p, 24)).collect();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| s.engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&s.engine, &reqs);
     let proposer = Box::new(EagleProposer::load(CpuBackend::new(), s.model.clone(), head, 256, 16).unwrap());
     let shape = TreeShape { nodes: 16, top_k: 4, depth: 4 };
     // Fixed lengths: drafting may not pay on a CPU, and this checks that the trees are used.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use common::random_llama::{tiny, tiny_config, tiny_with};
 use common::reference::{matvec_f32 as matvec, rope_theta};
-use common::runtime::assert_runtime_equals;
+use common::runtime::{assert_runtime_equals, plain_greedy, tree};
 use common::sampling::{assert_follows, nth_token_distribution, third_token_counts};
 use common::tiny::Rng;
 use common::TempDir;
@@ -418,9 +418,6 @@ fn requests() -> Vec<GenerateRequest> {
     common::token_requests(64, 8, 2, |i| 7 + 3 * i as usize)
 }
 
-fn tree(nodes: usize, top_k: usize, depth: usize) -> Option<TreeShape> {
-    Some(TreeShape { nodes, top_k, depth })
-}
 
 #[test]
 fn the_aux_layers_follow_each_frameworks_convention() {
@@ -446,7 +443,7 @@ fn the_aux_layers_follow_each_frameworks_convention() {
 fn greedy_eagle3_equals_plain_greedy_in_the_engine_chain_and_tree() {
     let engine = Engine::new(CpuBackend::new(), deep_target(64, 1, 0.5), None);
     let reqs = requests();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     let heads = [
         Head3Spec::new(Layout::Official, Aux::Default, 64),
         Head3Spec { draft_ids: None, ..Head3Spec::new(Layout::Vllm, Aux::Top(vec![1, 6, 4]), 64) },
@@ -475,7 +472,7 @@ fn greedy_eagle3_equals_plain_greedy_in_the_runtime_at_batch_1_and_8() {
     let target = Arc::new(deep_target(64, 1, 0.5));
     let engine = Engine::new(CpuBackend::new(), deep_target(64, 1, 0.5), None);
     let reqs = requests();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     let dir = TempDir::new("eagle3-runtime");
     Head3Spec::new(Layout::Official, Aux::Default, 64).write(dir.path(), 9);
     for k in [1, 3, 6] {

@@ -234,7 +234,7 @@ fn check_lossless(kv: KvOptions, step_tokens: usize, kv_blocks: usize, max_token
             }
         })
         .collect();
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = common::runtime::plain_greedy(&engine, &reqs);
     let (mut preemptions, mut hits) = (0, 0);
     for name in ["ngram", "early-exit"] {
         let proposer: Box<dyn Proposer> = match name {

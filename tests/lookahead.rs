@@ -56,7 +56,7 @@ fn greedy_lookahead_through_the_runtime_equals_plain_greedy() {
     let target = Arc::new(tiny(64, 1, 0.5));
     let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);
     let reqs = common::token_requests(64, 8, 3, |i| 9 + 5 * i as usize);
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = common::runtime::plain_greedy(&engine, &reqs);
     for c in [config(3, 3, 2), config(5, 4, 5), config(2, 5, 1)] {
         let proposer = Box::new(LookaheadProposer::new(c));
         let (lengths, tree) = (DraftLengths::Fixed, shape(c));

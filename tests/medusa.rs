@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::random_llama::tiny;
-use common::runtime::{assert_all_blocks_free, assert_runtime_equals, shared};
+use common::runtime::{assert_all_blocks_free, assert_runtime_equals, plain_greedy, shared, tree};
 use common::tiny::{Rng, StDtype};
 use common::TempDir;
 use futures::executor::block_on;
@@ -22,7 +22,7 @@ use specula::engine::{Engine, SpecOptions};
 use specula::model::{Llama, Tokenizer};
 use specula::request::{GenerateRequest, Prompt};
 use specula::spec::medusa::MedusaHeads;
-use specula::spec::{DraftLengths, HeadSize, MedusaProposer, SpecError, SpecStats, Speculation, TreeShape};
+use specula::spec::{DraftLengths, HeadSize, MedusaProposer, SpecError, SpecStats, Speculation};
 
 /// Heads to write: their sizes and layout.
 struct HeadsSpec {
@@ -165,9 +165,6 @@ fn heads_made_for_another_model_are_refused_with_both_sizes() {
 
 // Losslessness.
 
-fn tree(nodes: usize, top_k: usize, depth: usize) -> Option<TreeShape> {
-    Some(TreeShape { nodes, top_k, depth })
-}
 
 #[test]
 fn greedy_medusa_on_a_tiny_random_model_equals_plain_greedy() {
@@ -176,7 +173,7 @@ fn greedy_medusa_on_a_tiny_random_model_equals_plain_greedy() {
     let dir = TempDir::new("medusa-lossless");
     HeadsSpec { heads: 4, ..HeadsSpec::new(64, 64) }.write(dir.path(), 9);
     let reqs = common::token_requests(64, 8, 2, |i| 7 + 4 * i as usize);
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     let shapes = [None, tree(1, 1, 1), tree(8, 2, 3), tree(16, 4, 4), tree(32, 8, 6)];
     for (k, shape) in [1, 3, 4, 4, 4].into_iter().zip(shapes) {
         let mut p = MedusaProposer::load(CpuBackend::new(), engine.model.clone(), dir.path()).unwrap();
@@ -212,7 +209,7 @@ fn greedy_medusa_trees_through_the_runtime_equal_plain_greedy() {
     let dir = TempDir::new("medusa-tree-runtime");
     HeadsSpec { heads: 4, ..HeadsSpec::new(64, 64) }.write(dir.path(), 9);
     let reqs = common::token_requests(64, 8, 2, |i| 7 + 4 * i as usize);
-    let want: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let want = plain_greedy(&engine, &reqs);
     for (random, shape) in [(false, tree(8, 2, 3)), (false, tree(32, 8, 4)), (true, tree(16, 4, 4))] {
         let proposer = Box::new(match random {
             true => MedusaProposer::random(CpuBackend::new(), target.clone(), 4).unwrap(),

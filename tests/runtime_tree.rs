@@ -78,7 +78,7 @@ fn greedy(model: Llama<CpuBackend>, reqs: &[GenerateRequest]) -> (Vec<Vec<u32>>,
 /// The same with the KV cache as `kv` says (an attention window).
 fn greedy_with(model: Llama<CpuBackend>, reqs: &[GenerateRequest], kv: KvOptions) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
     let engine = Engine::new(CpuBackend::new(), model, None).with_kv(kv);
-    let outs: Vec<Vec<u32>> = reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect();
+    let outs = common::runtime::plain_greedy(&engine, reqs);
     let prompt = |r: &GenerateRequest| match &r.prompt {
         specula::request::Prompt::Tokens(t) => t.clone(),
         other => panic!("token prompts only: {other:?}"),

@@ -78,3 +78,14 @@ pub fn assert_runtime_equals(
     assert_all_blocks_free(&h);
     stats
 }
+
+/// What plain greedy decoding gives each request, one at a time in the engine: the reference
+/// every speculative run must equal token for token.
+pub fn plain_greedy(engine: &Engine<CpuBackend>, reqs: &[specula::request::GenerateRequest]) -> Vec<Vec<u32>> {
+    reqs.iter().map(|r| engine.generate(r, |_, _| {}).unwrap().token_ids).collect()
+}
+
+/// A tree shape for a test's table of shapes.
+pub fn tree(nodes: usize, top_k: usize, depth: usize) -> Option<specula::spec::TreeShape> {
+    Some(specula::spec::TreeShape { nodes, top_k, depth })
+}
