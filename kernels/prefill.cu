@@ -87,22 +87,11 @@ __device__ void kv_store(const float* __restrict__ k_new, const float* __restric
     pdl_start();
     int t, one;
     if (!find_tile(rows, n_rows, 1, blockIdx.x, t, one)) return;
-    const int kvh = blockIdx.y, lane = threadIdx.x, kv_dim = kv_heads * HD;
-    const size_t src = (size_t)t * kv_dim + kvh * HD + lane * PL, dst = (size_t)slots[t] * kv_dim + kvh * HD + lane * PL;
-    float kr[PL], vr[PL];
-#pragma unroll
-    for (int i = 0; i < PL; i++) {
-        kr[i] = k_new[src + i];
-        vr[i] = v_new[src + i];
-    }
-    if (inv_freq) {
-        float cs[PL], sn[PL];
-        rope_angles<PL>(positions[t], inv_freq, lane, cs, sn);
-        rope_rotate<PL>(kr, cs, sn, lane);
-    }
-    const size_t scale_at = (size_t)slots[t] * kv_heads + kvh;
-    store_head<PL, FP8>(k_cache, k_exps, dst, scale_at, kr, lane);
-    store_head<PL, FP8>(v_cache, v_exps, dst, scale_at, vr, lane);
+    const int kvh = blockIdx.y, lane = threadIdx.x;
+    float cs[PL], sn[PL];
+    if (inv_freq) rope_angles<PL>(positions[t], inv_freq, lane, cs, sn);
+    store_own_kv<HD, FP8>(k_new, v_new, k_cache, v_cache, k_exps, v_exps, t, slots[t], kvh, kv_heads, inv_freq, cs, sn,
+                          lane);
 }
 
 #define KV_STORE_ARGS                                                                                            \
