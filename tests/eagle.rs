@@ -259,7 +259,6 @@ fn greedy_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     }
 }
 
-
 #[test]
 fn greedy_tree_eagle_on_a_tiny_random_model_equals_plain_greedy() {
     let engine = Engine::new(CpuBackend::new(), tiny(64, 1, 0.5), None);

@@ -418,7 +418,6 @@ fn requests() -> Vec<GenerateRequest> {
     common::token_requests(64, 8, 2, |i| 7 + 3 * i as usize)
 }
 
-
 #[test]
 fn the_aux_layers_follow_each_frameworks_convention() {
     let target = deep_target(64, 1, 0.5);

@@ -165,7 +165,6 @@ fn heads_made_for_another_model_are_refused_with_both_sizes() {
 
 // Losslessness.
 
-
 #[test]
 fn greedy_medusa_on_a_tiny_random_model_equals_plain_greedy() {
     let target = Arc::new(tiny(64, 1, 0.5));
