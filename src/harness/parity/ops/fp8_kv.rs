@@ -13,17 +13,40 @@ use crate::harness::parity::OpRow;
 use crate::model::Preset;
 use crate::tensor::{HostTensor, KvLayout, KvStorage};
 
-/// Rows of one token's keys (or values): each head scaled by its own power of two (2^-12 to
-/// 2^12, so the scales differ from head to head), some heads all zero, some with a largest
-/// magnitude of exactly 448 · 2^e (the edge of a scale).
-pub(super) fn rows(c: &mut Ctx, n: usize, heads: usize, head_dim: usize) -> Vec<f32> {
+/// Which half of the cache a row is drawn for.
+#[derive(Clone, Copy)]
+pub(super) enum Part {
+    Keys,
+    Values,
+}
+
+impl Part {
+    /// The exponents of a head's scale, and of its edge value 448 · 2^e. Values span
+    /// 2^-12..2^12. Keys stay at most 4 in magnitude, so that scores stay within tens as a
+    /// model's do: keys in the thousands put the softmax on a knife-edge where a score's f32
+    /// rounding moves the output (f32 attention is then up to 1.4e-3 from f64 on these rows,
+    /// the tiled kernel's arithmetic emulated up to 8.5e-4), and the row would measure the
+    /// data, not the kernel.
+    fn exponents(self) -> (std::ops::RangeInclusive<i32>, std::ops::Range<i32>) {
+        match self {
+            Part::Keys => (-12..=2, -12..-6),
+            Part::Values => (-12..=12, -12..12),
+        }
+    }
+}
+
+/// Rows of one token's keys (or values): each head scaled by its own power of two (so the
+/// scales differ from head to head; `Part::exponents`), some heads all zero, some with a
+/// largest magnitude of exactly 448 · 2^e (the edge of a scale).
+pub(super) fn rows(c: &mut Ctx, n: usize, heads: usize, head_dim: usize, part: Part) -> Vec<f32> {
+    let (scales, edges) = part.exponents();
     let mut out = c.values(n * heads * head_dim, 1.0);
     for head in out.chunks_mut(head_dim) {
         match c.rng.random_range(0..16) {
             0 => head.fill(0.0),
-            1 => head[c.rng.random_range(0..head_dim)] = -448.0 * 2f32.powi(c.rng.random_range(-12..12)),
+            1 => head[c.rng.random_range(0..head_dim)] = -448.0 * 2f32.powi(c.rng.random_range(edges.clone())),
             _ => {
-                let scale = 2f32.powi(c.rng.random_range(-12..=12));
+                let scale = 2f32.powi(c.rng.random_range(scales.clone()));
                 head.iter_mut().for_each(|x| *x *= scale);
             }
         }
@@ -36,9 +59,10 @@ pub(super) fn cache(
     c: &mut Ctx,
     layout: &KvLayout,
     slots: usize,
+    part: Part,
 ) -> Result<(CpuTensor, <CudaBackend as Backend>::Tensor)> {
     let mut kv = CpuKv::zeroed(slots, layout);
-    let values = rows(c, slots, layout.num_kv_heads, layout.head_dim);
+    let values = rows(c, slots, layout.num_kv_heads, layout.head_dim, part);
     for (slot, row) in values.chunks(layout.kv_dim()).enumerate() {
         kv.write(slot, row);
     }
@@ -91,10 +115,10 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let n = meta.num_tokens();
     let (kv_dim, q_dim) = (layout.kv_dim(), s.num_heads * s.head_dim);
     let q = HostTensor::new(vec![n, q_dim], c.values(n * q_dim, 2.0));
-    let k = HostTensor::new(vec![n, kv_dim], rows(c, n, s.num_kv_heads, s.head_dim));
-    let v = HostTensor::new(vec![n, kv_dim], rows(c, n, s.num_kv_heads, s.head_dim));
-    let (mut kcc, mut kcg) = cache(c, &layout, slots)?;
-    let (mut vcc, mut vcg) = cache(c, &layout, slots)?;
+    let k = HostTensor::new(vec![n, kv_dim], rows(c, n, s.num_kv_heads, s.head_dim, Part::Keys));
+    let v = HostTensor::new(vec![n, kv_dim], rows(c, n, s.num_kv_heads, s.head_dim, Part::Values));
+    let (mut kcc, mut kcg) = cache(c, &layout, slots, Part::Keys)?;
+    let (mut vcc, mut vcg) = cache(c, &layout, slots, Part::Values)?;
     let (cpu, gpu): (&CpuBackend, &CudaBackend) = (c.cpu, c.gpu);
     let up = |t: &HostTensor| -> Result<_> { Ok((cpu.upload(t)?, f32_tensor(gpu, t)?)) };
     let ((qc, qg), (kc, kg), (vc, vg)) = (up(&q)?, up(&k)?, up(&v)?);

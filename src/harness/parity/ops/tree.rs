@@ -6,7 +6,7 @@
 
 use rand::Rng;
 
-use super::fp8_kv;
+use super::fp8_kv::{self, Part};
 use super::{bf16_round, f32_tensor, Ctx};
 use crate::backend::cpu::kv::CpuKv;
 use crate::backend::cpu::CpuTensor;
@@ -54,9 +54,9 @@ fn tree_meta(c: &mut Ctx, s: AttnShape) -> Result<(BatchMeta, usize)> {
 }
 
 /// A cache of `slots` random entries on both backends, bf16 or FP8: the same values (or bytes).
-fn caches(c: &mut Ctx, layout: &KvLayout, slots: usize) -> Result<(CpuTensor, GpuTensor)> {
+fn caches(c: &mut Ctx, layout: &KvLayout, slots: usize, part: Part) -> Result<(CpuTensor, GpuTensor)> {
     if layout.storage == KvStorage::Fp8 {
-        return fp8_kv::cache(c, layout, slots);
+        return fp8_kv::cache(c, layout, slots, part);
     }
     let kv_dim = layout.kv_dim();
     let values = bf16_round(c.values(slots * kv_dim, 2.0));
@@ -70,11 +70,11 @@ fn caches(c: &mut Ctx, layout: &KvLayout, slots: usize) -> Result<(CpuTensor, Gp
 fn inputs(c: &mut Ctx, s: AttnShape, n: usize, storage: KvStorage) -> [HostTensor; 3] {
     let (q_dim, kv_dim) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
     let q = HostTensor::new(vec![n, q_dim], c.values(n * q_dim, 2.0));
-    let mut kv = || match storage {
-        KvStorage::Fp8 => fp8_kv::rows(c, n, s.num_kv_heads, s.head_dim),
+    let mut kv = |part| match storage {
+        KvStorage::Fp8 => fp8_kv::rows(c, n, s.num_kv_heads, s.head_dim, part),
         _ => bf16_round(c.values(n * kv_dim, 2.0)),
     };
-    let (k, v) = (kv(), kv());
+    let (k, v) = (kv(Part::Keys), kv(Part::Values));
     [q, HostTensor::new(vec![n, kv_dim], k), HostTensor::new(vec![n, kv_dim], v)]
 }
 
@@ -85,8 +85,8 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape, storage: KvStorage) -> Result
     let (meta, slots) = tree_meta(c, s)?;
     let n = meta.num_tokens();
     let [q, k, v] = inputs(c, s, n, storage);
-    let (mut kcc, mut kcg) = caches(c, &layout, slots)?;
-    let (mut vcc, mut vcg) = caches(c, &layout, slots)?;
+    let (mut kcc, mut kcg) = caches(c, &layout, slots, Part::Keys)?;
+    let (mut vcc, mut vcg) = caches(c, &layout, slots, Part::Values)?;
     let (cpu, gpu) = (c.cpu, c.gpu);
     let up = |t: &HostTensor| -> Result<_> { Ok((cpu.upload(t)?, f32_tensor(gpu, t)?)) };
     let ((qc, qg), (kc, kg), (vc, vg)) = (up(&q)?, up(&k)?, up(&v)?);
@@ -176,7 +176,7 @@ fn accepted_path_decodes_alike(
 pub(super) fn copy_kv(c: &mut Ctx, storage: KvStorage) -> Result<()> {
     let layout = KvLayout { num_kv_heads: 8, head_dim: 128, storage, window: None };
     let moves = [(5, 2), (2, 7), (9, 9), (7, 1), (12, 13), (13, 14), (40, 3)];
-    let (mut cpu_cache, mut gpu_cache) = caches(c, &layout, 48)?;
+    let (mut cpu_cache, mut gpu_cache) = caches(c, &layout, 48, Part::Values)?;
     c.cpu.copy_kv(&mut cpu_cache, &moves)?;
     c.gpu.copy_kv(&mut gpu_cache, &moves)?;
     let shape = format!("48 slots x {}, {} moves", layout.kv_dim(), moves.len());
