@@ -12,7 +12,9 @@
 #   BENCH_ARGS  extra arguments for `specula bench`
 #   STEPS       which steps to run (default "parity bench bench70"; bench70 is the reference
 #               configuration: llama-3.3-70b in FP8 with llama-3.2-1b drafting, k up to 10;
-#               tune times the matmul kernels built with other settings)
+#               tune times the matmul kernels built with other settings; parity-mma repeats
+#               the model's comparisons with the tensor-core attention and tiled prefill
+#               kernels, SPECULA_ATTENTION=mma SPECULA_PREFILL=tiled)
 set -uo pipefail
 BIN=${1:-target/release/specula}
 LOG_DIR=${LOG_DIR:-/tmp/specula-bench}
@@ -37,6 +39,10 @@ status=0
 for step in $STEPS; do
     case $step in
     parity) "$BIN" kernels parity --model "$model_arg" >"$LOG_DIR/parity.txt" 2>&1 || status=1 ;;
+    parity-mma)
+        SPECULA_ATTENTION=mma SPECULA_PREFILL=tiled "$BIN" kernels parity --skip-ops --model "$model_arg" \
+            >"$LOG_DIR/parity-mma.txt" 2>&1 || status=1
+        ;;
     bench) "$BIN" bench --json "$LOG_DIR/bench.json" ${BENCH_ARGS:-} >"$LOG_DIR/bench.txt" 2>&1 || status=1 ;;
     tune)
         "$BIN" bench --tune --models dummy:llama-3.2-1b --spec-tokens 0 --overlap-draft-steps 0 --verify 1 \
@@ -53,6 +59,8 @@ done
 for step in $STEPS; do
     case $step in
     parity) echo "== $BIN kernels parity --model $model_arg" && tail -n 130 "$LOG_DIR/parity.txt" ;;
+    parity-mma) echo "== SPECULA_ATTENTION=mma SPECULA_PREFILL=tiled $BIN kernels parity --skip-ops" &&
+        tail -n 60 "$LOG_DIR/parity-mma.txt" ;;
     bench) echo "== $BIN bench ${BENCH_ARGS:-}" && tail -n 50 "$LOG_DIR/bench.txt" ;;
     bench70) echo "== $BIN bench (70B FP8 + 1B) ${BENCH_ARGS:-}" && tail -n 40 "$LOG_DIR/bench70.txt" ;;
     tune) echo "== $BIN bench --tune" && grep -E "^--|n=1 " -A17 "$LOG_DIR/tune.txt" | grep -E "^--|^[0-9]+B " ;;

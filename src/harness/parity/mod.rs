@@ -49,6 +49,10 @@ pub struct ParityOptions {
     /// Seed of the random inputs (default: from the clock, so each run draws fresh ones).
     #[arg(long)]
     pub seed: Option<u64>,
+    /// Leave out the op and sampling rows: the model's comparisons only (to repeat them
+    /// under other kernel settings, e.g. `SPECULA_ATTENTION=mma`).
+    #[arg(long)]
+    pub skip_ops: bool,
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -69,9 +73,10 @@ pub fn run(opts: &ParityOptions, out: &mut dyn Write) -> Result<ParityReport> {
     let gpu = CudaBackend::new(0)?;
     let cpu = CpuBackend::new();
     writeln!(out, "parity: {} against {}, seed {seed}", gpu.name(), cpu.name())?;
-    let mut ops = ops::all(&cpu, &gpu, seed)?;
-    let sampling = sampling::compare(&gpu, seed)?;
-    let sampling_timing = Some(sampling::timing(&gpu, seed)?);
+    let (mut ops, sampling, sampling_timing) = match opts.skip_ops {
+        true => (vec![], vec![], None),
+        false => (ops::all(&cpu, &gpu, seed)?, sampling::compare(&gpu, seed)?, Some(sampling::timing(&gpu, seed)?)),
+    };
     let with_model = opts.model != "none";
     if with_model {
         ops.extend(head::replay(&gpu, &opts.model)?);
