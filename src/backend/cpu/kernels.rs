@@ -50,6 +50,17 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     dot_tile::<1>(a, [b])[0]
 }
 
+/// `y[i] = a * x[i] + y[i]`, fused, for every i: the same bits with or without SIMD.
+pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+    assert_eq!(x.len(), y.len());
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked above); the lengths are equal.
+        return unsafe { avx::axpy(a, x, y) };
+    }
+    y.iter_mut().zip(x).for_each(|(y, x)| *y = a.mul_add(*x, *y));
+}
+
 #[cfg(target_arch = "x86_64")]
 fn simd_available() -> bool {
     use std::sync::OnceLock;
@@ -232,6 +243,21 @@ mod avx {
         out
     }
 
+    /// `axpy`: 8 lanes at a time, then the scalar tail (both fused).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
+        let (n, av) = (x.len(), _mm256_set1_ps(a));
+        let (xp, yp) = (x.as_ptr(), y.as_mut_ptr());
+        let mut i = 0;
+        while i + 8 <= n {
+            _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(av, _mm256_loadu_ps(xp.add(i)), _mm256_loadu_ps(yp.add(i))));
+            i += 8;
+        }
+        for k in i..n {
+            y[k] = a.mul_add(x[k], y[k]);
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     unsafe fn reduce(a: &[__m256; 4]) -> f32 {
         let s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
@@ -296,6 +322,18 @@ mod tests {
         for n in [1, 7, 8, 31, 32, 33, 64, 100, 576, 1537] {
             let (w, x) = (data(n, 1), data(n, 2));
             assert_eq!(dot(&w, &x).to_bits(), scalar_dot(&w, &x).to_bits(), "n = {n}");
+        }
+    }
+
+    #[test]
+    fn axpy_is_a_fused_multiply_add_per_element() {
+        for n in [1, 7, 8, 9, 64, 67] {
+            let (x, y0) = (data(n, 4), data(n, 5));
+            let mut y = y0.clone();
+            axpy(0.37, &x, &mut y);
+            for i in 0..n {
+                assert_eq!(y[i].to_bits(), 0.37f32.mul_add(x[i], y0[i]).to_bits(), "n = {n}, i = {i}");
+            }
         }
     }
 

@@ -468,7 +468,7 @@ fn attend_token(q: &[f32], (kc, vc): (&CpuKv, &CpuKv), slots: &[usize], s: AttnS
         for (sc, &slot) in scores.iter().zip(slots) {
             let p = sc / sum;
             let vh = vc.head(slot, kv_head, &mut scratch);
-            oh.iter_mut().zip(vh).for_each(|(o, v)| *o = p.mul_add(*v, *o));
+            kernels::axpy(p, vh, oh);
         }
     }
 }
