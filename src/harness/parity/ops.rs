@@ -13,7 +13,7 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{AttnPath, CudaBackend};
 use crate::backend::{AttnShape, Backend, BatchMeta, Result};
 use crate::model::Preset;
-use crate::tensor::{AttnWindow, HostTensor, KvStorage, NO_BLOCK};
+use crate::tensor::{AttnWindow, HostTensor, KvStorage, RowMeta, NO_BLOCK};
 
 /// The same values on both sides, only the order of f32 sums differs.
 const EXACT: f64 = 1e-4;
@@ -59,9 +59,8 @@ impl Ctx<'_> {
     fn push_long(&mut self, op: &str, shape: &str, meta: &BatchMeta, (got, want): (&[f32], &[f32])) {
         self.push(op, shape.to_string(), got, want);
         let width = want.len() / meta.num_tokens().max(1);
-        let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
+        let (long, rows) = long_row(meta, width);
         let mut label = format!("{shape}, its {}-token row after {}", long.len, long.context_len - long.len);
-        let rows = long_row(meta, width);
         let (got, want) = (&got[rows.clone()], &want[rows]);
         if rel_err(got, want) > TOLERANCE {
             let gap = |i: usize| (got[i] - want[i]).abs();
@@ -77,10 +76,10 @@ impl Ctx<'_> {
     }
 }
 
-/// The elements of the longest row of an output `width` wide per token.
-fn long_row(meta: &BatchMeta, width: usize) -> std::ops::Range<usize> {
+/// The longest row of `meta`, and its elements in an output `width` wide per token.
+fn long_row(meta: &BatchMeta, width: usize) -> (&RowMeta, std::ops::Range<usize>) {
     let long = meta.rows.iter().max_by_key(|r| r.len).expect("a row");
-    long.start as usize * width..(long.start + long.len) as usize * width
+    (long, long.start as usize * width..(long.start + long.len) as usize * width)
 }
 
 pub fn all(cpu: &CpuBackend, gpu: &CudaBackend, seed: u64) -> Result<Vec<OpRow>> {
@@ -348,7 +347,7 @@ fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     c.push("rope_attention KV write", shape.clone(), &got, &want);
     let gpu = c.gpu;
     let bg = gpu.prepare(&meta)?;
-    let prefill = long_row(&meta, s.num_heads * s.head_dim);
+    let (_, prefill) = long_row(&meta, s.num_heads * s.head_dim);
     mma_vs_simt(c, "rope_attention", &shape, (&rope_want, prefill), |g| {
         let (mut q, mut k) = (f32_tensor(g, &q)?, f32_tensor(g, &k)?);
         g.to_host(&g.rope_attention(&mut q, &mut k, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)

@@ -137,7 +137,7 @@ pub(super) fn attention(c: &mut Ctx, s: AttnShape) -> Result<()> {
     let got = gpu.to_host(&gpu.rope_attention(&mut qg, &mut kg, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)?;
     c.push_long("rope_attention fp8 KV (rope inside)", &shape, &meta, (&got, &want));
     compare_bytes(c, "rope_attention fp8 KV write (bytes)", &shape, &[(&kcc, &kcg), (&vcc, &vcg)], true)?;
-    let prefill = super::long_row(&meta, q_dim);
+    let (_, prefill) = super::long_row(&meta, q_dim);
     super::mma_vs_simt(c, "rope_attention fp8 KV", &shape, (&want, prefill), |g| {
         let (mut q, mut k) = (f32_tensor(g, &q)?, f32_tensor(g, &k)?);
         g.to_host(&g.rope_attention(&mut q, &mut k, &vg, &mut kcg, &mut vcg, &bg, &fg, s)?)
